@@ -1,0 +1,37 @@
+# make demo  -- set up .venv and run the main job
+# make test  -- set up .venv and run the whole test suite (CPU; Triton kernels through its interpreter)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+# torch 2.13.0 resolves to the CPU build on local disk on these machines; a bare `torch` would pull a CUDA build.
+PINS   := torch==2.13.0 triton==3.7.1
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup data demo test clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PINS)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP) data
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist; without root or apt-get the data tests skip and say why.
+data:
+	@if [ ! -e $(FMNIST) ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing dataset-fashion-mnist (apt-get)"; \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+			|| echo "note: could not install dataset-fashion-mnist"; \
+	fi
+
+demo: setup
+	$(VENV)/bin/bsdgraph compile models/fmnist_mlp.py --emit all
+
+test: setup
+	$(PY) -m pytest -q -n 2 tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,3 @@
+from bsdgraph.cli import entry
+
+entry()

@@ -1,0 +1,106 @@
+"""The ``bsdgraph`` command line. Exit codes: 0 ok, 1 invalid model or input, 2 usage error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bsdgraph.feedback import derive_feedback, pairing
+from bsdgraph.lower import lower
+from bsdgraph.model_file import ModelError, load_model
+from bsdgraph.printer import format_graph, to_dict
+from bsdgraph.validate import GraphError
+
+
+class UsageError(Exception):
+    """A command line that parses but asks for something impossible (exit 2)."""
+
+
+def _pairing_table(bsd) -> str:
+    lines = ["  pairing (layer: loss = F side ~ B side; updates):"]
+    for p in pairing(bsd):
+        b = p.b_side or "labels"
+        lines.append(f"    {p.layer}: {p.loss} = {p.f_side} ~ {b}; updates F {list(p.f_params)} B {list(p.b_params)}")
+    return "\n".join(lines)
+
+
+def cmd_compile(args) -> int:
+    model = load_model(args.model)
+    bsd = derive_feedback(model.graph, model.bsd)
+    plan = lower(bsd)
+    stages = ["ir", "backward", "plan"] if args.emit == "all" else [args.emit]
+    if args.json:
+        doc = {"model": str(model.path)}
+        doc.update({"ir": to_dict(model.graph)} if "ir" in stages else {})
+        doc.update({"backward": to_dict(bsd), "pairing": [p.__dict__ for p in pairing(bsd)]}
+                   if "backward" in stages else {})
+        doc.update({"plan": plan.to_dict()} if "plan" in stages else {})
+        text = json.dumps(doc, indent=1)
+    else:
+        parts = {
+            "ir": lambda: "== forward network F (validated)\n" + format_graph(model.graph),
+            "backward": lambda: "== BSD graph: F + derived backward network B + local losses\n"
+                                + format_graph(bsd) + "\n" + _pairing_table(bsd),
+            "plan": lambda: "== plan\n" + str(plan),
+        }
+        text = "\n\n".join(parts[s]() for s in stages)
+    _write(text, args.output)
+    return 0
+
+
+def _write(text: str, output: str | None) -> None:
+    if output:
+        Path(output).write_text(text + "\n")
+        print(f"wrote {output}", file=sys.stderr)
+    else:
+        print(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bsdgraph", description="Compile and run spiking networks trained with "
+                                "Bidirectional Spike-based Distillation (BSD).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    c = sub.add_parser("compile", help="validate a model, derive its backward network, lower it to a plan",
+                       description="Load MODEL.py, call build(), validate, derive the BSD backward network and "
+                                   "local losses, lower to a kernel plan, and print the requested stages.")
+    c.add_argument("model", metavar="MODEL.py")
+    c.add_argument("--emit", choices=["ir", "backward", "plan", "all"], default="all",
+                   help="stage to show: ir (F), backward (F + derived B + losses + pairing), plan, all (default)")
+    c.add_argument("--json", action="store_true", help="machine-readable JSON instead of text")
+    c.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    c.set_defaults(fn=cmd_compile)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse exits 2 on usage errors and 0 on --help
+        return int(exit_.code or 0)
+    prefix = getattr(args, "model", None)
+    try:
+        return args.fn(args)
+    except GraphError as err:
+        for d in err.diagnostics:
+            print(f"{prefix}: {d}", file=sys.stderr)
+        print(f"{prefix}: invalid model ({len(err.diagnostics)} problem(s))", file=sys.stderr)
+        return 1
+    except ModelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except UsageError as err:
+        print(f"bsdgraph: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. -o into a missing directory
+        print(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

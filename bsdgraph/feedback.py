@@ -1,0 +1,349 @@
+"""Derive BSD's backward network B and the layer-local losses from a forward network F.
+
+F must be a chain ``input -> [transforms] -> synapse -> [batchnorm] -> lif -> ... -> synapse -> output``; it is
+cut into layers at its neurons (``segment``). For every synapse of F, B gets a mirrored synapse with its own
+weights (criterion C1), built by the rule in ``MIRROR_RULES``: Linear(D_in -> D_out) <-> Linear(D_out -> D_in),
+Conv2d <-> ConvTranspose2d restoring the exact input shape, pooling <-> nearest upsampling to the exact size,
+Flatten <-> Unflatten; batchnorm and LIF neurons are mirrored at the same layer with copied hyper-parameters.
+
+Learning semantics become part of the graph: every edge into a synapse is a stop-gradient (``detach``), and one
+loss node per layer pairs F's layer with B's (ReCo at hidden layers, CE/MSE at the top, recall at the bottom).
+``local_params`` walks back from a loss through non-detached edges: each parametric node is reached by exactly one
+loss (criterion C2), which ``derive_feedback`` checks before returning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bsdgraph.ir import Edge, FrozenAttrs, GroupOp, Graph, Node, Op, Stream, default_attrs
+from bsdgraph.validate import Diagnostic, GraphError, validate
+
+
+@dataclass(frozen=True)
+class BSDConfig:
+    """The learning rule's open choices (see shared/design/bsd-algorithm.md); each is one flag away."""
+
+    lam: float = 0.6                 # weight of the negative-pair term of ReCo (paper's best)
+    negatives: str = "all"           # all | other_class
+    distill_on: str = "current"      # current (V = syn(s)) | membrane (pre-reset h, through the surrogate)
+    eps: float = 1e-8
+    recall: bool = True              # bottom loss ReCo(encode(x), V̂_0): makes B a generator
+    recall_loss: str = "reco"        # reco | mse (generation)
+    freq: bool = False               # frequency-aware ReCo on layers with a spatial layout
+    freq_r: float = 0.25
+    lam_low: float = 0.3
+    lam_high: float = 0.9
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> BSDConfig:
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise GraphError([Diagnostic(None, None, f"unknown BSD option(s) {unknown}",
+                                         f"known: {', '.join(sorted(known))}")])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Layer l of F: transforms of the incoming spikes, one synapse, optional batchnorm, a neuron (not at top)."""
+
+    index: int
+    pre: tuple[str, ...]
+    synapse: str
+    bn: str | None
+    neuron: str | None
+
+    @property
+    def current(self) -> str:
+        """The node holding V_l, the current into the layer's neurons."""
+        return self.bn or self.synapse
+
+
+# ---------------------------------------------------------------------------------------------------- segmentation
+
+
+def _chain(f: Graph) -> list[Node]:
+    inputs = f.by_op(Op.INPUT)
+    chain, diags = [inputs[0]], []
+    while chain[-1].op != Op.OUTPUT:
+        nxt = f.consumers(chain[-1].name)
+        if len(nxt) != 1:
+            diags.append(Diagnostic(chain[-1].name, chain[-1].op, f"feeds {len(nxt)} consumers",
+                                    "BSD derivation needs a chain of layers (no branches)"))
+            break
+        chain.append(nxt[0])
+    if len(inputs) != 1:
+        diags.append(Diagnostic(None, None, f"expected one input, got {len(inputs)}", "BSD maps one stimulus"))
+    if diags:
+        raise GraphError(diags)
+    return chain
+
+
+def segment(f: Graph) -> list[Layer]:
+    """Cut the chain into layers 1..L at its neurons; raise ``GraphError`` on a shape BSD cannot pair."""
+    layers, diags = [], []
+    pre: list[str] = []
+    syn = bn = None
+    for n in _chain(f)[1:]:
+        problem = None
+        if n.op in GroupOp.TRANSFORM:
+            problem = "sits between a synapse and its neuron" if syn else None
+            pre.append(n.name)
+        elif n.op in GroupOp.SYNAPSE:
+            problem = "follows a synapse without a neuron between them" if syn else None
+            syn = n.name
+        elif n.op == Op.BATCHNORM:
+            problem = None if syn and not bn else "must directly follow a synapse"
+            bn = n.name
+        elif n.op in GroupOp.NEURON or n.op == Op.OUTPUT:
+            if syn is None:
+                problem = "has no synapse in its layer" if n.op != Op.OUTPUT else (
+                    "must read a synapse's current")
+            else:
+                neuron = n.name if n.op in GroupOp.NEURON else None
+                layers.append(Layer(len(layers) + 1, tuple(pre), syn, bn, neuron))
+            pre, syn, bn = [], None, None
+        if problem:
+            diags.append(Diagnostic(n.name, n.op, problem,
+                                    "a BSD layer is [pool/flatten] -> synapse -> [batchnorm] -> lif; the top "
+                                    "layer is synapse -> output"))
+    if diags:
+        raise GraphError(diags)
+    return layers
+
+
+# ---------------------------------------------------------------------------------------------------- mirror rules
+
+# A rule maps an F node (and the shape of its F operand) to the (op, attrs) of its mirror in B.
+Mirror = Callable[[Node, tuple[int, ...]], tuple[Op, dict[str, Any]]]
+MIRROR_RULES: dict[Op, Mirror] = {}
+
+
+def mirror(*ops: Op):
+    def register(fn: Mirror) -> Mirror:
+        for op in ops:
+            MIRROR_RULES[op] = fn
+        return fn
+
+    return register
+
+
+@mirror(Op.LINEAR)
+def _mirror_linear(n: Node, in_shape):
+    return Op.LINEAR, dict(in_features=n.attrs["out_features"], out_features=n.attrs["in_features"],
+                           bias=n.attrs["bias"])
+
+
+@mirror(Op.CONV2D)
+def _mirror_conv(n: Node, in_shape):
+    a = n.attrs
+    # conv: H_out = floor((H + 2p - k) / s) + 1 drops r = (H + 2p - k) mod s rows; the transpose gives
+    # (H_out - 1) s - 2p + k + output_padding, so output_padding = r restores H exactly (and r < s always).
+    out_pad = tuple((in_shape[1 + i] + 2 * a["padding"][i] - a["kernel"][i]) % a["stride"][i] for i in range(2))
+    return Op.CONV_T2D, dict(in_channels=a["out_channels"], out_channels=a["in_channels"], kernel=a["kernel"],
+                             stride=a["stride"], padding=a["padding"], output_padding=out_pad, bias=a["bias"])
+
+
+@mirror(Op.CONV_T2D)
+def _mirror_conv_t(n: Node, in_shape):
+    a = n.attrs
+    return Op.CONV2D, dict(in_channels=a["out_channels"], out_channels=a["in_channels"], kernel=a["kernel"],
+                           stride=a["stride"], padding=a["padding"], bias=a["bias"])
+
+
+@mirror(Op.AVGPOOL2D, Op.MAXPOOL2D)
+def _mirror_pool(n: Node, in_shape):
+    return Op.UPSAMPLE2D, dict(size=tuple(in_shape[1:]))
+
+
+@mirror(Op.UPSAMPLE2D)
+def _mirror_upsample(n: Node, in_shape):
+    return Op.AVGPOOL2D, dict(kernel=tuple(o // i for o, i in zip(n.attrs["size"], in_shape[1:])))
+
+
+@mirror(Op.FLATTEN)
+def _mirror_flatten(n: Node, in_shape):
+    return Op.UNFLATTEN, dict(shape=tuple(in_shape))
+
+
+@mirror(Op.UNFLATTEN)
+def _mirror_unflatten(n: Node, in_shape):
+    return Op.FLATTEN, {}
+
+
+@mirror(Op.BATCHNORM, Op.LIF)
+def _mirror_copy(n: Node, in_shape):
+    return n.op, dict(n.attrs)  # own parameters, hyper-parameters copied (C1: independent weights)
+
+
+@mirror(Op.INPUT, Op.TARGET, Op.OUTPUT, Op.RECO, Op.CE, Op.MSE)
+def _mirror_none(n: Node, in_shape):
+    raise GraphError([Diagnostic(n.name, n.op, "has no mirror in the backward network",
+                                 "sources, outputs and losses are placed by derive_feedback itself")])
+
+
+# ---------------------------------------------------------------------------------------------------- derivation
+
+
+class _B:
+    """Accumulates B's nodes and edges while derive_feedback walks F's layers top-down."""
+
+    def __init__(self):
+        self.nodes: list[Node] = []
+        self.edges: list[Edge] = []
+
+    def add(self, name: str, op: Op, attrs: dict, shape, src: str | None, detach: bool = False) -> str:
+        self.nodes.append(Node(name, op, FrozenAttrs(default_attrs(op, **attrs)), tuple(shape), Stream.B))
+        if src is not None:
+            self.edges.append(Edge(src, name, 0, 0, detach))
+        return name
+
+    def mirror_of(self, f: Graph, fnode: str, src: str, out_shape, detach: bool = False) -> str:
+        n = f[fnode]
+        op, attrs = MIRROR_RULES[n.op](n, f.inputs(fnode)[0].shape)
+        return self.add(f"{fnode}_b", op, attrs, out_shape, src, detach)
+
+
+def _backward_network(f: Graph, layers: list[Layer], recall: bool) -> tuple[_B, dict[int, str], dict[int, str]]:
+    """B's nodes top-down. Returns it, V̂_l per layer (0..L-1) and B's neuron per hidden layer.
+
+    Without recall, B stops at layer 1: θ_1 would have no loss to learn from, so it is not built.
+    """
+    b, vhat, neuron = _B(), {}, {}
+    mirrored = layers if recall else layers[1:]
+    if not mirrored:
+        return b, vhat, neuron
+    out = f.by_op(Op.OUTPUT)[0]
+    prev = b.add("target", Op.TARGET, dict(encoding=out.attrs["target"], n_classes=out.attrs["n_classes"],
+                                           population=out.attrs["population"]), out.shape, None)
+    for layer in reversed(mirrored):
+        syn_in = f.inputs(layer.synapse)[0]
+        prev = b.mirror_of(f, layer.synapse, prev, syn_in.shape, detach=True)  # θ_l reads sg(s'_l)
+        for t in reversed(layer.pre):
+            prev = b.mirror_of(f, t, prev, f.inputs(t)[0].shape)
+        below = layers[layer.index - 2] if layer.index >= 2 else None
+        if below and below.bn:
+            prev = b.mirror_of(f, below.bn, prev, f[below.bn].shape)
+        vhat[layer.index - 1] = prev
+        if below:
+            prev = neuron[below.index] = b.mirror_of(f, below.neuron, prev, f[below.neuron].shape)
+    return b, vhat, neuron
+
+
+def _losses(f: Graph, layers: list[Layer], vhat, bneuron, cfg: BSDConfig) -> tuple[list[Node], list[Edge]]:
+    nodes, edges = [], []
+
+    def add(name, op, srcs, **attrs):
+        nodes.append(Node(name, op, FrozenAttrs(default_attrs(op, **attrs)), (), Stream.LOSS))
+        edges.extend(Edge(s, name, port) for port, s in enumerate(srcs))
+
+    reco = dict(lam=cfg.lam, negatives=cfg.negatives, eps=cfg.eps, freq_r=cfg.freq_r, lam_low=cfg.lam_low,
+                lam_high=cfg.lam_high)
+    x = f.by_op(Op.INPUT)[0]
+    if cfg.recall and cfg.recall_loss == "mse":
+        add("mse0", Op.MSE, [x.name, vhat[0]], layer=0)
+    elif cfg.recall:
+        add("reco0", Op.RECO, [x.name, vhat[0]], layer=0, distill_on="current",
+            freq=cfg.freq and len(x.shape) == 3, **reco)
+    for layer in layers[:-1]:
+        l, membrane = layer.index, cfg.distill_on == "membrane"
+        srcs = [layer.neuron, bneuron[l]] if membrane else [layer.current, vhat[l]]
+        add(f"reco{l}", Op.RECO, srcs, layer=l, distill_on=cfg.distill_on,
+            freq=cfg.freq and len(f[layer.current].shape) == 3, **reco)
+    out = f.by_op(Op.OUTPUT)[0]
+    top = len(layers)
+    if out.attrs["task"] == "classification":
+        add(f"ce{top}", Op.CE, [out.name], layer=top, population=out.attrs["population"])
+    else:
+        add(f"mse{top}", Op.MSE, [out.name], layer=top)
+    return nodes, edges
+
+
+def derive_feedback(f: Graph, cfg: BSDConfig | None = None) -> Graph:
+    """F (validated forward graph) -> BSD graph: F with stop-gradients, B, and one local loss per layer."""
+    cfg = cfg or BSDConfig()
+    _check_config(cfg)
+    validate(f, forward=True)
+    layers = segment(f)
+    b, vhat, bneuron = _backward_network(f, layers, cfg.recall)
+    loss_nodes, loss_edges = _losses(f, layers, vhat, bneuron, cfg)
+    f_edges = [dataclasses.replace(e, detach=f[e.dst].op in GroupOp.SYNAPSE) for e in f.edges]
+    g = Graph(f.name, f.nodes + b.nodes + loss_nodes, f_edges + b.edges + loss_edges, f.T, f.dt)
+    validate(g, forward=False)
+    check_locality(g)
+    return g
+
+
+def _check_config(cfg: BSDConfig) -> None:
+    choices = {"negatives": ("all", "other_class"), "distill_on": ("current", "membrane"),
+               "recall_loss": ("reco", "mse")}
+    diags = [Diagnostic(None, None, f"BSD option {k}={getattr(cfg, k)!r} is not one of {v}", "")
+             for k, v in choices.items() if getattr(cfg, k) not in v]
+    for k in ("lam", "eps", "freq_r", "lam_low", "lam_high"):
+        v = getattr(cfg, k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            diags.append(Diagnostic(None, None, f"BSD option {k} must be a finite number >= 0, got {v!r}", ""))
+    if diags:
+        raise GraphError(diags)
+
+
+# ---------------------------------------------------------------------------------------------------- locality
+
+
+def local_params(g: Graph, loss: str) -> list[str]:
+    """Parametric nodes whose output reaches ``loss`` without crossing a stop-gradient edge: what it updates."""
+    seen, stack, out = set(), [loss], []
+    while stack:
+        for e in g.in_edges(stack.pop()):
+            if e.detach or e.src in seen:
+                continue
+            seen.add(e.src)
+            stack.append(e.src)
+            if g[e.src].op in GroupOp.PARAMETRIC:
+                out.append(e.src)
+    return sorted(out, key=[n.name for n in g.nodes].index)
+
+
+def check_locality(g: Graph) -> None:
+    """C2 on the graph: every parametric node is updated by exactly one loss."""
+    owner: dict[str, list[str]] = {n.name: [] for n in g.nodes if n.op in GroupOp.PARAMETRIC}
+    for loss in g.nodes:
+        if loss.op in GroupOp.LOSS:
+            for p in local_params(g, loss.name):
+                owner[p].append(loss.name)
+    diags = [Diagnostic(p, g[p].op, f"is updated by {len(ls)} losses {ls}, expected exactly one",
+                        "each weight must learn from the loss of the layer it feeds (C2)")
+             for p, ls in owner.items() if len(ls) != 1]
+    if diags:
+        raise GraphError(diags)
+
+
+@dataclass(frozen=True)
+class Pair:
+    layer: int
+    loss: str
+    f_side: str
+    b_side: str | None
+    f_params: tuple[str, ...]
+    b_params: tuple[str, ...]
+
+
+def pairing(g: Graph) -> list[Pair]:
+    """The layer pairing of a BSD graph, read off its loss nodes (ordered by layer)."""
+    pairs = []
+    for n in g.nodes:
+        if n.op not in GroupOp.LOSS:
+            continue
+        ins = g.inputs(n.name)
+        params = local_params(g, n.name)
+        pairs.append(Pair(n.attrs["layer"], n.name, ins[0].name, ins[1].name if len(ins) > 1 else None,
+                          tuple(p for p in params if g[p].stream == Stream.F),
+                          tuple(p for p in params if g[p].stream == Stream.B)))
+    return sorted(pairs, key=lambda p: p.layer)

@@ -1,0 +1,249 @@
+"""Lowering: a BSD graph -> a ``Plan`` of kernel launches, buffers with lifetimes, and a schedule.
+
+Per op, ``LOWERING`` names the kernel of its forward, of the gradient flowing through it (only between a loss
+and the parameters it updates: local learning needs no input gradient of any synapse), and of its local weight
+update. ``FUSIONS`` merges a synapse with the neuron it feeds into one launch that loops over all T steps.
+
+Schedule (why this order): B depends only on the labels, so it runs first, top-down. F then runs bottom-up one
+layer at a time, and right after layer l's forward come its local loss, the gradient path, the weight gradients
+and the AdamW step of every parameter that loss owns. Applying a layer's update early is exact: nothing later in
+the step reads those weights. Layer l's activations die as soon as layer l+1's forward has read them, so live
+activation memory does not grow with depth (see ``Plan.peak_live``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from bsdgraph.feedback import local_params
+from bsdgraph.ir import GroupOp, Graph, Node, Op, Stream
+from bsdgraph.params import param_shapes
+
+
+@dataclass(frozen=True)
+class Lowering:
+    forward: str                # kernel computing the op's output ("view" = no launch, aliases its input)
+    grad: str | None = None     # kernel passing a loss gradient back through the op (None: not needed)
+    update: str | None = None   # kernel computing the op's parameter gradients (parametric ops)
+
+
+# Triton kernels are named by their launcher in kernels/; "torch.*" are torch library calls.
+LOWERING: dict[Op, Lowering] = {
+    Op.INPUT: Lowering("encode_direct"),
+    Op.TARGET: Lowering("torch.one_hot"),
+    Op.LINEAR: Lowering("torch.linear", update="weight_grad"),
+    Op.CONV2D: Lowering("torch.conv2d", update="torch.conv2d_weight_grad"),
+    Op.CONV_T2D: Lowering("torch.conv_transpose2d", update="torch.conv_transpose2d_weight_grad"),
+    Op.AVGPOOL2D: Lowering("torch.avg_pool2d", grad="torch.avg_pool2d_backward"),
+    Op.MAXPOOL2D: Lowering("torch.max_pool2d", grad="torch.max_pool2d_backward"),
+    Op.UPSAMPLE2D: Lowering("torch.upsample_nearest2d", grad="torch.upsample_nearest2d_backward"),
+    Op.FLATTEN: Lowering("view", grad="view"),
+    Op.UNFLATTEN: Lowering("view", grad="view"),
+    Op.BATCHNORM: Lowering("torch.batch_norm", grad="torch.batch_norm_backward", update="torch.batch_norm_backward"),
+    Op.LIF: Lowering("lif_forward", grad="lif_backward"),
+    Op.OUTPUT: Lowering("view", grad="view"),
+    Op.RECO: Lowering("reco_loss_grad"),
+    Op.CE: Lowering("torch.cross_entropy_grad"),
+    Op.MSE: Lowering("torch.mse_grad"),
+}
+
+# (producer op, consumer op) -> fused kernel; the producer's only consumer must be the consumer.
+FUSIONS: dict[tuple[Op, Op], str] = {(Op.LINEAR, Op.LIF): "linear_lif_forward"}
+
+OPTIMIZER_KERNEL = "torch.adamw_step"
+
+
+@dataclass(frozen=True)
+class Buffer:
+    name: str
+    dtype: str                      # u8 for spikes, f32 otherwise
+    shape: tuple[int | str, ...]    # "T", "B" stay symbolic
+    first: int = -1                 # launch index that writes it
+    last: int = -1                  # last launch index that reads it
+
+    def nbytes(self, T: int, B: int) -> int:
+        dims = [T if d == "T" else B if d == "B" else d for d in self.shape]
+        return math.prod(dims) * (1 if self.dtype == "u8" else 4)
+
+
+@dataclass(frozen=True)
+class Launch:
+    index: int
+    kernel: str
+    phase: str                      # forward-B | forward-F | loss | grad | update | optimizer
+    nodes: tuple[str, ...]          # IR nodes this launch implements
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    graph: str
+    T: int
+    launches: tuple[Launch, ...]
+    buffers: tuple[Buffer, ...]
+    aliases: tuple[tuple[str, str], ...] = field(default=())  # (view node, buffer it aliases)
+
+    def kernels(self) -> list[str]:
+        return sorted({la.kernel for la in self.launches})
+
+    def peak_live(self, B: int) -> int:
+        """Peak bytes of activation/gradient buffers alive at once (weights and optimiser state excluded)."""
+        acts = [b for b in self.buffers if "." not in b.name]
+        return max(sum(b.nbytes(self.T, B) for b in acts if b.first <= i <= b.last) for i in range(len(self.launches)))
+
+    def __str__(self) -> str:
+        from bsdgraph.plan_format import format_plan
+
+        return format_plan(self)
+
+    def to_dict(self) -> dict:
+        return {
+            "graph": self.graph, "T": self.T, "kernels": self.kernels(),
+            "launches": [la.__dict__ | {"nodes": list(la.nodes), "reads": list(la.reads),
+                                        "writes": list(la.writes)} for la in self.launches],
+            "buffers": [b.__dict__ | {"shape": list(b.shape)} for b in self.buffers],
+            "aliases": [list(a) for a in self.aliases],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+
+# ---------------------------------------------------------------------------------------------------- lowering
+
+
+def _fusion_groups(g: Graph) -> dict[str, tuple[str, ...]]:
+    """node -> the nodes of its launch (itself alone, or a fused producer+consumer pair)."""
+    groups = {n.name: (n.name,) for n in g.nodes}
+    for n in g.nodes:
+        # losses may read the producer too: the fused kernel then also writes the producer's value
+        outs = [e for e in g.out_edges(n.name) if g[e.dst].op not in GroupOp.LOSS]
+        if len(outs) == 1 and outs[0].delay == 0 and (n.op, g[outs[0].dst].op) in FUSIONS:
+            groups[n.name] = groups[outs[0].dst] = (n.name, outs[0].dst)
+    return groups
+
+
+def _forward_kernel(g: Graph, group: tuple[str, ...]) -> str:
+    if len(group) == 2:
+        return FUSIONS[(g[group[0]].op, g[group[1]].op)]
+    n = g[group[0]]
+    if n.op == Op.INPUT:  # direct encoding is time-invariant: the stimulus is read as [B, ...], never copied T times
+        return "poisson_encode" if n.attrs["encoding"] == "poisson" else "view"
+    return LOWERING[n.op].forward
+
+
+class _Lowerer:
+    def __init__(self, g: Graph):
+        self.g, self.groups = g, _fusion_groups(g)
+        self.launches: list[Launch] = []
+        self.done: set[str] = set()
+        self.alias: dict[str, str] = {}
+        self.dtypes: dict[str, tuple[str, tuple]] = {}
+        self.membrane_losses = {e.src for n in g.by_op(*GroupOp.LOSS) if n.attrs.get("distill_on") == "membrane"
+                                for e in g.in_edges(n.name)}
+
+    def buf(self, node: str) -> str:
+        while node in self.alias:
+            node = self.alias[node]
+        return node
+
+    def emit(self, kernel: str, phase: str, nodes, reads, writes) -> None:
+        self.launches.append(Launch(len(self.launches), kernel, phase, tuple(nodes), tuple(reads), tuple(writes)))
+
+    def declare(self, name: str, dtype: str, shape: tuple) -> str:
+        self.dtypes[name] = (dtype, shape)
+        return name
+
+    def forward(self, name: str) -> None:
+        group = self.groups[name]
+        if group[0] in self.done:
+            return
+        for e in self.g.in_edges(group[0]):
+            self.forward(e.src)
+        self.done.update(group)
+        kernel, last = _forward_kernel(self.g, group), self.g[group[-1]]
+        if kernel == "view" and last.op != Op.INPUT:
+            self.alias[last.name] = self.g.in_edges(last.name)[0].src
+            return
+        shape = (("B",) if kernel == "view" else ("T", "B")) + tuple(last.shape)  # direct input: no T axis
+        writes = [self.declare(last.name, "u8" if last.op in GroupOp.NEURON else "f32", shape)]
+        for n in group[:-1]:  # a fused producer's value is stored only when a loss reads it
+            if any(c.op in GroupOp.LOSS for c in self.g.consumers(n)):
+                writes.append(self.declare(n, "f32", ("T", "B", *self.g[n].shape)))
+        if last.name in self.membrane_losses:
+            writes.append(self.declare(f"h:{last.name}", "f32", ("T", "B", *last.shape)))
+        if kernel == "view":
+            return
+        reads = [self.buf(e.src) for e in self.g.in_edges(group[0])] + self._param_names(group)
+        phase = "forward-B" if last.stream == Stream.B else "forward-F"
+        self.emit(kernel, phase, group, reads, writes)
+
+    def _param_names(self, nodes) -> list[str]:
+        return [f"{n}.{p}" for n in nodes for p in param_shapes(self.g[n])]
+
+    def loss(self, loss: Node) -> None:
+        for e in self.g.in_edges(loss.name):
+            self.forward(e.src)
+        membrane = loss.attrs.get("distill_on") == "membrane"
+        reads = [f"h:{e.src}" if membrane and self.g[e.src].op == Op.LIF else self.buf(e.src)
+                 for e in self.g.in_edges(loss.name)]
+        owned = local_params(self.g, loss.name)  # graph order: a stable printout
+        needs_grad = [e.src for e in self.g.in_edges(loss.name) if self._reaches(e.src, set(owned))]
+        writes = [self.declare(f"grad:{self.buf(s)}", "f32", ("T", "B", *self.g[s].shape)) for s in needs_grad]
+        self.emit(LOWERING[loss.op].forward, "loss", [loss.name], reads, writes)
+        for s in needs_grad:
+            self._grad_path(s)
+        if owned:
+            names = self._param_names(owned)
+            self.emit(OPTIMIZER_KERNEL, "optimizer", owned, names + [f"{p}.grad" for p in names], names)
+
+    def _reaches(self, node: str, owned: set[str]) -> bool:
+        return node in owned or any(self._reaches(e.src, owned) for e in self.g.in_edges(node) if not e.detach)
+
+    def _grad_path(self, name: str) -> None:
+        """Emit the launches carrying grad:<name> back to the parameters that produced ``name``."""
+        n = self.g[name]
+        ins = [e for e in self.g.in_edges(name) if not e.detach]
+        grad_in = f"grad:{self.buf(name)}"
+        if n.op in GroupOp.PARAMETRIC:
+            src = self.g.in_edges(name)[0].src
+            names = self._param_names([name])
+            writes = [self.declare(f"{p}.grad", "f32", ()) for p in names]
+            if ins:  # batchnorm: one backward call gives its parameter gradients and the gradient of its input
+                writes.append(self.declare(f"grad:{self.buf(src)}", "f32", ("T", "B", *self.g[src].shape)))
+            self.emit(LOWERING[n.op].update, "update", [name], [grad_in, self.buf(src)], writes)
+        elif LOWERING[n.op].grad not in (None, "view"):
+            src = ins[0].src
+            out = self.declare(f"grad:{self.buf(src)}", "f32", ("T", "B", *self.g[src].shape))
+            saved = f"h:{name}" if n.op == Op.LIF else self.buf(src)
+            self.emit(LOWERING[n.op].grad, "grad", [name], [grad_in, saved], [out])
+        for e in ins:
+            self._grad_path(e.src)
+
+
+def lower(g: Graph) -> Plan:
+    """Lower a BSD graph (from ``derive_feedback``) to a plan."""
+    lw = _Lowerer(g)
+    for n in g.topo_order():
+        if n.stream == Stream.B:
+            lw.forward(n.name)
+    for loss in sorted(g.by_op(*GroupOp.LOSS), key=lambda n: n.attrs["layer"]):
+        lw.loss(loss)
+    return _finish(g, lw)
+
+
+def _finish(g: Graph, lw: _Lowerer) -> Plan:
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for la in lw.launches:
+        for w in la.writes:
+            first.setdefault(w, la.index)
+            last.setdefault(w, la.index)
+        for r in la.reads:
+            last[r] = max(last.get(r, la.index), la.index)
+    buffers = tuple(Buffer(name, dt, shape, first.get(name, 0), last.get(name, first.get(name, 0)))
+                    for name, (dt, shape) in lw.dtypes.items())
+    return Plan(g.name, g.T, tuple(lw.launches), buffers, tuple(sorted(lw.alias.items())))

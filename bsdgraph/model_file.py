@@ -1,0 +1,83 @@
+"""Loading a user's model file: ``def build() -> Graph`` plus optional ``TRAIN`` and ``BSD`` dicts.
+
+Every way a model file can be wrong ends in ``ModelError`` (or ``GraphError`` for an invalid graph) with a message
+that names the file and, for exceptions raised inside it, the line; never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from bsdgraph.feedback import BSDConfig
+from bsdgraph.ir import Graph
+from bsdgraph.validate import GraphError
+
+
+class ModelError(Exception):
+    """A model file that cannot be loaded or built (not an invalid graph: that is ``GraphError``)."""
+
+
+@dataclass(frozen=True)
+class Model:
+    path: Path
+    graph: Graph
+    bsd: BSDConfig
+    train: dict[str, Any] = field(default_factory=dict)
+    doc: str = ""
+
+
+def _where(err: BaseException, path: Path) -> str:
+    """The innermost line of ``path`` in the exception's traceback, as 'file:line'."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+    lineno = getattr(err, "lineno", None) if isinstance(err, SyntaxError) else None
+    if frames:
+        lineno = frames[-1].lineno
+    return f"{path}:{lineno}" if lineno else str(path)
+
+
+def _import(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise ModelError(f"{path}: model file not found")
+    name = f"bsdgraph_model_{path.stem}_{uuid.uuid4().hex[:8]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelError(f"{path}: cannot be loaded as a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling inside the model file need the module registered
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # anything the user's top-level code raises
+        sys.modules.pop(name, None)
+        raise ModelError(f"{_where(err, path)}: the model file failed to import: {type(err).__name__}: {err}") from None
+    return module
+
+
+def load_model(path: str | Path) -> Model:
+    """Import ``path``, call its ``build()``, check the result; BSD options come from its ``BSD`` dict."""
+    path = Path(path)
+    module = _import(path)
+    build = getattr(module, "build", None)
+    if not callable(build):
+        raise ModelError(f"{path}: has no build() function (a model file defines `def build() -> Graph`, "
+                         "see models/fmnist_mlp.py)")
+    try:
+        graph = build()
+    except GraphError:
+        raise
+    except Exception as err:
+        raise ModelError(f"{_where(err, path)}: build() raised {type(err).__name__}: {err}") from None
+    if not isinstance(graph, Graph):
+        raise ModelError(f"{path}: build() returned {type(graph).__name__}, expected a bsdgraph Graph "
+                         "(end build() with `return g.build()`)")
+    for key in ("BSD", "TRAIN"):
+        if not isinstance(getattr(module, key, {}), dict):
+            raise ModelError(f"{path}: {key} must be a dict, got {type(getattr(module, key)).__name__}")
+    return Model(path, graph, BSDConfig.from_dict(getattr(module, "BSD", None)), dict(getattr(module, "TRAIN", {})),
+                 (module.__doc__ or "").strip())

@@ -1,0 +1,214 @@
+"""The reference runtime: a torch-eager interpreter over a BSD graph. It is the executable specification.
+
+It runs F and B for T steps exactly as shared/design/bsd-algorithm.md writes them, computes every local loss with
+autograd (stop-gradients are the graph's ``detach`` edges, applied with ``Tensor.detach()``), and applies one
+optimiser step. Nothing here is fused or clever: faster backends are tested against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from bsdgraph.ir import GroupOp, Graph, Node, Op, Stream
+from bsdgraph.losses import LOSS_IMPLS
+from bsdgraph.neuron import lif_scan
+from bsdgraph.params import Params, init_params, init_state
+from bsdgraph.runtime.common import (
+    ExecutionError, OptimConfig, StepResult, clip_per_node, encode_input, encode_target, make_optimizer, rates_of,
+    readout, step_seed,
+)
+
+
+@dataclass
+class Ctx:
+    """What an op implementation may read: weights, running statistics, labels and the mode."""
+
+    params: Params
+    state: dict[str, torch.Tensor]
+    T: int
+    x: torch.Tensor | None
+    labels: torch.Tensor | None
+    training: bool
+    seed: int
+    membrane: dict[str, torch.Tensor] = field(default_factory=dict)  # pre-reset h of every LIF node
+
+
+Impl = Callable[[Node, list[torch.Tensor], Ctx], torch.Tensor]
+IMPLS: dict[Op, Impl] = {}
+
+
+def impl(*ops: Op):
+    def register(fn: Impl) -> Impl:
+        for op in ops:
+            IMPLS[op] = fn
+        return fn
+
+    return register
+
+
+def _per_step(fn, x: torch.Tensor) -> torch.Tensor:
+    """Apply a per-sample op to all T*B rows at once: [T, B, ...] -> [T*B, ...] -> [T, B, ...]."""
+    T, B = x.shape[:2]
+    y = fn(x.reshape(T * B, *x.shape[2:]))
+    return y.reshape(T, B, *y.shape[1:])
+
+
+def _w(ctx: Ctx, n: Node, key: str = "weight") -> torch.Tensor | None:
+    return ctx.params.get(f"{n.name}.{key}")
+
+
+@impl(Op.INPUT)
+def _input(n: Node, args, ctx: Ctx):
+    return encode_input(n, ctx.x, ctx.T, ctx.seed)
+
+
+@impl(Op.TARGET)
+def _target(n: Node, args, ctx: Ctx):
+    return encode_target(n, ctx.labels, ctx.T)
+
+
+@impl(Op.LINEAR)
+def _linear(n: Node, args, ctx: Ctx):
+    return F.linear(args[0], _w(ctx, n), _w(ctx, n, "bias"))
+
+
+@impl(Op.CONV2D)
+def _conv2d(n: Node, args, ctx: Ctx):
+    a = n.attrs
+    return _per_step(lambda x: F.conv2d(x, _w(ctx, n), _w(ctx, n, "bias"), a["stride"], a["padding"]), args[0])
+
+
+@impl(Op.CONV_T2D)
+def _conv_t2d(n: Node, args, ctx: Ctx):
+    a = n.attrs
+    return _per_step(lambda x: F.conv_transpose2d(x, _w(ctx, n), _w(ctx, n, "bias"), a["stride"], a["padding"],
+                                                  a["output_padding"]), args[0])
+
+
+@impl(Op.AVGPOOL2D)
+def _avgpool(n: Node, args, ctx: Ctx):
+    return _per_step(lambda x: F.avg_pool2d(x, n.attrs["kernel"], n.attrs["stride"] or n.attrs["kernel"]), args[0])
+
+
+@impl(Op.MAXPOOL2D)
+def _maxpool(n: Node, args, ctx: Ctx):
+    return _per_step(lambda x: F.max_pool2d(x, n.attrs["kernel"], n.attrs["stride"] or n.attrs["kernel"]), args[0])
+
+
+@impl(Op.UPSAMPLE2D)
+def _upsample(n: Node, args, ctx: Ctx):
+    return _per_step(lambda x: F.interpolate(x, size=n.attrs["size"], mode="nearest"), args[0])
+
+
+@impl(Op.FLATTEN, Op.UNFLATTEN)
+def _reshape(n: Node, args, ctx: Ctx):
+    return args[0].reshape(*args[0].shape[:2], *n.shape)
+
+
+@impl(Op.BATCHNORM)
+def _batchnorm(n: Node, args, ctx: Ctx):
+    # statistics over all T*B rows (and pixels): time is merged into the batch, as in multi-step SNN practice
+    a = n.attrs
+    rm, rv = ctx.state[f"{n.name}.running_mean"], ctx.state[f"{n.name}.running_var"]
+    return _per_step(lambda x: F.batch_norm(x, rm, rv, _w(ctx, n), _w(ctx, n, "bias"), ctx.training,
+                                            a["momentum"], a["eps"]), args[0])
+
+
+@impl(Op.LIF)
+def _lif(n: Node, args, ctx: Ctx):
+    a = n.attrs
+    spikes, h = lif_scan(args[0], a["tau"], a["v_th"], a["v_reset"], a["reset"] == "soft", a["alpha"])
+    ctx.membrane[n.name] = h
+    return spikes
+
+
+@impl(Op.OUTPUT)
+def _output(n: Node, args, ctx: Ctx):
+    return args[0]
+
+
+def _loss(n: Node, args, ctx: Ctx):
+    return LOSS_IMPLS[n.op](n, args, ctx.labels)
+
+
+for _op in GroupOp.LOSS:
+    IMPLS[_op] = _loss
+
+
+# ---------------------------------------------------------------------------------------------------- interpreter
+
+
+def run_graph(g: Graph, ctx: Ctx, streams: frozenset[Stream] = frozenset(Stream)) -> dict[str, torch.Tensor]:
+    """Evaluate every node of the given streams in topological order; returns node name -> value."""
+    env: dict[str, torch.Tensor] = {}
+    for n in g.topo_order():
+        if n.stream not in streams:
+            continue
+        try:
+            env[n.name] = _eval(g, n, env, ctx)
+        except ExecutionError:
+            raise
+        except Exception as err:  # report which node failed, keep the cause chained for debugging
+            raise ExecutionError(n.name, n.op, err) from err
+    return env
+
+
+def _eval(g: Graph, n: Node, env, ctx: Ctx) -> torch.Tensor:
+    args = []
+    membrane = n.op in GroupOp.LOSS and n.attrs.get("distill_on") == "membrane"
+    for e in g.in_edges(n.name):
+        v = ctx.membrane[e.src] if membrane and g[e.src].op == Op.LIF else env[e.src]
+        args.append(v.detach() if e.detach else v)
+    return IMPLS[n.op](n, args, ctx)
+
+
+class ReferenceRuntime:
+    """One BSD training step = F and B forward, every local loss, gradients by autograd, one AdamW step."""
+
+    name = "reference"
+
+    def __init__(self, g: Graph, params: Params | None = None, opt: OptimConfig | None = None, seed: int = 0,
+                 state: dict[str, torch.Tensor] | None = None):
+        self.graph, self.opt_cfg, self.seed = g, opt or OptimConfig(), seed
+        base = params if params is not None else init_params(g, seed)
+        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in base.items()}
+        self.state = {k: v.clone() for k, v in (state or init_state(g)).items()}
+        self.optimizer = make_optimizer(self.params, self.opt_cfg)
+        self.steps = 0
+
+    def _ctx(self, x, y, training: bool) -> Ctx:
+        return Ctx(self.params, self.state, self.graph.T, x, y, training, step_seed(self.seed, self.steps))
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Forward F and B in training mode; returns (loss tensors by loss node, all node values)."""
+        env = run_graph(self.graph, self._ctx(x, y, True))
+        return {n.name: env[n.name] for n in self.graph.nodes if n.op in GroupOp.LOSS}, env
+
+    def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict, dict]:
+        """Per-parameter gradients of one step (not applied). Each weight gets its one local loss (C2)."""
+        losses, env = self.losses(x, y)
+        for p in self.params.values():
+            p.grad = None
+        torch.stack(list(losses.values())).sum().backward()
+        grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).clone() for k, p in self.params.items()}
+        return grads, losses, env
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        grads, losses, env = self.gradients(x, y)
+        for k, p in self.params.items():
+            p.grad = grads[k]
+        clip_per_node(self.params, self.opt_cfg.clip)
+        self.optimizer.step()
+        self.steps += 1
+        return StepResult({k: float(v.detach()) for k, v in losses.items()}, rates_of(self.graph, env))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores (or regression outputs) of F alone: mean over time of the top current."""
+        env = run_graph(self.graph, self._ctx(x, None, False), frozenset({Stream.F}))
+        out = self.graph.by_op(Op.OUTPUT)[0]
+        return readout(out, env[out.name])

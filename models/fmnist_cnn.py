@@ -1,0 +1,22 @@
+"""Fashion-MNIST convolutional classifier sized to train on 2 CPU cores, T = 4.
+
+conv3x3(32) - BN - LIF - maxpool2 - conv3x3(64) - BN - LIF - maxpool2 - flatten - linear(256) - LIF - linear(10).
+Batchnorm sits on the synapse output, before the neuron (spec). The derived backward network mirrors each conv
+with a ConvTranspose2d that restores the exact input shape and each max-pool with nearest upsampling.
+"""
+
+from bsdgraph import GraphBuilder
+
+TRAIN = dict(epochs=3, batch_size=128, lr=1e-3, weight_decay=1e-4, clip=1.0)
+BSD = dict(lam=0.6, negatives="all", distill_on="current", recall=True)
+
+
+def build():
+    g = GraphBuilder("fmnist_cnn", T=4)
+    h = g.input((1, 28, 28))
+    for channels in (32, 64):
+        h = g.lif(g.batchnorm(g.conv2d(h, channels, kernel=3, padding=1)))
+        h = g.maxpool2d(h, 2)
+    h = g.lif(g.linear(g.flatten(h), 256))
+    g.output(g.linear(h, 10), task="classification")
+    return g.build()

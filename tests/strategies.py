@@ -1,0 +1,68 @@
+"""Hypothesis strategies that build valid random forward graphs by construction (in topological order)."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from bsdgraph import GraphBuilder
+
+
+@st.composite
+def lif_params(draw) -> dict:
+    v_reset = draw(st.sampled_from([0.0, -0.2]))
+    return dict(
+        tau=draw(st.sampled_from([1.5, 2.0, 3.0, 5.0])),
+        v_th=draw(st.floats(v_reset + 0.1, 1.0).map(lambda v: round(v, 3))),
+        v_reset=v_reset,
+        reset=draw(st.sampled_from(["hard", "soft"])),
+    )
+
+
+@st.composite
+def mlp_graphs(draw, max_hidden: int = 3, max_width: int = 24):
+    """input -> [flatten] -> (linear -> lif)* -> linear -> output, random widths, T and LIF parameters."""
+    g = GraphBuilder("mlp", T=draw(st.integers(1, 5)))
+    if draw(st.booleans()):
+        h = g.flatten(g.input((1, draw(st.integers(2, 6)), draw(st.integers(2, 6)))))
+    else:
+        h = g.input((draw(st.integers(1, max_width)),))
+    for _ in range(draw(st.integers(0, max_hidden))):
+        h = g.lif(g.linear(h, draw(st.integers(1, max_width)), bias=draw(st.booleans())), **draw(lif_params()))
+    g.output(g.linear(h, draw(st.integers(2, 6))))
+    return g.build()
+
+
+@st.composite
+def conv_layer(draw, g: GraphBuilder, h: str) -> str:
+    c, H, W = g.shape(h)
+    k = draw(st.integers(1, min(4, H + 2, W + 2)))
+    p = draw(st.integers(0, k - 1))
+    s = draw(st.integers(1, 3))
+    if (H + 2 * p - k) < 0 or (W + 2 * p - k) < 0:
+        p = k  # enough padding for a non-empty output; still a legal (if odd) geometry
+    v = g.conv2d(h, draw(st.integers(1, 6)), kernel=k, stride=s, padding=p)
+    if draw(st.booleans()):
+        v = g.batchnorm(v)
+    h = g.lif(v, **draw(lif_params()))
+    _, H, W = g.shape(h)
+    if min(H, W) >= 2 and draw(st.booleans()):
+        pool = draw(st.sampled_from([g.maxpool2d, g.avgpool2d]))
+        h = pool(h, 2)
+    return h
+
+
+@st.composite
+def conv_graphs(draw, max_conv: int = 3):
+    """input (C, H, W) with odd sizes -> conv stack (random kernel/stride/padding, BN, pooling) -> linear head."""
+    g = GraphBuilder("cnn", T=draw(st.integers(1, 3)))
+    h = g.input((draw(st.integers(1, 3)), draw(st.integers(3, 13)), draw(st.integers(3, 13))))
+    for _ in range(draw(st.integers(1, max_conv))):
+        h = draw(conv_layer(g, h))
+    h = g.flatten(h)
+    if draw(st.booleans()):
+        h = g.lif(g.linear(h, draw(st.integers(1, 12))))
+    g.output(g.linear(h, draw(st.integers(2, 5))))
+    return g.build()
+
+
+any_graph = st.one_of(mlp_graphs(), conv_graphs())

@@ -1,0 +1,98 @@
+"""The command line: exit codes (0 ok, 1 invalid model, 2 usage) and messages, never a traceback."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bsdgraph.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MLP = str(ROOT / "models" / "fmnist_mlp.py")
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compile_all_stages(capsys):
+    code, out, err = run(capsys, "compile", MLP)
+    assert code == 0, err
+    assert "== forward network F" in out and "== BSD graph" in out and "== plan" in out
+    assert "%fc1_b : f32[T,B,784] = linear[in_features=1024, out_features=784" in out
+    assert "linear_lif_forward" in out and "reco_loss_grad" in out and "weight_grad" in out
+
+
+def test_compile_cnn_backward_shows_exact_transposed_convolutions(capsys):
+    code, out, _ = run(capsys, "compile", str(ROOT / "models" / "fmnist_cnn.py"), "--emit", "backward")
+    assert code == 0
+    assert "%conv1_b : f32[T,B,1,28,28] = conv_t2d[in_channels=32, out_channels=1" in out
+    assert "%pool1_b : f32[T,B,32,28,28] = upsample2d[size=(28,28)]" in out
+
+
+@pytest.mark.parametrize("model", ["fmnist_mlp.py", "fmnist_cnn.py", "cifar_cnn.py"])
+def test_every_model_file_compiles_to_json(capsys, model):
+    code, out, _ = run(capsys, "compile", str(ROOT / "models" / model), "--json")
+    doc = json.loads(out)
+    assert code == 0 and set(doc) == {"model", "ir", "backward", "pairing", "plan"}
+    assert doc["plan"]["kernels"]
+
+
+def test_output_file(capsys, tmp_path):
+    target = tmp_path / "plan.txt"
+    code, out, err = run(capsys, "compile", MLP, "--emit", "plan", "-o", str(target))
+    assert code == 0 and out == "" and target.read_text().startswith("== plan")
+    code, _, err = run(capsys, "compile", MLP, "-o", str(tmp_path / "missing" / "x.txt"))
+    assert code == 1 and "No such file or directory" in err
+
+
+BAD_MODELS = {
+    "syntax.py": ("def build(:\n", r"syntax.py:1: the model file failed to import: SyntaxError"),
+    "raises_on_import.py": ("import math\nraise ValueError('nope')\n", r"raises_on_import.py:2: .*ValueError: nope"),
+    "no_build.py": ("x = 1\n", r"has no build\(\) function"),
+    "build_raises.py": ("def build():\n    return 1 / 0\n", r"build_raises.py:2: build\(\) raised ZeroDivisionError"),
+    "wrong_type.py": ("def build():\n    return 42\n", r"build\(\) returned int, expected a bsdgraph Graph"),
+    "bad_bsd.py": ("from models.fmnist_mlp import build\nBSD = {'lamda': 1}\n", r"unknown BSD option"),
+    "bad_train.py": ("from models.fmnist_mlp import build\nTRAIN = 3\n", r"TRAIN must be a dict"),
+    "invalid_graph.py": (
+        "from bsdgraph import GraphBuilder\n"
+        "def build():\n"
+        "    g = GraphBuilder('bad')\n"
+        "    h = g.lif(g.linear(g.input((4,)), 8), tau=-1.0)\n"
+        "    g.output(g.linear(h, 2))\n"
+        "    return g.build()\n",
+        r"invalid_graph.py: node 'h1' \(lif\): tau must be > 0",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_MODELS))
+def test_bad_model_files_exit_1_with_a_clear_message(capsys, tmp_path, monkeypatch, name):
+    monkeypatch.syspath_prepend(str(ROOT))
+    source, pattern = BAD_MODELS[name]
+    path = tmp_path / name
+    path.write_text(source)
+    code, out, err = run(capsys, "compile", str(path))
+    assert code == 1 and out == ""
+    assert __import__("re").search(pattern, err), err
+    assert "Traceback" not in err
+
+
+def test_missing_file_and_usage_errors(capsys):
+    assert run(capsys, "compile", "no/such/model.py")[0] == 1
+    code, _, err = run(capsys, "compile", MLP, "--emit", "everything")
+    assert code == 2 and "invalid choice" in err
+    assert run(capsys)[0] == 2
+    assert run(capsys, "--help")[0] == 0
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def build():\n    raise RuntimeError('boom')\n")
+    proc = subprocess.run([sys.executable, "-m", "bsdgraph", "compile", str(bad)], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "RuntimeError: boom" in proc.stderr

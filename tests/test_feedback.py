@@ -1,0 +1,137 @@
+"""Derived backward network B: valid, independent, shape-exact mirrors, and one local loss per weight."""
+
+import pytest
+from hypothesis import given
+
+from bsdgraph import BSDConfig, GraphBuilder, GraphError, Op, Stream, derive_feedback, pairing, segment, validate
+from bsdgraph.feedback import check_locality, local_params
+from bsdgraph.ir import Edge, GroupOp
+from tests.strategies import any_graph, conv_graphs
+
+
+def mirrors(bsd):
+    """(F synapse, its mirror in B) pairs."""
+    return [(n, bsd[f"{n.name}_b"]) for n in bsd.nodes if n.stream == Stream.F and n.op in GroupOp.SYNAPSE]
+
+
+@given(any_graph)
+def test_derived_graph_is_valid_and_every_mirror_restores_the_exact_shape(f):
+    bsd = derive_feedback(f)
+    assert validate(bsd, forward=False) is bsd
+    for syn, theta in mirrors(bsd):
+        f_in, f_out = bsd.inputs(syn.name)[0].shape, syn.shape
+        assert bsd.inputs(theta.name)[0].shape == f_out, (syn.name, theta.name)
+        assert theta.shape == f_in, f"{theta.name} gives {theta.shape}, {syn.name} reads {f_in}"
+
+
+@given(conv_graphs())
+def test_conv_mirrors_are_transposed_convolutions_and_pools_become_exact_upsampling(f):
+    bsd = derive_feedback(f)
+    for syn, theta in mirrors(bsd):
+        if syn.op == Op.CONV2D:
+            assert theta.op == Op.CONV_T2D and theta.attrs["kernel"] == syn.attrs["kernel"]
+            assert all(0 <= p < s for p, s in zip(theta.attrs["output_padding"], theta.attrs["stride"]))
+    for pool in bsd.by_op(*GroupOp.POOL):
+        up = bsd[f"{pool.name}_b"]
+        assert up.op == Op.UPSAMPLE2D and up.shape == bsd.inputs(pool.name)[0].shape
+
+
+@given(any_graph)
+def test_every_weight_learns_from_exactly_one_loss_and_every_synapse_input_is_detached(f):
+    bsd = derive_feedback(f)
+    check_locality(bsd)
+    for e in bsd.edges:
+        assert e.detach == (bsd[e.dst].op in GroupOp.SYNAPSE), e
+    layers = segment(f)
+    pairs = pairing(bsd)
+    assert [p.layer for p in pairs] == list(range(len(layers) + 1))  # recall at 0, hidden, top
+
+
+def test_pairing_of_the_mlp_follows_the_spec():
+    g = GraphBuilder("m", T=2)
+    h = g.lif(g.linear(g.input((6,)), 5))
+    h = g.lif(g.linear(h, 4))
+    g.output(g.linear(h, 3))
+    bsd = derive_feedback(g.build())
+    got = [(p.layer, p.loss, p.f_side, p.b_side, p.f_params, p.b_params) for p in pairing(bsd)]
+    assert got == [
+        (0, "reco0", "x", "fc1_b", (), ("fc1_b",)),          # L_0 = ReCo(encode(x), V̂_0) updates θ_1
+        (1, "reco1", "fc1", "fc2_b", ("fc1",), ("fc2_b",)),  # L_l updates syn_l and θ_{l+1}
+        (2, "reco2", "fc2", "fc3_b", ("fc2",), ("fc3_b",)),
+        (3, "ce3", "out", None, ("fc3",), ()),               # top: CE on mean_t V_L
+    ]
+    assert bsd["h1_b"].attrs == bsd["h1"].attrs and bsd["target"].attrs["n_classes"] == 3
+
+
+def test_options_reach_the_loss_nodes():
+    g = GraphBuilder("m", T=2)
+    g.output(g.linear(g.lif(g.linear(g.input((1, 4, 4)) and g.flatten("x"), 5)), 3))
+    cfg = BSDConfig(lam=0.2, negatives="other_class", distill_on="membrane", recall=False)
+    bsd = derive_feedback(g.build(), cfg)
+    reco = bsd["reco1"]
+    assert (reco.attrs["lam"], reco.attrs["negatives"], reco.attrs["distill_on"]) == (0.2, "other_class", "membrane")
+    assert [i.op for i in bsd.inputs("reco1")] == [Op.LIF, Op.LIF]  # membrane mode reads the neurons' h
+    assert "reco0" not in bsd and "fc1_b" not in bsd  # without recall B stops at layer 1: θ_1 has no loss
+    check_locality(bsd)
+
+
+def test_recall_off_on_a_single_layer_network_leaves_no_backward_network():
+    g = GraphBuilder("m", T=2)
+    g.output(g.linear(g.input((4,)), 3))
+    bsd = derive_feedback(g.build(), BSDConfig(recall=False))
+    assert [n.stream for n in bsd.nodes].count(Stream.B) == 0 and [p.loss for p in pairing(bsd)] == ["ce1"]
+
+
+def test_frequency_split_only_on_spatial_layers():
+    g = GraphBuilder("c", T=2)
+    h = g.lif(g.conv2d(g.input((1, 6, 6)), 2, kernel=3, padding=1))
+    g.output(g.linear(g.lif(g.linear(g.flatten(h), 4)), 2))
+    bsd = derive_feedback(g.build(), BSDConfig(freq=True))
+    assert bsd["reco0"].attrs["freq"] and bsd["reco1"].attrs["freq"] and not bsd["reco2"].attrs["freq"]
+
+
+@pytest.mark.parametrize("edit, match", [
+    ("branch", r"node 'side' \(lif\): is dangling"),  # with single-operand ops a branch can only dangle
+    ("two_synapses", r"node 'fc2' \(linear\): follows a synapse without a neuron"),
+    ("lif_first", r"node 'h1' \(lif\): has no synapse in its layer"),
+    ("output_after_lif", r"node 'out' \(output\): must read a synapse's current"),
+])
+def test_shapes_bsd_cannot_pair_are_diagnosed(edit, match):
+    g = GraphBuilder("m", T=2)
+    x = g.input((4,))
+    if edit == "branch":
+        h = g.lif(g.linear(x, 4))
+        g.lif(g.linear(h, 3), name="side")
+        g.output(g.linear(h, 2))
+    elif edit == "two_synapses":
+        g.output(g.linear(g.linear(x, 4), 2))
+    elif edit == "lif_first":
+        g.output(g.linear(g.lif(x), 2))
+    else:
+        g.output(g.lif(g.linear(x, 2)))
+    with pytest.raises(GraphError, match=match):
+        derive_feedback(g.build(validate=False))
+
+
+def test_bad_bsd_options():
+    with pytest.raises(GraphError, match=r"unknown BSD option\(s\) \['lambda'\]"):
+        BSDConfig.from_dict({"lambda": 0.6})
+    g = GraphBuilder("m")
+    g.output(g.linear(g.input((4,)), 2))
+    with pytest.raises(GraphError, match="negatives='some' is not one of"):
+        derive_feedback(g.build(), BSDConfig(negatives="some"))
+    with pytest.raises(GraphError, match="lam must be a finite number >= 0"):
+        derive_feedback(g.build(), BSDConfig(lam=-1))
+
+
+def test_local_params_stop_at_detach_edges():
+    g = GraphBuilder("m", T=2)
+    h = g.lif(g.linear(g.input((4,)), 4))
+    g.output(g.linear(h, 2))
+    bsd = derive_feedback(g.build())
+    assert local_params(bsd, "ce2") == ["fc2"]
+    leaky = bsd.replace(edges=[Edge(e.src, e.dst, e.port, e.delay, False) if e.dst == "fc2" else e
+                               for e in bsd.edges])
+    assert local_params(leaky, "ce2") == ["fc1", "fc2"]
+    with pytest.raises(GraphError, match=r"node 'fc1' \(linear\): is updated by 2 losses"):
+        check_locality(leaky)
