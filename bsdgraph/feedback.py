@@ -250,13 +250,13 @@ def _losses(f: Graph, layers: list[Layer], vhat, bneuron, cfg: BSDConfig) -> tup
     if cfg.recall and cfg.recall_loss == "mse":
         add("mse0", Op.MSE, [x.name, vhat[0]], layer=0)
     elif cfg.recall:
-        add("reco0", Op.RECO, [x.name, vhat[0]], layer=0, distill_on="current",
-            freq=cfg.freq and len(x.shape) == 3, **reco)
+        add("reco0", Op.RECO, [x.name, vhat[0]], layer=0, distill_on="current", freq=cfg.freq and _spatial(x.shape),
+            **reco)
     for layer in layers[:-1]:
         l, membrane = layer.index, cfg.distill_on == "membrane"
         srcs = [layer.neuron, bneuron[l]] if membrane else [layer.current, vhat[l]]
         add(f"reco{l}", Op.RECO, srcs, layer=l, distill_on=cfg.distill_on,
-            freq=cfg.freq and len(f[layer.current].shape) == 3, **reco)
+            freq=cfg.freq and _spatial(f[layer.current].shape), **reco)
     out = f.by_op(Op.OUTPUT)[0]
     top = len(layers)
     if out.attrs["task"] == "classification":
@@ -264,6 +264,12 @@ def _losses(f: Graph, layers: list[Layer], vhat, bneuron, cfg: BSDConfig) -> tup
     else:
         add(f"mse{top}", Op.MSE, [out.name], layer=top)
     return nodes, edges
+
+
+def _spatial(shape: tuple[int, ...]) -> bool:
+    """Whether the frequency split is meaningful: a [C, H, W] layer with more than one pixel (a 1x1 map is all
+    DC, so its high band would be identically zero and ReCo on it pure rounding noise)."""
+    return len(shape) == 3 and shape[1] * shape[2] > 1
 
 
 def derive_feedback(f: Graph, cfg: BSDConfig | None = None) -> Graph:

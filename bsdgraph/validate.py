@@ -293,6 +293,6 @@ def _reco(n: Node, g: Graph):
         if not 0 < a["freq_r"] < 1:
             yield f"freq_r must be in (0, 1), got {a['freq_r']!r}", "the spec's choice is 0.25"
         shapes = [i.shape for i in g.inputs(n.name)]
-        if any(len(s) != 3 for s in shapes):
-            yield (f"the frequency split needs spatial [C, H, W] layers, got {[list(s) for s in shapes]}",
-                   "use freq only on conv layers or on an image-shaped bottom layer")
+        if any(len(s) != 3 or s[1] * s[2] < 2 for s in shapes):
+            yield (f"the frequency split needs spatial [C, H, W] layers of more than one pixel, got "
+                   f"{[list(s) for s in shapes]}", "use freq only on conv layers or on an image-shaped bottom layer")

@@ -25,7 +25,9 @@ def mlp_graphs(draw, max_hidden: int = 3, max_width: int = 24):
     if draw(st.booleans()):
         h = g.flatten(g.input((1, draw(st.integers(2, 6)), draw(st.integers(2, 6)))))
     else:
-        h = g.input((draw(st.integers(1, max_width)),))
+        # width >= 3: with a 1-wide stimulus every sample is a multiple of one vector, all ReCo cosines are
+        # +-1 and the gradient is pure float cancellation (measured 1e-3 relative differences between backends)
+        h = g.input((draw(st.integers(3, max_width)),))
     for _ in range(draw(st.integers(0, max_hidden))):
         h = g.lif(g.linear(h, draw(st.integers(1, max_width)), bias=draw(st.booleans())), **draw(lif_params()))
     g.output(g.linear(h, draw(st.integers(2, 6))))

@@ -25,6 +25,7 @@ class OptimConfig:
     lr: float = 1e-3            # AdamW; 3e-4 and 1e-4 fail to start within one epoch (spec, measured)
     weight_decay: float = 0.01  # torch's AdamW default
     betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8           # torch's AdamW default
     clip: float = 1.0           # max gradient norm per parametric node ("per layer"); 0 disables
 
 
@@ -69,7 +70,8 @@ def readout(out: Node, v: torch.Tensor) -> torch.Tensor:
 
 
 def make_optimizer(params: Params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay)
 
 
 def clip_per_node(params: Params, max_norm: float) -> None:

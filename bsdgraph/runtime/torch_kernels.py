@@ -1,0 +1,290 @@
+"""The kernel table of the cpu backend: every kernel name a plan can launch, implemented with torch.
+
+Synapses run as one GEMM (or convolution) over all T*B rows; a time-invariant input (direct encoding) is
+multiplied once and its current broadcast over T. Gradients are explicit and local: the ReCo gradient in closed
+form, dW = dV^T s as one GEMM, the LIF backward through its recurrence, and for ops between a loss and its weights
+(batchnorm, pooling, upsampling) a local vector-Jacobian product of that one op. No input gradient of any synapse
+is ever computed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bsdgraph.ir import Op
+from bsdgraph.losses import band_split, class_scores, per_sample
+from bsdgraph.lower import Launch
+from bsdgraph.runtime.common import encode_target
+from kernels.ref.encode import poisson_encode
+from kernels.ref.lif import lif_backward, lif_forward
+from kernels.ref.local_update import weight_grad
+from kernels.ref.reco import reco_loss_grad
+
+KERNELS: dict = {}
+
+
+def kernel(*names: str):
+    def register(fn):
+        for name in names:
+            KERNELS[name] = fn
+        return fn
+
+    return register
+
+
+def _wb(ex, node: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return ex.params[f"{node}.weight"], ex.params.get(f"{node}.bias")
+
+
+def _rows(ex, name: str, sample_shape) -> tuple[torch.Tensor, bool]:
+    """A buffer as rows [R, *sample_shape]: B rows when time-invariant, else T*B rows."""
+    if ex.is_time_invariant(name):
+        v = ex.buf[name].to(torch.float32)
+        return v.reshape(v.shape[0], *sample_shape), True
+    v = ex.read(name)
+    return v.reshape(-1, *sample_shape), False
+
+
+def _per_rows(ex, src: str, in_shape, fn) -> torch.Tensor:
+    """Apply a per-sample op to all rows; a time-invariant input is processed once and broadcast over T."""
+    rows, invariant = _rows(ex, src, in_shape)
+    out = fn(rows)
+    if invariant:
+        return out.unsqueeze(0).expand(ex.T, *out.shape)
+    return out.reshape(ex.T, -1, *out.shape[1:])
+
+
+def _in_shape(ex, node: str):
+    return ex.graph.inputs(node)[0].shape
+
+
+# ---------------------------------------------------------------------------------------------------- forward
+
+
+@kernel("torch.one_hot")
+def _target(ex, la: Launch):
+    ex.buf[la.writes[0]] = encode_target(ex.node(la.nodes[0]), ex.labels, ex.T)
+
+
+@kernel("poisson_encode")
+def _poisson(ex, la: Launch):
+    ex.buf[la.writes[0]] = poisson_encode(ex.x.to(torch.float32).contiguous(), ex.T, ex.run_seed)
+
+
+def _synapse(ex, node: str, src: str) -> torch.Tensor:
+    n = ex.node(node)
+    w, b = _wb(ex, node)
+    a = n.attrs
+    fns = {
+        Op.LINEAR: lambda r: F.linear(r, w, b),
+        Op.CONV2D: lambda r: F.conv2d(r, w, b, a["stride"], a["padding"]),
+        Op.CONV_T2D: lambda r: F.conv_transpose2d(r, w, b, a["stride"], a["padding"], a["output_padding"]),
+    }
+    return _per_rows(ex, src, _in_shape(ex, node), fns[n.op])
+
+
+@kernel("torch.linear", "torch.conv2d", "torch.conv_transpose2d")
+def _synapse_launch(ex, la: Launch):
+    ex.buf[la.writes[0]] = _synapse(ex, la.nodes[0], la.reads[0])
+
+
+def _lif(ex, lif: str, current: torch.Tensor, writes) -> None:
+    a = ex.node(lif).attrs
+    want_h = f"h:{lif}" in writes
+    spikes, h = lif_forward(current.contiguous(), a["tau"], a["v_th"], a["v_reset"], a["reset"] == "soft", None,
+                            want_h)
+    ex.buf[lif] = spikes
+    if want_h:
+        ex.buf[f"h:{lif}"] = h
+    ex.rates[lif] = float(spikes.float().mean())
+
+
+@kernel("linear_lif_forward")
+def _linear_lif(ex, la: Launch):
+    syn, lif = la.nodes
+    current = _synapse(ex, syn, la.reads[0])
+    if syn in la.writes:  # a loss reads the current V (distill_on=current)
+        ex.buf[syn] = current
+    _lif(ex, lif, current, la.writes)
+
+
+@kernel("lif_forward")
+def _lif_launch(ex, la: Launch):
+    _lif(ex, la.nodes[0], ex.read(la.reads[0], ex.node(la.nodes[0]).shape), la.writes)
+
+
+@kernel("torch.batch_norm")
+def _batchnorm(ex, la: Launch):
+    n = ex.node(la.nodes[0])
+    w, b = _wb(ex, n.name)
+    rm, rv = ex.state[f"{n.name}.running_mean"], ex.state[f"{n.name}.running_var"]
+    v = ex.read(la.reads[0], n.shape)
+    out = F.batch_norm(v.reshape(-1, *v.shape[2:]), rm, rv, w, b, ex.training, n.attrs["momentum"], n.attrs["eps"])
+    ex.buf[la.writes[0]] = out.reshape(v.shape)
+
+
+_TRANSFORMS = {
+    Op.AVGPOOL2D: lambda a: lambda r: F.avg_pool2d(r, a["kernel"], a["stride"] or a["kernel"]),
+    Op.MAXPOOL2D: lambda a: lambda r: F.max_pool2d(r, a["kernel"], a["stride"] or a["kernel"]),
+    Op.UPSAMPLE2D: lambda a: lambda r: F.interpolate(r, size=a["size"], mode="nearest"),
+}
+
+
+@kernel("torch.avg_pool2d", "torch.max_pool2d", "torch.upsample_nearest2d")
+def _transform(ex, la: Launch):
+    n = ex.node(la.nodes[0])
+    ex.buf[la.writes[0]] = _per_rows(ex, la.reads[0], _in_shape(ex, n.name), _TRANSFORMS[n.op](n.attrs))
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+
+
+def _reco_terms(n, a, b, labels):
+    """(loss, dA, dB) on [T, B, ...] inputs; the frequency-aware variant sums ReCo over the two FFT bands.
+
+    The band split P (a real, radially symmetric mask in Fourier space) is self-adjoint, so the gradient of the
+    low-band term maps back through P and the high-band one through (1 - P)."""
+    at = n.attrs
+    if not at["freq"]:
+        loss, da, db = reco_loss_grad(per_sample(a), per_sample(b), labels, at["lam"], at["negatives"], at["eps"])
+        return loss, _unsample(da, a), _unsample(db, b)
+    (al, ah), (bl, bh) = band_split(a, at["freq_r"]), band_split(b, at["freq_r"])
+    lo = reco_loss_grad(per_sample(al), per_sample(bl), labels, at["lam_low"], at["negatives"], at["eps"])
+    hi = reco_loss_grad(per_sample(ah), per_sample(bh), labels, at["lam_high"], at["negatives"], at["eps"])
+    grads = []
+    for i, like in ((1, a), (2, b)):
+        g_lo, g_hi = _unsample(lo[i], like), _unsample(hi[i], like)
+        low_of_lo, _ = band_split(g_lo, at["freq_r"])
+        _, high_of_hi = band_split(g_hi, at["freq_r"])
+        grads.append(low_of_lo + high_of_hi)
+    return lo[0] + hi[0], grads[0], grads[1]
+
+
+def _unsample(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of per_sample: [B, T*D] -> [T, B, ...] shaped like ``like``."""
+    return rows.reshape(like.shape[1], like.shape[0], *like.shape[2:]).transpose(0, 1)
+
+
+def _loss_inputs(ex, la: Launch) -> list[torch.Tensor]:
+    """The loss operands as [T, B, *node shape] (a view's buffer may be stored flat)."""
+    return [ex.read(r, n.shape) for r, n in zip(la.reads, ex.graph.inputs(la.nodes[0]))]
+
+
+@kernel("reco_loss_grad")
+def _reco(ex, la: Launch):
+    n = ex.node(la.nodes[0])
+    a, b = _loss_inputs(ex, la)
+    loss, da, db = _reco_terms(n, a, b, ex.labels)
+    _store_loss_grads(ex, la, loss, [da, db])
+
+
+def _store_loss_grads(ex, la: Launch, loss, grads: list[torch.Tensor]) -> None:
+    ex.losses[la.nodes[0]] = loss
+    srcs = [e.src for e in ex.graph.in_edges(la.nodes[0])]
+    for src, g in zip(srcs, grads):
+        name = f"grad:{ex.plan_buffer(src)}"
+        if name in la.writes:
+            ex.buf[name] = g
+
+
+@kernel("torch.cross_entropy_grad")
+def _ce(ex, la: Launch):
+    n = ex.node(la.nodes[0])
+    (v,) = _loss_inputs(ex, la)
+    k = n.attrs["population"]
+    z = class_scores(v, k)
+    loss = F.cross_entropy(z, ex.labels)
+    dz = (torch.softmax(z, 1) - F.one_hot(ex.labels, z.shape[1]).to(z.dtype)) / z.shape[0]
+    # z = mean over T and over each class's k neurons: every contributing V element gets dz / (T k)
+    dv = dz.repeat_interleave(k, dim=1) / (ex.T * k)
+    _store_loss_grads(ex, la, loss, [dv.unsqueeze(0).expand_as(v).contiguous()])
+
+
+@kernel("torch.mse_grad")
+def _mse(ex, la: Launch):
+    vals = _loss_inputs(ex, la)
+    if len(vals) == 2:  # bottom recall: mean((b - a)^2), a is the (fixed) encoded stimulus
+        a, b = vals
+        diff = b - a
+        _store_loss_grads(ex, la, (diff ** 2).mean(), [None, 2 * diff / diff.numel()])
+        return
+    (v,) = vals
+    y = ex.labels.to(v.dtype).reshape(v.shape[1:])
+    diff = v.mean(0) - y
+    dv = (2 * diff / diff.numel() / ex.T).unsqueeze(0).expand_as(v).contiguous()
+    _store_loss_grads(ex, la, (diff ** 2).mean(), [dv])
+
+
+# ---------------------------------------------------------------------------------------------------- gradients
+
+
+@kernel("lif_backward")
+def _lif_backward(ex, la: Launch):
+    n = ex.node(la.nodes[0])
+    a = n.attrs
+    grad_h, h = ex.read(la.reads[0], n.shape), ex.read(la.reads[1], n.shape)
+    ex.buf[la.writes[0]] = lif_backward(grad_h.contiguous(), h.contiguous(), a["tau"], a["v_th"], a["v_reset"],
+                                        a["reset"] == "soft", a["alpha"])
+
+
+@kernel("torch.avg_pool2d_backward", "torch.max_pool2d_backward", "torch.upsample_nearest2d_backward")
+def _transform_backward(ex, la: Launch):
+    n = ex.node(la.nodes[0])
+    grad, src = ex.read(la.reads[0], n.shape), ex.read(la.reads[1], _in_shape(ex, n.name))
+    rows = src.reshape(-1, *src.shape[2:])
+    _, vjp = torch.func.vjp(_TRANSFORMS[n.op](n.attrs), rows)
+    (g,) = vjp(grad.reshape(-1, *n.shape))
+    ex.buf[la.writes[0]] = g.reshape(ex.T, -1, *rows.shape[1:])
+
+
+@kernel("torch.batch_norm_backward")
+def _batchnorm_backward(ex, la: Launch):
+    n = ex.node(la.nodes[0])
+    w, b = _wb(ex, n.name)
+    grad, src = ex.read(la.reads[0], n.shape), ex.read(la.reads[1], n.shape)
+    rows = src.reshape(-1, *src.shape[2:])
+    # batch statistics, no running-stat update: the forward already did that once
+    fn = lambda r, w_, b_: F.batch_norm(r, None, None, w_, b_, True, 0.0, n.attrs["eps"])  # noqa: E731
+    _, vjp = torch.func.vjp(fn, rows, w, b)
+    g_in, g_w, g_b = vjp(grad.reshape(rows.shape))
+    ex.write_grads(n.name, {"weight": g_w, "bias": g_b})
+    ex.buf[la.writes[-1]] = g_in.reshape(src.shape)
+
+
+@kernel("weight_grad")
+def _weight_grad(ex, la: Launch):
+    node = la.nodes[0]
+    n = ex.node(node)
+    grad = ex.read(la.reads[0]).reshape(ex.T, -1, n.attrs["out_features"])
+    src = la.reads[1]
+    if ex.is_time_invariant(src):  # same input every step: dW = (sum_t dV[t])^T x, T times fewer FLOPs
+        grad, inp = grad.sum(0), ex.buf[src].reshape(grad.shape[1], -1)
+    else:
+        inp = ex.buf[src].reshape(ex.T * grad.shape[1], -1)
+        grad = grad.reshape(-1, grad.shape[-1])
+    dw, db = weight_grad(grad.contiguous(), inp.contiguous(), n.attrs["bias"])
+    ex.write_grads(node, {"weight": dw, **({"bias": db} if db is not None else {})})
+
+
+@kernel("torch.conv2d_weight_grad", "torch.conv_transpose2d_weight_grad")
+def _conv_weight_grad(ex, la: Launch):
+    node = la.nodes[0]
+    n = ex.node(node)
+    a, (w, b) = n.attrs, _wb(ex, node)
+    grad = ex.read(la.reads[0], n.shape)
+    if ex.is_time_invariant(la.reads[1]):
+        grad, inp = grad.sum(0), ex.buf[la.reads[1]].to(torch.float32).reshape(-1, *_in_shape(ex, node))
+    else:
+        grad, inp = grad.reshape(-1, *grad.shape[2:]), ex.read(la.reads[1]).reshape(-1, *_in_shape(ex, node))
+    transposed = n.op == Op.CONV_T2D
+    _, dw, db = torch.ops.aten.convolution_backward(
+        grad.contiguous(), inp.contiguous(), w, [w.shape[1 if transposed else 0]] if b is not None else None,
+        list(a["stride"]), list(a["padding"]), [1, 1], transposed,
+        list(a["output_padding"]) if transposed else [0, 0], 1, [False, True, b is not None])
+    ex.write_grads(node, {"weight": dw, **({"bias": db} if b is not None else {})})
+
+
+@kernel("torch.adamw_step")
+def _adamw(ex, la: Launch):
+    ex.apply(list(la.nodes))
