@@ -14,39 +14,15 @@ surrogate too (the "reset path").
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-
-def atan_surrogate(h_minus_th: torch.Tensor, alpha: float) -> torch.Tensor:
-    return alpha / (2 * (1 + (math.pi * alpha * h_minus_th / 2) ** 2))
-
-
-class SpikeFn(torch.autograd.Function):
-    """Heaviside forward (h - v_th >= 0), atan surrogate backward."""
-
-    @staticmethod
-    def forward(ctx, h_minus_th: torch.Tensor, alpha: float) -> torch.Tensor:
-        ctx.save_for_backward(h_minus_th)
-        ctx.alpha = alpha
-        return (h_minus_th >= 0).to(h_minus_th.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (h_minus_th,) = ctx.saved_tensors
-        return grad * atan_surrogate(h_minus_th, ctx.alpha), None
+from kernels.ref.lif import SpikeFn, lif_recurrence
 
 
 def lif_scan(current: torch.Tensor, tau: float, v_th: float, v_reset: float, soft_reset: bool,
              alpha: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the LIF over ``current`` [T, ...]; returns (spikes as 0/1 floats, pre-reset membrane h), both [T, ...]."""
-    v = torch.zeros_like(current[0])
-    spikes, hs = [], []
-    for t in range(current.shape[0]):
-        h = v + (current[t] - (v - v_reset)) / tau
-        s = SpikeFn.apply(h - v_th, alpha)
-        v = h - v_th * s if soft_reset else h * (1 - s) + v_reset * s
-        spikes.append(s)
-        hs.append(h)
-    return torch.stack(spikes), torch.stack(hs)
+    """Run the LIF over ``current`` [T, ...]; returns (spikes as 0/1 floats, pre-reset membrane h), both [T, ...].
+
+    The recurrence is the kernels' torch twin (one definition of the neuron in the project); spikes carry the
+    surrogate gradient."""
+    return lif_recurrence(current, tau, v_th, v_reset, soft_reset, None, lambda h: SpikeFn.apply(h, v_th, alpha))
