@@ -7,10 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+from bsdgraph.checkpoint import CheckpointError
+from bsdgraph.data import DataError
 from bsdgraph.feedback import derive_feedback, pairing
 from bsdgraph.lower import lower
 from bsdgraph.model_file import ModelError, load_model
 from bsdgraph.printer import format_graph, to_dict
+from bsdgraph.train import TrainingError
 from bsdgraph.validate import GraphError
 
 
@@ -50,6 +53,103 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _apply_overrides(model, args):
+    """--lif / --encoding / --bsd edits of the model (pure graph passes, re-validated)."""
+    import dataclasses
+
+    from bsdgraph.feedback import BSDConfig
+    from bsdgraph.ir import Op
+    from bsdgraph.passes import parse_assignments, set_attrs
+
+    try:
+        lif, bsd = parse_assignments(args.lif), parse_assignments(args.bsd)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    graph = model.graph
+    if lif:
+        graph = set_attrs(graph, Op.LIF, **lif)
+    if args.encoding:
+        graph = set_attrs(graph, Op.INPUT, encoding=args.encoding)
+    cfg = BSDConfig.from_dict({**dataclasses.asdict(model.bsd), **bsd})
+    return dataclasses.replace(model, graph=graph, bsd=cfg)
+
+
+def _load_data(args, model):
+    from bsdgraph.data import check_against_model, load_idx_dataset, load_npz, subset
+    from bsdgraph.ir import Op
+
+    ds = load_npz(args.npz) if args.npz else load_idx_dataset(args.data_dir)
+    out = model.graph.by_op(Op.OUTPUT)[0]
+    ds = check_against_model(ds, model.graph.by_op(Op.INPUT)[0].shape, out.attrs["n_classes"] or None,
+                             out.attrs["task"])
+    return subset(ds, getattr(args, "limit_train", None), args.limit_test)
+
+
+def _emit_record(rec: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rec), flush=True)
+        return
+    metric = (f"test accuracy {100 * rec['test_accuracy']:.2f} %" if "test_accuracy" in rec
+              else f"test MSE {rec['test_mse']:.5f}")
+    losses = " ".join(f"{k} {v:.3f}" for k, v in rec["losses"].items())
+    print(f"epoch {rec['epoch']}: {metric} | losses {losses} | {rec['seconds']:.1f} s "
+          f"({rec['samples_per_s']:.0f} samples/s)", flush=True)
+    rates = " ".join(f"{k} {100 * v:.1f}%" for k, v in rec["rates"].items())
+    print(f"  firing rates: {rates}", flush=True)
+
+
+def cmd_train(args) -> int:
+    from bsdgraph.train import Trainer, TrainConfig, tqdm_progress
+
+    model = _apply_overrides(load_model(args.model), args)
+    data = _load_data(args, model)
+    cfg = TrainConfig.from_model(model.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                 seed=args.seed, init=args.init, schedule=args.schedule)
+    out = Path(args.out or Path("runs") / model.path.stem)
+    if (out / "checkpoint.pt").exists() and not args.resume:
+        raise UsageError(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
+    as_json = args.json or not sys.stdout.isatty()
+    trainer = Trainer(model, data, cfg, out, rule=args.rule, backend=args.backend,
+                      log=lambda rec: _report(rec, as_json), progress=None if as_json else tqdm_progress())
+    if args.resume:
+        trainer.resume()
+    else:
+        for syn, (factor, rate) in trainer.initialise().items():
+            print(f"calibrated {syn}: weights x{factor:.3g}, firing {100 * rate:.1f} %", file=sys.stderr)
+    print(f"training {model.path} ({args.rule}, {trainer.backend} backend) on {data.name}: {data.n_train} train / "
+          f"{data.n_test} test samples, epochs {trainer.epoch + 1}..{cfg.epochs}", file=sys.stderr)
+    history = trainer.run()
+    final = history[-1] if history else {}
+    summary = (f"test accuracy {100 * final['test_accuracy']:.2f} %" if "test_accuracy" in final
+               else f"test MSE {final.get('test_mse', float('nan')):.5f}")
+    print(f"done: {summary}; checkpoint {trainer.checkpoint_path}; metrics {out / 'metrics.jsonl'}; "
+          f"plots: bsdgraph plot {out}", file=sys.stderr)
+    return 0
+
+
+def _report(rec: dict, as_json: bool) -> None:
+    _emit_record(rec, as_json)
+    for w in rec["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def cmd_eval(args) -> int:
+    from bsdgraph.train import evaluate, load_for_eval
+
+    model = load_model(args.model)
+    rt, ck = load_for_eval(model, Path(args.checkpoint), args.backend)
+    data = _load_data(args, model)
+    result = {"checkpoint": args.checkpoint, "epoch": ck["epoch"], "rule": ck.get("rule"),
+              **{f"test_{k}": v for k, v in evaluate(rt, data.x_test, data.y_test).items()}}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        metric = (f"test accuracy {100 * result['test_accuracy']:.2f} %" if "test_accuracy" in result
+                  else f"test MSE {result['test_mse']:.5f}")
+        print(f"{args.checkpoint} (epoch {ck['epoch']}, {result['rule']}): {metric} on {data.n_test} samples")
+    return 0
+
+
 def _write(text: str, output: str | None) -> None:
     if output:
         Path(output).write_text(text + "\n")
@@ -71,7 +171,57 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="machine-readable JSON instead of text")
     c.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     c.set_defaults(fn=cmd_compile)
+    _train_parser(sub)
+    _eval_parser(sub)
     return p
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--data-dir", metavar="DIR", help="folder with Fashion-MNIST/MNIST IDX files (default: "
+                   "/usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)")
+    g.add_argument("--npz", metavar="FILE", help="an .npz with arrays x_train, y_train, x_test, y_test")
+    p.add_argument("--limit-test", type=int, metavar="N", help="evaluate on the first N test samples only")
+
+
+def _train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a model with BSD (or BPTT) and checkpoint every epoch",
+                       description="Train MODEL.py. Hyper-parameters default from the model's TRAIN dict; "
+                                   "command-line values override them.")
+    t.add_argument("model", metavar="MODEL.py")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--backend", choices=["reference", "cpu"], help="runtime (default: cpu)")
+    t.add_argument("--rule", choices=["bsd", "bptt"], default="bsd",
+                   help="bsd (local learning, default) or bptt (surrogate-gradient backprop baseline)")
+    t.add_argument("--init", choices=["default", "calibrated"], help="weight initialisation")
+    t.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule over epochs")
+    t.add_argument("--lif", action="append", metavar="KEY=VALUE", help="set a LIF parameter on every neuron "
+                   "(e.g. --lif v_th=0.6); repeatable")
+    t.add_argument("--bsd", action="append", metavar="KEY=VALUE", help="set a BSD option (e.g. --bsd "
+                   "negatives=other_class, --bsd distill_on=membrane); repeatable")
+    t.add_argument("--encoding", choices=["direct", "poisson"], help="override the input encoding")
+    _data_args(t)
+    t.add_argument("--limit-train", type=int, metavar="N", help="train on the first N samples only")
+    t.add_argument("--out", metavar="RUN_DIR", help="where checkpoint.pt and metrics.jsonl go (default "
+                   "runs/<model>)")
+    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    t.add_argument("--json", action="store_true", help="one JSON line per epoch (default when stdout is not a "
+                   "terminal)")
+    t.set_defaults(fn=cmd_train)
+
+
+def _eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="evaluate a checkpoint on the test split",
+                       description="Evaluate the forward network F of a checkpoint on the test split.")
+    e.add_argument("model", metavar="MODEL.py")
+    e.add_argument("--checkpoint", required=True, metavar="FILE")
+    e.add_argument("--backend", choices=["reference", "cpu"])
+    _data_args(e)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prefix}: {d}", file=sys.stderr)
         print(f"{prefix}: invalid model ({len(err.diagnostics)} problem(s))", file=sys.stderr)
         return 1
-    except ModelError as err:
+    except (ModelError, DataError, CheckpointError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except UsageError as err:

@@ -1,0 +1,41 @@
+"""Pure ``Graph -> Graph`` edits used by the command line's overrides (each result is validated)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bsdgraph.ir import ATTRS, Graph, Op
+from bsdgraph.validate import Diagnostic, GraphError, validate
+
+
+def set_attrs(g: Graph, op: Op, **attrs: Any) -> Graph:
+    """Set hyper-parameters on every node of ``op`` (e.g. ``v_th`` on every LIF)."""
+    known = {a.name for a in ATTRS[op]}
+    unknown = sorted(set(attrs) - known)
+    if unknown:
+        raise GraphError([Diagnostic(None, op, f"{op.value} has no attribute(s) {unknown}",
+                                     f"known: {', '.join(sorted(known))}")])
+    nodes = [n.replace(attrs={**n.attrs, **attrs}) if n.op == op else n for n in g.nodes]
+    return validate(g.replace(nodes=nodes))
+
+
+def parse_assignments(items: list[str] | None) -> dict[str, Any]:
+    """``["v_th=0.6", "reset=soft"]`` -> ``{"v_th": 0.6, "reset": "soft"}`` (numbers and booleans parsed)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = _parse_value(raw.strip())
+    return out
+
+
+def _parse_value(raw: str) -> Any:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw

@@ -1,0 +1,251 @@
+"""Training and evaluation: epochs of local BSD steps (or BPTT), metrics, health warnings, atomic checkpoints.
+
+Resume is exact: a checkpoint holds weights of F and B, batchnorm statistics, optimiser state, the shuffling
+generator's state and the step counter (which seeds Poisson encoding), so 2 epochs straight and 1 + resumed 1
+give identical weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bsdgraph.calibrate import calibrate
+from bsdgraph.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from bsdgraph.data import Dataset, batches
+from bsdgraph.feedback import derive_feedback
+from bsdgraph.ir import Graph, Op
+from bsdgraph.model_file import Model
+from bsdgraph.params import init_params
+from bsdgraph.printer import to_json
+from bsdgraph.runtime.common import OptimConfig
+
+SILENT, SATURATED = 0.001, 0.90  # firing-rate bounds of a healthy layer (spec: warn below 0.1 %, above 90 %)
+
+
+class TrainingError(Exception):
+    """Training cannot go on (a NaN/Inf, a checkpoint that does not fit); the message names the layer or file."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    seed: int = 0
+    schedule: str = "constant"      # constant | cosine (per epoch, down to lr / 100)
+    init: str = "default"           # default | calibrated
+    eval_batch_size: int = 1000
+
+    @classmethod
+    def from_model(cls, train: dict[str, Any], **overrides: Any) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(train) - known)
+        if unknown:
+            raise TrainingError(f"unknown TRAIN option(s) {unknown} in the model file; known: {sorted(known)}")
+        merged = {**train, **{k: v for k, v in overrides.items() if v is not None}}
+        cfg = cls(**merged)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        bad = [f"{k}={getattr(self, k)!r}" for k in ("epochs", "batch_size", "eval_batch_size")
+               if not isinstance(getattr(self, k), int) or getattr(self, k) < 1]
+        bad += [f"lr={self.lr!r}"] if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 10) else []
+        bad += [f"schedule={self.schedule!r}"] if self.schedule not in ("constant", "cosine") else []
+        bad += [f"init={self.init!r}"] if self.init not in ("default", "calibrated") else []
+        if bad:
+            raise TrainingError(f"invalid training option(s): {', '.join(bad)} (epochs/batch sizes are integers "
+                                ">= 1, 0 < lr < 10, schedule constant|cosine, init default|calibrated)")
+
+    def lr_at(self, epoch: int) -> float:
+        if self.schedule == "cosine" and self.epochs > 1:
+            return self.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * epoch / (self.epochs - 1))))
+        return self.lr
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, clip=self.clip)
+
+
+def backends() -> dict[str, Callable]:
+    from bsdgraph.runtime.cpu import CPURuntime
+    from bsdgraph.runtime.reference import ReferenceRuntime
+
+    return {"reference": ReferenceRuntime, "cpu": CPURuntime}
+
+
+def default_backend() -> str:
+    return "cpu"
+
+
+def make_runtime(model: Model, rule: str, backend: str, cfg: TrainConfig, params=None, state=None):
+    """The runtime for ``rule`` (bsd | bptt) on ``backend``; returns (runtime, graph it runs)."""
+    if rule == "bptt":
+        from bsdgraph.runtime.bptt import BPTTRuntime
+
+        return BPTTRuntime(model.graph, params, cfg.optim(), cfg.seed, state), model.graph
+    bsd = derive_feedback(model.graph, model.bsd)
+    runtime = backends()[backend]
+    return runtime(bsd, params=params, opt=cfg.optim(), seed=cfg.seed, state=state), bsd
+
+
+@torch.no_grad()
+def evaluate(rt, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
+    """Accuracy (classification) or MSE (regression) of F alone on a split."""
+    out = rt.graph.by_op(Op.OUTPUT)[0]
+    correct, sq, n = 0, 0.0, 0
+    for xb, yb in batches(x, y, batch_size):
+        pred = rt.predict(xb)
+        if out.attrs["task"] == "classification":
+            correct += int((pred.argmax(1).cpu() == yb).sum())
+        else:
+            sq += float(((pred.cpu().reshape(yb.shape) - yb) ** 2).sum())
+        n += len(yb)
+    if out.attrs["task"] == "classification":
+        return {"accuracy": correct / max(n, 1)}
+    return {"mse": sq / max(n * int(y[0].numel()), 1)}
+
+
+def health_warnings(rates: dict[str, float]) -> list[str]:
+    out = []
+    for name, r in rates.items():
+        if r < SILENT:
+            out.append(f"layer {name} is silent ({100 * r:.3f} % firing): it passes no information; try "
+                       "--init calibrated or a lower v_th")
+        elif r > SATURATED:
+            out.append(f"layer {name} is saturated ({100 * r:.1f} % firing); try a higher v_th or a smaller lr")
+    return out
+
+
+def _check_finite(rt, losses: dict[str, float], where: str) -> None:
+    for name, v in losses.items():
+        if not math.isfinite(v):
+            node = rt.graph[name] if name in rt.graph else None
+            layer = f" (layer {node.attrs['layer']})" if node is not None else ""
+            raise TrainingError(f"loss {name}{layer} is {v} {where}; training stopped")
+    for key, p in rt.params.items():
+        if not bool(torch.isfinite(p).all()):
+            raise TrainingError(f"weights of layer {key.rsplit('.', 1)[0]} ({key}) are not finite {where}; "
+                                "training stopped")
+
+
+class Trainer:
+    """Runs epochs, writes ``metrics.jsonl`` and ``checkpoint.pt`` into ``out`` after each epoch."""
+
+    def __init__(self, model: Model, data: Dataset, cfg: TrainConfig, out: Path, rule: str = "bsd",
+                 backend: str | None = None, log: Callable[[dict], None] = lambda rec: None,
+                 progress: Callable | None = None):
+        self.model, self.data, self.cfg, self.out, self.rule = model, data, cfg, Path(out), rule
+        self.backend = backend or default_backend()
+        self.log, self.progress = log, progress
+        self.rt, self.graph = make_runtime(model, rule, self.backend, cfg)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.epoch, self.history = 0, []
+        self.checkpoint_path = self.out / "checkpoint.pt"
+
+    # -- set-up
+    def initialise(self) -> dict[str, tuple[float, float]]:
+        """Apply ``init = calibrated`` on the first training batch (before any step)."""
+        if self.cfg.init != "calibrated":
+            return {}
+        params = init_params(self.graph, self.cfg.seed)
+        idx = torch.randperm(self.data.n_train, generator=torch.Generator().manual_seed(self.cfg.seed))[:256]
+        report = calibrate(self.graph, params, self.data.x_train[idx], self.data.y_train[idx])
+        self.rt, _ = make_runtime(self.model, self.rule, self.backend, self.cfg, params=params)
+        return report
+
+    def resume(self) -> None:
+        ck = load_checkpoint(self.checkpoint_path)
+        if ck.get("graph") != to_json(self.graph) or ck.get("rule") != self.rule:
+            raise CheckpointError(f"{self.checkpoint_path}: was written for another graph or rule "
+                                  f"({ck.get('rule')}); train into a fresh --out directory or fix the model")
+        self.rt, _ = make_runtime(self.model, self.rule, self.backend, self.cfg, params=ck["params"],
+                                  state=ck["state"])
+        self.rt.optimizer.load_state_dict(ck["optimizer"])
+        self.rt.steps = ck["steps"]
+        self.gen.set_state(ck["rng"])
+        self.epoch, self.history = ck["epoch"], list(ck["history"])
+
+    def _save(self) -> None:
+        save_checkpoint(self.checkpoint_path, {
+            "model": str(self.model.path), "graph": to_json(self.graph), "rule": self.rule,
+            "backend": self.backend, "train": dataclasses.asdict(self.cfg),
+            "params": {k: v.detach().cpu() for k, v in self.rt.params.items()},
+            "state": {k: v.cpu() for k, v in self.rt.state.items()},
+            "optimizer": self.rt.optimizer.state_dict(), "rng": self.gen.get_state(), "epoch": self.epoch,
+            "steps": self.rt.steps, "history": self.history,
+        })
+
+    # -- the loop
+    def run(self) -> list[dict]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        while self.epoch < self.cfg.epochs:
+            record = self._epoch()
+            self.epoch += 1
+            self.history.append(record)
+            self._save()
+            with open(self.out / "metrics.jsonl", "a") as fh:
+                fh.write(__import__("json").dumps(record) + "\n")
+            self.log(record)
+        return self.history
+
+    def _epoch(self) -> dict:
+        lr = self.cfg.lr_at(self.epoch)
+        for group in self.rt.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum: dict[str, float] = {}
+        rate_sum: dict[str, float] = {}
+        n_batches, start = 0, time.perf_counter()
+        it = batches(self.data.x_train, self.data.y_train, self.cfg.batch_size, shuffle=True, generator=self.gen)
+        total = math.ceil(self.data.n_train / self.cfg.batch_size)
+        for xb, yb in (self.progress(it, total, self.epoch) if self.progress else it):
+            result = self.rt.step(xb, yb)
+            _check_finite(self.rt, result.losses, f"at epoch {self.epoch + 1}, step {n_batches + 1}")
+            for k, v in result.losses.items():
+                loss_sum[k] = loss_sum.get(k, 0.0) + v
+            for k, v in result.rates.items():
+                rate_sum[k] = rate_sum.get(k, 0.0) + v
+            n_batches += 1
+        seconds = time.perf_counter() - start
+        rates = {k: v / n_batches for k, v in rate_sum.items()}
+        test = evaluate(self.rt, self.data.x_test, self.data.y_test, self.cfg.eval_batch_size)
+        return {
+            "epoch": self.epoch + 1, "lr": lr, **{f"test_{k}": v for k, v in test.items()},
+            "losses": {k: v / n_batches for k, v in loss_sum.items()}, "rates": rates,
+            "warnings": health_warnings(rates), "seconds": round(seconds, 3),
+            "samples_per_s": round(self.data.n_train / seconds, 1), "rule": self.rule, "backend": self.backend,
+        }
+
+
+def tqdm_progress(stream=sys.stderr):
+    """A tqdm progress bar per epoch when ``stream`` is a terminal, else None."""
+    if not stream.isatty():
+        return None
+    from tqdm import tqdm
+
+    return lambda it, total, epoch: tqdm(it, total=total, desc=f"epoch {epoch + 1}", leave=False, file=stream)
+
+
+def load_for_eval(model: Model, checkpoint: Path, backend: str | None = None):
+    """A runtime holding a checkpoint's weights, checked against ``model``'s graph."""
+    ck = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_model({k: v for k, v in ck.get("train", {}).items()})
+    rule = ck.get("rule", "bsd")
+    rt, graph = make_runtime(model, rule, backend or default_backend(), cfg, params=ck["params"], state=ck["state"])
+    if ck.get("graph") != to_json(graph):
+        raise CheckpointError(f"{checkpoint}: was trained on a different graph than {model.path}")
+    return rt, ck
+
+
+def describe(graph: Graph) -> str:
+    return f"{graph.name}: {len(graph)} nodes, T={graph.T}"
