@@ -13,7 +13,7 @@ from bsdgraph.feedback import derive_feedback, pairing
 from bsdgraph.lower import lower
 from bsdgraph.model_file import ModelError, load_model
 from bsdgraph.printer import format_graph, to_dict
-from bsdgraph.train import TrainingError
+from bsdgraph.train import BACKENDS, TrainingError
 from bsdgraph.validate import GraphError
 
 
@@ -193,7 +193,7 @@ def _train_parser(sub) -> None:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
     t.add_argument("--seed", type=int)
-    t.add_argument("--backend", choices=["reference", "cpu"], help="runtime (default: cpu)")
+    t.add_argument("--backend", choices=BACKENDS, help="runtime (default: triton with a CUDA GPU, else cpu)")
     t.add_argument("--rule", choices=["bsd", "bptt"], default="bsd",
                    help="bsd (local learning, default) or bptt (surrogate-gradient backprop baseline)")
     t.add_argument("--init", choices=["default", "calibrated"], help="weight initialisation")
@@ -218,7 +218,7 @@ def _eval_parser(sub) -> None:
                        description="Evaluate the forward network F of a checkpoint on the test split.")
     e.add_argument("model", metavar="MODEL.py")
     e.add_argument("--checkpoint", required=True, metavar="FILE")
-    e.add_argument("--backend", choices=["reference", "cpu"])
+    e.add_argument("--backend", choices=BACKENDS)
     _data_args(e)
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)

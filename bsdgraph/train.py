@@ -22,7 +22,7 @@ from bsdgraph.calibrate import calibrate
 from bsdgraph.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from bsdgraph.data import Dataset, batches
 from bsdgraph.feedback import derive_feedback
-from bsdgraph.ir import Graph, Op
+from bsdgraph.ir import Op
 from bsdgraph.model_file import Model
 from bsdgraph.params import init_params
 from bsdgraph.printer import to_json
@@ -77,15 +77,20 @@ class TrainConfig:
         return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, clip=self.clip)
 
 
+BACKENDS = ("reference", "cpu", "triton")
+
+
 def backends() -> dict[str, Callable]:
     from bsdgraph.runtime.cpu import CPURuntime
     from bsdgraph.runtime.reference import ReferenceRuntime
+    from bsdgraph.runtime.triton import TritonRuntime
 
-    return {"reference": ReferenceRuntime, "cpu": CPURuntime}
+    return {"reference": ReferenceRuntime, "cpu": CPURuntime, "triton": TritonRuntime}
 
 
 def default_backend() -> str:
-    return "cpu"
+    """triton when a CUDA GPU is present, else the cpu backend."""
+    return "triton" if torch.cuda.is_available() else "cpu"
 
 
 def make_runtime(model: Model, rule: str, backend: str, cfg: TrainConfig, params=None, state=None):
@@ -95,6 +100,12 @@ def make_runtime(model: Model, rule: str, backend: str, cfg: TrainConfig, params
 
         return BPTTRuntime(model.graph, params, cfg.optim(), cfg.seed, state), model.graph
     bsd = derive_feedback(model.graph, model.bsd)
+    if backend == "triton":
+        from bsdgraph.runtime.triton import available
+
+        ok, why = available()
+        if not ok:
+            raise TrainingError(f"--backend triton: {why}; use --backend cpu")
     runtime = backends()[backend]
     return runtime(bsd, params=params, opt=cfg.optim(), seed=cfg.seed, state=state), bsd
 
@@ -245,7 +256,3 @@ def load_for_eval(model: Model, checkpoint: Path, backend: str | None = None):
     if ck.get("graph") != to_json(graph):
         raise CheckpointError(f"{checkpoint}: was trained on a different graph than {model.path}")
     return rt, ck
-
-
-def describe(graph: Graph) -> str:
-    return f"{graph.name}: {len(graph)} nodes, T={graph.T}"

@@ -12,6 +12,7 @@ stimulus) is time-invariant and stored once as ``[B, ...]``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 import torch
 
 from bsdgraph.ir import Graph, Node, Op
@@ -29,10 +30,11 @@ class Executor:
 
     name = "executor"
 
-    def __init__(self, g: Graph, kernels: dict[str, Kernel], params: Params | None = None,
+    def __init__(self, g: Graph, kernels: dict[str, Kernel], prims: dict[str, Callable], params: Params | None = None,
                  opt: OptimConfig | None = None, seed: int = 0, state: dict[str, torch.Tensor] | None = None,
                  device: str | torch.device = "cpu"):
         self.graph, self.kernels, self.seed = g, kernels, seed
+        self.prims = SimpleNamespace(**prims)
         self.plan: Plan = lower(g)
         self.device = torch.device(device)
         missing = sorted(set(la.kernel for la in self.plan.launches) - set(kernels))
@@ -62,6 +64,7 @@ class Executor:
             inp = self.graph.by_op(Op.INPUT)[0]
             if inp.name in self._time_invariant:
                 self.buf[inp.name] = x.to(self.device, torch.float32)
+            self.x = x.to(self.device)
 
     @property
     def T(self) -> int:

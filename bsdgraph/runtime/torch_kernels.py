@@ -21,6 +21,11 @@ from kernels.ref.lif import lif_backward, lif_forward
 from kernels.ref.local_update import weight_grad
 from kernels.ref.reco import reco_loss_grad
 
+# The primitives a backend plugs in (same signatures as the launchers in kernels/): the cpu backend uses the torch
+# twins, the triton backend the Triton launchers. Kernels below call them as ``ex.prims.<name>``.
+TWIN_PRIMS = dict(lif_forward=lif_forward, lif_backward=lif_backward, weight_grad=weight_grad,
+                  reco_loss_grad=reco_loss_grad, poisson_encode=poisson_encode)
+
 KERNELS: dict = {}
 
 
@@ -69,7 +74,7 @@ def _target(ex, la: Launch):
 
 @kernel("poisson_encode")
 def _poisson(ex, la: Launch):
-    ex.buf[la.writes[0]] = poisson_encode(ex.x.to(torch.float32).contiguous(), ex.T, ex.run_seed)
+    ex.buf[la.writes[0]] = ex.prims.poisson_encode(ex.x.to(torch.float32).contiguous(), ex.T, ex.run_seed)
 
 
 def _synapse(ex, node: str, src: str) -> torch.Tensor:
@@ -92,8 +97,8 @@ def _synapse_launch(ex, la: Launch):
 def _lif(ex, lif: str, current: torch.Tensor, writes) -> None:
     a = ex.node(lif).attrs
     want_h = f"h:{lif}" in writes
-    spikes, h = lif_forward(current.contiguous(), a["tau"], a["v_th"], a["v_reset"], a["reset"] == "soft", None,
-                            want_h)
+    spikes, h = ex.prims.lif_forward(current.contiguous(), a["tau"], a["v_th"], a["v_reset"], a["reset"] == "soft",
+                                     None, want_h)
     ex.buf[lif] = spikes
     if want_h:
         ex.buf[f"h:{lif}"] = h
@@ -140,7 +145,7 @@ def _transform(ex, la: Launch):
 # ---------------------------------------------------------------------------------------------------- losses
 
 
-def _reco_terms(n, a, b, labels):
+def _reco_terms(n, a, b, labels, reco_loss_grad):
     """(loss, dA, dB) on [T, B, ...] inputs; the frequency-aware variant sums ReCo over the two FFT bands.
 
     The band split P (a real, radially symmetric mask in Fourier space) is self-adjoint, so the gradient of the
@@ -175,7 +180,7 @@ def _loss_inputs(ex, la: Launch) -> list[torch.Tensor]:
 def _reco(ex, la: Launch):
     n = ex.node(la.nodes[0])
     a, b = _loss_inputs(ex, la)
-    loss, da, db = _reco_terms(n, a, b, ex.labels)
+    loss, da, db = _reco_terms(n, a, b, ex.labels, ex.prims.reco_loss_grad)
     _store_loss_grads(ex, la, loss, [da, db])
 
 
@@ -224,8 +229,8 @@ def _lif_backward(ex, la: Launch):
     n = ex.node(la.nodes[0])
     a = n.attrs
     grad_h, h = ex.read(la.reads[0], n.shape), ex.read(la.reads[1], n.shape)
-    ex.buf[la.writes[0]] = lif_backward(grad_h.contiguous(), h.contiguous(), a["tau"], a["v_th"], a["v_reset"],
-                                        a["reset"] == "soft", a["alpha"])
+    ex.buf[la.writes[0]] = ex.prims.lif_backward(grad_h.contiguous(), h.contiguous(), a["tau"], a["v_th"],
+                                                 a["v_reset"], a["reset"] == "soft", a["alpha"])
 
 
 @kernel("torch.avg_pool2d_backward", "torch.max_pool2d_backward", "torch.upsample_nearest2d_backward")
@@ -263,7 +268,7 @@ def _weight_grad(ex, la: Launch):
     else:
         inp = ex.buf[src].reshape(ex.T * grad.shape[1], -1)
         grad = grad.reshape(-1, grad.shape[-1])
-    dw, db = weight_grad(grad.contiguous(), inp.contiguous(), n.attrs["bias"])
+    dw, db = ex.prims.weight_grad(grad.contiguous(), inp.contiguous(), n.attrs["bias"])
     ex.write_grads(node, {"weight": dw, **({"bias": db} if db is not None else {})})
 
 

@@ -1,0 +1,74 @@
+"""The triton backend: the plan executed with the fused Triton kernels of ``kernels/``.
+
+It is the cpu backend's kernel table with the primitives swapped for the Triton launchers (LIF forward and
+backward, ReCo loss + gradients, weight gradient, Poisson encoding) and the Linear+LIF pair run as one fused
+launch. Convolutions, batchnorm, pooling and the optimiser step stay torch calls (on the GPU: cuDNN and fused
+AdamW). On CUDA tensors the kernels are compiled; on CPU tensors they run in Triton's interpreter, which is for
+tests only and needs ``TRITON_INTERPRET=1`` before ``kernels`` is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from bsdgraph.lower import Launch
+from bsdgraph.runtime.executor import Executor
+from bsdgraph.runtime.torch_kernels import KERNELS as TORCH_KERNELS
+
+
+def available() -> tuple[bool, str]:
+    """Whether this process can run the triton backend, and why not."""
+    if torch.cuda.is_available():
+        return True, "cuda"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "cpu (Triton interpreter: slow, for tests)"
+    return False, "the triton backend needs a CUDA GPU (or TRITON_INTERPRET=1 to run kernels interpreted on CPU)"
+
+
+def _prims() -> dict:
+    from kernels.encode import poisson_encode
+    from kernels.lif import lif_backward, lif_forward
+    from kernels.local_update import weight_grad
+    from kernels.reco import reco_loss_grad
+
+    return dict(lif_forward=lif_forward, lif_backward=lif_backward, weight_grad=weight_grad,
+                reco_loss_grad=reco_loss_grad, poisson_encode=poisson_encode)
+
+
+def _linear_lif(ex, la: Launch):
+    """One fused launch: I[t] = s[t] W^T + b and the LIF update in registers; V (and h) stored only if a loss
+    reads them."""
+    from kernels.linear_lif import linear_lif_forward
+
+    syn, lif = la.nodes
+    n, a = ex.node(syn), ex.node(lif).attrs
+    s_in = ex.buf[la.reads[0]]
+    s_in = (s_in.unsqueeze(0).expand(ex.T, *s_in.shape) if ex.is_time_invariant(la.reads[0]) else s_in)
+    s_in = s_in.reshape(ex.T, -1, n.attrs["in_features"]).contiguous()
+    if s_in.dtype not in (torch.uint8, torch.float32):
+        s_in = s_in.to(torch.float32)
+    spikes, v, h = linear_lif_forward(s_in, ex.params[f"{syn}.weight"], ex.params.get(f"{syn}.bias"), a["tau"],
+                                      a["v_th"], a["v_reset"], a["reset"] == "soft", syn in la.writes,
+                                      f"h:{lif}" in la.writes)
+    ex.buf[lif] = spikes
+    if v is not None:
+        ex.buf[syn] = v
+    if h is not None:
+        ex.buf[f"h:{lif}"] = h
+    ex.rates[lif] = float(spikes.float().mean())
+
+
+KERNELS = {**TORCH_KERNELS, "linear_lif_forward": _linear_lif}
+
+
+class TritonRuntime(Executor):
+    name = "triton"
+
+    def __init__(self, g, device: str | None = None, **kwargs):
+        ok, why = available()
+        if not ok:
+            raise RuntimeError(why)
+        super().__init__(g, KERNELS, _prims(), device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                         **kwargs)
