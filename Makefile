@@ -27,8 +27,13 @@ data:
 			|| echo "note: could not install dataset-fashion-mnist"; \
 	fi
 
+# A few minutes on 2 cores: 2 epochs of BSD on Fashion-MNIST, then the plots.
+DEMO_OUT := runs/demo
 demo: setup
-	$(VENV)/bin/bsdgraph compile models/fmnist_mlp.py --emit all
+	$(VENV)/bin/bsdgraph compile models/fmnist_mlp.py --emit backward
+	rm -rf $(DEMO_OUT)
+	$(VENV)/bin/bsdgraph train models/fmnist_mlp.py --epochs 2 --out $(DEMO_OUT)
+	$(VENV)/bin/bsdgraph plot $(DEMO_OUT)
 
 test: setup
 	$(PY) -m pytest -q -n 2 tests

@@ -12,6 +12,7 @@ from bsdgraph.data import DataError
 from bsdgraph.feedback import derive_feedback, pairing
 from bsdgraph.lower import lower
 from bsdgraph.model_file import ModelError, load_model
+from bsdgraph.plot import PlotError
 from bsdgraph.printer import format_graph, to_dict
 from bsdgraph.train import BACKENDS, TrainingError
 from bsdgraph.validate import GraphError
@@ -150,6 +151,32 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from bsdgraph import plot
+
+    run = Path(args.run_dir)
+    records = plot.read_metrics(run)
+    if not records:
+        raise plot.PlotError(f"{run / 'metrics.jsonl'} holds no epoch yet")
+    written = [plot.plot_curves(records, run), plot.plot_rates(records, run)]
+    ck = run / "checkpoint.pt"
+    if ck.is_file() and records[-1].get("rule") == "bsd":
+        from bsdgraph.checkpoint import load_checkpoint
+        from bsdgraph.printer import from_json
+
+        doc = load_checkpoint(ck)
+        model = load_model(args.model or doc["model"])
+        data = _load_data(args, model)
+        i = args.sample
+        if not 0 <= i < data.n_test:
+            raise UsageError(f"--sample {i} is out of range: the test split has {data.n_test} samples")
+        written.append(plot.plot_raster(from_json(doc["graph"]), doc["params"], doc["state"],
+                                        data.x_test[i:i + 1], data.y_test[i:i + 1], run))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def _write(text: str, output: str | None) -> None:
     if output:
         Path(output).write_text(text + "\n")
@@ -173,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_compile)
     _train_parser(sub)
     _eval_parser(sub)
+    _plot_parser(sub)
     return p
 
 
@@ -213,6 +241,17 @@ def _train_parser(sub) -> None:
     t.set_defaults(fn=cmd_train)
 
 
+def _plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="write PNG plots of a training run",
+                       description="Write curves.png (test metric, per-layer losses), rates.png (firing rates) "
+                                   "and raster.png (spikes of one test sample through F and B) into RUN_DIR.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--model", metavar="MODEL.py", help="model file (default: the one recorded in the checkpoint)")
+    p.add_argument("--sample", type=int, default=0, help="test sample for the raster (default 0)")
+    _data_args(p)
+    p.set_defaults(fn=cmd_plot)
+
+
 def _eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint on the test split",
                        description="Evaluate the forward network F of a checkpoint on the test split.")
@@ -238,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prefix}: {d}", file=sys.stderr)
         print(f"{prefix}: invalid model ({len(err.diagnostics)} problem(s))", file=sys.stderr)
         return 1
-    except (ModelError, DataError, CheckpointError, TrainingError) as err:
+    except (ModelError, DataError, CheckpointError, TrainingError, PlotError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except UsageError as err:

@@ -67,6 +67,18 @@ def test_train_cli_learns_the_synthetic_task_and_eval_agrees(capsys, tmp_path, m
     code, out, _ = run(capsys, "eval", model_file(), "--checkpoint", out_dir / "checkpoint.pt", "--npz", npz,
                        "--json")
     assert code == 0 and json.loads(out)["test_accuracy"] == pytest.approx(records[-1]["test_accuracy"])
+    code, out, err = run(capsys, "plot", out_dir, "--npz", npz, "--sample", 3)
+    pngs = {"curves.png", "rates.png"} | ({"raster.png"} if rule == "bsd" else set())
+    assert code == 0 and {p.name for p in out_dir.glob("*.png")} == pngs, err
+    assert all((out_dir / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_plot_errors(capsys, tmp_path):
+    code, _, err = run(capsys, "plot", tmp_path)
+    assert code == 1 and "metrics.jsonl: not found" in err
+    (tmp_path / "metrics.jsonl").write_text("{not json\n")
+    code, _, err = run(capsys, "plot", tmp_path)
+    assert code == 1 and "line 1 is not JSON" in err
 
 
 @pytest.mark.parametrize("enc", ["direct", "poisson"])

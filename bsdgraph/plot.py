@@ -1,0 +1,89 @@
+"""``bsdgraph plot RUN_DIR``: learning curves, firing rates and a spike raster of one test sample through F and B."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from bsdgraph.ir import Op, Stream
+
+
+def _plt():
+    """pyplot on the file-only Agg backend, imported on first use (it costs ~0.5 s; other commands skip it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+class PlotError(Exception):
+    pass
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise PlotError(f"{path}: not found (is {run_dir} a run directory written by `bsdgraph train --out`?)")
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise PlotError(f"{path}: line {err.lineno} is not JSON ({err.msg})") from None
+
+
+def plot_curves(records: list[dict], out: Path) -> Path:
+    epochs = [r["epoch"] for r in records]
+    metric = "test_accuracy" if "test_accuracy" in records[0] else "test_mse"
+    fig, (ax1, ax2) = _plt().subplots(1, 2, figsize=(11, 4))
+    ax1.plot(epochs, [100 * r[metric] if metric == "test_accuracy" else r[metric] for r in records], "o-")
+    ax1.set(xlabel="epoch", ylabel="test accuracy (%)" if metric == "test_accuracy" else "test MSE",
+            title="test metric")
+    ax1.grid(alpha=0.3)
+    for name in records[0]["losses"]:
+        ax2.plot(epochs, [r["losses"][name] for r in records], "o-", label=name)
+    ax2.set(xlabel="epoch", ylabel="mean local loss", title="per-layer local losses")
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    return _save(fig, out / "curves.png")
+
+
+def plot_rates(records: list[dict], out: Path) -> Path:
+    epochs = [r["epoch"] for r in records]
+    fig, ax = _plt().subplots(figsize=(7, 4))
+    for name in records[0]["rates"]:
+        style = "--" if name.endswith("_b") else "-"
+        ax.plot(epochs, [100 * r["rates"][name] for r in records], style, marker="o", label=name)
+    ax.axhline(0.1, color="grey", lw=0.8)
+    ax.set(xlabel="epoch", ylabel="firing rate (%)", yscale="log",
+           title="firing rate per layer (solid: F, dashed: B; grey: silent below 0.1 %)")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "rates.png")
+
+
+@torch.no_grad()
+def plot_raster(graph, params, state, x: torch.Tensor, y: torch.Tensor, out: Path) -> Path:
+    """Spikes of every LIF layer of F and B for one sample (neurons x time steps)."""
+    from bsdgraph.runtime.reference import Ctx, run_graph
+
+    env = run_graph(graph, Ctx(params, state, graph.T, x, y, False, 0))
+    lifs = graph.by_op(Op.LIF)
+    fig, axes = _plt().subplots(1, len(lifs), figsize=(2.2 * len(lifs), 5), squeeze=False)
+    for ax, n in zip(axes[0], lifs):
+        s = env[n.name][:, 0].reshape(graph.T, -1).T  # [neurons, T]
+        ax.imshow(s.numpy(), aspect="auto", interpolation="nearest", cmap="Greys")
+        side = "B" if n.stream == Stream.B else "F"
+        ax.set_title(f"{n.name} ({side})\n{100 * float(s.mean()):.1f} %", fontsize=9)
+        ax.set_xlabel("t")
+    axes[0][0].set_ylabel("neuron")
+    fig.suptitle(f"spike raster of test sample (label {int(y[0])}) through F and B")
+    return _save(fig, out / "raster.png")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
