@@ -9,28 +9,20 @@ import torch.nn.functional as F
 
 from bsdgraph.ir import Graph, Op, Stream
 from bsdgraph.losses import class_scores
-from bsdgraph.params import Params, init_params, init_state
-from bsdgraph.runtime.common import OptimConfig, StepResult, clip_per_node, make_optimizer, rates_of, readout, step_seed
-from bsdgraph.runtime.reference import Ctx, run_graph
+from bsdgraph.runtime.common import StepResult, clip_per_node, rates_of
+from bsdgraph.runtime.reference import ReferenceRuntime, run_graph
 
 
-class BPTTRuntime:
+class BPTTRuntime(ReferenceRuntime):
+    """Same weights, state, optimiser and ``predict`` as the reference runtime; only the step differs."""
+
     name = "bptt"
 
-    def __init__(self, f: Graph, params: Params | None = None, opt: OptimConfig | None = None, seed: int = 0,
-                 state: dict[str, torch.Tensor] | None = None):
+    def __init__(self, f: Graph, *args, **kwargs):
         if any(e.detach for e in f.edges):
             raise ValueError("BPTT trains the forward network F: pass the graph from build(), not the BSD graph")
-        self.graph, self.opt_cfg, self.seed = f, opt or OptimConfig(), seed
-        base = params if params is not None else init_params(f, seed)
-        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in base.items()}
-        self.state = {k: v.clone() for k, v in (state or init_state(f)).items()}
-        self.optimizer = make_optimizer(self.params, self.opt_cfg)
-        self.steps = 0
+        super().__init__(f, *args, **kwargs)
         self.out = f.by_op(Op.OUTPUT)[0]
-
-    def _ctx(self, x, y, training: bool) -> Ctx:
-        return Ctx(self.params, self.state, self.graph.T, x, y, training, step_seed(self.seed, self.steps))
 
     def loss(self, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.out.attrs["task"] == "classification":
@@ -46,8 +38,3 @@ class BPTTRuntime:
         self.optimizer.step()
         self.steps += 1
         return StepResult({"bptt": float(loss.detach())}, rates_of(self.graph, env))
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        env = run_graph(self.graph, self._ctx(x, None, False), frozenset({Stream.F}))
-        return readout(self.out, env[self.out.name])
