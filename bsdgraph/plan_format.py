@@ -5,6 +5,8 @@ from __future__ import annotations
 
 def format_plan(plan) -> str:
     lines = [f"plan {plan.graph}(T={plan.T}): {len(plan.launches)} launches, kernels: {', '.join(plan.kernels())}",
+             *(["  B runs once per class present (R rows, R <= classes): losses expand it to samples"]
+               if plan.dedup else []),
              "  schedule:"]
     for la in plan.launches:
         lines.append(f"    {la.index:3d} {la.phase:<10} {la.kernel:<34} {'+'.join(la.nodes):<18} "

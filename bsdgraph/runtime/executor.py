@@ -32,10 +32,10 @@ class Executor:
 
     def __init__(self, g: Graph, kernels: dict[str, Kernel], prims: dict[str, Callable], params: Params | None = None,
                  opt: OptimConfig | None = None, seed: int = 0, state: dict[str, torch.Tensor] | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", dedup: bool | None = None):
         self.graph, self.kernels, self.seed = g, kernels, seed
         self.prims = SimpleNamespace(**prims)
-        self.plan: Plan = lower(g)
+        self.plan: Plan = lower(g, dedup)
         self.device = torch.device(device)
         missing = sorted(set(la.kernel for la in self.plan.launches) - set(kernels))
         if missing:
@@ -48,6 +48,7 @@ class Executor:
         self.steps = 0
         self._last_use = {b.name: b.last for b in self.plan.buffers}
         self._time_invariant = {b.name for b in self.plan.buffers if "T" not in b.shape}
+        self._per_class = {b.name for b in self.plan.buffers if "R" in b.shape}
         self._alias = dict(self.plan.aliases)
         self._reset(None, None, False)
 
@@ -60,6 +61,8 @@ class Executor:
         self.grads: dict[str, torch.Tensor] = {}
         self.apply_updates = True
         self.run_seed = step_seed(self.seed, self.steps)
+        if y is not None and self.plan.dedup:  # B's rows: the distinct classes; inverse maps samples to them
+            self.classes, self.inverse, self.counts = torch.unique(y, return_inverse=True, return_counts=True)
         if x is not None:
             inp = self.graph.by_op(Op.INPUT)[0]
             if inp.name in self._time_invariant:
@@ -86,6 +89,28 @@ class Executor:
 
     def is_time_invariant(self, name: str) -> bool:
         return name in self._time_invariant
+
+    def is_per_class(self, name: str) -> bool:
+        return name in self._per_class
+
+    def to_samples(self, name: str, v: torch.Tensor) -> torch.Tensor:
+        """[T, R, ...] per-class rows -> [T, B, ...] per sample (other buffers unchanged)."""
+        return v.index_select(1, self.inverse) if name in self._per_class else v
+
+    def to_rows(self, name: str, g: torch.Tensor) -> torch.Tensor:
+        """A per-sample gradient for buffer ``name``, summed per class if that buffer is per class (exact: B's
+        rows for one class are identical, so their gradients add)."""
+        if name not in self._per_class:
+            return g
+        out = torch.zeros((g.shape[0], len(self.classes), *g.shape[2:]), dtype=g.dtype, device=g.device)
+        return out.index_add_(1, self.inverse, g)
+
+    def row_mean(self, name: str, v: torch.Tensor) -> float:
+        """Mean over samples of a [T, rows, ...] buffer (per-class rows weighted by their sample counts)."""
+        if name not in self._per_class:
+            return float(v.float().mean())
+        per_row = v.float().transpose(0, 1).reshape(v.shape[1], -1).mean(1)
+        return float((per_row * self.counts).sum() / self.counts.sum())
 
     def plan_buffer(self, node: str) -> str:
         """The buffer holding ``node``'s value (views alias their input's buffer)."""

@@ -16,6 +16,7 @@ from bsdgraph.ir import Op
 from bsdgraph.losses import band_split, class_scores, per_sample
 from bsdgraph.lower import Launch
 from bsdgraph.runtime.common import encode_target
+from bsdgraph.runtime.reco_dedup import reco_loss_grad_dedup
 from kernels.ref.encode import poisson_encode
 from kernels.ref.lif import lif_backward, lif_forward
 from kernels.ref.local_update import weight_grad
@@ -69,7 +70,8 @@ def _in_shape(ex, node: str):
 
 @kernel("torch.one_hot")
 def _target(ex, la: Launch):
-    ex.buf[la.writes[0]] = encode_target(ex.node(la.nodes[0]), ex.labels, ex.T)
+    labels = ex.classes if ex.is_per_class(la.writes[0]) else ex.labels
+    ex.buf[la.writes[0]] = encode_target(ex.node(la.nodes[0]), labels, ex.T)
 
 
 @kernel("poisson_encode")
@@ -102,7 +104,7 @@ def _lif(ex, lif: str, current: torch.Tensor, writes) -> None:
     ex.buf[lif] = spikes
     if want_h:
         ex.buf[f"h:{lif}"] = h
-    ex.rates[lif] = float(spikes.float().mean())
+    ex.rates[lif] = ex.row_mean(lif, spikes)
 
 
 @kernel("linear_lif_forward")
@@ -173,24 +175,40 @@ def _unsample(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _loss_inputs(ex, la: Launch) -> list[torch.Tensor]:
     """The loss operands as [T, B, *node shape] (a view's buffer may be stored flat)."""
-    return [ex.read(r, n.shape) for r, n in zip(la.reads, ex.graph.inputs(la.nodes[0]))]
+    return [ex.to_samples(r, ex.read(r, n.shape)) for r, n in zip(la.reads, ex.graph.inputs(la.nodes[0]))]
 
 
 @kernel("reco_loss_grad")
 def _reco(ex, la: Launch):
     n = ex.node(la.nodes[0])
+    if ex.is_per_class(la.reads[1]) and not n.attrs["freq"]:
+        return _reco_dedup(ex, la, n)
     a, b = _loss_inputs(ex, la)
     loss, da, db = _reco_terms(n, a, b, ex.labels, ex.prims.reco_loss_grad)
     _store_loss_grads(ex, la, loss, [da, db])
+
+
+def _reco_dedup(ex, la: Launch, n):
+    """F rows per sample against B rows per class: the B x R form, whose B gradient is already per class."""
+    f_node, b_node = ex.graph.inputs(n.name)
+    a, u = ex.read(la.reads[0], f_node.shape), ex.read(la.reads[1], b_node.shape)
+    at = n.attrs
+    loss, da, du = reco_loss_grad_dedup(per_sample(a), per_sample(u), ex.inverse, ex.counts, at["lam"],
+                                        at["negatives"], at["eps"])
+    ex.losses[n.name] = loss
+    for src, g, like in ((f_node.name, da, a), (b_node.name, du, u)):
+        name = f"grad:{ex.plan_buffer(src)}"
+        if name in la.writes:
+            ex.buf[name] = _unsample(g, like)
 
 
 def _store_loss_grads(ex, la: Launch, loss, grads: list[torch.Tensor]) -> None:
     ex.losses[la.nodes[0]] = loss
     srcs = [e.src for e in ex.graph.in_edges(la.nodes[0])]
     for src, g in zip(srcs, grads):
-        name = f"grad:{ex.plan_buffer(src)}"
-        if name in la.writes:
-            ex.buf[name] = g
+        buf = ex.plan_buffer(src)
+        if f"grad:{buf}" in la.writes:
+            ex.buf[f"grad:{buf}"] = ex.to_rows(buf, g)
 
 
 @kernel("torch.cross_entropy_grad")

@@ -57,7 +57,7 @@ def _linear_lif(ex, la: Launch):
         ex.buf[syn] = v
     if h is not None:
         ex.buf[f"h:{lif}"] = h
-    ex.rates[lif] = float(spikes.float().mean())
+    ex.rates[lif] = ex.row_mean(lif, spikes)
 
 
 KERNELS = {**TORCH_KERNELS, "linear_lif_forward": _linear_lif}
