@@ -177,6 +177,24 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import torch
+
+    from bsdgraph.bench import format_report, run_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.steps < 1 or args.batch_size < 1:
+        raise UsageError("--steps and --batch-size must be >= 1")
+    model = load_model(args.model)
+    from bsdgraph.train import default_backend
+
+    rep = run_bench(model, args.backend or default_backend(), args.batch_size, args.steps, args.warmup,
+                    args.compare)
+    print(json.dumps(rep) if args.json else format_report(rep))
+    return 0
+
+
 def _write(text: str, output: str | None) -> None:
     if output:
         Path(output).write_text(text + "\n")
@@ -201,7 +219,25 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _eval_parser(sub)
     _plot_parser(sub)
+    _bench_parser(sub)
     return p
+
+
+def _bench_parser(sub) -> None:
+    b = sub.add_parser("bench", help="time training steps and inference; FLOPs, roofline, memory; --compare",
+                       description="Time BSD training steps (median after warm-up) and inference on random "
+                                   "inputs, count the plan's dense FLOPs, measure the GEMM roofline in the same "
+                                   "run, and report peak memory. --compare times the in-repo baselines "
+                                   "interleaved in the same process.")
+    b.add_argument("model", metavar="MODEL.py")
+    b.add_argument("--backend", choices=BACKENDS, help="runtime (default: triton with a CUDA GPU, else cpu)")
+    b.add_argument("--batch-size", type=int, default=128)
+    b.add_argument("--steps", type=int, default=20, help="timed steps per candidate (default 20)")
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--compare", action="store_true", help="also time naive eager BSD, BPTT and snnTorch")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=cmd_bench)
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:

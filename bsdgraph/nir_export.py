@@ -7,8 +7,8 @@ surrogate, the output's task) goes into each node's ``metadata["bsdgraph"]``, so
 exact graph while any other NIR reader still gets a network with the same spikes.
 
 Non-obvious mappings (docs/nir.md):
-- batchnorm (inference) -> a per-channel affine map: a depthwise 1x1 ``Conv2d`` on [C, H, W], a diagonal
-  ``Affine`` on [D]; the exact statistics ride along in metadata.
+- batchnorm (inference) -> a per-channel affine map: a 1x1 ``Conv2d`` with a diagonal weight on [C, H, W], a
+  diagonal ``Affine`` on [D]; the exact statistics ride along in metadata.
 - maxpool2d -> ``SumPool2d`` + ``Threshold(0.5)``: on 0/1 spikes, max = (sum > 0.5). Exact on spikes only, so a
   max-pool of anything but spikes is refused (NIR 1.0 has no MaxPool2d).
 - LIF -> ``LIF(tau = τ·dt, r = 1, v_leak = v_reset, v_threshold = v_th, v_reset)``; soft reset is refused.
@@ -154,9 +154,11 @@ def _batchnorm(ex: _Export, n: Node):
     meta = _meta(op="batchnorm", eps=a["eps"], momentum=a["momentum"], weight=gamma.astype(np.float32),
                  bias=beta.astype(np.float32), **{k: v.astype(np.float32) for k, v in stats.items()})
     c = a["num_features"]
-    if len(n.shape) == 3:  # [C, H, W]: per-channel scale and shift = depthwise 1x1 convolution
-        node = nir.Conv2d(input_shape=tuple(n.shape[1:]), weight=scale.reshape(c, 1, 1, 1).astype(np.float32),
-                          stride=1, padding=0, dilation=1, groups=c, bias=shift.astype(np.float32), **meta)
+    if len(n.shape) == 3:  # [C, H, W]: per-channel scale and shift = a 1x1 convolution with a diagonal weight
+        # (dense, not depthwise: nir 1.0.8 infers a conv's input channels as weight.shape[1], ignoring groups, so
+        # a depthwise conv fails NIR's own type check)
+        node = nir.Conv2d(input_shape=tuple(n.shape[1:]), weight=np.diag(scale)[:, :, None, None].astype(np.float32),
+                          stride=1, padding=0, dilation=1, groups=1, bias=shift.astype(np.float32), **meta)
     else:                  # [D]: a diagonal affine map
         node = nir.Affine(weight=np.diag(scale).astype(np.float32), bias=shift.astype(np.float32), **meta)
     return [(n.name, node)]

@@ -60,6 +60,7 @@ class Executor:
         self.rates: dict[str, float] = {}
         self.grads: dict[str, torch.Tensor] = {}
         self.apply_updates = True
+        self.peak_bytes = 0  # largest total size of live activation/gradient buffers during the run
         self.run_seed = step_seed(self.seed, self.steps)
         if y is not None and self.plan.dedup:  # B's rows: the distinct classes; inverse maps samples to them
             self.classes, self.inverse, self.counts = torch.unique(y, return_inverse=True, return_counts=True)
@@ -132,6 +133,8 @@ class Executor:
             except Exception as err:
                 node = self.graph[la.nodes[-1]]
                 raise ExecutionError(node.name, node.op, err) from err
+            live = sum(v.untyped_storage().nbytes() for v in self.buf.values())
+            self.peak_bytes = max(self.peak_bytes, live)
             if free:
                 for r in la.reads:
                     if self._last_use.get(r) == la.index and "." not in r:

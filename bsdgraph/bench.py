@@ -1,0 +1,265 @@
+"""``bsdgraph bench``: time training steps and inference, count the FLOPs the plan executes, measure this machine's
+GEMM roofline in the same run, report peak memory; with ``--compare``, the same step in the in-repo baselines
+(naive eager BSD, BPTT of F, snnTorch BPTT when installed), timed interleaved in one process.
+
+FLOPs count dense work only (GEMMs and convolutions: 2 per multiply-add), read off the plan's launches and
+buffer shapes; elementwise work (LIF scans, norms, AdamW) is not counted, so the roofline fraction is a lower
+bound on how busy the machine is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import math
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from bsdgraph.ir import Graph, Op
+from bsdgraph.lower import Launch, Plan
+
+
+# ---------------------------------------------------------------------------------------------------- FLOPs
+
+
+def _rows(plan: Plan, name: str, T: int, B: int, R: int, time_invariant: bool = True) -> int:
+    shape = next(b.shape for b in plan.buffers if b.name == name)
+    sym = [d for d in shape if isinstance(d, str)]
+    if not time_invariant and "T" not in sym:
+        sym = ["T", *sym]
+    return math.prod({"T": T, "B": B, "R": min(R, B)}[d] for d in sym)
+
+
+def _synapse_flops(g: Graph, node: str, rows: int) -> int:
+    n = g[node]
+    a = n.attrs
+    if n.op == Op.LINEAR:
+        return 2 * rows * a["in_features"] * a["out_features"]
+    per_output = a["in_channels"] * a["kernel"][0] * a["kernel"][1]
+    # conv: every output pixel is a dot of length C_in k^2; conv_t: every input pixel scatters C_out k^2
+    pixels = math.prod(n.shape[1:]) if n.op == Op.CONV2D else math.prod(g.inputs(node)[0].shape[1:])
+    channels = a["out_channels"]
+    return 2 * rows * pixels * channels * per_output
+
+
+def launch_flops(plan: Plan, g: Graph, la: Launch, B: int, R: int = 10, time_invariant: bool = True) -> int:
+    T = plan.T
+    rows = lambda name: _rows(plan, name, T, B, R, time_invariant)  # noqa: E731
+    if la.kernel in ("torch.linear", "linear_lif_forward", "torch.conv2d", "torch.conv_transpose2d"):
+        return _synapse_flops(g, la.nodes[0], rows(la.reads[0]))
+    if la.kernel in ("weight_grad", "torch.conv2d_weight_grad", "torch.conv_transpose2d_weight_grad"):
+        return _synapse_flops(g, la.nodes[0], rows(la.reads[1]))
+    if la.kernel == "reco_loss_grad":
+        partner = rows(la.reads[1]) // T  # B rows, or R when B is deduplicated per class
+        features = T * math.prod(g.inputs(la.nodes[0])[0].shape)
+        return 3 * 2 * B * partner * features  # Gram matrix + the two gradient products
+    return 0
+
+
+def plan_flops(plan: Plan, g: Graph, B: int, R: int = 10, time_invariant: bool = True) -> int:
+    return sum(launch_flops(plan, g, la, B, R, time_invariant) for la in plan.launches)
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+
+
+def roofline_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 GEMM throughput of this machine now (same threads as the benchmark): the roofline."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096
+
+
+def _trim() -> None:
+    """Return freed heap to the OS so that the next measurement's RSS baseline is honest."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakRSS:
+    """Peak resident memory above the starting level while the block runs (sampled every millisecond)."""
+
+    def __enter__(self):
+        _trim()
+        self.base = self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+        self.delta = self.peak - self.base
+
+
+@dataclass
+class Result:
+    name: str
+    ms_step: float
+    ms_infer: float | None
+    samples_per_s: float
+    peak_mib: float
+    gflop_step: float | None
+    gflops: float | None = None
+    roofline_fraction: float | None = None
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], steps: int, warmup: int) -> dict[str, list[float]]:
+    """Round-robin timing: each repeat runs every candidate once, so machine noise hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(steps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def peak_memory(fn: Callable[[], object], steps: int = 3) -> float:
+    with PeakRSS() as m:
+        for _ in range(steps):
+            fn()
+    return m.delta / 2**20
+
+
+def summarise(name: str, step_times, infer_times, batch: int, peak_mib: float, flop: float | None,
+              roofline: float) -> Result:
+    ms = 1e3 * statistics.median(step_times)
+    r = Result(name, round(ms, 2), round(1e3 * statistics.median(infer_times), 2) if infer_times else None,
+               round(batch / (ms / 1e3), 1), round(peak_mib, 1), round(flop / 1e9, 3) if flop else None)
+    if flop:
+        r.gflops = round(flop / (ms / 1e3) / 1e9, 1)
+        r.roofline_fraction = round(r.gflops / roofline, 3)
+    return r
+
+
+def as_dicts(results: list[Result]) -> list[dict]:
+    return [asdict(r) for r in results]
+
+
+# ---------------------------------------------------------------------------------------------------- the command
+
+
+def _batch(g: Graph, B: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = g.by_op(Op.OUTPUT)[0]
+    x = torch.rand(B, *g.by_op(Op.INPUT)[0].shape, generator=gen)
+    if out.attrs["task"] == "classification":
+        return x, torch.randint(0, out.attrs["n_classes"], (B,), generator=gen)
+    return x, torch.rand(B, *out.shape, generator=gen)
+
+
+def bptt_flops(plan_plain: Plan, g: Graph, B: int) -> int:
+    """BPTT of F: forward, weight gradients, and input gradients of every synapse but the first (T*B rows)."""
+    fwd = [la for la in plan_plain.launches if la.phase == "forward-F"]
+    per = [launch_flops(plan_plain, g, la, B, time_invariant=False) for la in fwd]
+    return 3 * sum(per) - (per[0] if per else 0)
+
+
+def _baseline(name: str):
+    """Load ``bench/baselines/<name>.py`` of this checkout (the baselines are benchmark code, not the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "baselines" / f"{name}.py"
+    if not path.is_file():
+        raise ImportError(f"{path} not found (bench/ ships with the repository, not the installed package)")
+    spec = importlib.util.spec_from_file_location(f"bsdgraph_baseline_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def baselines(model, g: Graph, bsd: Graph, x, y) -> tuple[dict[str, Callable], dict[str, float], list[str]]:
+    """The --compare candidates that apply to this model, their FLOPs, and notes on the ones skipped."""
+    from bsdgraph.lower import lower
+    from bsdgraph.runtime.bptt import BPTTRuntime
+
+    plain = lower(bsd, dedup=False)
+    fns, flops, notes = {}, {}, []
+    try:
+        NaiveBSD = _baseline("naive_bsd").NaiveBSD
+        naive = NaiveBSD.from_graph(g)
+        fns["naive"] = lambda: naive.step(x, y)
+        flops["naive"] = plan_flops(plain, bsd, len(y), time_invariant=False)
+    except (ImportError, ValueError) as err:
+        notes.append(f"naive: skipped ({err})")
+    bptt = BPTTRuntime(g)
+    fns["bptt"] = lambda: bptt.step(x, y)
+    flops["bptt"] = bptt_flops(plain, bsd, len(y))
+    try:
+        snn = _baseline("snntorch_bptt").SnnTorchBPTT.from_graph(g)
+        fns["snntorch"] = lambda: snn.step(x, y)
+        flops["snntorch"] = flops["bptt"]
+    except (ImportError, ValueError) as err:
+        notes.append(f"snntorch: skipped ({err})")
+    return fns, flops, notes
+
+
+def run_bench(model, backend: str, batch: int, steps: int, warmup: int, compare: bool) -> dict:
+    from bsdgraph.feedback import derive_feedback
+    from bsdgraph.train import TrainConfig, make_runtime
+
+    g = model.graph
+    engine, bsd = make_runtime(model, "bsd", backend, TrainConfig.from_model(model.train))
+    x, y = _batch(g, batch)
+    name = f"bsdgraph-{backend}"
+    fns = {name: lambda: engine.step(x, y)}
+    flops = {name: plan_flops(engine.plan, bsd, batch) if hasattr(engine, "plan") else None}
+    notes: list[str] = []
+    if compare:
+        more, more_flops, notes = baselines(model, g, derive_feedback(g, model.bsd), x, y)
+        fns.update(more)
+        flops.update(more_flops)
+    roofline = roofline_gflops()
+    times = time_interleaved(fns, steps, warmup)
+    infer = time_interleaved({name: lambda: engine.predict(x)}, max(3, steps // 2), 1)[name]
+    results = [summarise(k, times[k], infer if k == name else None, batch, peak_memory(fns[k]), flops[k], roofline)
+               for k in fns]
+    ratios = {k: round(r.ms_step / results[0].ms_step, 2) for k, r in zip(fns, results) if k != name}
+    return {"model": str(model.path), "batch": batch, "T": g.T, "threads": torch.get_num_threads(),
+            "roofline_gflops": round(roofline, 1), "results": as_dicts(results),
+            "speedup_vs": ratios, "notes": notes}
+
+
+def format_report(rep: dict) -> str:
+    lines = [f"bench {rep['model']}: batch {rep['batch']}, T={rep['T']}, {rep['threads']} threads, "
+             f"GEMM roofline {rep['roofline_gflops']} GFLOP/s (measured now)",
+             f"  {'runtime':<18} {'ms/step':>8} {'ms/infer':>9} {'samples/s':>10} {'peak MiB':>9} "
+             f"{'GFLOP/step':>11} {'GFLOP/s':>8} {'roofline':>9}"]
+    for r in rep["results"]:
+        fmt = lambda v, f: (f % v) if v is not None else "-"  # noqa: E731
+        lines.append(f"  {r['name']:<18} {r['ms_step']:>8.2f} {fmt(r['ms_infer'], '%9.2f'):>9} "
+                     f"{r['samples_per_s']:>10.0f} {r['peak_mib']:>9.1f} {fmt(r['gflop_step'], '%11.3f'):>11} "
+                     f"{fmt(r['gflops'], '%8.1f'):>8} {fmt(r['roofline_fraction'], '%9.2f'):>9}")
+    for k, v in rep["speedup_vs"].items():
+        lines.append(f"  {k} takes {v:.2f}x the time of bsdgraph per training step (interleaved, same process)")
+    lines += [f"  note: {n}" for n in rep["notes"]]
+    return "\n".join(lines)

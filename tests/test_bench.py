@@ -1,0 +1,72 @@
+"""bench runs and its numbers are sane (no timing assertions); activation memory does not grow with depth."""
+
+import json
+
+import pytest
+
+from bsdgraph import GraphBuilder, derive_feedback
+from bsdgraph.bench import launch_flops, plan_flops
+from bsdgraph.cli import main
+from bsdgraph.lower import lower
+from bsdgraph.model_file import load_model
+from bsdgraph.params import init_params
+from bsdgraph.runtime.cpu import CPURuntime
+from tests.test_cpu_backend import batch
+
+
+def mlp(hidden: int, width: int = 64):
+    g = GraphBuilder(f"mlp{hidden}", T=4)
+    h = g.flatten(g.input((1, 8, 8)))
+    for _ in range(hidden):
+        h = g.lif(g.linear(h, width))
+    g.output(g.linear(h, 10))
+    return derive_feedback(g.build())
+
+
+def test_flops_of_the_fmnist_mlp_match_the_hand_count():
+    bsd = derive_feedback(load_model("models/fmnist_mlp.py").graph)
+    per_step = {la.index: launch_flops(lower(bsd), bsd, la, 128) for la in lower(bsd).launches}
+    assert all(f >= 0 for f in per_step.values())
+    # naive: F and B forward over T*B rows, their weight gradients, ReCo B x B: 7.0 GFLOP (spec: "about 7")
+    naive = plan_flops(lower(bsd, dedup=False), bsd, 128, time_invariant=False)
+    layers = [(784, 1024), (1024, 512), (512, 256), (256, 10)]
+    dense = 2 * 4 * 128 * sum(a * b for a, b in layers)
+    reco = 3 * 2 * 128 * 128 * 4 * (784 + 1024 + 512 + 256)
+    assert naive == 4 * dense + reco
+    engine = plan_flops(lower(bsd), bsd, 128)
+    assert 1.9e9 < engine < 2.2e9 and engine < naive / 3  # time-invariant input + per-class B + B x R ReCo
+
+
+def test_peak_activation_memory_does_not_grow_with_depth():
+    """Layer-local learning frees a layer's activations after its update: 3 vs 6 hidden layers of equal width
+    may differ by at most the parameter memory of the extra layers. What still grows is small: B runs first and
+    its per-class rows (R <= 10 per layer) wait for their layer's loss."""
+    x, y = batch(mlp(1), B=32, scale=2.0)
+    peaks, params = {}, {}
+    for depth in (3, 6):
+        bsd = mlp(depth)
+        rt = CPURuntime(bsd, seed=0)
+        rt.step(x, y)
+        peaks[depth] = rt.peak_bytes
+        params[depth] = sum(p.numel() * 4 for p in init_params(bsd, 0).values())
+    assert peaks[6] - peaks[3] <= params[6] - params[3], (peaks, params)
+
+
+def test_bench_cli_reports_sane_numbers(capsys):
+    code = main(["bench", "models/fmnist_mlp.py", "--batch-size", "16", "--steps", "2", "--warmup", "1",
+                 "--compare", "--json", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    rep = json.loads(out)
+    names = [r["name"] for r in rep["results"]]
+    assert names[:3] == ["bsdgraph-cpu", "naive", "bptt"]
+    for r in rep["results"]:
+        assert r["ms_step"] > 0 and r["samples_per_s"] > 0 and r["gflop_step"] > 0
+        assert r["samples_per_s"] == pytest.approx(16 / (r["ms_step"] / 1e3), rel=0.01)
+    engine, naive = rep["results"][0], rep["results"][1]
+    assert engine["gflop_step"] < naive["gflop_step"] and rep["roofline_gflops"] > 0
+    assert set(rep["speedup_vs"]) == set(names[1:])
+
+
+def test_bench_usage_error(capsys):
+    assert main(["bench", "models/fmnist_mlp.py", "--steps", "0"]) == 2
