@@ -263,3 +263,56 @@ def format_report(rep: dict) -> str:
         lines.append(f"  {k} takes {v:.2f}x the time of bsdgraph per training step (interleaved, same process)")
     lines += [f"  note: {n}" for n in rep["notes"]]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- sweeps
+
+
+def _variant(model, param: str, value: int):
+    import dataclasses
+
+    from bsdgraph.passes import set_hidden_width
+
+    if param == "T":
+        return dataclasses.replace(model, graph=model.graph.replace(T=value))
+    if param == "width":
+        return dataclasses.replace(model, graph=set_hidden_width(model.graph, value))
+    return model
+
+
+def run_sweep(model, backend: str, param: str, values: list[int], batch: int, steps: int, warmup: int) -> dict:
+    """Median ms per training step of bsdgraph and of BPTT on the same forward network, per value."""
+    from bsdgraph.runtime.bptt import BPTTRuntime
+    from bsdgraph.train import TrainConfig, make_runtime
+
+    rows = []
+    for v in values:
+        m = _variant(model, param, v)
+        B = v if param == "batch" else batch
+        engine, _ = make_runtime(m, "bsd", backend, TrainConfig.from_model(m.train))
+        bptt = BPTTRuntime(m.graph)
+        x, y = _batch(m.graph, B)
+        times = time_interleaved({"bsdgraph": lambda: engine.step(x, y), "bptt": lambda: bptt.step(x, y)},
+                                 steps, warmup)
+        rows.append({param: v, **{k: round(1e3 * statistics.median(t), 2) for k, t in times.items()}})
+    return {"model": str(model.path), "param": param, "batch": batch, "backend": backend,
+            "threads": torch.get_num_threads(), "rows": rows}
+
+
+def plot_sweep(rep: dict, path) -> None:
+    from bsdgraph.plot import _plt
+
+    plt = _plt()
+    p = rep["param"]
+    xs = [r[p] for r in rep["rows"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, style in (("bsdgraph", "o-"), ("bptt", "s--")):
+        ax.plot(xs, [r[name] for r in rep["rows"]], style, label=f"{name}" + (f" ({rep['backend']})"
+                                                                              if name == "bsdgraph" else ""))
+    ax.set(xscale="log", yscale="log", xlabel=p, ylabel="ms per training step",
+           title=f"{rep['model']}: time per step vs {p} ({rep['threads']} threads)")
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

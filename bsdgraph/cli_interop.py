@@ -128,8 +128,9 @@ def model_source(imp, weights_name: str, source: str) -> str:
     equal), with ``WEIGHTS`` naming the weights file next to it and ``READOUT`` the NIR graph's top LIF."""
     g = imp.graph
     lines = [f'"""{g.name}: imported from {Path(source).name} by `bsdgraph import-nir` (dt = {g.dt!r} s per step, '
-             f"T = {g.T}).", ""]
-    lines += [f"Note: {n}" for n in imp.notes] + ['"""', "", "from bsdgraph import GraphBuilder, Op", ""]
+             f"T = {g.T})."]
+    lines += ["", *(f"Note: {n}" for n in imp.notes)] if imp.notes else []
+    lines += ['"""', "", "from bsdgraph import GraphBuilder, Op", ""]
     lines += [f"WEIGHTS = {weights_name!r}  # next to this file; read by `bsdgraph run` and `bsdgraph export-nir`",
               f"READOUT = {imp.readout!r}  # LIF applied to the output current by `bsdgraph run` (None: none)",
               "", "", "def build():", f"    g = GraphBuilder({g.name!r}, T={g.T!r}, dt={g.dt!r})"]

@@ -191,7 +191,8 @@ def _output(ex: _Export, n: Node):
 def _unflatten(ex: _Export, n: Node):
     if not ex.graph.consumers(n.name) or all(c.op in GroupOp.LOSS for c in ex.graph.consumers(n.name)):
         return []  # B's bottom: a pure reshape of its last current; the output records the shape instead
-    raise MappingError("NIR 1.0 has no unflatten (reshape) node", "")
+    raise MappingError("NIR 1.0 has no unflatten (reshape) node, and this one is not B's last node",
+                       "export F alone (without --with-backward)")
 
 
 @export_rule(Op.CONV_T2D, Op.UPSAMPLE2D)
@@ -271,7 +272,8 @@ def export_backward(bsd: Graph, params: dict[str, torch.Tensor], state: dict[str
                                **(_meta(unflatten=list(last.shape)) if flat else {}))
     edges.append((ex.ends[last.name][1], out))
     losses = {n.name: n for n in bsd.nodes if n.op in GroupOp.LOSS}
-    table = [{**asdict(p), "op": losses[p.loss].op.value, "attrs": dict(losses[p.loss].attrs)}
-             for p in pairing(bsd)]
+    # b_nir: the NIR node of B holding b_side's value (B's bottom unflatten is dropped: its input holds it)
+    table = [{**asdict(p), "b_nir": ex.ends[p.b_side][1] if p.b_side else None, "op": losses[p.loss].op.value,
+              "attrs": dict(losses[p.loss].attrs)} for p in pairing(bsd)]
     meta = {**_graph_meta(bsd, dt, "backward"), "pairing": json.dumps(table)}
     return nir.NIRGraph(nodes=ex.nodes, edges=edges, metadata=meta)

@@ -271,9 +271,12 @@ def _lif(ctx: _Import, name: str, node) -> str:
     src = ctx.src(name)
     m = lif_from_nir(node, ctx.builder.shape(src), ctx.dt)
     if (m.scale is not None or m.shift is not None) and name not in ctx.folded:
-        raise MappingError("r != 1 or v_leak != v_reset must be folded into the synapse feeding the LIF, and "
-                           f"{src!r} ({ctx.ops[src].value}) is not one with one value per output unit",
-                           "put an Affine/Linear (any r, v_leak) or Conv2d (one r, v_leak per channel) before it")
+        conv = " (a convolution shares weights across positions: it takes one r, v_leak per channel)"
+        raise MappingError("has r != 1 or v_leak != v_reset, which import folds into the synapse feeding the LIF; "
+                           f"{src!r} ({ctx.ops[src].value}) cannot take it"
+                           + (conv if ctx.ops[src] == Op.CONV2D else ""),
+                           "feed the LIF from an Affine/Linear (any r, v_leak) or a Conv2d (one r, v_leak per "
+                           "channel)")
     meta = _meta(node)
     attrs = {**m.attrs, "surrogate": meta.get("surrogate", "atan"), "alpha": meta.get("alpha", 2.0)}
     out_name, out = ctx.only_succ(name)

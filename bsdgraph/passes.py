@@ -39,3 +39,23 @@ def _parse_value(raw: str) -> Any:
         except ValueError:
             pass
     return raw
+
+
+def set_hidden_width(g: Graph, width: int) -> Graph:
+    """Every Linear synapse but the top one gets ``width`` outputs; inputs and shapes follow (MLP sweeps)."""
+    from bsdgraph.infer import SHAPE_RULES
+
+    top = {e.src for e in g.edges if g[e.dst].op == Op.OUTPUT}
+    shapes: dict[str, tuple[int, ...]] = {}
+    nodes = []
+    for n in g.topo_order():
+        ins = [shapes[i.name] for i in g.inputs(n.name)]
+        attrs = dict(n.attrs)
+        if n.op == Op.LINEAR:
+            attrs["in_features"] = ins[0][-1]
+            attrs["out_features"] = attrs["out_features"] if n.name in top else width
+        node = n.replace(attrs=attrs)
+        shapes[n.name] = node.shape if not ins else SHAPE_RULES[n.op](node, ins)
+        nodes.append(node.replace(shape=shapes[n.name]))
+    order = {n.name: i for i, n in enumerate(g.nodes)}
+    return validate(g.replace(nodes=sorted(nodes, key=lambda n: order[n.name])))

@@ -70,3 +70,26 @@ def test_bench_cli_reports_sane_numbers(capsys):
 
 def test_bench_usage_error(capsys):
     assert main(["bench", "models/fmnist_mlp.py", "--steps", "0"]) == 2
+
+
+def test_energy_counts_follow_the_formula(capsys):
+    from bsdgraph.energy import estimate
+
+    f = load_model("models/fmnist_mlp.py").graph
+    layers = estimate(f, {"h1": 0.1, "h2": 0.2, "h3": 0.5})
+    assert [e.synapse for e in layers] == ["fc1", "fc2", "fc3", "fc4"]
+    assert layers[0].input_rate is None and layers[0].snn_ops == 4 * 784 * 1024  # analog input: MACs every step
+    assert layers[1].snn_ops == pytest.approx(4 * 0.1 * 1024 * 512)  # T * rate * D_in * fan-out ACs
+    assert layers[1].snn_pj == pytest.approx(layers[1].snn_ops * 0.9) and layers[1].ann_macs == 1024 * 512
+    assert main(["compile", "models/fmnist_mlp.py", "--emit", "plan"]) == 0
+    assert "ANN / SNN energy" in capsys.readouterr().out
+
+
+def test_sweep_writes_a_plot(capsys, tmp_path):
+    png = tmp_path / "sweep.png"
+    code = main(["bench", "models/onb_bench.py", "--sweep", "T=1,2", "--steps", "1", "--warmup", "0",
+                 "--batch-size", "2", "--plot", str(png), "--json", "--threads", "1"])
+    rep = json.loads(capsys.readouterr().out)
+    assert code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    assert [r["T"] for r in rep["rows"]] == [1, 2] and all(r["bsdgraph"] > 0 and r["bptt"] > 0 for r in rep["rows"])
+    assert main(["bench", "models/onb_bench.py", "--sweep", "depth=3"]) == 2
