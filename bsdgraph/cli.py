@@ -105,7 +105,8 @@ def cmd_train(args) -> int:
     model = _apply_overrides(load_model(args.model), args)
     data = _load_data(args, model)
     cfg = TrainConfig.from_model(model.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                 seed=args.seed, init=args.init, schedule=args.schedule)
+                                 seed=args.seed, init=args.init, schedule=args.schedule,
+                                 augment=True if args.augment else None)
     out = Path(args.out or Path("runs") / model.path.stem)
     if (out / "checkpoint.pt").exists() and not args.resume:
         raise UsageError(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
@@ -334,6 +335,7 @@ def _train_parser(sub) -> None:
                    help="bsd (local learning, default) or bptt (surrogate-gradient backprop baseline)")
     t.add_argument("--init", choices=["default", "calibrated"], help="weight initialisation")
     t.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule over epochs")
+    t.add_argument("--augment", action="store_true", help="random +-2 px shifts and horizontal flips (images)")
     t.add_argument("--lif", action="append", metavar="KEY=VALUE", help="set a LIF parameter on every neuron "
                    "(e.g. --lif v_th=0.6); repeatable")
     t.add_argument("--bsd", action="append", metavar="KEY=VALUE", help="set a BSD option (e.g. --bsd "

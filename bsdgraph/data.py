@@ -542,3 +542,19 @@ def _at(key: str, where: tuple[int, ...]) -> str:
 
 def _shape(dims: Sequence[int]) -> str:
     return str(tuple(int(d) for d in dims))
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 2, flip: bool = True) -> torch.Tensor:
+    """Random translation by up to ``shift`` pixels (zero fill) and random horizontal flips of [N, C, H, W] images.
+
+    Drawn from ``generator`` (the training loop's shuffling generator), so a resumed run draws the same ones."""
+    n, _, h, w = x.shape
+    dy, dx = (torch.randint(-shift, shift + 1, (2, n), generator=generator) if shift else torch.zeros(2, n, dtype=int))
+    flips = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    padded = torch.nn.functional.pad(x, (shift, shift, shift, shift))
+    rows = (torch.arange(h)[None, :] + shift - dy[:, None])  # [n, h]
+    cols = (torch.arange(w)[None, :] + shift - dx[:, None])  # [n, w]
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    idx_r = rows[:, None, :, None].expand(n, x.shape[1], h, w + 2 * shift)
+    out = padded.gather(2, idx_r)
+    return out.gather(3, cols[:, None, None, :].expand(n, x.shape[1], h, w))

@@ -20,7 +20,7 @@ import torch
 
 from bsdgraph.calibrate import calibrate
 from bsdgraph.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from bsdgraph.data import Dataset, batches
+from bsdgraph.data import Dataset, augment, batches
 from bsdgraph.feedback import derive_feedback
 from bsdgraph.ir import Op
 from bsdgraph.model_file import Model
@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     schedule: str = "constant"      # constant | cosine (per epoch, down to lr / 100)
     init: str = "default"           # default | calibrated
+    augment: bool = False           # random +-2 px shifts and horizontal flips of image inputs
     eval_batch_size: int = 1000
 
     @classmethod
@@ -159,6 +160,8 @@ class Trainer:
         self.model, self.data, self.cfg, self.out, self.rule = model, data, cfg, Path(out), rule
         self.backend = backend or default_backend()
         self.log, self.progress = log, progress
+        if cfg.augment and len(data.sample_shape) != 3:
+            raise TrainingError(f"--augment shifts and flips images, but samples have shape {data.sample_shape}")
         self.rt, self.graph = make_runtime(model, rule, self.backend, cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.epoch, self.history = 0, []
@@ -220,6 +223,8 @@ class Trainer:
         it = batches(self.data.x_train, self.data.y_train, self.cfg.batch_size, shuffle=True, generator=self.gen)
         total = math.ceil(self.data.n_train / self.cfg.batch_size)
         for xb, yb in (self.progress(it, total, self.epoch) if self.progress else it):
+            if self.cfg.augment:
+                xb = augment(xb, self.gen)
             result = self.rt.step(xb, yb)
             _check_finite(self.rt, result.losses, f"at epoch {self.epoch + 1}, step {n_batches + 1}")
             for k, v in result.losses.items():

@@ -551,3 +551,16 @@ def test_make_synthetic_is_learnable():
 def test_make_synthetic_errors():
     with pytest.raises(DataError, match=r"make_synthetic: need .* got n_train=10, n_test=5, n_classes=1"):
         make_synthetic(10, 5, (4,), 1, seed=0)
+
+
+def test_augment_shifts_and_flips_reproducibly():
+    from bsdgraph.data import augment
+
+    x = torch.arange(2 * 1 * 4 * 5, dtype=torch.float32).reshape(2, 1, 4, 5)
+    assert torch.equal(augment(x, torch.Generator(), shift=0, flip=False), x)
+    a = augment(x, torch.Generator().manual_seed(3))
+    b = augment(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape
+    # every output pixel is an input pixel of the same image or zero fill
+    for i in range(2):
+        assert set(a[i].flatten().tolist()) <= set(x[i].flatten().tolist()) | {0.0}
