@@ -260,6 +260,27 @@ def _energy_bound(graph) -> str:
                          "`bsdgraph bench --energy` measures them)")
 
 
+FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"]
+
+
+def cmd_recall(args) -> int:
+    from bsdgraph import plot
+    from bsdgraph.checkpoint import load_checkpoint
+    from bsdgraph.printer import from_json
+    from bsdgraph.train import load_for_eval
+
+    model = load_model(args.model)
+    load_for_eval(model, Path(args.checkpoint))  # checks that the checkpoint belongs to this model
+    doc = load_checkpoint(args.checkpoint)
+    if doc.get("rule") != "bsd":
+        raise UsageError(f"{args.checkpoint} was trained with {doc.get('rule')}: it has no backward network")
+    images = plot.recall_images(from_json(doc["graph"]), doc["params"], doc["state"])
+    names = FASHION_NAMES if len(images) == 10 and "fmnist" in model.path.stem else None
+    print(f"wrote {plot.plot_recall(images, Path(args.out), names)}")
+    return 0
+
+
 def _write(text: str, output: str | None) -> None:
     if output:
         Path(output).write_text(text + "\n")
@@ -285,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _plot_parser(sub)
     _bench_parser(sub)
+    r = sub.add_parser("recall", help="render what the backward network B recalls for every class",
+                       description="Run B of a trained BSD checkpoint on every class code and save its bottom "
+                                   "reconstruction (the stimulus it generates) as an image grid.")
+    r.add_argument("model", metavar="MODEL.py")
+    r.add_argument("--checkpoint", required=True, metavar="FILE")
+    r.add_argument("--out", default="recall.png", metavar="FILE.png")
+    r.set_defaults(fn=cmd_recall)
     return p
 
 

@@ -138,7 +138,8 @@ def to_dot(g: Graph) -> str:
             style = ['style=dotted', 'color="#cc0000"', "constraint=false"]
             lines.append(f"  {_q(e.src)} -> {_q(e.dst)} [{', '.join(style)}];")
         elif src.stream == Stream.B:  # reversed so that B ranks top-down under rankdir=BT
-            lines.append(f"  {_q(e.dst)} -> {_q(e.src)} [{', '.join(['dir=back', f'label={_q(_shape(src))}', *style])}];")
+            attrs = ", ".join(["dir=back", f"label={_q(_shape(src))}", *style])
+            lines.append(f"  {_q(e.dst)} -> {_q(e.src)} [{attrs}];")
         else:
             lines.append(f"  {_q(e.src)} -> {_q(e.dst)} [{', '.join([f'label={_q(_shape(src))}', *style])}];")
     lines.append("}")

@@ -172,6 +172,11 @@ def _linear(ctx: _Import, name: str, node) -> str:
     if w.ndim != 2 or (b is not None and b.shape != (w.shape[0],)):
         raise MappingError(f"weight {list(w.shape)} / bias {None if b is None else list(b.shape)} is not a "
                            "[out, in] matrix with an [out] bias", "")
+    shape = ctx.shape(name)
+    if len(shape) != 1 or shape[0] != w.shape[1]:
+        raise MappingError(f"weight has shape {list(w.shape)} ([out, in]) but its input is {list(shape)}",
+                           "the weight needs one column per input value" if len(shape) == 1 else
+                           "NIR's Affine takes a flat vector: put a Flatten(start_dim=0) before it")
     w, b = _apply_fold(w, b, *ctx.fold(name, (w.shape[0],), per_channel=False))
     ctx.add(Op.LINEAR, name, [ctx.src(name)], in_features=w.shape[1], out_features=w.shape[0], bias=b is not None)
     ctx.bind(name, weight=w, **({"bias": b} if b is not None else {}))
@@ -198,29 +203,22 @@ def _conv2d(ctx: _Import, name: str, node) -> str:
     if int(node.groups) != 1 or _ints(node.dilation) != (1, 1):
         raise MappingError(f"groups={int(node.groups)}, dilation={list(_ints(node.dilation))}: bsdgraph's conv2d "
                            "is dense and undilated", "use groups=1 and dilation=1")
-    if w.ndim != 4:
-        raise MappingError(f"weight has shape {list(w.shape)}, expected [C_out, C_in, kh, kw]", "")
-    declared = node.input_shape
-    if declared is not None and len(shape) == 3 and _ints(declared) != tuple(shape[1:]):
-        raise MappingError(f"declares input_shape {list(_ints(declared))} but its input is {list(shape)}",
+    if w.ndim != 4 or len(shape) != 3 or w.shape[1] != shape[0]:
+        raise MappingError(f"weight has shape {list(w.shape)} ([C_out, C_in, kh, kw]) but its input is "
+                           f"{list(shape)} ([C, H, W])", "the weight needs one input channel per channel of its input")
+    if node.input_shape is not None and _ints(node.input_shape) != tuple(shape[1:]):
+        raise MappingError(f"declares input_shape {list(_ints(node.input_shape))} but its input is {list(shape)}",
                            "fix input_shape or the layer before it")
     kernel, stride = tuple(w.shape[2:]), _ints(node.stride)
+    padding = _conv_padding(node, kernel, stride)
+    out = (w.shape[0], *((shape[1 + i] + 2 * padding[i] - kernel[i]) // stride[i] + 1 for i in range(2)))
     bias = np.asarray(node.bias).reshape(-1)
     has_bias = meta.get("bias", True) or bool(np.any(bias))  # zeros written for a bias-free conv (export says so)
-    w, b = _apply_fold(w, bias if has_bias else None, *ctx.fold(name, _conv_out(ctx, name, w, stride, node),
-                                                                 per_channel=True))
+    w, b = _apply_fold(w, bias if has_bias else None, *ctx.fold(name, out, per_channel=True))
     ctx.add(Op.CONV2D, name, [ctx.src(name)], in_channels=w.shape[1], out_channels=w.shape[0], kernel=kernel,
-            stride=stride, padding=_conv_padding(node, kernel, stride), bias=b is not None)
+            stride=stride, padding=padding, bias=b is not None)
     ctx.bind(name, weight=w, **({"bias": b} if b is not None else {}))
     return name
-
-
-def _conv_out(ctx: _Import, name: str, w: np.ndarray, stride, node) -> tuple[int, ...]:
-    shape, kernel = ctx.shape(name), tuple(w.shape[2:])
-    pad = _conv_padding(node, kernel, stride)
-    if len(shape) != 3:
-        return (w.shape[0],)  # the conv's own shape rule reports the bad input
-    return (w.shape[0], *((shape[1 + i] + 2 * pad[i] - kernel[i]) // stride[i] + 1 for i in range(2)))
 
 
 def _pool_attrs(node) -> dict[str, Any]:
@@ -337,7 +335,8 @@ def _structure(g) -> tuple[list[Diagnostic], list[str], dict, dict]:
     for kind in ("Input", "Output"):
         found = [n for n, node in g.nodes.items() if type(node).__name__ == kind]
         if len(found) != 1:
-            diags.append(Diagnostic(None, None, f"expected exactly one {kind} node, got {len(found)} {found}",
+            diags.append(Diagnostic(None, None, f"expected exactly one {kind} node, got {len(found)} "
+                                    f"{found or ''}".rstrip(),
                                     "bsdgraph imports one stimulus -> one output networks"))
     for n, node in g.nodes.items():
         k = len(preds[n])

@@ -87,3 +87,38 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     _plt().close(fig)
     return path
+
+
+@torch.no_grad()
+def recall_images(graph, params, state) -> torch.Tensor:
+    """What B recalls for every class: its bottom reconstruction V̂_0 averaged over time, [classes, C, H, W]."""
+    from bsdgraph.feedback import pairing
+    from bsdgraph.runtime.reference import Ctx, run_graph
+
+    target = graph.by_op(Op.TARGET)
+    bottom = [p for p in pairing(graph) if p.layer == 0 and p.b_side]
+    if not target or not bottom:
+        raise PlotError("this graph has no recall layer (B was derived without recall): nothing to render")
+    shape = graph.by_op(Op.INPUT)[0].shape
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise PlotError(f"the stimulus has shape {list(shape)}; recall renders images [1 or 3, H, W] only")
+    classes = torch.arange(target[0].attrs["n_classes"])
+    env = run_graph(graph, Ctx(params, state, graph.T, None, classes, False, 0), frozenset({Stream.B}))
+    return env[bottom[0].b_side].mean(0).reshape(len(classes), *shape)
+
+
+def plot_recall(images: torch.Tensor, out: Path, names: list[str] | None = None) -> Path:
+    plt = _plt()
+    n = len(images)
+    cols = min(n, 5)
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(2 * cols, 2.2 * ((n + cols - 1) // cols)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (ax, img) in enumerate(zip(axes.flat, images)):
+        pic = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
+        lo, hi = float(pic.min()), float(pic.max())
+        ax.imshow(((pic - lo) / (hi - lo + 1e-12)).numpy(), cmap="gray" if img.shape[0] == 1 else None)
+        ax.set_title(names[i] if names else f"class {i}", fontsize=9)
+    fig.suptitle("recall: what the backward network B generates from each class code (min-max scaled)")
+    return _save(fig, out)

@@ -196,3 +196,17 @@ def test_train_cli_usage_errors(capsys, tmp_path, model_file, npz):
     assert code == 1 and "v_th=-1 must be above v_reset" in err
     code, _, err = run(capsys, "train", model_file(), "--resume", "--npz", npz, "--out", tmp_path / "none")
     assert code == 1 and "checkpoint not found" in err
+
+
+def test_recall_renders_a_grid_for_image_models_and_refuses_others(capsys, tmp_path, model_file, npz):
+    image_model = tmp_path / "img.py"
+    image_model.write_text(MODEL.replace('g.input((16,), encoding="{enc}")', "g.flatten(g.input((1, 4, 4)))")
+                           .replace("TRAIN = dict(epochs=4", "TRAIN = dict(epochs=1"))
+    assert run(capsys, "train", image_model, "--npz", npz, "--out", tmp_path / "img")[0] == 0
+    png = tmp_path / "recall.png"
+    code, out, err = run(capsys, "recall", image_model, "--checkpoint", tmp_path / "img" / "checkpoint.pt",
+                         "--out", png)
+    assert code == 0 and png.read_bytes()[:4] == b"\x89PNG", err
+    assert run(capsys, "train", model_file(), "--npz", npz, "--out", tmp_path / "flat", "--epochs", "1")[0] == 0
+    code, _, err = run(capsys, "recall", model_file(), "--checkpoint", tmp_path / "flat" / "checkpoint.pt")
+    assert code == 1 and "renders images" in err
