@@ -26,13 +26,23 @@ def _inv(x: torch.Tensor) -> torch.Tensor:
 
 
 def reco_loss_grad_dedup(a: torch.Tensor, u: torch.Tensor, inverse: torch.Tensor, counts: torch.Tensor,
-                         lam: float, negatives: str, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, dL/da [B, F], dL/du [R, F]) for per-sample rows ``a`` and per-class rows ``u``."""
-    B = a.shape[0]
-    na, nu = a.norm(dim=1), u.norm(dim=1)
+                         lam: float, negatives: str, eps: float, need_da: bool = True):
+    """(loss, dL/da or None, dL/du) for per-sample rows ``a`` [T, B, D] and per-class rows ``u`` [T, R, D].
+
+    Works in the [T, rows, D] layout the runtime stores (no transposed copies): every product is a batched
+    matmul over t summed over t. ``a`` may be a time-invariant [B, D] (the direct-encoded stimulus): its dot
+    products then use the time sum of u and its norm is sqrt(T) |x| (spec), T times fewer FLOPs."""
+    T = u.shape[0]
+    invariant = a.dim() == 2
+    B = a.shape[-2]
+    if invariant:
+        gram, na = a @ u.sum(0).T, a.norm(dim=1) * T ** 0.5
+    else:
+        gram, na = torch.matmul(a, u.transpose(1, 2)).sum(0), a.pow(2).sum((0, 2)).sqrt()
+    nu = u.pow(2).sum((0, 2)).sqrt()
     d = na[:, None] * nu[None, :] + eps
-    cos = (a @ u.T) / d
-    own = torch.nn.functional.one_hot(inverse, u.shape[0]).to(torch.bool)  # [B, R]: r = r_k
+    cos = gram / d
+    own = torch.nn.functional.one_hot(inverse, u.shape[1]).to(torch.bool)  # [B, R]: r = r_k
     mult = counts[None, :].to(a.dtype).expand(B, -1)
     mult = mult - own.to(a.dtype) if negatives == "all" else torch.where(own, 0.0, mult)
     excess = cos.clamp(min=0)
@@ -41,6 +51,10 @@ def reco_loss_grad_dedup(a: torch.Tensor, u: torch.Tensor, inverse: torch.Tensor
     g = (2 * lam / B) * excess * mult
     g[own] -= 2 * miss / B
     h = g / d
-    coef_a = (h * cos * nu[None, :]).sum(1) * _inv(na)
     coef_u = (h * cos * na[:, None]).sum(0) * _inv(nu)
-    return loss, h @ u - coef_a[:, None] * a, h.T @ a - coef_u[:, None] * u
+    du = torch.matmul(h.T, a) - coef_u[None, :, None] * u  # a [B, D] broadcasts over t
+    da = None
+    if need_da:
+        coef_a = (h * cos * nu[None, :]).sum(1) * _inv(na)
+        da = torch.matmul(h, u) - coef_a[None, :, None] * a
+    return loss, da, du

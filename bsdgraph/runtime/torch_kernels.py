@@ -9,6 +9,8 @@ is ever computed.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -191,15 +193,21 @@ def _reco(ex, la: Launch):
 def _reco_dedup(ex, la: Launch, n):
     """F rows per sample against B rows per class: the B x R form, whose B gradient is already per class."""
     f_node, b_node = ex.graph.inputs(n.name)
-    a, u = ex.read(la.reads[0], f_node.shape), ex.read(la.reads[1], b_node.shape)
+    f_buf, b_buf = la.reads
+    if ex.is_time_invariant(f_buf):  # the direct stimulus: no T copies, and it has no gradient to take
+        a = ex.buf[f_buf].to(torch.float32).reshape(ex.buf[f_buf].shape[0], -1)
+    else:
+        a = ex.read(f_buf, f_node.shape).reshape(ex.T, -1, math.prod(f_node.shape))
+    u = ex.read(b_buf, b_node.shape).reshape(ex.T, -1, math.prod(b_node.shape))
     at = n.attrs
-    loss, da, du = reco_loss_grad_dedup(per_sample(a), per_sample(u), ex.inverse, ex.counts, at["lam"],
-                                        at["negatives"], at["eps"])
+    f_grad, b_grad = f"grad:{ex.plan_buffer(f_node.name)}", f"grad:{ex.plan_buffer(b_node.name)}"
+    loss, da, du = reco_loss_grad_dedup(a, u, ex.inverse, ex.counts, at["lam"], at["negatives"], at["eps"],
+                                        need_da=f_grad in la.writes)
     ex.losses[n.name] = loss
-    for src, g, like in ((f_node.name, da, a), (b_node.name, du, u)):
-        name = f"grad:{ex.plan_buffer(src)}"
-        if name in la.writes:
-            ex.buf[name] = _unsample(g, like)
+    if da is not None:
+        ex.buf[f_grad] = da
+    if b_grad in la.writes:
+        ex.buf[b_grad] = du
 
 
 def _store_loss_grads(ex, la: Launch, loss, grads: list[torch.Tensor]) -> None:
