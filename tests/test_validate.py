@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bsdgraph import Graph, GraphBuilder, GraphError, Op, validate
-from bsdgraph.ir import Edge, FrozenAttrs, GroupOp
+from bsdgraph.ir import Edge, GroupOp
 from tests.strategies import any_graph
 
 

@@ -1,0 +1,49 @@
+"""Helpers shared by the ``bsdgraph`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class UsageError(Exception):
+    """A command line that parses but asks for something impossible (exit 2)."""
+
+
+def data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--data-dir", metavar="DIR", help="folder with Fashion-MNIST/MNIST IDX files (default: "
+                   "/usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)")
+    g.add_argument("--npz", metavar="FILE", help="an .npz with arrays x_train, y_train, x_test, y_test")
+    p.add_argument("--limit-test", type=int, metavar="N", help="evaluate on the first N test samples only")
+
+
+def apply_overrides(model, args):
+    """--lif / --encoding / --bsd edits of the model (pure graph passes, re-validated)."""
+    import dataclasses
+
+    from bsdgraph.feedback import BSDConfig
+    from bsdgraph.ir import Op
+    from bsdgraph.passes import parse_assignments, set_attrs
+
+    try:
+        lif, bsd = parse_assignments(args.lif), parse_assignments(args.bsd)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    graph = model.graph
+    if lif:
+        graph = set_attrs(graph, Op.LIF, **lif)
+    if args.encoding:
+        graph = set_attrs(graph, Op.INPUT, encoding=args.encoding)
+    cfg = BSDConfig.from_dict({**dataclasses.asdict(model.bsd), **bsd})
+    return dataclasses.replace(model, graph=graph, bsd=cfg)
+
+
+def load_data(args, model):
+    from bsdgraph.data import check_against_model, load_idx_dataset, load_npz, subset
+    from bsdgraph.ir import Op
+
+    ds = load_npz(args.npz) if args.npz else load_idx_dataset(args.data_dir)
+    out = model.graph.by_op(Op.OUTPUT)[0]
+    ds = check_against_model(ds, model.graph.by_op(Op.INPUT)[0].shape, out.attrs["n_classes"] or None,
+                             out.attrs["task"])
+    return subset(ds, getattr(args, "limit_train", None), args.limit_test)

@@ -1,0 +1,189 @@
+"""``bsdgraph train / eval / plot / recall``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from bsdgraph.cli_common import UsageError, apply_overrides, data_args, load_data
+from bsdgraph.model_file import load_model
+from bsdgraph.train import BACKENDS
+
+
+def _emit_record(rec: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rec), flush=True)
+        return
+    metric = (f"test accuracy {100 * rec['test_accuracy']:.2f} %" if "test_accuracy" in rec
+              else f"test MSE {rec['test_mse']:.5f}")
+    losses = " ".join(f"{k} {v:.3f}" for k, v in rec["losses"].items())
+    print(f"epoch {rec['epoch']}: {metric} | losses {losses} | {rec['seconds']:.1f} s "
+          f"({rec['samples_per_s']:.0f} samples/s)", flush=True)
+    rates = " ".join(f"{k} {100 * v:.1f}%" for k, v in rec["rates"].items())
+    print(f"  firing rates: {rates}", flush=True)
+
+
+def cmd_train(args) -> int:
+    from bsdgraph.train import Trainer, TrainConfig, tqdm_progress
+
+    model = apply_overrides(load_model(args.model), args)
+    data = load_data(args, model)
+    cfg = TrainConfig.from_model(model.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                 seed=args.seed, init=args.init, schedule=args.schedule,
+                                 augment=True if args.augment else None)
+    out = Path(args.out or Path("runs") / model.path.stem)
+    if (out / "checkpoint.pt").exists() and not args.resume:
+        raise UsageError(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
+    as_json = args.json or not sys.stdout.isatty()
+    trainer = Trainer(model, data, cfg, out, rule=args.rule, backend=args.backend,
+                      log=lambda rec: _report(rec, as_json), progress=None if as_json else tqdm_progress())
+    if args.resume:
+        trainer.resume()
+    else:
+        for syn, (factor, rate) in trainer.initialise().items():
+            print(f"calibrated {syn}: weights x{factor:.3g}, firing {100 * rate:.1f} %", file=sys.stderr)
+    print(f"training {model.path} ({args.rule}, {trainer.backend} backend) on {data.name}: {data.n_train} train / "
+          f"{data.n_test} test samples, epochs {trainer.epoch + 1}..{cfg.epochs}", file=sys.stderr)
+    history = trainer.run()
+    final = history[-1] if history else {}
+    summary = (f"test accuracy {100 * final['test_accuracy']:.2f} %" if "test_accuracy" in final
+               else f"test MSE {final.get('test_mse', float('nan')):.5f}")
+    print(f"done: {summary}; checkpoint {trainer.checkpoint_path}; metrics {out / 'metrics.jsonl'}; "
+          f"plots: bsdgraph plot {out}", file=sys.stderr)
+    return 0
+
+
+def _report(rec: dict, as_json: bool) -> None:
+    _emit_record(rec, as_json)
+    for w in rec["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def cmd_eval(args) -> int:
+    from bsdgraph.train import evaluate, load_for_eval
+
+    model = load_model(args.model)
+    rt, ck = load_for_eval(model, Path(args.checkpoint), args.backend)
+    data = load_data(args, model)
+    result = {"checkpoint": args.checkpoint, "epoch": ck["epoch"], "rule": ck.get("rule"),
+              **{f"test_{k}": v for k, v in evaluate(rt, data.x_test, data.y_test).items()}}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        metric = (f"test accuracy {100 * result['test_accuracy']:.2f} %" if "test_accuracy" in result
+                  else f"test MSE {result['test_mse']:.5f}")
+        print(f"{args.checkpoint} (epoch {ck['epoch']}, {result['rule']}): {metric} on {data.n_test} samples")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from bsdgraph import plot
+
+    run = Path(args.run_dir)
+    records = plot.read_metrics(run)
+    if not records:
+        raise plot.PlotError(f"{run / 'metrics.jsonl'} holds no epoch yet")
+    written = [plot.plot_curves(records, run), plot.plot_rates(records, run)]
+    ck = run / "checkpoint.pt"
+    if ck.is_file() and records[-1].get("rule") == "bsd":
+        from bsdgraph.checkpoint import load_checkpoint
+        from bsdgraph.printer import from_json
+
+        doc = load_checkpoint(ck)
+        model = load_model(args.model or doc["model"])
+        data = load_data(args, model)
+        i = args.sample
+        if not 0 <= i < data.n_test:
+            raise UsageError(f"--sample {i} is out of range: the test split has {data.n_test} samples")
+        written.append(plot.plot_raster(from_json(doc["graph"]), doc["params"], doc["state"],
+                                        data.x_test[i:i + 1], data.y_test[i:i + 1], run))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"]
+
+
+def cmd_recall(args) -> int:
+    from bsdgraph import plot
+    from bsdgraph.checkpoint import load_checkpoint
+    from bsdgraph.printer import from_json
+    from bsdgraph.train import load_for_eval
+
+    model = load_model(args.model)
+    load_for_eval(model, Path(args.checkpoint))  # checks that the checkpoint belongs to this model
+    doc = load_checkpoint(args.checkpoint)
+    if doc.get("rule") != "bsd":
+        raise UsageError(f"{args.checkpoint} was trained with {doc.get('rule')}: it has no backward network")
+    images = plot.recall_images(from_json(doc["graph"]), doc["params"], doc["state"])
+    names = FASHION_NAMES if len(images) == 10 and "fmnist" in model.path.stem else None
+    print(f"wrote {plot.plot_recall(images, Path(args.out), names)}")
+    return 0
+
+
+def _train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a model with BSD (or BPTT) and checkpoint every epoch",
+                       description="Train MODEL.py. Hyper-parameters default from the model's TRAIN dict; "
+                                   "command-line values override them.")
+    t.add_argument("model", metavar="MODEL.py")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--backend", choices=BACKENDS, help="runtime (default: triton with a CUDA GPU, else cpu)")
+    t.add_argument("--rule", choices=["bsd", "bptt"], default="bsd",
+                   help="bsd (local learning, default) or bptt (surrogate-gradient backprop baseline)")
+    t.add_argument("--init", choices=["default", "calibrated"], help="weight initialisation")
+    t.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule over epochs")
+    t.add_argument("--augment", action="store_true", help="random +-2 px shifts and horizontal flips (images)")
+    t.add_argument("--lif", action="append", metavar="KEY=VALUE", help="set a LIF parameter on every neuron "
+                   "(e.g. --lif v_th=0.6); repeatable")
+    t.add_argument("--bsd", action="append", metavar="KEY=VALUE", help="set a BSD option (e.g. --bsd "
+                   "negatives=other_class, --bsd distill_on=membrane); repeatable")
+    t.add_argument("--encoding", choices=["direct", "poisson"], help="override the input encoding")
+    data_args(t)
+    t.add_argument("--limit-train", type=int, metavar="N", help="train on the first N samples only")
+    t.add_argument("--out", metavar="RUN_DIR", help="where checkpoint.pt and metrics.jsonl go (default "
+                   "runs/<model>)")
+    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    t.add_argument("--json", action="store_true", help="one JSON line per epoch (default when stdout is not a "
+                   "terminal)")
+    t.set_defaults(fn=cmd_train)
+
+
+def _plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="write PNG plots of a training run",
+                       description="Write curves.png (test metric, per-layer losses), rates.png (firing rates) "
+                                   "and raster.png (spikes of one test sample through F and B) into RUN_DIR.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--model", metavar="MODEL.py", help="model file (default: the one recorded in the checkpoint)")
+    p.add_argument("--sample", type=int, default=0, help="test sample for the raster (default 0)")
+    data_args(p)
+    p.set_defaults(fn=cmd_plot)
+
+
+def _eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="evaluate a checkpoint on the test split",
+                       description="Evaluate the forward network F of a checkpoint on the test split.")
+    e.add_argument("model", metavar="MODEL.py")
+    e.add_argument("--checkpoint", required=True, metavar="FILE")
+    e.add_argument("--backend", choices=BACKENDS)
+    data_args(e)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+
+def register(sub) -> None:
+    _train_parser(sub)
+    _eval_parser(sub)
+    _plot_parser(sub)
+    r = sub.add_parser("recall", help="render what the backward network B recalls for every class",
+                       description="Run B of a trained BSD checkpoint on every class code and save its bottom "
+                                   "reconstruction (the stimulus it generates) as an image grid.")
+    r.add_argument("model", metavar="MODEL.py")
+    r.add_argument("--checkpoint", required=True, metavar="FILE")
+    r.add_argument("--out", default="recall.png", metavar="FILE.png")
+    r.set_defaults(fn=cmd_recall)
