@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from bsdgraph import cli_bench, cli_train
+from bsdgraph import cli_bench, cli_interop, cli_train
 from bsdgraph.checkpoint import CheckpointError
 from bsdgraph.cli_common import UsageError
 from bsdgraph.data import DataError
@@ -33,6 +33,11 @@ def cmd_compile(args) -> int:
     bsd = derive_feedback(model.graph, model.bsd)
     plan = lower(bsd)
     stages = ["ir", "backward", "plan"] if args.emit == "all" else [args.emit]
+    if args.emit == "dot":  # Graphviz text; --json does not apply
+        from bsdgraph.draw import to_dot
+
+        _write(to_dot(bsd), args.output)
+        return 0
     if args.json:
         doc = {"model": str(model.path)}
         doc.update({"ir": to_dict(model.graph)} if "ir" in stages else {})
@@ -77,13 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load MODEL.py, call build(), validate, derive the BSD backward network and "
                                    "local losses, lower to a kernel plan, and print the requested stages.")
     c.add_argument("model", metavar="MODEL.py")
-    c.add_argument("--emit", choices=["ir", "backward", "plan", "all"], default="all",
-                   help="stage to show: ir (F), backward (F + derived B + losses + pairing), plan, all (default)")
+    c.add_argument("--emit", choices=["ir", "backward", "plan", "dot", "all"], default="all",
+                   help="stage to show: ir (F), backward (F + derived B + losses + pairing), plan, all (default), "
+                        "or dot (the BSD graph for Graphviz)")
     c.add_argument("--json", action="store_true", help="machine-readable JSON instead of text")
     c.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     c.set_defaults(fn=cmd_compile)
     cli_train.register(sub)
     cli_bench.register(sub)
+    cli_interop.register(sub)
     return p
 
 

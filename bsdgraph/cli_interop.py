@@ -60,10 +60,33 @@ def load_network(path: str, dt: float | None = None, steps: int | None = None, c
     source = checkpoint or decl.weights
     if source:
         doc = load_checkpoint(source)
-        return Loaded(model.graph, doc["params"], doc.get("state", {}), decl.readout, model.bsd)
+        params, state = doc.get("params", {}), doc.get("state", {})
+        check_weights(model.graph, params, state, source)
+        return Loaded(model.graph, params, state, decl.readout, model.bsd)
     graph = derive_feedback(model.graph, model.bsd) if backward else model.graph  # F's weights come first: same
     note = f"{path}: no --checkpoint and no WEIGHTS in the model file: using init_params(seed=0)"
     return Loaded(model.graph, init_params(graph, 0), init_state(graph), decl.readout, model.bsd, (note,))
+
+
+def check_weights(graph: Graph, params: dict, state: dict, source) -> None:
+    """Every weight and batchnorm statistic of F present with the shape its node needs, else one error line
+    (a checkpoint of another model would otherwise fail deep inside a torch op)."""
+    from bsdgraph.checkpoint import CheckpointError
+    from bsdgraph.params import param_shapes
+
+    problems = []
+    for n in graph.nodes:
+        for key, shape in param_shapes(n).items():
+            t = params.get(f"{n.name}.{key}")
+            if t is None or tuple(t.shape) != tuple(shape):
+                got = "missing" if t is None else f"shape {list(t.shape)}"
+                problems.append(f"{n.name}.{key} ({got}, the model needs {list(shape)})")
+        if n.op == Op.BATCHNORM:
+            problems += [f"{n.name}.{k} (missing)" for k in ("running_mean", "running_var")
+                         if f"{n.name}.{k}" not in state]
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise CheckpointError(f"{source}: weights do not fit the model: {'; '.join(problems[:3])}{more}")
 
 
 def _notes(loaded: Loaded) -> None:

@@ -34,7 +34,6 @@ from bsdgraph.model_file import ModelError
 SCHEME = "forward-euler"      # graph metadata: how a step of length dt integrates NIR's ODE
 META = "bsdgraph"             # node metadata namespace for what NIR cannot say (BN statistics, encodings, ...)
 WEIGHTS_FORMAT = "bsdgraph.weights"
-TAU_DIGITS = 12               # tau/dt is rounded to 12 significant digits: 2.0 * 1e-3 / 1e-3 must give 2.0 back
 
 
 class NIRError(ModelError):
@@ -106,19 +105,45 @@ def uniform(v: np.ndarray, key: str) -> float:
     return lo
 
 
+def steps(tau_s: float, dt: float) -> float:
+    """tau / dt in steps: the shortest decimal whose export (τ·dt) gives back exactly this file's tau, so that a
+    round trip through NIR returns τ = 2.0, not 1.9999999999999998 (2.0 * 1e-3 / 1e-3 is exact, other pairs
+    are not); tau / dt itself when no shorter decimal does."""
+    exact = tau_s / dt
+    for digits in range(1, 18):
+        short = float(f"{exact:.{digits}g}")
+        if short * dt == tau_s:
+            return short
+    return exact
+
+
 def lif_from_nir(node, shape: tuple[int, ...], dt: float) -> LIFFromNIR:
     """Map NIR LIF parameters onto a bsdgraph LIF at step dt (see the module docstring for the equations)."""
     p = {k: per_neuron(node, k, shape) for k in ("tau", "r", "v_leak", "v_threshold", "v_reset")}
     tau_s = uniform(p["tau"], "tau")
     if tau_s <= 0:
         raise MappingError(f"tau must be > 0, got {tau_s:g}", "")
-    tau = float(f"{tau_s / dt:.{TAU_DIGITS}g}")
+    tau = steps(tau_s, dt)
     v_th, v_reset = uniform(p["v_threshold"], "v_threshold"), uniform(p["v_reset"], "v_reset")
     if v_th <= v_reset:
         raise MappingError(f"v_threshold {v_th:g} must be above v_reset {v_reset:g}", "")
     shift = p["v_leak"] - v_reset
     return LIFFromNIR(dict(tau=tau, v_th=v_th, v_reset=v_reset, reset="hard"),
                       None if np.all(p["r"] == 1) else p["r"], None if np.all(shift == 0) else shift)
+
+
+def plain(v: Any) -> Any:
+    """NIR metadata comes back from HDF5 as numpy scalars and bytes; bsdgraph attributes are plain Python."""
+    if isinstance(v, dict):
+        return {k: plain(x) for k, x in v.items()}
+    if isinstance(v, bytes):
+        return v.decode()
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def node_metadata(node) -> dict[str, Any]:
+    """What bsdgraph's export wrote into a NIR node's ``metadata["bsdgraph"]`` (empty for other writers)."""
+    return plain(dict((getattr(node, "metadata", None) or {}).get(META, {})))
 
 
 # ---------------------------------------------------------------------------------------------------- files

@@ -147,13 +147,16 @@ def _flatten(ex: _Export, n: Node):
 @export_rule(Op.BATCHNORM)
 def _batchnorm(ex: _Export, n: Node):
     nir, a = nir_module(), n.attrs
-    stats = {k: ex.state[f"{n.name}.{k}"].detach().double().cpu().numpy() for k in ("running_mean", "running_var")}
+    keys = [f"{n.name}.{k}" for k in ("running_mean", "running_var")]
+    if any(k not in ex.state for k in keys):
+        raise MappingError(f"has no running statistics {keys} in the given weights",
+                           "pass the checkpoint written by `bsdgraph train` (it holds them under 'state')")
+    stats = {k.rsplit(".", 1)[1]: ex.state[k].detach().double().cpu().numpy() for k in keys}
     gamma, beta = ex.tensor(n, "weight").astype(np.float64), ex.tensor(n, "bias").astype(np.float64)
     scale = gamma / np.sqrt(stats["running_var"] + a["eps"])
     shift = beta - stats["running_mean"] * scale
     meta = _meta(op="batchnorm", eps=a["eps"], momentum=a["momentum"], weight=gamma.astype(np.float32),
                  bias=beta.astype(np.float32), **{k: v.astype(np.float32) for k, v in stats.items()})
-    c = a["num_features"]
     if len(n.shape) == 3:  # [C, H, W]: per-channel scale and shift = a 1x1 convolution with a diagonal weight
         # (dense, not depthwise: nir 1.0.8 infers a conv's input channels as weight.shape[1], ignoring groups, so
         # a depthwise conv fails NIR's own type check)

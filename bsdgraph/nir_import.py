@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from bsdgraph.ir import GroupOp, Graph, GraphBuilder, Op
-from bsdgraph.nir import META, MappingError, NIRError, check_dt, lif_from_nir, nir_module, read_nir
+from bsdgraph.nir import MappingError, NIRError, check_dt, lif_from_nir, nir_module, plain, read_nir
+from bsdgraph.nir import node_metadata as _meta
 from bsdgraph.validate import Diagnostic, GraphError
 
 DEFAULT_T = 4  # NIR graphs carry no number of steps per sample; bsdgraph's models use 4
@@ -37,19 +38,6 @@ class Imported:
     state: dict[str, torch.Tensor]
     readout: dict[str, Any] | None = None   # the NIR graph's top LIF, applied to the output current by `run`
     notes: tuple[str, ...] = ()
-
-
-def _py(v: Any) -> Any:
-    """NIR metadata comes back from HDF5 as numpy scalars and bytes; bsdgraph attributes are plain Python."""
-    if isinstance(v, dict):
-        return {k: _py(x) for k, x in v.items()}
-    if isinstance(v, bytes):
-        return v.decode()
-    return v.item() if isinstance(v, np.generic) else v
-
-
-def _meta(node) -> dict[str, Any]:
-    return _py(dict((getattr(node, "metadata", None) or {}).get(META, {})))
 
 
 def _ints(v, n: int = 2) -> tuple[int, ...]:
@@ -156,7 +144,14 @@ def _batchnorm(ctx: _Import, name: str, node) -> str:
     if any(v.size != shape[0] for v in stats.values()):
         raise MappingError(f"batchnorm metadata must hold weight, bias, running_mean, running_var of {shape[0]} "
                            f"channels, got sizes { {k: v.size for k, v in stats.items()} }", "")
-    ctx.add(Op.BATCHNORM, name, [ctx.src(name)], num_features=shape[0], eps=meta.get("eps", 1e-5),
+    eps = meta.get("eps", 1e-5)
+    scale = stats["weight"].astype(np.float64) / np.sqrt(stats["running_var"].astype(np.float64) + eps)
+    w = np.asarray(node.weight, np.float64).reshape(shape[0], shape[0])
+    if not (np.allclose(w, np.diag(scale), rtol=1e-5, atol=1e-6)
+            and np.allclose(node.bias, stats["bias"] - stats["running_mean"] * scale, rtol=1e-5, atol=1e-6)):
+        raise MappingError("its batchnorm metadata disagrees with its weights (edited after export?)",
+                           "drop the node's 'bsdgraph' metadata to import it as a plain layer")
+    ctx.add(Op.BATCHNORM, name, [ctx.src(name)], num_features=shape[0], eps=eps,
             momentum=meta.get("momentum", 0.1))
     ctx.bind(name, weight=stats["weight"], bias=stats["bias"])
     ctx.state.update({f"{name}.{k}": torch.from_numpy(stats[k]) for k in ("running_mean", "running_var")})
@@ -373,6 +368,10 @@ def _walk(ctx: _Import, order: list[str]) -> list[Diagnostic]:
         except GraphError as err:  # shape inference of the bsdgraph node (wrong shapes in the file)
             diags += [Diagnostic(d.node, d.op, f"(NIR {kind}) {d.message}", d.hint) for d in err.diagnostics]
             failed.add(name)
+        except (TypeError, ValueError, AttributeError, IndexError, KeyError) as err:  # a field NIR left unchecked
+            diags.append(Diagnostic(name, None, f"(NIR {kind}) malformed node: {type(err).__name__}: {err}",
+                                    "write it with nir's own node constructors"))
+            failed.add(name)
     return diags
 
 
@@ -389,7 +388,7 @@ def import_nir(source, dt: float | None = None, T: int | None = None, name: str 
     g = read_nir(source) if isinstance(source, (str, Path)) else source
     if not isinstance(g, nir_module().NIRGraph):
         raise NIRError(f"{where}: expected a nir.NIRGraph, got {type(g).__name__}")
-    meta = _py(dict(g.metadata or {}))
+    meta = plain(dict(g.metadata or {}))
     if meta.get("network") == "backward":
         raise NIRError(f"{where}: is a backward network B (written by export-nir --with-backward); import the "
                        "forward network F: B is derived from F again")

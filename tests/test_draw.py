@@ -1,0 +1,106 @@
+"""Pictures of BSD graphs: the layout rule, the PNG, the DOT text, and `bsdgraph draw`."""
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from bsdgraph import GraphBuilder, Op, Stream, derive_feedback
+from bsdgraph.draw import STYLE, draw, layout, to_dot
+from bsdgraph.ir import GroupOp
+from bsdgraph.model_file import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ["fmnist_mlp", "fmnist_cnn", "cifar_cnn"]
+
+
+def bsd_of(model: str):
+    return derive_feedback(load_model(ROOT / "models" / f"{model}.py").graph)
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """``bsdgraph.cli.main`` with the interop commands wired in (as cli.py's one-line ``register(sub)`` will)."""
+    import bsdgraph.cli as cli_module
+    from bsdgraph.cli_interop import register
+
+    build = cli_module.build_parser
+
+    def wired():
+        p = build()
+        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+        if "draw" not in sub.choices:
+            register(sub)
+        return p
+
+    monkeypatch.setattr(cli_module, "build_parser", wired)
+
+    def run(*argv):
+        code = cli_module.main([str(a) for a in argv])
+        return (code, *capsys.readouterr())
+
+    return run
+
+
+def test_every_op_has_a_style():
+    assert not [op for op in Op if op not in STYLE]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_layout_puts_f_bottom_up_b_top_down_and_losses_between_their_operands(model):
+    g = bsd_of(model)
+    pos = layout(g)
+    assert len(set(pos.values())) == len(g.nodes), "two nodes share a position"
+    for e in g.edges:
+        src, dst = g[e.src], g[e.dst]
+        if dst.stream == Stream.LOSS:
+            continue
+        assert (pos[e.dst][1] > pos[e.src][1]) == (src.stream == Stream.F), f"{e.src} -> {e.dst} runs backwards"
+    for n in g.nodes:
+        if n.op in GroupOp.LOSS:
+            ys = [pos[i.name][1] for i in g.inputs(n.name)]
+            assert min(ys) <= pos[n.name][1] <= max(ys)
+        elif n.stream == Stream.B and n.op == Op.BATCHNORM:  # a layer's pairing reads horizontally
+            assert pos[n.name][1] == pos[n.name[:-2]][1]
+
+
+@pytest.mark.parametrize("model", ["fmnist_cnn", "cifar_cnn"])
+def test_draw_writes_a_png(tmp_path, model):
+    path = draw(bsd_of(model), tmp_path / "g.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+
+
+def test_draw_takes_a_forward_network_alone(tmp_path):
+    f = load_model(ROOT / "models" / "fmnist_mlp.py").graph
+    assert draw(f, tmp_path / "f.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_dot_has_clusters_losses_and_dashed_stop_gradients():
+    g = bsd_of("fmnist_cnn")
+    dot = to_dot(g)
+    assert dot.count("{") == dot.count("}") and "subgraph cluster_F {" in dot and "subgraph cluster_B {" in dot
+    for n in g.nodes:
+        assert f'"{n.name}" [label=' in dot
+    losses = [n for n in g.nodes if n.op in GroupOp.LOSS]
+    assert len(re.findall(r"shape=diamond", dot)) == len(losses)
+    assert dot.count("style=dashed") == sum(e.detach for e in g.edges)
+    assert dot.count("[dir=back") == sum(g[e.src].stream == g[e.dst].stream == Stream.B for e in g.edges)
+    assert '"conv1" -> "bn1" [label="32x28x28"];' in dot
+    assert '"x" -> "conv1" [label="1x28x28", style=dashed];' in dot
+
+
+def test_dot_quotes_awkward_names():
+    g = GraphBuilder('say "hi"', T=1)
+    g.output(g.linear(g.input((3,), name='in\\put "x"'), 2))
+    dot = to_dot(g.build())
+    assert 'digraph "say \\"hi\\"" {' in dot and '"in\\\\put \\"x\\"" -> "fc1"' in dot
+
+
+def test_draw_command(cli, tmp_path):
+    code, _, err = cli("draw", ROOT / "models" / "fmnist_cnn.py", "-o", tmp_path / "cnn.png")
+    assert code == 0 and (tmp_path / "cnn.png").stat().st_size > 20_000
+    code, _, _ = cli("draw", ROOT / "models" / "fmnist_cnn.py", "-o", tmp_path / "cnn.dot")
+    assert code == 0 and (tmp_path / "cnn.dot").read_text().startswith('digraph "fmnist_cnn" {')
+    code, _, err = cli("draw", tmp_path / "missing.py", "-o", tmp_path / "x.png")
+    assert code == 1 and err.strip() == f"error: {tmp_path / 'missing.py'}: model file not found"
