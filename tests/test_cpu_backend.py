@@ -184,3 +184,15 @@ def _gradients_with_plan(bsd, dedup, x, y):
     rt = CPURuntime(bsd, seed=2, dedup=dedup)
     assert rt.plan.dedup == dedup
     return rt.gradients(x, y)
+
+
+@given(st.integers(1, 6), st.integers(1, 40), st.sampled_from([0.0, -0.2]), st.booleans(),
+       st.sampled_from([1.5, 2.0, 5.0]), st.integers(0, 1000))
+def test_cpu_lif_is_bit_identical_to_the_twin(T, N, v_reset, soft, tau, seed):
+    from bsdgraph.runtime.cpu import lif_forward
+    from kernels.ref.lif import lif_forward as twin
+
+    current = torch.randn(T, 3, N, generator=torch.Generator().manual_seed(seed))
+    s, h = lif_forward(current, tau, 0.3, v_reset, soft, None, True)
+    s_ref, h_ref = twin(current, tau, 0.3, v_reset, soft, None, True)
+    assert torch.equal(s, s_ref) and torch.equal(h, h_ref)
