@@ -128,21 +128,39 @@ class Result:
     roofline_fraction: float | None = None
 
 
+def _sync() -> None:
+    """Wait for queued GPU work, so a wall-clock interval covers the kernels it launched (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_interleaved(fns: dict[str, Callable[[], object]], steps: int, warmup: int) -> dict[str, list[float]]:
-    """Round-robin timing: each repeat runs every candidate once, so machine noise hits all of them alike."""
+    """Round-robin timing: each repeat runs every candidate once, so machine noise hits all of them alike.
+    Synchronised on a GPU (the published ONB harness is not: its figures undercount)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(steps):
         for k, fn in fns.items():
+            _sync()
             t = time.perf_counter()
             fn()
+            _sync()
             times[k].append(time.perf_counter() - t)
     return times
 
 
 def peak_memory(fn: Callable[[], object], steps: int = 3) -> float:
+    """Peak memory of ``steps`` calls in MiB: torch.cuda.max_memory_allocated on a GPU, else resident memory
+    above the starting level."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            fn()
+        _sync()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
     with PeakRSS() as m:
         for _ in range(steps):
             fn()
