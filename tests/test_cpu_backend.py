@@ -196,3 +196,18 @@ def test_cpu_lif_is_bit_identical_to_the_twin(T, N, v_reset, soft, tau, seed):
     s, h = lif_forward(current, tau, 0.3, v_reset, soft, None, True)
     s_ref, h_ref = twin(current, tau, 0.3, v_reset, soft, None, True)
     assert torch.equal(s, s_ref) and torch.equal(h, h_ref)
+
+
+def test_time_invariant_input_pass_preserves_results():
+    """Reading the direct stimulus once ([B, ...]) instead of materialising it T times changes no result."""
+    g = GraphBuilder("m", T=4)
+    h = g.lif(g.linear(g.flatten(g.input((1, 5, 5))), 16))
+    g.output(g.linear(h, 3))
+    bsd = derive_feedback(g.build())
+    x, y = batch(bsd, B=9, scale=3.0)
+    fast, slow = CPURuntime(bsd, seed=1), CPURuntime(bsd, seed=1, time_invariant=False)
+    assert fast.is_time_invariant("x") and not slow.is_time_invariant("x")
+    assert "encode_direct" in slow.plan.kernels() and "encode_direct" not in fast.plan.kernels()
+    (g_fast, l_fast), (g_slow, l_slow) = fast.gradients(x, y), slow.gradients(x, y)
+    assert l_fast == pytest.approx(l_slow, rel=1e-6)
+    assert_close_grads(g_slow, g_fast)

@@ -32,10 +32,10 @@ class Executor:
 
     def __init__(self, g: Graph, kernels: dict[str, Kernel], prims: dict[str, Callable], params: Params | None = None,
                  opt: OptimConfig | None = None, seed: int = 0, state: dict[str, torch.Tensor] | None = None,
-                 device: str | torch.device = "cpu", dedup: bool | None = None):
+                 device: str | torch.device = "cpu", dedup: bool | None = None, time_invariant: bool = True):
         self.graph, self.kernels, self.seed = g, kernels, seed
         self.prims = SimpleNamespace(**prims)
-        self.plan: Plan = lower(g, dedup)
+        self.plan: Plan = lower(g, dedup, time_invariant)
         self.device = torch.device(device)
         missing = sorted(set(la.kernel for la in self.plan.launches) - set(kernels))
         if missing:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from bsdgraph.ir import Op
 from bsdgraph.losses import band_split, class_scores, per_sample
 from bsdgraph.lower import Launch
-from bsdgraph.runtime.common import encode_target
+from bsdgraph.runtime.common import encode_input, encode_target
 from bsdgraph.runtime.reco_dedup import reco_loss_grad_dedup
 from kernels.ref.encode import poisson_encode
 from kernels.ref.lif import lif_backward, lif_forward
@@ -74,6 +74,12 @@ def _in_shape(ex, node: str):
 def _target(ex, la: Launch):
     labels = ex.classes if ex.is_per_class(la.writes[0]) else ex.labels
     ex.buf[la.writes[0]] = encode_target(ex.node(la.nodes[0]), labels, ex.T)
+
+
+@kernel("encode_direct")
+def _direct(ex, la: Launch):
+    """The stimulus repeated over T (materialised: only when the time-invariance pass is switched off)."""
+    ex.buf[la.writes[0]] = encode_input(ex.node(la.nodes[0]), ex.x, ex.T, ex.run_seed).contiguous()
 
 
 @kernel("poisson_encode")
