@@ -211,3 +211,12 @@ def test_time_invariant_input_pass_preserves_results():
     (g_fast, l_fast), (g_slow, l_slow) = fast.gradients(x, y), slow.gradients(x, y)
     assert l_fast == pytest.approx(l_slow, rel=1e-6)
     assert_close_grads(g_slow, g_fast)
+
+
+@given(st.integers(0, 2**63 - 1), st.lists(st.integers(0, 2**62), min_size=1, max_size=20))
+def test_cpu_philox_is_bit_identical_to_the_twin(seed, offsets):
+    from bsdgraph.runtime.philox import philox_uniform
+    from kernels.ref.encode import philox_uniform as twin
+
+    off = torch.tensor(offsets + [0, 2**31 - 1, 2**31, 2**32 - 1, 2**32], dtype=torch.int64)
+    assert torch.equal(philox_uniform(seed, off), twin(seed, off))

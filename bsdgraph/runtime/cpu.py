@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from bsdgraph.runtime.executor import Executor
+from bsdgraph.runtime.philox import poisson_encode
 from bsdgraph.runtime.torch_kernels import KERNELS, TWIN_PRIMS
 
 
@@ -34,4 +35,5 @@ class CPURuntime(Executor):
     name = "cpu"
 
     def __init__(self, g, **kwargs):
-        super().__init__(g, KERNELS, {**TWIN_PRIMS, "lif_forward": lif_forward}, **kwargs)
+        super().__init__(g, KERNELS, {**TWIN_PRIMS, "lif_forward": lif_forward, "poisson_encode": poisson_encode},
+                         **kwargs)
