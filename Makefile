@@ -1,5 +1,6 @@
 # make demo  -- set up .venv and run the main job
 # make test  -- set up .venv and run the whole test suite (CPU; Triton kernels through its interpreter)
+# make fuzz  -- the reliability suite's long profile: 500 examples per fuzz test, 150 kills (docs/reliability.md)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 PINS   := torch==2.13.0 triton==3.7.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data demo test clean
+.PHONY: setup data demo test fuzz clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -n 2 tests
+
+# About 2 minutes on 2 cores; `make test` runs the same tests with the bounded `ci` profile.
+fuzz: setup
+	HYPOTHESIS_PROFILE=long OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests/test_fuzz_*.py tests/test_faults.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from bsdgraph import cli_bench, cli_interop, cli_train
 from bsdgraph.checkpoint import CheckpointError
 from bsdgraph.cli_common import UsageError
@@ -16,6 +18,7 @@ from bsdgraph.lower import lower
 from bsdgraph.model_file import ModelError, load_model
 from bsdgraph.plot import PlotError
 from bsdgraph.printer import format_graph, to_dict
+from bsdgraph.runtime.common import ExecutionError
 from bsdgraph.train import TrainingError
 from bsdgraph.validate import GraphError
 
@@ -117,9 +120,24 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:  # e.g. -o into a missing directory
         print(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
+    except ExecutionError as err:  # the runtime's own error: it names the node that failed
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else "MemoryError"
+        print(f"error: out of memory ({reason}); the model, T or the batch is too large for this machine. Fix: "
+              "make it smaller (--batch-size, layer widths, T)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """numpy raises MemoryError; torch's CPU allocator a RuntimeError (torch.OutOfMemoryError on a GPU)."""
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
 
 
 def entry() -> None:

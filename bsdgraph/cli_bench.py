@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bsdgraph.cli_common import UsageError, data_args, load_data
+from bsdgraph.cli_common import UsageError, check_picture, data_args, load_data
 from bsdgraph.model_file import load_model
 from bsdgraph.train import BACKENDS
 
@@ -15,10 +15,16 @@ def cmd_bench(args) -> int:
 
     from bsdgraph.bench import format_report, run_bench
 
+    if args.steps < 1 or args.batch_size < 1 or args.warmup < 0:
+        raise UsageError("--steps and --batch-size must be >= 1, --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.energy and args.energy_samples < 1:
+        raise UsageError(f"--energy-samples must be >= 1, got {args.energy_samples}")
+    if args.sweep:
+        check_picture(args.plot or "sweep.png", "--plot")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.steps < 1 or args.batch_size < 1:
-        raise UsageError("--steps and --batch-size must be >= 1")
     model = load_model(args.model)
     from bsdgraph.train import default_backend
 

@@ -9,6 +9,19 @@ class UsageError(Exception):
     """A command line that parses but asks for something impossible (exit 2)."""
 
 
+def check_picture(path, flag: str) -> None:
+    """Refuse, before any work, an output name whose suffix matplotlib cannot write (it raises ValueError late)."""
+    from pathlib import Path
+
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = Path(path).suffix.lower().lstrip(".")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise UsageError(f"{flag} {path}: cannot write a .{suffix} picture; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+
+
 def data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--data-dir", metavar="DIR", help="folder with Fashion-MNIST/MNIST IDX files (default: "
@@ -39,11 +52,13 @@ def apply_overrides(model, args):
 
 
 def load_data(args, model):
+    import math
+
     from bsdgraph.data import check_against_model, load_idx_dataset, load_npz, subset
     from bsdgraph.ir import Op
 
     ds = load_npz(args.npz) if args.npz else load_idx_dataset(args.data_dir)
     out = model.graph.by_op(Op.OUTPUT)[0]
     ds = check_against_model(ds, model.graph.by_op(Op.INPUT)[0].shape, out.attrs["n_classes"] or None,
-                             out.attrs["task"])
+                             out.attrs["task"], math.prod(out.shape))
     return subset(ds, getattr(args, "limit_train", None), args.limit_test)

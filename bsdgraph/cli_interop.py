@@ -219,9 +219,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_draw(args) -> int:
+    from bsdgraph.cli_common import check_picture
     from bsdgraph.draw import draw, to_dot
     from bsdgraph.feedback import derive_feedback
 
+    if Path(args.output).suffix != ".dot":
+        check_picture(args.output, "-o")
     net = load_network(args.model, dt=args.dt, steps=args.steps)
     bsd = derive_feedback(net.graph, net.bsd)
     if Path(args.output).suffix == ".dot":

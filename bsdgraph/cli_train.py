@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from bsdgraph.cli_common import UsageError, apply_overrides, data_args, load_data
+from bsdgraph.cli_common import UsageError, apply_overrides, check_picture, data_args, load_data
 from bsdgraph.model_file import load_model
 from bsdgraph.train import BACKENDS
 
@@ -87,10 +87,10 @@ def cmd_plot(args) -> int:
     written = [plot.plot_curves(records, run), plot.plot_rates(records, run)]
     ck = run / "checkpoint.pt"
     if ck.is_file() and records[-1].get("rule") == "bsd":
-        from bsdgraph.checkpoint import load_checkpoint
+        from bsdgraph.checkpoint import load_checkpoint, require
         from bsdgraph.printer import from_json
 
-        doc = load_checkpoint(ck)
+        doc = require(load_checkpoint(ck), ck)
         model = load_model(args.model or doc["model"])
         data = load_data(args, model)
         i = args.sample
@@ -113,6 +113,7 @@ def cmd_recall(args) -> int:
     from bsdgraph.printer import from_json
     from bsdgraph.train import load_for_eval
 
+    check_picture(args.out, "--out")
     model = load_model(args.model)
     load_for_eval(model, Path(args.checkpoint))  # checks that the checkpoint belongs to this model
     doc = load_checkpoint(args.checkpoint)

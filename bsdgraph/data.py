@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import math
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -227,6 +228,9 @@ def _check_idx_split(images: np.ndarray, labels: np.ndarray, files: dict[str, Pa
             f"{split} split: {len(images)} images in {img_path} but {len(labels)} labels in {lab_path}; "
             f"the counts must match. Fix: take both files from the same release."
         )
+    if len(images) == 0 or 0 in images.shape:  # training would "finish" at once and report 0 % accuracy
+        raise DataError(f"{img_path}: the {split} split is empty (shape {_shape(images.shape)}). Fix: take the "
+                        f"files of a release that holds at least one sample of at least one pixel.")
     bad = np.flatnonzero((labels < 0) | (labels >= _FASHION_CLASSES))
     if bad.size:
         raise DataError(
@@ -239,7 +243,10 @@ def _check_idx_split(images: np.ndarray, labels: np.ndarray, files: dict[str, Pa
 
 # What np.load and zipfile raise on damaged archives, found by flipping every byte of small archives:
 # NotImplementedError for a flipped compression method, RuntimeError for a flipped "encrypted" flag.
-_NPZ_READ_ERRORS = (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError)
+# The reliability suite added SyntaxError and TokenError (numpy parses an .npy header as a Python literal: a damaged
+# "(60, 16)" can leave it unparseable) and MemoryError (a header claiming a 6 TiB shape): docs/reliability.md.
+_NPZ_READ_ERRORS = (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError,
+                    SyntaxError, tokenize.TokenError, MemoryError)
 _NPZ_FIX = "Fix: save it again with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)."
 
 
@@ -394,10 +401,12 @@ _TASKS = ("classification", "regression")
 
 
 def check_against_model(
-    ds: Dataset, sample_shape: Sequence[int], n_classes: int | None = None, task: str = "classification"
+    ds: Dataset, sample_shape: Sequence[int], n_classes: int | None = None, task: str = "classification",
+    target_size: int | None = None,
 ) -> Dataset:
     """Check that ds can feed a model taking `sample_shape` per sample; return ds, reshaped to `sample_shape`
-    when only the layout differs (flat [784] data for a (1, 28, 28) model, or the other way round)."""
+    when only the layout differs (flat [784] data for a (1, 28, 28) model, or the other way round).
+    `target_size`: for regression, the number of values the model's output gives per sample."""
     if task not in _TASKS:
         raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
     _check_task(ds, task)
@@ -405,6 +414,9 @@ def check_against_model(
     if task == "classification" and n_classes is not None:
         for key in ("y_train", "y_test"):
             _check_labels_fit(getattr(ds, key), key, n_classes, ds.source)
+    if task == "regression" and target_size is not None:
+        for key in ("y_train", "y_test"):
+            _check_targets_fit(getattr(ds, key), key, target_size, ds.source)
     return ds
 
 
@@ -444,6 +456,16 @@ def _check_labels_fit(y: torch.Tensor, key: str, n_classes: int, source: str) ->
         raise DataError(
             f"{source}: label {int(y[i])} at {key}[{i}] but the model has {n_classes} classes (labels 0.."
             f"{n_classes - 1}). Fix: use a model with at least {int(y.max()) + 1} classes, or relabel the data."
+        )
+
+
+def _check_targets_fit(y: torch.Tensor, key: str, size: int, source: str) -> None:
+    per_sample = math.prod(y.shape[1:])
+    if per_sample != size:
+        raise DataError(
+            f"{source}: the model's output gives {size} value(s) per sample but {key} holds {per_sample} "
+            f"(shape {_shape(y.shape)}). Fix: save targets of shape (N, {size}), or make the top linear "
+            f"{per_sample} wide."
         )
 
 

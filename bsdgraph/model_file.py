@@ -17,7 +17,7 @@ from typing import Any
 
 from bsdgraph.feedback import BSDConfig
 from bsdgraph.ir import Graph
-from bsdgraph.validate import GraphError
+from bsdgraph.validate import GraphError, validate
 
 
 class ModelError(Exception):
@@ -53,10 +53,18 @@ def _import(path: Path) -> ModuleType:
     sys.modules[name] = module  # dataclasses and pickling inside the model file need the module registered
     try:
         spec.loader.exec_module(module)
-    except Exception as err:  # anything the user's top-level code raises
+    except BaseException as err:  # anything the user's top-level code raises, sys.exit() included
         sys.modules.pop(name, None)
-        raise ModelError(f"{_where(err, path)}: the model file failed to import: {type(err).__name__}: {err}") from None
+        if isinstance(err, KeyboardInterrupt):  # Ctrl-C while importing: the user's, not the file's
+            raise
+        raise ModelError(f"{_where(err, path)}: the model file failed to import: {_describe(err)}") from None
     return module
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, SystemExit):  # exit(3) in a model file would otherwise end bsdgraph with exit code 3
+        return f"it called sys.exit({err.code!r}); a model file must not exit"
+    return f"{type(err).__name__}: {err}"
 
 
 def load_model(path: str | Path) -> Model:
@@ -69,15 +77,21 @@ def load_model(path: str | Path) -> Model:
                          "see models/fmnist_mlp.py)")
     try:
         graph = build()
-    except GraphError:
+    except (GraphError, KeyboardInterrupt):
         raise
-    except Exception as err:
-        raise ModelError(f"{_where(err, path)}: build() raised {type(err).__name__}: {err}") from None
+    except BaseException as err:  # sys.exit() included
+        raise ModelError(f"{_where(err, path)}: build() raised {_describe(err)}") from None
     if not isinstance(graph, Graph):
         raise ModelError(f"{path}: build() returned {type(graph).__name__}, expected a bsdgraph Graph "
                          "(end build() with `return g.build()`)")
+    validate(graph)  # build(validate=False) or a hand-made Graph must not reach the compiler unchecked
     for key in ("BSD", "TRAIN"):
-        if not isinstance(getattr(module, key, {}), dict):
-            raise ModelError(f"{path}: {key} must be a dict, got {type(getattr(module, key)).__name__}")
+        value = getattr(module, key, {})
+        if not isinstance(value, dict):
+            raise ModelError(f"{path}: {key} must be a dict, got {type(value).__name__}")
+        if not all(isinstance(k, str) for k in value):  # option names; mixed key types would not even sort
+            raise ModelError(f"{path}: {key} keys must be option names (strings), got "
+                             f"{[k for k in value if not isinstance(k, str)]!r}")
+    doc = module.__doc__ if isinstance(module.__doc__, str) else ""
     return Model(path, graph, BSDConfig.from_dict(getattr(module, "BSD", None)), dict(getattr(module, "TRAIN", {})),
-                 (module.__doc__ or "").strip())
+                 doc.strip())

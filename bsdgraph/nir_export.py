@@ -224,7 +224,9 @@ def _emit(ex: _Export, nodes: list[Node]) -> list[tuple[str, str]]:
             continue
         srcs = [ex.ends[e.src][1] for e in ex.graph.in_edges(n.name) if e.src in ex.ends]
         if not chain:  # pass-through: the node's consumers read its input
-            ex.ends[n.name] = ex.ends[ex.graph.inputs(n.name)[0].name]
+            src = ex.graph.inputs(n.name)[0].name
+            if src in ex.ends:  # else its input was refused and is reported already (found by fuzzing the CLI)
+                ex.ends[n.name] = ex.ends[src]
             continue
         for name, node in chain:
             ex.nodes[name] = node

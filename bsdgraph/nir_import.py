@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from bsdgraph.ir import GroupOp, Graph, GraphBuilder, Op
-from bsdgraph.nir import MappingError, NIRError, check_dt, lif_from_nir, nir_module, plain, read_nir
+from bsdgraph.nir import MappingError, NIRError, check_dt, lif_from_nir, nir_module, per_neuron, plain, read_nir
 from bsdgraph.nir import node_metadata as _meta
 from bsdgraph.validate import Diagnostic, GraphError
 
@@ -81,7 +81,11 @@ class _Import:
 
     def bind(self, name: str, **tensors: np.ndarray) -> None:
         for k, v in tensors.items():
-            self.params[f"{name}.{k}"] = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+            v = np.ascontiguousarray(v, dtype=np.float32)
+            if not np.all(np.isfinite(v)):  # a NaN weight imports fine and then silences or floods every layer
+                raise MappingError(f"{k} holds {int((~np.isfinite(v)).sum())} non-finite value(s) (NaN or Inf, "
+                                   "after conversion to float32)", "fix the weights before exporting them")
+            self.params[f"{name}.{k}"] = torch.from_numpy(v)
 
     def fold(self, name: str, shape: tuple[int, ...], per_channel: bool):
         """(scale, shift) per output unit of synapse ``name`` for the LIF right after it, or (None, None).
@@ -147,8 +151,9 @@ def _batchnorm(ctx: _Import, name: str, node) -> str:
     eps = meta.get("eps", 1e-5)
     scale = stats["weight"].astype(np.float64) / np.sqrt(stats["running_var"].astype(np.float64) + eps)
     w = np.asarray(node.weight, np.float64).reshape(shape[0], shape[0])
+    b = np.asarray(node.bias, np.float64).reshape(shape[0])  # one per channel: allclose alone would broadcast [1]
     if not (np.allclose(w, np.diag(scale), rtol=1e-5, atol=1e-6)
-            and np.allclose(node.bias, stats["bias"] - stats["running_mean"] * scale, rtol=1e-5, atol=1e-6)):
+            and np.allclose(b, stats["bias"] - stats["running_mean"] * scale, rtol=1e-5, atol=1e-6)):
         raise MappingError("its batchnorm metadata disagrees with its weights (edited after export?)",
                            "drop the node's 'bsdgraph' metadata to import it as a plain layer")
     ctx.add(Op.BATCHNORM, name, [ctx.src(name)], num_features=shape[0], eps=eps,
@@ -240,6 +245,7 @@ def _sumpool(ctx: _Import, name: str, node) -> str:
                            "pool the output of a LIF")
     ctx.absorbed.add(thr_name)
     ctx.out[thr_name] = ctx.add(Op.MAXPOOL2D, name, [ctx.src(name)], **_pool_attrs(node))
+    per_neuron(thr, "threshold", ctx.builder.shape(name))  # one per pooled value (or one): else a malformed file
     return name
 
 
@@ -368,7 +374,8 @@ def _walk(ctx: _Import, order: list[str]) -> list[Diagnostic]:
         except GraphError as err:  # shape inference of the bsdgraph node (wrong shapes in the file)
             diags += [Diagnostic(d.node, d.op, f"(NIR {kind}) {d.message}", d.hint) for d in err.diagnostics]
             failed.add(name)
-        except (TypeError, ValueError, AttributeError, IndexError, KeyError) as err:  # a field NIR left unchecked
+        except (TypeError, ValueError, AttributeError, IndexError, KeyError, ArithmeticError) as err:
+            # a field NIR left unchecked (ArithmeticError: int(inf) in a stride; docs/reliability.md)
             diags.append(Diagnostic(name, None, f"(NIR {kind}) malformed node: {type(err).__name__}: {err}",
                                     "write it with nir's own node constructors"))
             failed.add(name)
@@ -377,6 +384,16 @@ def _walk(ctx: _Import, order: list[str]) -> list[Diagnostic]:
 
 def _unknown(ctx: _Import, name: str, node) -> str:
     raise MappingError(f"unknown NIR node type {type(node).__name__!r}", "")
+
+
+def _steps_of(meta: dict, where: str) -> int:
+    """The file's record of T (bsdgraph writes it), else DEFAULT_T; a record that is not a whole number is an error."""
+    T = meta.get("T", DEFAULT_T)
+    if isinstance(T, float) and T.is_integer():
+        T = int(T)
+    if isinstance(T, bool) or not isinstance(T, int):
+        raise NIRError(f"{where}: its metadata records T = {T!r} steps per sample, not a whole number; pass --steps T")
+    return T
 
 
 def import_nir(source, dt: float | None = None, T: int | None = None, name: str | None = None) -> Imported:
@@ -396,7 +413,7 @@ def import_nir(source, dt: float | None = None, T: int | None = None, name: str 
         raise NIRError(f"{where}: the file does not record its time step; pass --dt SECONDS (the step the network "
                        "was built for: snnTorch's export assumes 1e-4)")
     dt = check_dt(meta["dt"] if dt is None else dt, where)
-    T = int(T if T is not None else meta.get("T", DEFAULT_T))
+    T = T if T is not None else _steps_of(meta, where)
     default_name = Path(source).stem if isinstance(source, (str, Path)) else "imported"
     diags, order, preds, succs = _structure(g)
     if diags:
@@ -406,6 +423,6 @@ def import_nir(source, dt: float | None = None, T: int | None = None, name: str 
     diags = _walk(ctx, order)
     if diags:
         raise GraphError(diags)
-    if dt != meta.get("dt", dt):
-        ctx.notes.append(f"imported with dt = {dt:g} s; the file was written with dt = {meta['dt']:g} s")
+    if dt != meta.get("dt", dt):  # the file's record may be anything (it was not used): repr, not :g
+        ctx.notes.append(f"imported with dt = {dt:g} s; the file records dt = {meta['dt']!r}")
     return Imported(builder.build(), ctx.params, ctx.state, ctx.readout, tuple(ctx.notes))

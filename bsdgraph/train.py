@@ -8,7 +8,9 @@ give identical weights.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from bsdgraph.calibrate import calibrate
-from bsdgraph.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from bsdgraph.checkpoint import CheckpointError, load_checkpoint, require, save_checkpoint
 from bsdgraph.data import Dataset, augment, batches
 from bsdgraph.feedback import derive_feedback
 from bsdgraph.ir import Op
@@ -61,13 +63,20 @@ class TrainConfig:
 
     def check(self) -> None:
         bad = [f"{k}={getattr(self, k)!r}" for k in ("epochs", "batch_size", "eval_batch_size")
-               if not isinstance(getattr(self, k), int) or getattr(self, k) < 1]
-        bad += [f"lr={self.lr!r}"] if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 10) else []
+               if not _is_int(getattr(self, k)) or getattr(self, k) < 1]
+        bad += [f"lr={self.lr!r}"] if not (_is_number(self.lr) and 0 < self.lr < 10) else []
+        # a TRAIN dict is user input: a string seed or weight decay would otherwise fail deep inside torch
+        bad += [f"weight_decay={self.weight_decay!r}"] if not (_is_number(self.weight_decay)
+                                                              and 0 <= self.weight_decay < 10) else []
+        bad += [f"clip={self.clip!r}"] if not (_is_number(self.clip) and self.clip >= 0) else []
+        bad += [f"seed={self.seed!r}"] if not (_is_int(self.seed) and -2 ** 63 <= self.seed < 2 ** 63) else []
+        bad += [f"augment={self.augment!r}"] if not isinstance(self.augment, bool) else []
         bad += [f"schedule={self.schedule!r}"] if self.schedule not in ("constant", "cosine") else []
         bad += [f"init={self.init!r}"] if self.init not in ("default", "calibrated") else []
         if bad:
             raise TrainingError(f"invalid training option(s): {', '.join(bad)} (epochs/batch sizes are integers "
-                                ">= 1, 0 < lr < 10, schedule constant|cosine, init default|calibrated)")
+                                ">= 1, 0 < lr < 10, 0 <= weight_decay < 10, clip >= 0 (0: off), seed a 64-bit "
+                                "integer, augment True|False, schedule constant|cosine, init default|calibrated)")
 
     def lr_at(self, epoch: int) -> float:
         if self.schedule == "cosine" and self.epochs > 1:
@@ -76,6 +85,14 @@ class TrainConfig:
 
     def optim(self) -> OptimConfig:
         return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, clip=self.clip)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 BACKENDS = ("reference", "cpu", "triton")
@@ -149,6 +166,10 @@ def _check_finite(rt, losses: dict[str, float], where: str) -> None:
         if not bool(torch.isfinite(p).all()):
             raise TrainingError(f"weights of layer {key.rsplit('.', 1)[0]} ({key}) are not finite {where}; "
                                 "training stopped")
+    for key, v in rt.state.items():  # batchnorm running statistics: NaN there spares the losses but not eval
+        if not bool(torch.isfinite(v).all()):
+            raise TrainingError(f"{key.rsplit('.', 1)[1]} of layer {key.rsplit('.', 1)[0]} ({key}) is not finite "
+                                f"{where}; training stopped")
 
 
 class Trainer:
@@ -162,6 +183,11 @@ class Trainer:
         self.log, self.progress = log, progress
         if cfg.augment and len(data.sample_shape) != 3:
             raise TrainingError(f"--augment shifts and flips images, but samples have shape {data.sample_shape}")
+        task = model.graph.by_op(Op.OUTPUT)[0].attrs["task"]
+        if rule == "bsd" and self.backend != "reference" and task == "regression":
+            # the plan's ReCo kernel demands int64 class labels even with negatives="all" (docs/reliability.md)
+            raise TrainingError(f"{model.path}: BSD training of a regression model runs on --backend reference only "
+                                f"(the {self.backend} backend's ReCo kernel needs class labels)")
         self.rt, self.graph = make_runtime(model, rule, self.backend, cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.epoch, self.history = 0, []
@@ -179,7 +205,7 @@ class Trainer:
         return report
 
     def resume(self) -> None:
-        ck = load_checkpoint(self.checkpoint_path)
+        ck = require(load_checkpoint(self.checkpoint_path), self.checkpoint_path)
         if ck.get("graph") != to_json(self.graph) or ck.get("rule") != self.rule:
             raise CheckpointError(f"{self.checkpoint_path}: was written for another graph or rule "
                                   f"({ck.get('rule')}); train into a fresh --out directory or fix the model")
@@ -191,27 +217,56 @@ class Trainer:
         self.epoch, self.history = ck["epoch"], list(ck["history"])
 
     def _save(self) -> None:
-        save_checkpoint(self.checkpoint_path, {
+        try:
+            save_checkpoint(self.checkpoint_path, self._payload())
+        except OSError as err:  # disk full, quota, read-only: save_checkpoint left the previous checkpoint intact
+            kept = (f"it still holds epoch {self.epoch - 1}" if self.checkpoint_path.is_file()
+                    else "no checkpoint was written")
+            raise TrainingError(f"{self.checkpoint_path}: could not write the checkpoint of epoch {self.epoch} "
+                                f"({err.strerror or err}); {kept}. Fix: free space, then train again with "
+                                "--resume") from None
+
+    def _payload(self) -> dict[str, Any]:
+        return {
             "model": str(self.model.path), "graph": to_json(self.graph), "rule": self.rule,
             "backend": self.backend, "train": dataclasses.asdict(self.cfg),
             "params": {k: v.detach().cpu() for k, v in self.rt.params.items()},
             "state": {k: v.cpu() for k, v in self.rt.state.items()},
             "optimizer": self.rt.optimizer.state_dict(), "rng": self.gen.get_state(), "epoch": self.epoch,
             "steps": self.rt.steps, "history": self.history,
-        })
+        }
 
     # -- the loop
     def run(self) -> list[dict]:
         self.out.mkdir(parents=True, exist_ok=True)
+        self._write_metrics(self.history, "w")
         while self.epoch < self.cfg.epochs:
             record = self._epoch()
             self.epoch += 1
             self.history.append(record)
             self._save()
-            with open(self.out / "metrics.jsonl", "a") as fh:
-                fh.write(__import__("json").dumps(record) + "\n")
+            self._write_metrics([record], "a")
             self.log(record)
         return self.history
+
+    def _write_metrics(self, records: list[dict], mode: str) -> None:
+        """Append records to metrics.jsonl, or ("w") replace it atomically with exactly the checkpoint's history:
+        a run killed between its checkpoint and its metrics line, or in the middle of that line, would otherwise
+        resume with a missing or torn record (docs/reliability.md, defect 18)."""
+        path = self.out / "metrics.jsonl"
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        try:
+            if mode == "a":
+                with open(path, "a") as fh:
+                    fh.write(text)
+                return
+            tmp = path.with_name(f"{path.name}.tmp")  # a killed writer's leftover is overwritten next time
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError as err:
+            raise TrainingError(f"{path}: could not write the metrics ({err.strerror or err}); the checkpoint of "
+                                f"epoch {self.epoch} is intact. Fix: free space, then train again with "
+                                "--resume") from None
 
     def _epoch(self) -> dict:
         lr = self.cfg.lr_at(self.epoch)
@@ -225,6 +280,10 @@ class Trainer:
         for xb, yb in (self.progress(it, total, self.epoch) if self.progress else it):
             if self.cfg.augment:
                 xb = augment(xb, self.gen)
+            if not bool(torch.isfinite(xb).all()):  # the loaders refuse such data; a Dataset built in Python may not
+                stimulus = self.graph.by_op(Op.INPUT)[0].name
+                raise TrainingError(f"the input batch of epoch {self.epoch + 1}, step {n_batches + 1} holds NaN or "
+                                    f"Inf values (layer 0, the stimulus {stimulus!r}); training stopped")
             result = self.rt.step(xb, yb)
             _check_finite(self.rt, result.losses, f"at epoch {self.epoch + 1}, step {n_batches + 1}")
             for k, v in result.losses.items():
@@ -254,7 +313,7 @@ def tqdm_progress(stream=sys.stderr):
 
 def load_for_eval(model: Model, checkpoint: Path, backend: str | None = None):
     """A runtime holding a checkpoint's weights, checked against ``model``'s graph."""
-    ck = load_checkpoint(checkpoint)
+    ck = require(load_checkpoint(checkpoint), checkpoint, ("graph", "params", "state", "epoch"))
     cfg = TrainConfig.from_model({k: v for k, v in ck.get("train", {}).items()})
     rule = ck.get("rule", "bsd")
     rt, graph = make_runtime(model, rule, backend or default_backend(), cfg, params=ck["params"], state=ck["state"])

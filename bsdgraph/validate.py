@@ -62,6 +62,9 @@ def validate(g: Graph, forward: bool | None = None) -> Graph:
     if forward is None:
         forward = not any(n.op in GroupOp.LOSS for n in g.nodes)
     diags: list[Diagnostic] = _graph_facts(g)
+    dangling = _edge_ends(g)
+    if dangling:  # every later check looks edges' ends up by name and sorts them by port
+        raise GraphError(diags + dangling)
     schema_ok = set()
     for n in g.nodes:
         found = list(_tables(n)) or list(_schema(n))
@@ -88,6 +91,28 @@ def _graph_facts(g: Graph) -> list[Diagnostic]:
     if not isinstance(g.dt, (int, float)) or isinstance(g.dt, bool) or not math.isfinite(g.dt) or g.dt <= 0:
         out.append(Diagnostic(None, None, f"dt must be a positive finite number, got {g.dt!r}",
                               "dt is the length of one step (1.0 = tau counted in steps)"))
+    if not isinstance(g.name, str):
+        out.append(Diagnostic(None, None, f"the graph name must be a string, got {g.name!r}",
+                              "e.g. GraphBuilder('mlp', T=4)"))
+    for n in g.nodes:
+        if not isinstance(n.name, str) or not n.name:
+            out.append(Diagnostic(None, n.op, f"node names must be non-empty strings, got {n.name!r}",
+                                  "pass name='...' or leave it out: the builder picks one"))
+    return out
+
+
+def _edge_ends(g: Graph) -> list[Diagnostic]:
+    """Edges whose ends are not nodes of the graph, or whose port is not an integer >= 0."""
+    names = {n.name for n in g.nodes}
+    out = []
+    for e in g.edges:
+        missing = [x for x in (e.src, e.dst) if x not in names]
+        if missing:
+            out.append(Diagnostic(None, None, f"edge {e.src!r} -> {e.dst!r} names {missing!r}, which is not a node",
+                                  "add the node before connecting it, or fix the name"))
+        elif isinstance(e.port, bool) or not isinstance(e.port, int) or e.port < 0:
+            out.append(Diagnostic(e.dst, g[e.dst].op, f"edge from '{e.src}' has port {e.port!r}",
+                                  "a port is an operand index: an integer >= 0"))
     return out
 
 
@@ -109,7 +134,7 @@ def _schema(n: Node) -> Iterable[Diagnostic]:
             yield Diagnostic(n.name, n.op, f"missing attribute {a.name!r}", f"pass {a.name}=...")
             continue
         v = n.attrs[a.name]
-        if v is None and not a.required:
+        if v is None and a.default is None and not a.required:  # None means "unset" only where it is the default
             continue
         ok = isinstance(v, a.types) and not (isinstance(v, bool) and bool not in a.types)
         if not ok:
