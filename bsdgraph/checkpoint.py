@@ -5,7 +5,8 @@ write: serialise to ``<name>.tmp-<pid>`` in the same directory, flush + fsync, `
 
 A writer killed with SIGKILL (or a power cut) cannot delete its temporary file. That file never replaced the target,
 so the target is still the previous complete checkpoint, and nothing reads ``*.tmp-<pid>``; the next successful
-save removes the temporary files of writers that are no longer running (measured: docs/reliability.md).
+save removes the temporary files of writers that are no longer running, and so does the start of a training run
+(a run killed after its last checkpoint has no save left to do it; measured: docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    _remove_stale_temporaries(path)
+    remove_stale_temporaries(path)
 
 
 TRAINING_KEYS = ("model", "graph", "rule", "train", "params", "state", "optimizer", "rng", "epoch", "steps", "history")
@@ -69,8 +70,9 @@ def _first_line(err: BaseException) -> str:
     return lines[0] if lines else "no message"
 
 
-def _remove_stale_temporaries(path: Path) -> None:
+def remove_stale_temporaries(path: str | Path) -> None:
     """Delete ``<name>.tmp-<pid>`` files left by writers that were killed; a running writer's file is kept."""
+    path = Path(path)
     for tmp in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[1]
         if pid.isdigit() and (int(pid) == os.getpid() or not _running(int(pid))):

@@ -277,6 +277,10 @@ def derive_feedback(f: Graph, cfg: BSDConfig | None = None) -> Graph:
     cfg = cfg or BSDConfig()
     _check_config(cfg)
     validate(f, forward=True)
+    out = f.by_op(Op.OUTPUT)[0]
+    if cfg.negatives == "other_class" and out.attrs["task"] != "classification":
+        raise GraphError([Diagnostic(out.name, out.op, "negatives='other_class' needs class labels, but the task is "
+                                     f"{out.attrs['task']!r}", "use negatives='all' for regression")])
     layers = segment(f)
     b, vhat, bneuron = _backward_network(f, layers, cfg.recall)
     loss_nodes, loss_edges = _losses(f, layers, vhat, bneuron, cfg)

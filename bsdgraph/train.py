@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from bsdgraph.calibrate import calibrate
-from bsdgraph.checkpoint import CheckpointError, load_checkpoint, require, save_checkpoint
+from bsdgraph.checkpoint import (
+    CheckpointError, load_checkpoint, remove_stale_temporaries, require, save_checkpoint,
+)
 from bsdgraph.data import Dataset, augment, batches
 from bsdgraph.feedback import derive_feedback
 from bsdgraph.ir import Op
@@ -183,11 +185,6 @@ class Trainer:
         self.log, self.progress = log, progress
         if cfg.augment and len(data.sample_shape) != 3:
             raise TrainingError(f"--augment shifts and flips images, but samples have shape {data.sample_shape}")
-        task = model.graph.by_op(Op.OUTPUT)[0].attrs["task"]
-        if rule == "bsd" and self.backend != "reference" and task == "regression":
-            # the plan's ReCo kernel demands int64 class labels even with negatives="all" (docs/reliability.md)
-            raise TrainingError(f"{model.path}: BSD training of a regression model runs on --backend reference only "
-                                f"(the {self.backend} backend's ReCo kernel needs class labels)")
         self.rt, self.graph = make_runtime(model, rule, self.backend, cfg)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.epoch, self.history = 0, []
@@ -239,6 +236,7 @@ class Trainer:
     # -- the loop
     def run(self) -> list[dict]:
         self.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.checkpoint_path)  # a run killed after its last save has no save to do it
         self._write_metrics(self.history, "w")
         while self.epoch < self.cfg.epochs:
             record = self._epoch()

@@ -159,6 +159,20 @@ def test_sigkill_inside_save_checkpoint_leaves_the_old_or_the_new_checkpoint(ser
     assert outcomes["temp left"] > 0, "no kill landed inside a write: the test did not test anything"
 
 
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_a_clean_folder(tmp_path):
+    """Found by the kill test under load: the last process was killed after renaming its final checkpoint but before
+    removing an earlier writer's temporary file; the resumed run had no epoch left, so no save removed it."""
+    import subprocess
+
+    model, npz, out = write(tmp_path / "tiny.py", TINY_MODEL), write_npz(tmp_path / "tiny.npz"), tmp_path / "run"
+    assert_clean(cli("train", model, "--npz", npz, "--out", out, "--epochs", "1"), codes=(0,))
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    write(out / f"checkpoint.pt.tmp-{dead.pid}", b"half a checkpoint")
+    assert_clean(cli("train", model, "--npz", npz, "--out", out, "--epochs", "1", "--resume"), codes=(0,))
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+
+
 # ---------------------------------------------------------------------------------------------------- disk full
 
 

@@ -192,7 +192,9 @@ def _reco(ex, la: Launch):
     if ex.is_per_class(la.reads[1]) and not n.attrs["freq"]:
         return _reco_dedup(ex, la, n)
     a, b = _loss_inputs(ex, la)
-    loss, da, db = _reco_terms(n, a, b, ex.labels, ex.prims.reco_loss_grad)
+    # labels only matter for negatives='other_class'; a regression model's targets are not class labels
+    labels = ex.labels if n.attrs["negatives"] == "other_class" else None
+    loss, da, db = _reco_terms(n, a, b, labels, ex.prims.reco_loss_grad)
     _store_loss_grads(ex, la, loss, [da, db])
 
 
