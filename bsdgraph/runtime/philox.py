@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.ref.encode import (
-    MASK32, PHILOX_KEY_A, PHILOX_KEY_B, PHILOX_ROUND_A, PHILOX_ROUND_B, PHILOX_ROUNDS, UNIFORM_SCALE,
-    check_encode_args,
-)
+from kernels.ref.encode import MASK32, check_encode_args
+from kernels.ref.encode import philox_uniform as twin_philox_uniform
 
 
 def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,18 +22,8 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def philox_uniform(seed: int, offset: torch.Tensor) -> torch.Tensor:
-    c0, c1 = offset & MASK32, (offset >> 32) & MASK32
-    c2 = c3 = torch.zeros_like(offset)
-    k0, k1 = seed & MASK32, (seed >> 32) & MASK32
-    for _ in range(PHILOX_ROUNDS):
-        hi_b, lo_b = _mul_hi_lo(PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + PHILOX_KEY_A) & MASK32, (k1 + PHILOX_KEY_B) & MASK32
-    # c0 as int32 (wrap), then |.| folded as tl.rand does: x < 0 -> -x - 1
-    signed = c0.to(torch.int32)
-    folded = torch.where(signed < 0, -signed - 1, signed)
-    return folded.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+    """The twin's Philox loop with the one-multiply product."""
+    return twin_philox_uniform(seed, offset, _mul_hi_lo)
 
 
 def poisson_encode(x: torch.Tensor, T: int, seed: int) -> torch.Tensor:

@@ -42,14 +42,16 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox_uniform(seed: int, offset: torch.Tensor) -> torch.Tensor:
-    """float32 uniforms in [0, 1), equal bit for bit to ``tl.rand(seed, offset)`` for int64 ``offset`` >= 0."""
+def philox_uniform(seed: int, offset: torch.Tensor, mul_hi_lo=_mul_hi_lo) -> torch.Tensor:
+    """float32 uniforms in [0, 1), equal bit for bit to ``tl.rand(seed, offset)`` for int64 ``offset`` >= 0.
+
+    ``mul_hi_lo`` computes the two 32-bit halves of a uint32 product; the cpu backend passes a faster one."""
     c0, c1 = offset & MASK32, (offset >> 32) & MASK32
     c2 = c3 = torch.zeros_like(offset)
     k0, k1 = seed & MASK32, (seed >> 32) & MASK32
     for _ in range(PHILOX_ROUNDS):
-        hi_b, lo_b = _mul_hi_lo(PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mul_hi_lo(PHILOX_ROUND_A, c0)
+        hi_b, lo_b = mul_hi_lo(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = mul_hi_lo(PHILOX_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + PHILOX_KEY_A) & MASK32, (k1 + PHILOX_KEY_B) & MASK32
     signed = torch.where(c0 >= 2**31, c0 - 2**32, c0)
