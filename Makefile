@@ -39,7 +39,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -n 2 tests
 
-# About 2 minutes on 2 cores; `make test` runs the same tests with the bounded `ci` profile.
+# 2-4 minutes on 2 cores; `make test` runs the same tests with the bounded `ci` profile.
 fuzz: setup
 	HYPOTHESIS_PROFILE=long OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests/test_fuzz_*.py tests/test_faults.py
 

@@ -213,6 +213,9 @@ def _conv2d(ctx: _Import, name: str, node) -> str:
     padding = _conv_padding(node, kernel, stride)
     out = (w.shape[0], *((shape[1 + i] + 2 * padding[i] - kernel[i]) // stride[i] + 1 for i in range(2)))
     bias = np.asarray(node.bias).reshape(-1)
+    if bias.size != w.shape[0]:  # would be bound as is and broadcast over the channels
+        raise MappingError(f"bias has {bias.size} value(s) but the weight has {w.shape[0]} output channels",
+                           "give one bias per output channel")
     has_bias = meta.get("bias", True) or bool(np.any(bias))  # zeros written for a bias-free conv (export says so)
     w, b = _apply_fold(w, bias if has_bias else None, *ctx.fold(name, out, per_channel=True))
     ctx.add(Op.CONV2D, name, [ctx.src(name)], in_channels=w.shape[1], out_channels=w.shape[0], kernel=kernel,

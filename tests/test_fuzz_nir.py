@@ -51,8 +51,11 @@ def _array_values(v: np.ndarray, field: str):
     flat = v.reshape(-1)
     return [
         (np.full(v.shape, np.nan), True), (np.full(v.shape, np.inf), True), (-np.abs(v) - 1, None),
-        (np.zeros_like(v), None), (flat[:1].copy(), None), (flat[:-1].copy(), flat.size > 1), (np.array([]), True),
-        (v[None].copy(), True), (v.astype(np.int64), None), (v * 1e30, None),
+        (np.zeros_like(v), None), (flat[:1].copy(), None), (np.array([]), True),
+        # one value short (a pair cut to one value reads as a scalar: kernel_size [2] is 2x2); an extra axis (import
+        # reads biases flat, as it always has; anything else must refuse it)
+        (flat[:-1].copy(), True if flat.size > 2 else None), (v[None].copy(), None if field == "bias" else True),
+        (v.astype(np.int64), None), (v * 1e30, None),
         # beyond float32: a weight becomes Inf; a time constant or threshold of 1e300 is merely extreme
         (np.full(v.shape, 1e300), True if field in ("weight", "bias") else None),
     ]
