@@ -159,7 +159,8 @@ def _reco_terms(n, a, b, labels, reco_loss_grad):
     """(loss, dA, dB) on [T, B, ...] inputs; the frequency-aware variant sums ReCo over the two FFT bands.
 
     The band split P (a real, radially symmetric mask in Fourier space) is self-adjoint, so the gradient of the
-    low-band term maps back through P and the high-band one through (1 - P)."""
+    low-band term maps back through P and the high-band one through (1 - P): P g_lo + (1 - P) g_hi, computed as
+    g_hi + P (g_lo - g_hi) with one split instead of two."""
     at = n.attrs
     if not at["freq"]:
         loss, da, db = reco_loss_grad(per_sample(a), per_sample(b), labels, at["lam"], at["negatives"], at["eps"])
@@ -170,9 +171,8 @@ def _reco_terms(n, a, b, labels, reco_loss_grad):
     grads = []
     for i, like in ((1, a), (2, b)):
         g_lo, g_hi = _unsample(lo[i], like), _unsample(hi[i], like)
-        low_of_lo, _ = band_split(g_lo, at["freq_r"])
-        _, high_of_hi = band_split(g_hi, at["freq_r"])
-        grads.append(low_of_lo + high_of_hi)
+        low_of_diff, _ = band_split(g_lo - g_hi, at["freq_r"])
+        grads.append(g_hi + low_of_diff)
     return lo[0] + hi[0], grads[0], grads[1]
 
 
