@@ -54,10 +54,12 @@ def apply_overrides(model, args):
 def load_data(args, model):
     import math
 
-    from bsdgraph.data import check_against_model, load_idx_dataset, load_npz, subset
+    from bsdgraph.data import autoencode, check_against_model, load_idx_dataset, load_npz, subset
     from bsdgraph.ir import Op
 
     ds = load_npz(args.npz) if args.npz else load_idx_dataset(args.data_dir)
+    if model.target == "input":  # an autoencoder: y is the stimulus itself
+        ds = autoencode(ds)
     out = model.graph.by_op(Op.OUTPUT)[0]
     ds = check_against_model(ds, model.graph.by_op(Op.INPUT)[0].shape, out.attrs["n_classes"] or None,
                              out.attrs["task"], math.prod(out.shape))

@@ -68,11 +68,21 @@ def cmd_eval(args) -> int:
     data = load_data(args, model)
     result = {"checkpoint": args.checkpoint, "epoch": ck["epoch"], "rule": ck.get("rule"),
               **{f"test_{k}": v for k, v in evaluate(rt, data.x_test, data.y_test).items()}}
+    if args.frechet_classifier:
+        from bsdgraph.frechet import reconstruction_frechet
+
+        if model.target != "input":
+            raise UsageError(f"--frechet-classifier compares reconstructions with their originals; {model.path} is "
+                             "not an autoencoder (its model file has no TARGET = 'input')")
+        result["test_frechet"] = reconstruction_frechet(rt, data.x_test, args.frechet_classifier)
     if args.json:
         print(json.dumps(result))
     else:
         metric = (f"test accuracy {100 * result['test_accuracy']:.2f} %" if "test_accuracy" in result
                   else f"test MSE {result['test_mse']:.5f}")
+        if "test_frechet" in result:
+            metric += (f", Fréchet distance {result['test_frechet']:.3f} in the feature space of the classifier "
+                       f"{args.frechet_classifier}")
         print(f"{args.checkpoint} (epoch {ck['epoch']}, {result['rule']}): {metric} on {data.n_test} samples")
     return 0
 
@@ -86,9 +96,10 @@ def cmd_plot(args) -> int:
         raise plot.PlotError(f"{run / 'metrics.jsonl'} holds no epoch yet")
     written = [plot.plot_curves(records, run), plot.plot_rates(records, run)]
     ck = run / "checkpoint.pt"
-    if ck.is_file() and records[-1].get("rule") == "bsd":
+    if ck.is_file():
         from bsdgraph.checkpoint import load_checkpoint, require
         from bsdgraph.printer import from_json
+        from bsdgraph.train import load_for_eval
 
         doc = require(load_checkpoint(ck), ck)
         model = load_model(args.model or doc["model"])
@@ -96,8 +107,13 @@ def cmd_plot(args) -> int:
         i = args.sample
         if not 0 <= i < data.n_test:
             raise UsageError(f"--sample {i} is out of range: the test split has {data.n_test} samples")
-        written.append(plot.plot_raster(from_json(doc["graph"]), doc["params"], doc["state"],
-                                        data.x_test[i:i + 1], data.y_test[i:i + 1], run))
+        if model.target == "input":  # an autoencoder: originals beside what F reconstructs
+            rt, _ = load_for_eval(model, ck)
+            x = data.x_test[i:i + 10]
+            written.append(plot.plot_reconstructions(x, rt.predict(x).reshape(x.shape), run))
+        if records[-1].get("rule") == "bsd":
+            written.append(plot.plot_raster(from_json(doc["graph"]), doc["params"], doc["state"],
+                                            data.x_test[i:i + 1], data.y_test[i:i + 1], run))
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -157,11 +173,14 @@ def _train_parser(sub) -> None:
 
 def _plot_parser(sub) -> None:
     p = sub.add_parser("plot", help="write PNG plots of a training run",
-                       description="Write curves.png (test metric, per-layer losses), rates.png (firing rates) "
-                                   "and raster.png (spikes of one test sample through F and B) into RUN_DIR.")
+                       description="Write curves.png (test metric, per-layer losses), rates.png (firing rates), "
+                                   "raster.png (spikes of one test sample through F and B; BSD runs) and, for an "
+                                   "autoencoder (TARGET = 'input'), reconstructions.png (10 test images from "
+                                   "--sample on, originals above F's reconstructions) into RUN_DIR.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--model", metavar="MODEL.py", help="model file (default: the one recorded in the checkpoint)")
-    p.add_argument("--sample", type=int, default=0, help="test sample for the raster (default 0)")
+    p.add_argument("--sample", type=int, default=0, help="test sample for the raster, first one of the "
+                   "reconstructions (default 0)")
     data_args(p)
     p.set_defaults(fn=cmd_plot)
 
@@ -172,6 +191,9 @@ def _eval_parser(sub) -> None:
     e.add_argument("model", metavar="MODEL.py")
     e.add_argument("--checkpoint", required=True, metavar="FILE")
     e.add_argument("--backend", choices=BACKENDS)
+    e.add_argument("--frechet-classifier", metavar="CLASSIFIER_CKPT", help="autoencoders: also report the Fréchet "
+                   "distance between the test images and their reconstructions in the feature space of this trained "
+                   "classifier (a bsdgraph train checkpoint, e.g. of models/fmnist_mlp.py; not Inception FID)")
     data_args(e)
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)

@@ -497,6 +497,15 @@ def _iter_batches(
             yield x[idx], y[idx]
 
 
+def autoencode(ds: Dataset) -> Dataset:
+    """The data set of an autoencoder (a model file with ``TARGET = "input"``): every sample's target is its own
+    stimulus, flattened to [N, D] float32 (a regression output is flat); the labels are dropped. The targets are
+    views of x, so no memory is copied."""
+    flat = {k: getattr(ds, f"x_{k}").reshape(len(getattr(ds, f"x_{k}")), -1).float() for k in ("train", "test")}
+    return dataclasses.replace(ds, y_train=flat["train"], y_test=flat["test"], name=f"{ds.name} (target = input)",
+                               n_classes=None)
+
+
 def subset(ds: Dataset, n_train: int | None = None, n_test: int | None = None) -> Dataset:
     """The first n_train / n_test samples of each split (None keeps all; more than there are keeps all)."""
     for flag, n in (("n_train", n_train), ("n_test", n_test)):

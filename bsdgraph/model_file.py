@@ -1,5 +1,8 @@
 """Loading a user's model file: ``def build() -> Graph`` plus optional ``TRAIN`` and ``BSD`` dicts.
 
+``TARGET = "input"`` makes the model an autoencoder: the regression target of every sample is its own stimulus
+(``data.autoencode``), so any image data set trains it and its labels are never read; the default is "labels".
+
 Every way a model file can be wrong ends in ``ModelError`` (or ``GraphError`` for an invalid graph) with a message
 that names the file and, for exceptions raised inside it, the line; never a traceback.
 """
@@ -31,6 +34,7 @@ class Model:
     bsd: BSDConfig
     train: dict[str, Any] = field(default_factory=dict)
     doc: str = ""
+    target: str = "labels"  # labels | input (an autoencoder: y is the stimulus itself)
 
 
 def _where(err: BaseException, path: Path) -> str:
@@ -94,4 +98,26 @@ def load_model(path: str | Path) -> Model:
                              f"{[k for k in value if not isinstance(k, str)]!r}")
     doc = module.__doc__ if isinstance(module.__doc__, str) else ""
     return Model(path, graph, BSDConfig.from_dict(getattr(module, "BSD", None)), dict(getattr(module, "TRAIN", {})),
-                 doc.strip())
+                 doc.strip(), target=_target(module, graph, path))
+
+
+TARGETS = ("labels", "input")
+
+
+def _target(module: ModuleType, graph: Graph, path: Path) -> str:
+    """The model's ``TARGET``; "input" needs a regression output with as many values as the stimulus."""
+    import math
+
+    from bsdgraph.ir import Op
+
+    target = getattr(module, "TARGET", "labels")
+    if not isinstance(target, str) or target not in TARGETS:
+        raise ModelError(f"{path}: TARGET must be one of {TARGETS}, got {target!r}")
+    if target == "input":
+        x, out = graph.by_op(Op.INPUT)[0], graph.by_op(Op.OUTPUT)[0]
+        size = math.prod(x.shape)
+        if out.attrs["task"] != "regression" or math.prod(out.shape) != size:
+            raise ModelError(f"{path}: TARGET = 'input' reconstructs the stimulus ({size} values), but the output "
+                             f"{out.name!r} is a {out.attrs['task']} output of {math.prod(out.shape)} values. Fix: "
+                             f"end build() with g.output(g.linear(h, {size}), task='regression')")
+    return target

@@ -98,7 +98,8 @@ def plot_raster(graph, params, state, x: torch.Tensor, y: torch.Tensor, out: Pat
         ax.set_title(f"{n.name} ({side})\n{100 * float(s.mean()):.1f} %", fontsize=9)
         ax.set_xlabel("t")
     axes[0][0].set_ylabel("neuron")
-    fig.suptitle(f"spike raster of test sample (label {int(y[0])}) through F and B")
+    label = f" (label {int(y[0])})" if y[0].numel() == 1 else ""  # an autoencoder's target is an image
+    fig.suptitle(f"spike raster of test sample{label} through F and B")
     return _save(fig, out / "raster.png")
 
 
@@ -142,3 +143,22 @@ def plot_recall(images: torch.Tensor, out: Path, names: list[str] | None = None)
         ax.set_title(names[i] if names else f"class {i}", fontsize=9)
     fig.suptitle("recall: what the backward network B generates from each class code (min-max scaled)")
     return _save(fig, out)
+
+
+def plot_reconstructions(originals: torch.Tensor, recon: torch.Tensor, out: Path) -> Path:
+    """An autoencoder's test images [N, C, H, W] (top row) above F's reconstructions (bottom row), both shown on the
+    pixel scale [0, 1] without rescaling, so that a faint or saturated reconstruction looks it; per-image MSE."""
+    plt = _plt()
+    n = len(originals)
+    fig, axes = plt.subplots(2, n, figsize=(1.3 * n, 3.1), squeeze=False)
+    for j in range(n):
+        mse = float(((recon[j] - originals[j]) ** 2).mean())
+        for row, img in enumerate((originals[j], recon[j])):
+            ax = axes[row][j]
+            pic = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
+            ax.imshow(pic.clamp(0, 1).numpy(), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1)
+            ax.axis("off")
+        axes[1][j].set_title(f"{mse:.4f}", fontsize=7)
+    axes[0][0].set_title("original", fontsize=8, loc="left")
+    fig.suptitle("test images (top) and the autoencoder's reconstructions (bottom, per-image MSE)", fontsize=9)
+    return _save(fig, out / "reconstructions.png")

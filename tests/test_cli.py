@@ -34,7 +34,7 @@ def test_compile_cnn_backward_shows_exact_transposed_convolutions(capsys):
     assert "%pool1_b : f32[T,B,32,28,28] = upsample2d[size=(28,28)]" in out
 
 
-@pytest.mark.parametrize("model", ["fmnist_mlp.py", "fmnist_cnn.py", "cifar_cnn.py"])
+@pytest.mark.parametrize("model", ["fmnist_mlp.py", "fmnist_cnn.py", "cifar_cnn.py", "fmnist_ae.py"])
 def test_every_model_file_compiles_to_json(capsys, model):
     code, out, _ = run(capsys, "compile", str(ROOT / "models" / model), "--json")
     doc = json.loads(out)
