@@ -57,10 +57,29 @@ def load_data(args, model):
     from bsdgraph.data import autoencode, check_against_model, load_idx_dataset, load_npz, subset
     from bsdgraph.ir import Op
 
-    ds = load_npz(args.npz) if args.npz else load_idx_dataset(args.data_dir)
+    if args.npz:
+        ds = load_npz(args.npz)
+    elif model.data is not None:
+        ds = _model_data(model)
+    else:
+        ds = load_idx_dataset(args.data_dir)
     if model.target == "input":  # an autoencoder: y is the stimulus itself
         ds = autoencode(ds)
-    out = model.graph.by_op(Op.OUTPUT)[0]
-    ds = check_against_model(ds, model.graph.by_op(Op.INPUT)[0].shape, out.attrs["n_classes"] or None,
-                             out.attrs["task"], math.prod(out.shape))
+    out, inp = model.graph.by_op(Op.OUTPUT)[0], model.graph.by_op(Op.INPUT)[0]
+    # a sequence stimulus carries its T steps per sample: [N, T, *shape]
+    shape = (model.graph.T, *inp.shape) if inp.attrs["encoding"] == "sequence" else inp.shape
+    ds = check_against_model(ds, shape, out.attrs["n_classes"] or None, out.attrs["task"], math.prod(out.shape))
     return subset(ds, getattr(args, "limit_train", None), args.limit_test)
+
+
+def _model_data(model):
+    from bsdgraph.data import Dataset
+    from bsdgraph.model_file import ModelError
+
+    try:
+        ds = model.data()
+    except Exception as err:  # the user's code: name the file, never a traceback
+        raise ModelError(f"{model.path}: data() raised {type(err).__name__}: {err}") from None
+    if not isinstance(ds, Dataset):
+        raise ModelError(f"{model.path}: data() returned {type(ds).__name__}, expected a bsdgraph.data.Dataset")
+    return ds

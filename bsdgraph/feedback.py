@@ -59,11 +59,13 @@ class Layer:
     synapse: str
     bn: str | None
     neuron: str | None
+    add: str | None = None   # recurrent layer: V_l = synapse(s_{l-1}) + rec(s_l[t-1]), summed by this node
+    rec: str | None = None   # the recurrent synapse (a Linear reading the layer's own spikes through a delay)
 
     @property
     def current(self) -> str:
         """The node holding V_l, the current into the layer's neurons."""
-        return self.bn or self.synapse
+        return self.add or self.bn or self.synapse
 
 
 # ---------------------------------------------------------------------------------------------------- segmentation
@@ -73,7 +75,8 @@ def _chain(f: Graph) -> list[Node]:
     inputs = f.by_op(Op.INPUT)
     chain, diags = [inputs[0]], []
     while chain[-1].op != Op.OUTPUT:
-        nxt = f.consumers(chain[-1].name)
+        # a delayed edge (into a recurrent synapse) is not a step along the chain
+        nxt = [f[e.dst] for e in f.out_edges(chain[-1].name) if e.delay == 0]
         if len(nxt) != 1:
             diags.append(Diagnostic(chain[-1].name, chain[-1].op, f"feeds {len(nxt)} consumers",
                                     "BSD derivation needs a chain of layers (no branches)"))
@@ -90,7 +93,7 @@ def segment(f: Graph) -> list[Layer]:
     """Cut the chain into layers 1..L at its neurons; raise ``GraphError`` on a shape BSD cannot pair."""
     layers, diags = [], []
     pre: list[str] = []
-    syn = bn = None
+    syn = bn = add = None
     for n in _chain(f)[1:]:
         problem = None
         if n.op in GroupOp.TRANSFORM:
@@ -100,23 +103,59 @@ def segment(f: Graph) -> list[Layer]:
             problem = "follows a synapse without a neuron between them" if syn else None
             syn = n.name
         elif n.op == Op.BATCHNORM:
-            problem = None if syn and not bn else "must directly follow a synapse"
+            problem = None if syn and not bn and not add else "must directly follow a synapse"
             bn = n.name
+        elif n.op == Op.ADD:
+            problem = None if syn and not bn and not add else (
+                "must directly follow the feedforward synapse of a recurrent layer")
+            add = n.name
         elif n.op in GroupOp.NEURON or n.op == Op.OUTPUT:
             if syn is None:
                 problem = "has no synapse in its layer" if n.op != Op.OUTPUT else (
                     "must read a synapse's current")
             else:
                 neuron = n.name if n.op in GroupOp.NEURON else None
-                layers.append(Layer(len(layers) + 1, tuple(pre), syn, bn, neuron))
-            pre, syn, bn = [], None, None
+                layers.append(Layer(len(layers) + 1, tuple(pre), syn, bn, neuron, add,
+                                    f.inputs(add)[1].name if add else None))
+            pre, syn, bn, add = [], None, None, None
         if problem:
             diags.append(Diagnostic(n.name, n.op, problem,
-                                    "a BSD layer is [pool/flatten] -> synapse -> [batchnorm] -> lif; the top "
-                                    "layer is synapse -> output"))
+                                    "a BSD layer is [pool/flatten] -> synapse -> [batchnorm] -> lif, or "
+                                    "linear -> add(., rec) -> lif for a recurrent one; the top layer is "
+                                    "synapse -> output"))
+    if diags:
+        raise GraphError(diags)
+    diags = [d for i, layer in enumerate(layers) if layer.add for d in _recurrent_problems(f, layers, i)]
     if diags:
         raise GraphError(diags)
     return layers
+
+
+def _recurrent_problems(f: Graph, layers: list[Layer], i: int) -> list[Diagnostic]:
+    """What derive_feedback and the runtimes need of a recurrent layer: a Linear feedforward synapse, a bias-free
+    Linear ``rec`` from the layer's own spikes through one delay-1 edge, and a Linear layer above it
+    with nothing in between (B mirrors that Linear straight into its own recurrent sum)."""
+    layer, out = layers[i], []
+    rec = f[layer.rec]
+    fix = "build it with g.recurrent_lif(g.linear(x, width)) and put a g.linear(...) layer above it"
+    ins = f.in_edges(rec.name)
+    if layer.neuron is None:
+        out.append(Diagnostic(layer.add, Op.ADD, "the top layer cannot be recurrent", fix))
+    elif f[layer.synapse].op != Op.LINEAR:
+        out.append(Diagnostic(layer.add, Op.ADD, f"sums a {f[layer.synapse].op.value} current; a recurrent layer's "
+                              "feedforward synapse must be a linear", fix))
+    elif rec.op != Op.LINEAR or len(ins) != 1 or ins[0].src != layer.neuron or ins[0].delay != 1:
+        got = (f"{rec.op.value} reading " + ", ".join(f"'{e.src}' (delay {e.delay})" for e in ins))
+        out.append(Diagnostic(rec.name, rec.op, f"is the second operand of '{layer.add}' but is a {got}; it must "
+                              f"be a linear reading '{layer.neuron}' through a delay-1 edge", fix))
+    elif rec.attrs["bias"]:
+        out.append(Diagnostic(rec.name, rec.op, "a recurrent synapse has no bias (the feedforward synapse's bias "
+                              "already adds a constant current)", "create it with bias=False"))
+    elif i + 1 < len(layers) and (layers[i + 1].pre or f[layers[i + 1].synapse].op != Op.LINEAR):
+        above = layers[i + 1]
+        out.append(Diagnostic(above.synapse, f[above.synapse].op, f"reads the recurrent layer '{layer.neuron}' "
+                              "through a transform or a non-linear synapse", fix))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- mirror rules
@@ -178,7 +217,7 @@ def _mirror_unflatten(n: Node, in_shape):
     return Op.FLATTEN, {}
 
 
-@mirror(Op.BATCHNORM, Op.LIF)
+@mirror(Op.BATCHNORM, Op.LIF, Op.ADD)
 def _mirror_copy(n: Node, in_shape):
     return n.op, dict(n.attrs)  # own parameters, hyper-parameters copied (C1: independent weights)
 
@@ -210,6 +249,16 @@ class _B:
         op, attrs = MIRROR_RULES[n.op](n, f.inputs(fnode)[0].shape)
         return self.add(f"{fnode}_b", op, attrs, out_shape, src, detach)
 
+    def recurrent(self, f: Graph, layer: Layer, src: str) -> str:
+        """``add_b = src + rec_b(s'_l[t-1])``: the mirror of F's recurrent sum, reading B's neuron of the layer."""
+        rec = f[layer.rec]
+        rec_b = f"{rec.name}_b"
+        self.nodes.append(Node(rec_b, Op.LINEAR, FrozenAttrs(default_attrs(Op.LINEAR, **rec.attrs)), rec.shape,
+                               Stream.B))
+        total = self.add(f"{layer.add}_b", Op.ADD, {}, f[layer.add].shape, src)
+        self.edges += [Edge(rec_b, total, 1), Edge(f"{layer.neuron}_b", rec_b, 0, delay=1, detach=True)]
+        return total
+
 
 def _backward_network(f: Graph, layers: list[Layer], recall: bool) -> tuple[_B, dict[int, str], dict[int, str]]:
     """B's nodes top-down. Returns it, V̂_l per layer (0..L-1) and B's neuron per hidden layer.
@@ -231,6 +280,8 @@ def _backward_network(f: Graph, layers: list[Layer], recall: bool) -> tuple[_B, 
         below = layers[layer.index - 2] if layer.index >= 2 else None
         if below and below.bn:
             prev = b.mirror_of(f, below.bn, prev, f[below.bn].shape)
+        if below and below.add:  # B's layer gets its own recurrent synapse (own weights, C1) on its own spikes
+            prev = b.recurrent(f, below, prev)
         vhat[layer.index - 1] = prev
         if below:
             prev = neuron[below.index] = b.mirror_of(f, below.neuron, prev, f[below.neuron].shape)

@@ -26,7 +26,7 @@ SHAPE_RULES: dict[Op, Callable[[Node, list[Shape]], Shape]] = {}
 # How many operands each op takes (validate checks it before any shape rule runs).
 ARITY: dict[Op, tuple[int, ...]] = {
     Op.INPUT: (0,), Op.TARGET: (0,), Op.LINEAR: (1,), Op.CONV2D: (1,), Op.CONV_T2D: (1,), Op.AVGPOOL2D: (1,),
-    Op.MAXPOOL2D: (1,), Op.UPSAMPLE2D: (1,), Op.FLATTEN: (1,), Op.UNFLATTEN: (1,), Op.BATCHNORM: (1,),
+    Op.MAXPOOL2D: (1,), Op.UPSAMPLE2D: (1,), Op.FLATTEN: (1,), Op.UNFLATTEN: (1,), Op.BATCHNORM: (1,), Op.ADD: (2,),
     Op.LIF: (1,), Op.OUTPUT: (1,), Op.RECO: (2,), Op.CE: (1,), Op.MSE: (1, 2),
 }
 
@@ -150,6 +150,14 @@ def _batchnorm(node: Node, shapes: list[Shape]) -> Shape:
         raise ShapeError(f"expects a [D] or [C, H, W] input, got {list(s)}", "put batchnorm after a synapse")
     _channels(node, s, "num_features")
     return s
+
+
+@rule(Op.ADD)
+def _add(node: Node, shapes: list[Shape]) -> Shape:
+    if shapes[0] != shapes[1]:
+        raise ShapeError(f"adds {list(shapes[0])} (port 0) to {list(shapes[1])} (port 1)",
+                         "both currents of a sum must have the same shape")
+    return shapes[0]
 
 
 @rule(Op.LIF, Op.OUTPUT)

@@ -17,7 +17,7 @@ import networkx as nx
 
 
 class Op(enum.Enum):
-    INPUT = "input"            # stimulus, encoded over T steps (direct | poisson)
+    INPUT = "input"            # stimulus, encoded over T steps (direct | poisson | sequence)
     TARGET = "target"          # B's input: the concept code of the labels (onehot | population | analog)
     LINEAR = "linear"
     CONV2D = "conv2d"
@@ -28,6 +28,7 @@ class Op(enum.Enum):
     FLATTEN = "flatten"
     UNFLATTEN = "unflatten"    # B's mirror of flatten
     BATCHNORM = "batchnorm"
+    ADD = "add"                # sum of two currents: a recurrent layer's feedforward + recurrent synapse
     LIF = "lif"
     OUTPUT = "output"          # F's concept: the top synapse's current, read out as mean_t
     RECO = "reco"              # ReCo local loss between an F layer and its paired B layer
@@ -47,7 +48,8 @@ class GroupOp:
     PARAMETRIC = frozenset({Op.LINEAR, Op.CONV2D, Op.CONV_T2D, Op.BATCHNORM})
     # what a user may write in a forward network; the rest is produced by derive_feedback
     FORWARD = frozenset(
-        {Op.INPUT, Op.LINEAR, Op.CONV2D, Op.AVGPOOL2D, Op.MAXPOOL2D, Op.FLATTEN, Op.BATCHNORM, Op.LIF, Op.OUTPUT}
+        {Op.INPUT, Op.LINEAR, Op.CONV2D, Op.AVGPOOL2D, Op.MAXPOOL2D, Op.FLATTEN, Op.BATCHNORM, Op.ADD, Op.LIF,
+         Op.OUTPUT}
     )
 
 
@@ -80,7 +82,8 @@ _SHAPE = (tuple,)
 
 # Attribute schemas, in printing order. A node's attrs are exactly these keys (validate checks it).
 ATTRS: dict[Op, tuple[Attr, ...]] = {
-    Op.INPUT: (_a("encoding", str, "direct", ("direct", "poisson")),),
+    # sequence: the stimulus is [T, *shape] per sample, step t's slice is the current of step t (time series)
+    Op.INPUT: (_a("encoding", str, "direct", ("direct", "poisson", "sequence")),),
     Op.TARGET: (
         _a("encoding", str, "onehot", ("onehot", "population", "analog")),
         _a("n_classes", int, 0),
@@ -103,6 +106,7 @@ ATTRS: dict[Op, tuple[Attr, ...]] = {
     Op.FLATTEN: (),
     Op.UNFLATTEN: (_a("shape", _SHAPE, required=True),),
     Op.BATCHNORM: (_a("num_features", int, required=True), _a("eps", _NUM, 1e-5), _a("momentum", _NUM, 0.1)),
+    Op.ADD: (),
     Op.LIF: (
         _a("tau", _NUM, 2.0), _a("v_th", _NUM, 0.3), _a("v_reset", _NUM, 0.0),
         _a("reset", str, "hard", ("hard", "soft")), _a("surrogate", str, "atan", ("atan",)), _a("alpha", _NUM, 2.0),
@@ -377,6 +381,22 @@ class GraphBuilder:
             surrogate: str = "atan", alpha: float = 2.0, name: str | None = None) -> str:
         return self.add(Op.LIF, [x], name=name or self._fresh("h"), tau=tau, v_th=v_th, v_reset=v_reset,
                         reset=reset, surrogate=surrogate, alpha=alpha)
+
+    def recurrent_lif(self, current: str, tau: float = 2.0, v_th: float = 0.3, v_reset: float = 0.0,
+                      reset: str = "hard", alpha: float = 2.0, name: str | None = None) -> str:
+        """A recurrent layer's neurons: ``lif(current + rec(s[t-1]))``, where ``rec`` is a Linear (no bias) from the
+        layer's own spikes through a delay-1 edge. Returns the LIF node; ``rec``'s weight is learned like any other.
+        """
+        (width,) = self._nodes[current].shape or (0,)
+        lif = name or self._fresh("h")
+        rec = f"{lif}_rec"
+        # rec reads the LIF that does not exist yet: declare it with its known shape, wire its delayed edge last
+        self._nodes[rec] = Node(rec, Op.LINEAR, FrozenAttrs(default_attrs(Op.LINEAR, in_features=width,
+                                                                          out_features=width, bias=False)), (width,))
+        total = self.add(Op.ADD, [current, rec], name=f"{lif}_in")
+        self.lif(total, tau=tau, v_th=v_th, v_reset=v_reset, reset=reset, alpha=alpha, name=lif)
+        self.connect(lif, rec, 0, delay=1)
+        return lif
 
     def output(self, x: str, task: str = "classification", target: str | None = None, population: int = 1,
                name: str = "out") -> str:

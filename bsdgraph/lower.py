@@ -42,6 +42,8 @@ LOWERING: dict[Op, Lowering] = {
     Op.FLATTEN: Lowering("view", grad="view"),
     Op.UNFLATTEN: Lowering("view", grad="view"),
     Op.BATCHNORM: Lowering("torch.batch_norm", grad="torch.batch_norm_backward", update="torch.batch_norm_backward"),
+    # a sum passes its gradient unchanged to both operands; it only ever runs inside RECURRENT_FUSION
+    Op.ADD: Lowering("torch.add", grad="view"),
     Op.LIF: Lowering("lif_forward", grad="lif_backward"),
     Op.OUTPUT: Lowering("view", grad="view"),
     Op.RECO: Lowering("reco_loss_grad"),
@@ -51,6 +53,10 @@ LOWERING: dict[Op, Lowering] = {
 
 # (producer op, consumer op) -> fused kernel; the producer's only consumer must be the consumer.
 FUSIONS: dict[tuple[Op, Op], str] = {(Op.LINEAR, Op.LIF): "linear_lif_forward"}
+
+# A recurrent layer (feedforward linear, recurrent linear, their sum, the LIF) is one launch that loops over T:
+# step t needs the layer's own spikes of step t-1, so the recurrent GEMM cannot be hoisted out of the time loop.
+RECURRENT_FUSION = "linear_lif_rec_forward"
 
 OPTIMIZER_KERNEL = "torch.adamw_step"
 
@@ -119,7 +125,12 @@ class Plan:
 def _fusion_groups(g: Graph) -> dict[str, tuple[str, ...]]:
     """node -> the nodes of its launch (itself alone, or a fused producer+consumer pair)."""
     groups = {n.name: (n.name,) for n in g.nodes}
+    for add in g.by_op(Op.ADD):
+        group = _recurrent_group(g, add)
+        groups.update({m: group for m in group})
     for n in g.nodes:
+        if len(groups[n.name]) > 1:
+            continue
         # losses may read the producer too: the fused kernel then also writes the producer's value
         outs = [e for e in g.out_edges(n.name) if g[e.dst].op not in GroupOp.LOSS]
         if len(outs) == 1 and outs[0].delay == 0 and (n.op, g[outs[0].dst].op) in FUSIONS:
@@ -127,13 +138,26 @@ def _fusion_groups(g: Graph) -> dict[str, tuple[str, ...]]:
     return groups
 
 
+def _recurrent_group(g: Graph, add: Node) -> tuple[str, ...]:
+    """(feedforward linear, recurrent linear, sum, LIF) of a recurrent layer; the LIF last (it names the launch's
+    main output). derive_feedback guarantees the structure (feedback._recurrent_problems)."""
+    ff, rec = (e.src for e in g.in_edges(add.name))
+    (lif,) = [c.name for c in g.consumers(add.name) if c.op not in GroupOp.LOSS]
+    if g[ff].op != Op.LINEAR or g[rec].op != Op.LINEAR or [e.delay for e in g.in_edges(rec)] != [1]:
+        raise ValueError(f"recurrent sum {add.name!r}: expected linear + linear(lif[t-1]) operands")
+    return ff, rec, add.name, lif
+
+
 def _forward_kernel(g: Graph, group: tuple[str, ...], time_invariant: bool) -> str:
+    if len(group) == 4:
+        return RECURRENT_FUSION
     if len(group) == 2:
         return FUSIONS[(g[group[0]].op, g[group[1]].op)]
     n = g[group[0]]
     if n.op == Op.INPUT and n.attrs["encoding"] == "poisson":
         return "poisson_encode"
-    if n.op == Op.INPUT:  # direct encoding is time-invariant: the stimulus is read as [B, ...], never copied T times
+    if n.op == Op.INPUT and n.attrs["encoding"] == "direct":
+        # direct encoding is time-invariant: the stimulus is read as [B, ...], never copied T times
         return "view" if time_invariant else LOWERING[n.op].forward
     return LOWERING[n.op].forward
 
@@ -176,7 +200,8 @@ class _Lowerer:
         group = self.groups[name]
         if group[0] in self.done:
             return
-        for e in self.g.in_edges(group[0]):
+        outside = [e for m in group for e in self.g.in_edges(m) if e.src not in group]
+        for e in outside:
             self.forward(e.src)
         self.done.update(group)
         kernel, last = _forward_kernel(self.g, group, self.time_invariant), self.g[group[-1]]
@@ -193,7 +218,7 @@ class _Lowerer:
             writes.append(self.declare(f"h:{last.name}", "f32", ("T", rows, *last.shape)))
         if kernel == "view":
             return
-        reads = [self.buf(e.src) for e in self.g.in_edges(group[0])] + self._param_names(group)
+        reads = [self.buf(e.src) for e in outside] + self._param_names(group)
         phase = "forward-B" if last.stream == Stream.B else "forward-F"
         self.emit(kernel, phase, group, reads, writes)
 
@@ -220,11 +245,11 @@ class _Lowerer:
     def _reaches(self, node: str, owned: set[str]) -> bool:
         return node in owned or any(self._reaches(e.src, owned) for e in self.g.in_edges(node) if not e.detach)
 
-    def _grad_path(self, name: str) -> None:
-        """Emit the launches carrying grad:<name> back to the parameters that produced ``name``."""
+    def _grad_path(self, name: str, grad_in: str | None = None) -> None:
+        """Emit the launches carrying grad:<name> (or ``grad_in``) back to the parameters that produced ``name``."""
         n = self.g[name]
         ins = [e for e in self.g.in_edges(name) if not e.detach]
-        grad_in = f"grad:{self.buf(name)}"
+        grad_in = grad_in or f"grad:{self.buf(name)}"
         if n.op in GroupOp.PARAMETRIC:
             src = self.g.in_edges(name)[0].src
             names = self._param_names([name])
@@ -237,8 +262,8 @@ class _Lowerer:
             out = self.declare(f"grad:{self.buf(src)}", "f32", ("T", self.rows(src), *self.g[src].shape))
             saved = f"h:{name}" if n.op == Op.LIF else self.buf(src)
             self.emit(LOWERING[n.op].grad, "grad", [name], [grad_in, saved], [out])
-        for e in ins:
-            self._grad_path(e.src)
+        for e in ins:  # a view or a sum hands its gradient on unchanged
+            self._grad_path(e.src, grad_in if LOWERING[n.op].grad == "view" else None)
 
 
 def lower(g: Graph, dedup: bool | None = None, time_invariant: bool = True) -> Plan:

@@ -1,4 +1,5 @@
-"""Loading a user's model file: ``def build() -> Graph`` plus optional ``TRAIN`` and ``BSD`` dicts.
+"""Loading a user's model file: ``def build() -> Graph`` plus optional ``TRAIN`` and ``BSD`` dicts and an optional
+``def data() -> Dataset`` for models that bring their own data (a generated time series; ``--npz`` overrides it).
 
 ``TARGET = "input"`` makes the model an autoencoder: the regression target of every sample is its own stimulus
 (``data.autoencode``), so any image data set trains it and its labels are never read; the default is "labels".
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+from collections.abc import Callable
 
 from bsdgraph.feedback import BSDConfig
 from bsdgraph.ir import Graph
@@ -34,6 +36,7 @@ class Model:
     bsd: BSDConfig
     train: dict[str, Any] = field(default_factory=dict)
     doc: str = ""
+    data: Callable[[], Any] | None = None  # the model file's own data set (``def data()``), used without --npz
     target: str = "labels"  # labels | input (an autoencoder: y is the stimulus itself)
 
 
@@ -97,8 +100,12 @@ def load_model(path: str | Path) -> Model:
             raise ModelError(f"{path}: {key} keys must be option names (strings), got "
                              f"{[k for k in value if not isinstance(k, str)]!r}")
     doc = module.__doc__ if isinstance(module.__doc__, str) else ""
+    data = getattr(module, "data", None)
+    if data is not None and not callable(data):
+        raise ModelError(f"{path}: data must be a function returning a bsdgraph.data.Dataset, got "
+                         f"{type(data).__name__}")
     return Model(path, graph, BSDConfig.from_dict(getattr(module, "BSD", None)), dict(getattr(module, "TRAIN", {})),
-                 doc.strip(), target=_target(module, graph, path))
+                 doc.strip(), data, target=_target(module, graph, path))
 
 
 TARGETS = ("labels", "input")

@@ -205,6 +205,13 @@ def _no_nir_node(ex: _Export, n: Node):
                        "export F alone (without --with-backward); B is derived again from F on import")
 
 
+@export_rule(Op.ADD)
+def _recurrent(ex: _Export, n: Node):
+    raise MappingError("is the sum of a recurrent layer; bsdgraph does not write recurrent layers as NIR yet "
+                       "(a NIR cycle with its one-step delay)", "train and run this model in bsdgraph; NIR "
+                       "export covers feed-forward models (docs/nir.md)")
+
+
 @export_rule(*GroupOp.LOSS)
 def _loss(ex: _Export, n: Node):
     raise MappingError("a local loss is not a NIR node", "losses travel in the backward graph's 'pairing' metadata")

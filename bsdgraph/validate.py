@@ -238,7 +238,7 @@ def _positive(n: Node, *keys: str) -> Iterable[tuple[str, str]]:
             yield f"{k} must be > 0, got {v!r}", f"use a positive {k}"
 
 
-@check(Op.INPUT, Op.TARGET, Op.FLATTEN, Op.CE, Op.MSE)
+@check(Op.INPUT, Op.TARGET, Op.FLATTEN, Op.ADD, Op.CE, Op.MSE)
 def _no_params(n: Node, g: Graph) -> Iterable[tuple[str, str]]:
     if n.op == Op.TARGET and n.attrs["population"] < 1:
         yield f"population must be >= 1, got {n.attrs['population']}", ""

@@ -149,3 +149,113 @@ def linear_lif_forward(
         HAS_BIAS=bias is not None, RETURN_V=bool(return_v), RETURN_H=bool(return_h),
     )
     return spikes, v, h
+
+
+# ---------------------------------------------------------------------------------------------------- recurrent
+
+
+@triton.jit
+def _linear_lif_rec_kernel(
+    s_ptr, w_ptr, b_ptr, u_ptr, ub_ptr, spk_ptr, v_ptr, h_ptr, state_ptr,
+    T, B, N, K,
+    stride_st, stride_sb, stride_sk,
+    stride_wn, stride_wk,
+    stride_un, stride_uk,
+    stride_ot, stride_ob, stride_on,
+    tau, v_th, v_reset,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SOFT_RESET: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_REC_BIAS: tl.constexpr, RETURN_V: tl.constexpr,
+    RETURN_H: tl.constexpr,
+):
+    # One program owns a block of batch rows and ALL N neurons: step t's recurrent current needs every neuron's
+    # spike of step t-1, which a (batch x neuron) tiling would have to exchange between programs. The program walks
+    # t outermost and the neuron blocks inside; spikes of step t-1 are re-read from global memory (written by this
+    # same program, made visible to all its threads by the barrier at the end of each step), and the membrane of
+    # each neuron block lives in ``state_ptr`` between visits.
+    pid_b = tl.program_id(0)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    s_rows = s_ptr + offs_b[:, None] * stride_sb
+    for t in range(T):
+        prev_rows = spk_ptr + tl.maximum(t - 1, 0) * stride_ot + offs_b[:, None] * stride_ob
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            mask = mask_b[:, None] & mask_n[None, :]
+            current = _spike_matmul_tile(
+                s_rows + t * stride_st, w_ptr + offs_n[None, :] * stride_wn, K, stride_sk, stride_wk,
+                mask_b, mask_n, BLOCK_B, BLOCK_N, BLOCK_K,
+            )
+            if HAS_BIAS:
+                current += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+            # s[-1] = 0: at t = 0 the mask drops every row, so the recurrent tile is exactly zero
+            current += _spike_matmul_tile(
+                prev_rows, u_ptr + offs_n[None, :] * stride_un, N, stride_on, stride_uk,
+                mask_b & (t > 0), mask_n, BLOCK_B, BLOCK_N, BLOCK_K,
+            )
+            if HAS_REC_BIAS:
+                current += tl.load(ub_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+            state_offs = offs_b[:, None] * N + offs_n[None, :]
+            v = tl.load(state_ptr + state_offs, mask=mask, other=0.0)
+            spike, h, v = lif_step(v, current, tau, v_th, v_reset, SOFT_RESET)
+            tl.store(state_ptr + state_offs, v, mask=mask)
+            out_offs = t * stride_ot + offs_b[:, None] * stride_ob + offs_n[None, :] * stride_on
+            tl.store(spk_ptr + out_offs, spike.to(tl.uint8), mask=mask)
+            if RETURN_V:
+                tl.store(v_ptr + out_offs, current, mask=mask)
+            if RETURN_H:
+                tl.store(h_ptr + out_offs, h, mask=mask)
+        tl.debug_barrier()  # step t's spikes are complete before step t+1 reads them
+
+
+def linear_lif_rec_forward(
+    s_in: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    rec_weight: torch.Tensor,
+    rec_bias: Optional[torch.Tensor],
+    tau: float,
+    v_th: float,
+    v_reset: float,
+    soft_reset: bool,
+    return_v: bool = False,
+    return_h: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """A recurrent layer in one launch: I[t] = s_in[t] Wᵀ + b + s[t-1] Uᵀ + b_U (s[-1] = 0), then the LIF.
+
+    Contract as ``linear_lif_forward`` plus ``rec_weight`` float32 [N, N] and ``rec_bias`` [N] or None
+    (twin: ``kernels/ref/linear_lif.py``)."""
+    fn = "linear_lif_rec_forward"
+    _check_inputs(s_in, weight, bias, tau, v_th, v_reset)
+    N = weight.shape[0]
+    check_tensor(fn, "rec_weight", rec_weight, [torch.float32], _linear_lif_rec_kernel, ndim=2)
+    if tuple(rec_weight.shape) != (N, N):
+        raise ValueError(f"{fn}: rec_weight must be [N, N] = [{N}, {N}], got {tuple(rec_weight.shape)}")
+    if rec_bias is not None:
+        check_tensor(fn, "rec_bias", rec_bias, [torch.float32], _linear_lif_rec_kernel, ndim=1)
+        if rec_bias.shape[0] != N:
+            raise ValueError(f"{fn}: rec_bias must be [N] = [{N}], got {tuple(rec_bias.shape)}")
+    check_same_device(fn, s_in=s_in, rec_weight=rec_weight, rec_bias=rec_bias)
+    T, B, K = s_in.shape
+    spikes = torch.empty((T, B, N), dtype=torch.uint8, device=s_in.device)
+    v = torch.empty((T, B, N), dtype=torch.float32, device=s_in.device) if return_v else None
+    h = torch.empty((T, B, N), dtype=torch.float32, device=s_in.device) if return_h else None
+    if T * B * N == 0:
+        return spikes, v, h
+    state = torch.zeros((B, N), dtype=torch.float32, device=s_in.device)
+    BLOCK_B, BLOCK_N = block_size(B, 16, MAX_BLOCK_B), block_size(N, 16, MAX_BLOCK_N)
+    BLOCK_K = block_size(max(K, N), 16, MAX_BLOCK_K)
+    _linear_lif_rec_kernel[(triton.cdiv(B, BLOCK_B),)](
+        s_in, weight, weight if bias is None else bias, rec_weight, rec_weight if rec_bias is None else rec_bias,
+        spikes, weight if v is None else v, weight if h is None else h, state,
+        T, B, N, K,
+        s_in.stride(0), s_in.stride(1), s_in.stride(2),
+        weight.stride(0), weight.stride(1),
+        rec_weight.stride(0), rec_weight.stride(1),
+        B * N, N, 1,
+        as_float32(tau), as_float32(v_th), as_float32(v_reset),
+        BLOCK_B=BLOCK_B, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SOFT_RESET=bool(soft_reset),
+        HAS_BIAS=bias is not None, HAS_REC_BIAS=rec_bias is not None, RETURN_V=bool(return_v),
+        RETURN_H=bool(return_h),
+    )
+    return spikes, v, h

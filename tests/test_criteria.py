@@ -21,10 +21,13 @@ def graphs():
     c = GraphBuilder("c", T=2)
     h = c.lif(c.batchnorm(c.conv2d(c.input((1, 6, 6)), 2, kernel=3, padding=1)))
     c.output(c.linear(c.flatten(c.avgpool2d(h, 2)), 3))
-    return {"mlp": g.build(), "cnn": c.build()}
+    r = GraphBuilder("r", T=4)
+    h = r.recurrent_lif(r.linear(r.flatten(r.input((1, 4, 4))), 12))
+    r.output(r.linear(r.lif(r.linear(h, 10)), 3))
+    return {"mlp": g.build(), "cnn": c.build(), "rnn": r.build()}
 
 
-@pytest.fixture(params=[(b, m, d) for b in BACKENDS for m in ("mlp", "cnn") for d in ("current", "membrane")],
+@pytest.fixture(params=[(b, m, d) for b in BACKENDS for m in ("mlp", "cnn", "rnn") for d in ("current", "membrane")],
                 ids=lambda p: "-".join(p))
 def setup(request):
     backend, model, distill_on = request.param

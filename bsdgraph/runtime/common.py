@@ -41,7 +41,13 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def encode_input(n: Node, x: torch.Tensor, T: int, seed: int) -> torch.Tensor:
-    """Stimulus [B, ...] -> [T, B, ...]: direct (the analog value every step) or Poisson spikes with p = x."""
+    """Stimulus [B, ...] -> [T, B, ...]: direct (the analog value every step) or Poisson spikes with p = x; a
+    sequence stimulus is [B, T, ...] already and step t reads its slice t."""
+    if n.attrs["encoding"] == "sequence":
+        if x.dim() != len(n.shape) + 2 or x.shape[1] != T or tuple(x.shape[2:]) != tuple(n.shape):
+            raise ValueError(f"a sequence input of T={T} steps of shape {list(n.shape)} needs samples "
+                             f"[N, {T}, {', '.join(map(str, n.shape))}], got {list(x.shape)}")
+        return x.to(torch.float32).transpose(0, 1)
     if n.attrs["encoding"] == "poisson":
         from kernels.ref.encode import poisson_encode
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import networkx as nx
 import torch
 import torch.nn.functional as F
 
 from bsdgraph.ir import GroupOp, Graph, Node, Op, Stream
 from bsdgraph.losses import LOSS_IMPLS
 from bsdgraph.neuron import lif_scan
+from kernels.ref.lif import SpikeFn, lif_step
 from bsdgraph.params import Params, init_params, init_state
 from bsdgraph.runtime.common import (
     ExecutionError, OptimConfig, StepResult, clip_per_node, encode_input, encode_target, make_optimizer, rates_of,
@@ -104,6 +106,11 @@ def _upsample(n: Node, args, ctx: Ctx):
     return _per_step(lambda x: F.interpolate(x, size=n.attrs["size"], mode="nearest"), args[0])
 
 
+@impl(Op.ADD)
+def _add(n: Node, args, ctx: Ctx):
+    return args[0] + args[1]
+
+
 @impl(Op.FLATTEN, Op.UNFLATTEN)
 def _reshape(n: Node, args, ctx: Ctx):
     return args[0].reshape(*args[0].shape[:2], *n.shape)
@@ -143,18 +150,38 @@ for _op in GroupOp.LOSS:
 
 
 def run_graph(g: Graph, ctx: Ctx, streams: frozenset[Stream] = frozenset(Stream)) -> dict[str, torch.Tensor]:
-    """Evaluate every node of the given streams in topological order; returns node name -> value."""
+    """Evaluate every node of the given streams; returns node name -> value [T, B, ...].
+
+    Nodes outside recurrent loops run once over all T steps, in topological order. A recurrent loop (a strongly
+    connected component closed by delay edges) runs step by step: at step t each member reads its in-loop
+    operands at t - delay (zero before the first step) and its LIF neurons carry their membrane to the next step.
+    """
     env: dict[str, torch.Tensor] = {}
-    for n in g.topo_order():
-        if n.stream not in streams:
+    for group in _schedule(g):
+        nodes = [n for n in group if n.stream in streams]
+        if not nodes:
             continue
         try:
-            env[n.name] = _eval(g, n, env, ctx)
+            if len(group) > 1 or any(e.src == group[0].name for e in g.in_edges(group[0].name)):
+                env.update(_run_loop(g, nodes, env, ctx))
+            else:
+                env[nodes[0].name] = _eval(g, nodes[0], env, ctx)
         except ExecutionError:
             raise
         except Exception as err:  # report which node failed, keep the cause chained for debugging
-            raise ExecutionError(n.name, n.op, err) from err
+            raise ExecutionError(nodes[0].name, nodes[0].op, err) from err
     return env
+
+
+def _schedule(g: Graph) -> list[list[Node]]:
+    """Groups of nodes in execution order: the condensation of all edges (delayed ones too: a whole-sequence
+    value must exist before anything reads it, at any delay), each group in the delay-0 topological order."""
+    full = nx.DiGraph([(e.src, e.dst) for e in g.edges])
+    full.add_nodes_from(n.name for n in g.nodes)
+    cond = nx.condensation(full)
+    rank = {n.name: i for i, n in enumerate(g.topo_order())}
+    order = nx.lexicographical_topological_sort(cond, key=lambda c: min(rank[m] for m in cond.nodes[c]["members"]))
+    return [sorted((g[m] for m in cond.nodes[c]["members"]), key=lambda n: rank[n.name]) for c in order]
 
 
 def _eval(g: Graph, n: Node, env, ctx: Ctx) -> torch.Tensor:
@@ -162,8 +189,54 @@ def _eval(g: Graph, n: Node, env, ctx: Ctx) -> torch.Tensor:
     membrane = n.op in GroupOp.LOSS and n.attrs.get("distill_on") == "membrane"
     for e in g.in_edges(n.name):
         v = ctx.membrane[e.src] if membrane and g[e.src].op == Op.LIF else env[e.src]
+        v = _shift(v, e.delay)
         args.append(v.detach() if e.detach else v)
     return IMPLS[n.op](n, args, ctx)
+
+
+def _shift(v: torch.Tensor, delay: int) -> torch.Tensor:
+    """v[t - delay], zero before the first step."""
+    if delay == 0:
+        return v
+    return torch.cat([torch.zeros_like(v[:delay]), v[:-delay]]) if delay < len(v) else torch.zeros_like(v)
+
+
+def _run_loop(g: Graph, nodes: list[Node], env, ctx: Ctx) -> dict[str, torch.Tensor]:
+    """One recurrent loop, step by step. Non-neuron members run their usual impl on a one-step slice."""
+    members = {n.name for n in nodes}
+    steps: dict[str, list[torch.Tensor]] = {n.name: [] for n in nodes}
+    hs: dict[str, list[torch.Tensor]] = {n.name: [] for n in nodes if n.op == Op.LIF}
+    v: dict[str, torch.Tensor | None] = {name: None for name in hs}
+    outside = next(env[e.src] for n in nodes for e in g.in_edges(n.name) if e.src not in members)
+    zero = {n.name: outside.new_zeros(outside.shape[1], *n.shape) for n in nodes}  # s[-1] = 0 for every member
+    for t in range(ctx.T):
+        for n in nodes:
+            args = []
+            for e in g.in_edges(n.name):
+                if e.src in members:
+                    past = steps[e.src][t - e.delay] if t >= e.delay else zero[e.src]
+                    a = past.unsqueeze(0)
+                else:
+                    a = env[e.src][t - e.delay: t - e.delay + 1] if t >= e.delay else torch.zeros_like(env[e.src][:1])
+                args.append(a.detach() if e.detach else a)
+            if n.op == Op.LIF:
+                out, h, v[n.name] = _lif_step(n, args[0], v[n.name])
+                hs[n.name].append(h[0])
+            else:
+                out = IMPLS[n.op](n, args, ctx)
+            steps[n.name].append(out[0])
+    for name, h in hs.items():
+        ctx.membrane[name] = torch.stack(h)
+    return {name: torch.stack(vals) for name, vals in steps.items()}
+
+
+def _lif_step(n: Node, current: torch.Tensor, v: torch.Tensor | None):
+    """One step of the spec's neuron from membrane ``v``: (spikes, h, v after the reset)."""
+    a = n.attrs
+    v = torch.zeros_like(current[0]) if v is None else v
+    s, h, v = lif_step(v, current[0], a["tau"], a["v_th"], a["v_reset"], a["reset"] == "soft",
+                       lambda x: SpikeFn.apply(x, a["v_th"], a["alpha"]))
+    return s.unsqueeze(0), h.unsqueeze(0), v
 
 
 class ReferenceRuntime:

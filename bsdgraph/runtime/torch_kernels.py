@@ -21,13 +21,14 @@ from bsdgraph.runtime.common import encode_input, encode_target
 from bsdgraph.runtime.reco_dedup import reco_loss_grad_dedup
 from kernels.ref.encode import poisson_encode
 from kernels.ref.lif import lif_backward, lif_forward
+from kernels.ref.linear_lif import rec_lif_forward
 from kernels.ref.local_update import weight_grad
 from kernels.ref.reco import reco_loss_grad
 
 # The primitives a backend plugs in (same signatures as the launchers in kernels/): the cpu backend uses the torch
 # twins, the triton backend the Triton launchers. Kernels below call them as ``ex.prims.<name>``.
 TWIN_PRIMS = dict(lif_forward=lif_forward, lif_backward=lif_backward, weight_grad=weight_grad,
-                  reco_loss_grad=reco_loss_grad, poisson_encode=poisson_encode)
+                  reco_loss_grad=reco_loss_grad, poisson_encode=poisson_encode, rec_lif_forward=rec_lif_forward)
 
 KERNELS: dict = {}
 
@@ -122,6 +123,23 @@ def _linear_lif(ex, la: Launch):
     if syn in la.writes:  # a loss reads the current V (distill_on=current)
         ex.buf[syn] = current
     _lif(ex, lif, current, la.writes)
+
+
+@kernel("linear_lif_rec_forward")
+def _linear_lif_rec(ex, la: Launch):
+    """A recurrent layer: the feedforward GEMM over all T*B rows at once (or once, for a time-invariant input),
+    then the time loop, where step t adds s[t-1] Uᵀ before the LIF update."""
+    ff, rec, add, lif = la.nodes
+    a = ex.node(lif).attrs
+    current = _synapse(ex, ff, la.reads[0]).contiguous()
+    spikes, v, h = ex.prims.rec_lif_forward(current, *_wb(ex, rec), a["tau"], a["v_th"], a["v_reset"],
+                                            a["reset"] == "soft", add in la.writes, f"h:{lif}" in la.writes)
+    ex.buf[lif] = spikes
+    if v is not None:
+        ex.buf[add] = v
+    if h is not None:
+        ex.buf[f"h:{lif}"] = h
+    ex.rates[lif] = ex.row_mean(lif, spikes)
 
 
 @kernel("lif_forward")
@@ -297,7 +315,11 @@ def _weight_grad(ex, la: Launch):
     n = ex.node(node)
     grad = ex.read(la.reads[0]).reshape(ex.T, -1, n.attrs["out_features"])
     src = la.reads[1]
-    if ex.is_time_invariant(src):  # same input every step: dW = (sum_t dV[t])^T x, T times fewer FLOPs
+    delay = ex.graph.in_edges(node)[0].delay
+    if delay:  # a recurrent synapse reads s[t - delay]: dU = sum_t dV[t]^T s[t-1]
+        inp = ex.buf[src].reshape(ex.T, grad.shape[1], -1)
+        grad, inp = grad[delay:].reshape(-1, grad.shape[-1]), inp[:-delay].reshape(-1, inp.shape[-1])
+    elif ex.is_time_invariant(src):  # same input every step: dW = (sum_t dV[t])^T x, T times fewer FLOPs
         grad, inp = grad.sum(0), ex.buf[src].reshape(grad.shape[1], -1)
     else:
         inp = ex.buf[src].reshape(ex.T * grad.shape[1], -1)

@@ -60,7 +60,31 @@ def _linear_lif(ex, la: Launch):
     ex.rates[lif] = ex.row_mean(lif, spikes)
 
 
-KERNELS = {**TORCH_KERNELS, "linear_lif_forward": _linear_lif}
+def _linear_lif_rec(ex, la: Launch):
+    """A recurrent layer in one launch: feedforward and recurrent GEMM tiles and the LIF update inside the kernel's
+    time loop (kernels/linear_lif.py, ``linear_lif_rec_forward``)."""
+    from kernels.linear_lif import linear_lif_rec_forward
+
+    ff, rec, add, lif = la.nodes
+    n, a = ex.node(ff), ex.node(lif).attrs
+    s_in = ex.buf[la.reads[0]]
+    s_in = (s_in.unsqueeze(0).expand(ex.T, *s_in.shape) if ex.is_time_invariant(la.reads[0]) else s_in)
+    s_in = s_in.reshape(ex.T, -1, n.attrs["in_features"]).contiguous()
+    if s_in.dtype not in (torch.uint8, torch.float32):
+        s_in = s_in.to(torch.float32)
+    spikes, v, h = linear_lif_rec_forward(
+        s_in, ex.params[f"{ff}.weight"], ex.params.get(f"{ff}.bias"), ex.params[f"{rec}.weight"],
+        ex.params.get(f"{rec}.bias"), a["tau"], a["v_th"], a["v_reset"], a["reset"] == "soft", add in la.writes,
+        f"h:{lif}" in la.writes)
+    ex.buf[lif] = spikes
+    if v is not None:
+        ex.buf[add] = v
+    if h is not None:
+        ex.buf[f"h:{lif}"] = h
+    ex.rates[lif] = ex.row_mean(lif, spikes)
+
+
+KERNELS = {**TORCH_KERNELS, "linear_lif_forward": _linear_lif, "linear_lif_rec_forward": _linear_lif_rec}
 
 
 class TritonRuntime(Executor):

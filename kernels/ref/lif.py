@@ -64,14 +64,20 @@ def lif_recurrence(
     v = torch.zeros_like(current[0]) if v_init is None else v_init.to(current.dtype)
     spikes, hs = [], []
     for t in range(current.shape[0]):
-        h = v + (current[t] - (v - v_reset)) / tau
-        if pinned_h is not None:
-            h = h + (pinned_h[t] - h).detach()
-        s = spike(h)
-        v = h - v_th * s if soft_reset else h * (1 - s) + v_reset * s
+        s, h, v = lif_step(v, current[t], tau, v_th, v_reset, soft_reset, spike,
+                           None if pinned_h is None else pinned_h[t])
         spikes.append(s)
         hs.append(h)
     return torch.stack(spikes), torch.stack(hs)
+
+
+def lif_step(v, current, tau, v_th, v_reset, soft_reset, spike, pinned_h=None):
+    """One step of the neuron from membrane ``v``: (s[t], h[t], v[t])."""
+    h = v + (current - (v - v_reset)) / tau
+    if pinned_h is not None:
+        h = h + (pinned_h - h).detach()
+    s = spike(h)
+    return s, h, (h - v_th * s if soft_reset else h * (1 - s) + v_reset * s)
 
 
 def lif_forward(

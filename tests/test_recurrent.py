@@ -1,0 +1,210 @@
+"""Recurrent synapses: a Linear from a layer's own spikes through a delay-1 edge.
+
+IR and validation (a cycle must pass through a delay), the derived backward network (B gets its own recurrent
+synapse), the reference runtime's step-by-step semantics against a hand-written loop, the cpu and triton backends
+against the reference, the fused Triton kernel against its twin, and BPTT through the recurrence.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from bsdgraph import BSDConfig, GraphBuilder, GraphError, Op, Stream, derive_feedback
+from bsdgraph.feedback import local_params
+from bsdgraph.lower import RECURRENT_FUSION, lower
+from bsdgraph.runtime.bptt import BPTTRuntime
+from bsdgraph.runtime.cpu import CPURuntime
+from bsdgraph.runtime.reference import Ctx, ReferenceRuntime, run_graph
+from bsdgraph.runtime.triton import TritonRuntime
+from kernels.linear_lif import linear_lif_rec_forward
+from kernels.ref import linear_lif as twin
+from tests.test_cpu_backend import ATOL, RTOL, well_conditioned
+
+
+def rnn(T=5, widths=(9, 7), n_in=3, encoding="direct", task="regression", recurrent=(True, True), v_th=0.3):
+    g = GraphBuilder("rnn", T=T)
+    h = g.input((n_in,), encoding=encoding)
+    for w, rec in zip(widths, recurrent):
+        h = g.recurrent_lif(g.linear(h, w), v_th=v_th) if rec else g.lif(g.linear(h, w), v_th=v_th)
+    g.output(g.linear(h, 2 if task == "regression" else 4), task=task)
+    return g.build()
+
+
+def data(f, B=6, seed=0, scale=2.0):
+    gen = torch.Generator().manual_seed(seed)
+    inp, out = f.by_op(Op.INPUT)[0], f.by_op(Op.OUTPUT)[0]
+    lead = (B, f.T) if inp.attrs["encoding"] == "sequence" else (B,)
+    x = torch.rand(*lead, *inp.shape, generator=gen) * scale
+    y = (torch.rand(B, *out.shape, generator=gen) if out.attrs["task"] == "regression"
+         else torch.arange(B) % out.attrs["n_classes"])
+    return x, y
+
+
+# ---------------------------------------------------------------------------------------------------- IR
+
+
+def test_builder_makes_a_delay_1_loop_through_a_bias_free_linear():
+    f = rnn()
+    (e,) = f.in_edges("h1_rec")
+    assert (e.src, e.delay) == ("h1", 1) and f["h1_rec"].attrs["bias"] is False
+    assert [x.src for x in f.in_edges("h1_in")] == ["fc1", "h1_rec"]
+    assert "%h1[t-1]" in str(f)
+
+
+def test_a_loop_without_delay_is_refused_naming_it():
+    g = GraphBuilder("bad", T=3)
+    h = g.recurrent_lif(g.linear(g.input((3,)), 4))
+    g.output(g.linear(h, 2), task="regression")
+    f = g.build()
+    edges = [e if e.dst != "h1_rec" else e.__class__(e.src, e.dst, e.port, 0) for e in f.edges]
+    with pytest.raises(GraphError, match=r"cycle .*h1.* has no delay edge"):
+        from bsdgraph.validate import validate
+        validate(f.replace(edges=edges))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    ("other", "must be a linear reading 'h1' through a delay-1 edge"),
+    ("bias", "a recurrent synapse has no bias"),
+    ("delay2", "through a delay-1 edge"),
+])
+def test_unsupported_recurrent_layers_get_a_diagnostic(mutate, message):
+    f = rnn(widths=(4, 4), recurrent=(True, False))
+    if mutate == "other":  # the recurrent synapse reads the layer above instead of its own layer
+        edges = [e.__class__("h2", e.dst, e.port, 1) if e.dst == "h1_rec" else e for e in f.edges]
+        f = f.replace(edges=edges)
+    elif mutate == "bias":
+        nodes = [n.replace(attrs={**n.attrs, "bias": True}) if n.name == "h1_rec" else n for n in f.nodes]
+        f = f.replace(nodes=nodes)
+    else:
+        edges = [e.__class__(e.src, e.dst, e.port, 2) if e.dst == "h1_rec" else e for e in f.edges]
+        f = f.replace(edges=edges)
+    with pytest.raises(GraphError, match=message):
+        derive_feedback(f)
+
+
+def test_backward_network_gets_its_own_recurrent_synapse_and_losses_stay_local():
+    bsd = derive_feedback(rnn())
+    for layer in ("h1", "h2"):
+        rec_b = bsd[f"{layer}_rec_b"]
+        assert rec_b.stream == Stream.B and rec_b.op == Op.LINEAR
+        (e,) = bsd.in_edges(rec_b.name)
+        assert (e.src, e.delay, e.detach) == (f"{layer}_b", 1, True)  # B's own spikes, one step late
+        assert bsd.in_edges(f"{layer}_rec")[0].detach  # no gradient through time in BSD
+    # V_1 pairs F's recurrent sum with B's; the loss owns both feedforward and both recurrent synapses
+    assert [n.name for n in bsd.inputs("reco1")] == ["h1_in", "h1_in_b"]
+    assert local_params(bsd, "reco1") == ["fc1", "h1_rec", "fc2_b", "h1_rec_b"]
+    assert local_params(bsd, "reco2") == ["fc2", "h2_rec", "fc3_b", "h2_rec_b"]
+
+
+def test_the_plan_fuses_each_recurrent_layer_into_one_launch():
+    plan = lower(derive_feedback(rnn()))
+    fused = [la for la in plan.launches if la.kernel == RECURRENT_FUSION]
+    assert [la.nodes for la in fused] == [("fc3_b", "h2_rec_b", "h2_in_b", "h2_b"),
+                                         ("fc2_b", "h1_rec_b", "h1_in_b", "h1_b"),
+                                         ("fc1", "h1_rec", "h1_in", "h1"), ("fc2", "h2_rec", "h2_in", "h2")]
+
+
+# ---------------------------------------------------------------------------------------------------- semantics
+
+
+def test_reference_runs_the_loop_step_by_step_as_the_spec_writes_it():
+    f = rnn(widths=(9,), recurrent=(True,), encoding="sequence")
+    rt = ReferenceRuntime(f)
+    x, _ = data(f)
+    env = run_graph(f, Ctx(rt.params, rt.state, f.T, x, None, False, 0), frozenset({Stream.F}))
+    p = rt.params
+    v, s = torch.zeros(6, 9), torch.zeros(6, 9)
+    for t in range(f.T):  # I[t] = W x[t] + b + U s[t-1]; LIF with tau 2, v_th 0.3, hard reset to 0
+        current = F.linear(x[:, t], p["fc1.weight"], p["fc1.bias"]) + F.linear(s, p["h1_rec.weight"])
+        h = v + (current - v) / 2.0
+        s = (h >= 0.3).float()
+        v = h * (1 - s)
+        assert torch.equal(env["h1"][t], s), f"spikes differ at step {t}"
+        assert torch.allclose(env["h1_in"][t], current, atol=1e-6)
+    assert env["h1"].sum() > 0 and env["h1"].mean() < 1  # the check above was not vacuous
+
+
+def test_the_recurrent_term_changes_the_spikes():
+    f = rnn(widths=(9,), recurrent=(True,))
+    rt = ReferenceRuntime(f)
+    x, _ = data(f)
+    ctx = lambda: Ctx(rt.params, rt.state, f.T, x, None, False, 0)  # noqa: E731
+    with_rec = run_graph(f, ctx())["h1"]
+    rt.params["h1_rec.weight"].data.zero_()
+    assert not torch.equal(with_rec, run_graph(f, ctx())["h1"])
+
+
+@settings(max_examples=12)
+@given(seed=st.integers(0, 10_000), encoding=st.sampled_from(["direct", "sequence"]),
+       task=st.sampled_from(["regression", "classification"]), distill_on=st.sampled_from(["current", "membrane"]),
+       recurrent=st.sampled_from([(True, True), (True, False), (False, True)]), T=st.integers(1, 5))
+def test_cpu_backend_equals_reference(seed, encoding, task, distill_on, recurrent, T):
+    f = rnn(T=T, encoding=encoding, task=task, recurrent=recurrent)
+    bsd = derive_feedback(f, BSDConfig(distill_on=distill_on))
+    x, y = data(f, seed=seed)
+    ref, cpu = ReferenceRuntime(bsd, seed=seed), CPURuntime(bsd, seed=seed)
+    g_ref, l_ref, env = ref.gradients(x, y)
+    assume(well_conditioned(bsd, env))
+    g_cpu, l_cpu = cpu.gradients(x, y)
+    assert set(g_ref) == set(g_cpu)
+    for k in l_ref:
+        assert abs(float(l_ref[k].detach()) - l_cpu[k]) <= 1e-5 * max(1.0, abs(float(l_ref[k].detach()))), k
+    for k, g in g_ref.items():
+        tol = RTOL * float(g.abs().max()) + ATOL
+        assert float((g - g_cpu[k]).abs().max()) <= tol, f"{k}: {float((g - g_cpu[k]).abs().max()):.3g} > {tol:.3g}"
+    if T >= 2:  # with one step, s[t-1] is always the zero initial state: the recurrent gradient is exactly 0
+        assert any(float(g_ref[f"{n}.weight"].abs().max()) > 0 for n in ("h1_rec", "h2_rec") if f"{n}.weight" in g_ref)
+
+
+def test_triton_backend_equals_reference_on_a_recurrent_net():
+    bsd = derive_feedback(rnn(encoding="sequence", task="classification"))
+    x, y = data(bsd)
+    ref, tri = ReferenceRuntime(bsd, seed=3), TritonRuntime(bsd, seed=3)
+    g_ref, l_ref, env = ref.gradients(x, y)
+    assert well_conditioned(bsd, env)
+    g_tri, l_tri = tri.gradients(x, y)
+    assert any(la.kernel == RECURRENT_FUSION for la in tri.plan.launches)
+    for k, g in g_ref.items():
+        assert float((g - g_tri[k]).abs().max()) <= RTOL * float(g.abs().max()) + ATOL, k
+
+
+def test_bptt_backpropagates_through_the_recurrent_synapse():
+    f = rnn(widths=(9,), recurrent=(True,), encoding="sequence")
+    x, y = data(f)
+    bptt = BPTTRuntime(f, seed=0)
+    env = run_graph(f, bptt._ctx(x, y, True), frozenset({Stream.F}))
+    bptt.loss(env["out"], y).backward()
+    grad = bptt.params["h1_rec.weight"].grad
+    assert grad is not None and float(grad.abs().max()) > 0
+
+
+# ---------------------------------------------------------------------------------------------------- kernel
+
+
+@settings(max_examples=15)
+@given(T=st.integers(1, 4), B=st.sampled_from([1, 3, 17, 65]), K=st.sampled_from([1, 5, 33]),
+       N=st.sampled_from([1, 7, 16, 70]), tau=st.sampled_from([2.0, 4.0]), v_th=st.sampled_from([0.25, 0.5]),
+       soft=st.booleans(), spikes_in=st.booleans(), with_bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_recurrent_kernel_equals_twin_exactly(T, B, K, N, tau, v_th, soft, spikes_in, with_bias, seed):
+    # Exact arithmetic by construction: 0/1 or quarter-step inputs, weights in multiples of 2^-6 within ±0.5,
+    # tau a power of two. Every current, h and v is then a dyadic rational of at most 23 significant bits (|I| <
+    # 2^7, resolution 2^-(8 + 2T)), so float32 computes it exactly in any summation order, and the kernel's
+    # spikes, currents and membranes must equal the twin's bit for bit, through the recurrence, at every step.
+    gen = torch.Generator().manual_seed(seed)
+    s_in = ((torch.rand(T, B, K, generator=gen) < 0.4).to(torch.uint8) if spikes_in
+            else torch.randint(0, 5, (T, B, K), generator=gen).float() / 4)
+    w = torch.randint(-32, 33, (N, K), generator=gen).float() / 64
+    u = torch.randint(-32, 33, (N, N), generator=gen).float() / 64
+    b = torch.randint(-16, 17, (N,), generator=gen).float() / 64 if with_bias else None
+    got = linear_lif_rec_forward(s_in, w, b, u, None, tau, v_th, 0.0, soft, True, True)
+    want = twin.linear_lif_rec_forward(s_in, w, b, u, None, tau, v_th, 0.0, soft, True, True)
+    for name, a, e in zip(("spikes", "V", "h"), got, want):
+        assert torch.equal(a, e), f"{name} differs at {(a != e).nonzero()[:3].tolist()}"
+
+
+def test_recurrent_kernel_validates_its_recurrent_weight():
+    s_in, w = torch.zeros(2, 3, 4, dtype=torch.uint8), torch.zeros(5, 4)
+    with pytest.raises(ValueError, match=r"rec_weight must be \[N, N\] = \[5, 5\], got \(5, 4\)"):
+        linear_lif_rec_forward(s_in, w, None, torch.zeros(5, 4), None, 2.0, 0.3, 0.0, False)
