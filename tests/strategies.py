@@ -67,4 +67,19 @@ def conv_graphs(draw, max_conv: int = 3):
     return g.build()
 
 
-any_graph = st.one_of(mlp_graphs(), conv_graphs())
+@st.composite
+def rnn_graphs(draw, max_hidden: int = 3, max_width: int = 16):
+    """An MLP whose hidden layers are each recurrent (a delay-1 Linear from its own spikes) or not."""
+    g = GraphBuilder("rnn", T=draw(st.integers(1, 5)))
+    h = g.input((draw(st.integers(3, max_width)),))
+    for _ in range(draw(st.integers(1, max_hidden))):
+        current = g.linear(h, draw(st.integers(1, max_width)), bias=draw(st.booleans()))
+        recurrent = draw(st.booleans())
+        h = (g.recurrent_lif if recurrent else g.lif)(current, **draw(lif_params()))
+    g.output(g.linear(h, draw(st.integers(2, 6))))
+    return g.build()
+
+
+# what NIR can carry (recurrent layers are not exported yet), and every graph the engine compiles
+feedforward_graph = st.one_of(mlp_graphs(), conv_graphs())
+any_graph = st.one_of(mlp_graphs(), conv_graphs(), rnn_graphs())

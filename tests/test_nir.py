@@ -23,7 +23,7 @@ from bsdgraph.model_file import ModelError, load_model
 from bsdgraph.nir import NIRError, read_declarations, simulate, write_nir
 from bsdgraph.params import init_params, init_state
 from bsdgraph.passes import set_attrs
-from tests.strategies import any_graph
+from tests.strategies import feedforward_graph
 
 nir = pytest.importorskip("nir", reason="the `nir` package is not installed (pip install -e '.[test]')")
 
@@ -114,7 +114,7 @@ def test_every_model_round_trips_through_a_nir_file(tmp_path, model):
     assert all(v.any() for v in a.spikes.values()), "a silent layer would make the spike comparison vacuous"
 
 
-@given(any_graph)
+@given(feedforward_graph)
 @settings(max_examples=20)
 def test_any_forward_graph_round_trips_and_soft_reset_is_refused_by_name(g):
     soft = sorted(n.name for n in g.by_op(Op.LIF) if n.attrs["reset"] == "soft")
