@@ -63,7 +63,7 @@ def _report(rec: dict, as_json: bool) -> None:
 def cmd_eval(args) -> int:
     from bsdgraph.train import evaluate, load_for_eval
 
-    model = load_model(args.model)
+    model = apply_overrides(load_model(args.model), args)
     rt, ck = load_for_eval(model, Path(args.checkpoint), args.backend)
     data = load_data(args, model)
     result = {"checkpoint": args.checkpoint, "epoch": ck["epoch"], "rule": ck.get("rule"),
@@ -99,7 +99,6 @@ def cmd_plot(args) -> int:
     if ck.is_file():
         from bsdgraph.checkpoint import load_checkpoint, require
         from bsdgraph.printer import from_json
-        from bsdgraph.train import load_for_eval
 
         doc = require(load_checkpoint(ck), ck)
         model = load_model(args.model or doc["model"])
@@ -107,13 +106,13 @@ def cmd_plot(args) -> int:
         i = args.sample
         if not 0 <= i < data.n_test:
             raise UsageError(f"--sample {i} is out of range: the test split has {data.n_test} samples")
+        graph = from_json(doc["graph"])  # the graph trained, whatever --bsd / --lif options made it
         if model.target == "input":  # an autoencoder: originals beside what F reconstructs
-            rt, _ = load_for_eval(model, ck)
             x = data.x_test[i:i + 10]
-            written.append(plot.plot_reconstructions(x, rt.predict(x).reshape(x.shape), run))
+            written.append(plot.plot_reconstructions(x, plot.reconstruct(graph, doc["params"], doc["state"], x), run))
         if records[-1].get("rule") == "bsd":
-            written.append(plot.plot_raster(from_json(doc["graph"]), doc["params"], doc["state"],
-                                            data.x_test[i:i + 1], data.y_test[i:i + 1], run))
+            written.append(plot.plot_raster(graph, doc["params"], doc["state"], data.x_test[i:i + 1],
+                                            data.y_test[i:i + 1], run))
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -156,11 +155,7 @@ def _train_parser(sub) -> None:
     t.add_argument("--init", choices=["default", "calibrated"], help="weight initialisation")
     t.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule over epochs")
     t.add_argument("--augment", action="store_true", help="random +-2 px shifts and horizontal flips (images)")
-    t.add_argument("--lif", action="append", metavar="KEY=VALUE", help="set a LIF parameter on every neuron "
-                   "(e.g. --lif v_th=0.6); repeatable")
-    t.add_argument("--bsd", action="append", metavar="KEY=VALUE", help="set a BSD option (e.g. --bsd "
-                   "negatives=other_class, --bsd distill_on=membrane); repeatable")
-    t.add_argument("--encoding", choices=["direct", "poisson"], help="override the input encoding")
+    _model_edits(t)
     data_args(t)
     t.add_argument("--limit-train", type=int, metavar="N", help="train on the first N samples only")
     t.add_argument("--out", metavar="RUN_DIR", help="where checkpoint.pt and metrics.jsonl go (default "
@@ -169,6 +164,15 @@ def _train_parser(sub) -> None:
     t.add_argument("--json", action="store_true", help="one JSON line per epoch (default when stdout is not a "
                    "terminal)")
     t.set_defaults(fn=cmd_train)
+
+
+def _model_edits(p) -> None:
+    """Edits of the model file without changing it; eval takes them too, to match a checkpoint trained with them."""
+    p.add_argument("--lif", action="append", metavar="KEY=VALUE", help="set a LIF parameter on every neuron "
+                   "(e.g. --lif v_th=0.6); repeatable")
+    p.add_argument("--bsd", action="append", metavar="KEY=VALUE", help="set a BSD option (e.g. --bsd "
+                   "negatives=other_class, --bsd distill_on=membrane, --bsd freq=False); repeatable")
+    p.add_argument("--encoding", choices=["direct", "poisson"], help="override the input encoding")
 
 
 def _plot_parser(sub) -> None:
@@ -191,6 +195,7 @@ def _eval_parser(sub) -> None:
     e.add_argument("model", metavar="MODEL.py")
     e.add_argument("--checkpoint", required=True, metavar="FILE")
     e.add_argument("--backend", choices=BACKENDS)
+    _model_edits(e)
     e.add_argument("--frechet-classifier", metavar="CLASSIFIER_CKPT", help="autoencoders: also report the Fréchet "
                    "distance between the test images and their reconstructions in the feature space of this trained "
                    "classifier (a bsdgraph train checkpoint, e.g. of models/fmnist_mlp.py; not Inception FID)")

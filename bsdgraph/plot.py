@@ -145,6 +145,17 @@ def plot_recall(images: torch.Tensor, out: Path, names: list[str] | None = None)
     return _save(fig, out)
 
 
+@torch.no_grad()
+def reconstruct(graph, params, state, x: torch.Tensor) -> torch.Tensor:
+    """What F of a checkpoint (BSD or BPTT) outputs for images ``x``, shaped like ``x``."""
+    from bsdgraph.runtime.common import readout
+    from bsdgraph.runtime.reference import Ctx, run_graph
+
+    env = run_graph(graph, Ctx(params, state, graph.T, x, None, False, 0), frozenset({Stream.F}))
+    out = graph.by_op(Op.OUTPUT)[0]
+    return readout(out, env[out.name]).reshape(x.shape)
+
+
 def plot_reconstructions(originals: torch.Tensor, recon: torch.Tensor, out: Path) -> Path:
     """An autoencoder's test images [N, C, H, W] (top row) above F's reconstructions (bottom row), both shown on the
     pixel scale [0, 1] without rescaling, so that a faint or saturated reconstruction looks it; per-image MSE."""

@@ -130,10 +130,14 @@ def test_cli_train_eval_with_frechet_and_plot_of_reconstructions(capsys, tmp_pat
     cls_file.write_text(CLASSIFIER)
     code, _, err = run(capsys, "train", cls_file, "--npz", npz, "--out", tmp_path / "cls", "--json")
     assert code == 0, err
-    code, _, err = run(capsys, "train", ae_file, "--npz", npz, "--out", tmp_path / "ae", "--epochs", 1, "--json")
+    code, _, err = run(capsys, "train", ae_file, "--npz", npz, "--out", tmp_path / "ae", "--epochs", 1,
+                       "--bsd", "freq=False", "--json")
     assert code == 0, err
+    # eval takes the same model edits as train: without them the graph is not the one trained
+    code, _, err = run(capsys, "eval", ae_file, "--checkpoint", tmp_path / "ae" / "checkpoint.pt", "--npz", npz)
+    assert code == 1 and "was trained on a different graph" in err
     code, out, err = run(capsys, "eval", ae_file, "--checkpoint", tmp_path / "ae" / "checkpoint.pt", "--npz", npz,
-                         "--frechet-classifier", tmp_path / "cls" / "checkpoint.pt", "--json")
+                         "--bsd", "freq=False", "--frechet-classifier", tmp_path / "cls" / "checkpoint.pt", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert result["test_mse"] > 0 and result["test_frechet"] > 0
