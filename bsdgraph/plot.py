@@ -169,7 +169,6 @@ def plot_reconstructions(originals: torch.Tensor, recon: torch.Tensor, out: Path
             pic = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
             ax.imshow(pic.clamp(0, 1).numpy(), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1)
             ax.axis("off")
-        axes[1][j].set_title(f"{mse:.4f}", fontsize=7)
-    axes[0][0].set_title("original", fontsize=8, loc="left")
+        axes[1][j].text(0.5, -0.04, f"{mse:.4f}", fontsize=7, ha="center", va="top", transform=axes[1][j].transAxes)
     fig.suptitle("test images (top) and the autoencoder's reconstructions (bottom, per-image MSE)", fontsize=9)
     return _save(fig, out / "reconstructions.png")
