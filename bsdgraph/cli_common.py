@@ -68,7 +68,9 @@ def load_data(args, model):
     out, inp = model.graph.by_op(Op.OUTPUT)[0], model.graph.by_op(Op.INPUT)[0]
     # a sequence stimulus carries its T steps per sample: [N, T, *shape]
     shape = (model.graph.T, *inp.shape) if inp.attrs["encoding"] == "sequence" else inp.shape
-    ds = check_against_model(ds, shape, out.attrs["n_classes"] or None, out.attrs["task"], math.prod(out.shape))
+    per_step = model.graph.T if out.attrs["target"] == "sequence" else 1  # one target per step
+    ds = check_against_model(ds, shape, out.attrs["n_classes"] or None, out.attrs["task"],
+                             per_step * math.prod(out.shape))
     return subset(ds, getattr(args, "limit_train", None), args.limit_test)
 
 

@@ -313,7 +313,7 @@ def _losses(f: Graph, layers: list[Layer], vhat, bneuron, cfg: BSDConfig) -> tup
     if out.attrs["task"] == "classification":
         add(f"ce{top}", Op.CE, [out.name], layer=top, population=out.attrs["population"])
     else:
-        add(f"mse{top}", Op.MSE, [out.name], layer=top)
+        add(f"mse{top}", Op.MSE, [out.name], layer=top, per_step=out.attrs["target"] == "sequence")
     return nodes, edges
 
 

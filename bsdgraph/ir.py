@@ -18,7 +18,7 @@ import networkx as nx
 
 class Op(enum.Enum):
     INPUT = "input"            # stimulus, encoded over T steps (direct | poisson | sequence)
-    TARGET = "target"          # B's input: the concept code of the labels (onehot | population | analog)
+    TARGET = "target"          # B's input: the concept code of the labels (onehot | population | analog | sequence)
     LINEAR = "linear"
     CONV2D = "conv2d"
     CONV_T2D = "conv_t2d"      # B's mirror of conv2d
@@ -85,7 +85,7 @@ ATTRS: dict[Op, tuple[Attr, ...]] = {
     # sequence: the stimulus is [T, *shape] per sample, step t's slice is the current of step t (time series)
     Op.INPUT: (_a("encoding", str, "direct", ("direct", "poisson", "sequence")),),
     Op.TARGET: (
-        _a("encoding", str, "onehot", ("onehot", "population", "analog")),
+        _a("encoding", str, "onehot", ("onehot", "population", "analog", "sequence")),
         _a("n_classes", int, 0),
         _a("population", int, 1),
     ),
@@ -113,7 +113,9 @@ ATTRS: dict[Op, tuple[Attr, ...]] = {
     ),
     Op.OUTPUT: (
         _a("task", str, "classification", ("classification", "regression")),
-        _a("target", str, "onehot", ("onehot", "population", "analog")),
+        # regression: analog = one target per sample, read as mean_t of the top current; sequence = one per step,
+        # V_L[t] predicts y[:, t] (sequence-to-sequence, e.g. next-step prediction of a time series)
+        _a("target", str, "onehot", ("onehot", "population", "analog", "sequence")),
         _a("n_classes", int, 0),
         _a("population", int, 1),
     ),
@@ -123,7 +125,7 @@ ATTRS: dict[Op, tuple[Attr, ...]] = {
         _a("freq", bool, False), _a("freq_r", _NUM, 0.25), _a("lam_low", _NUM, 0.3), _a("lam_high", _NUM, 0.9),
     ),
     Op.CE: (_a("layer", int, required=True), _a("population", int, 1)),
-    Op.MSE: (_a("layer", int, required=True),),
+    Op.MSE: (_a("layer", int, required=True), _a("per_step", bool, False)),
 }
 
 

@@ -95,10 +95,16 @@ def _ce(n: Node, args, labels):
     return F.cross_entropy(class_scores(args[0], n.attrs["population"]), labels)
 
 
+def regression_prediction(v: torch.Tensor, per_step: bool) -> torch.Tensor:
+    """The top current [T, B, ...] read as predictions: mean over time [B, ...], or per step [B, T, ...]."""
+    return v.transpose(0, 1) if per_step else v.mean(0)
+
+
 def _mse(n: Node, args, labels):
     if len(args) == 2:  # bottom recall for generation: compare the encoded stimulus with B's reconstruction
         return F.mse_loss(args[1], args[0])
-    return F.mse_loss(args[0].mean(0).reshape(labels.shape), labels.to(args[0].dtype))
+    pred = regression_prediction(args[0], n.attrs["per_step"])
+    return F.mse_loss(pred, labels.to(args[0].dtype).reshape(pred.shape))
 
 
 LOSS_IMPLS = {Op.RECO: _reco, Op.CE: _ce, Op.MSE: _mse}

@@ -166,7 +166,7 @@ def can_dedup(g: Graph) -> bool:
     """B can run once per class present when it is a deterministic function of the label: driven by a class
     code (not an analog target), with no batchnorm (whose batch statistics would need per-class weights)."""
     targets = g.by_op(Op.TARGET)
-    return (bool(targets) and targets[0].attrs["encoding"] != "analog"
+    return (bool(targets) and targets[0].attrs["encoding"] in ("onehot", "population")
             and not any(n.op == Op.BATCHNORM and n.stream == Stream.B for n in g.nodes))
 
 

@@ -41,21 +41,24 @@ def mackey_glass(length: int, tau: float = 17.0, beta: float = 0.2, gamma: float
     return x[start + stride: start + stride * (length + 1): stride][:length]
 
 
-def windows(series: np.ndarray, T: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sliding windows: x[i] = series[i : i + T] as [N, T, 1], y[i] = series[i + T] as [N, 1] (one step ahead)."""
+def windows(series: np.ndarray, T: int, per_step: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Sliding windows x[i] = series[i : i + T] as [N, T, 1]; the target is the next value, y[i] = series[i + T]
+    as [N, 1], or with ``per_step`` the next value at every step, y[i] = series[i + 1 : i + T + 1] as [N, T, 1]."""
     n = len(series) - T
     idx = np.arange(T)[None, :] + np.arange(n)[:, None]
-    return series[idx][..., None], series[T:][:, None]
+    y = series[idx + 1][..., None] if per_step else series[T:][:, None]
+    return series[idx][..., None], y
 
 
-def mackey_glass_dataset(T: int, n_train: int = 4000, n_test: int = 1000, sample_every: float = 1.0) -> Dataset:
+def mackey_glass_dataset(T: int, n_train: int = 4000, n_test: int = 1000, sample_every: float = 1.0,
+                         per_step: bool = False) -> Dataset:
     """One-step-ahead prediction windows: the first ``n_train + T`` samples make the training windows, the test
     windows come from the series after them (no overlap). Values are scaled to [0, 1] with the training part's
     range, so a test MSE reads in units of that range squared."""
-    series = mackey_glass(n_train + n_test + 2 * T, sample_every=sample_every)
-    train, test = series[: n_train + T], series[n_train + T:]
+    series = mackey_glass(n_train + n_test + 2 * T + 1, sample_every=sample_every)
+    train, test = series[: n_train + T + 1], series[n_train + T + 1:]
     lo, hi = train.min(), train.max()
     scale = lambda a: ((a - lo) / (hi - lo)).astype(np.float32)  # noqa: E731
-    (xtr, ytr), (xte, yte) = windows(scale(train), T), windows(scale(test), T)
-    return Dataset(torch.from_numpy(xtr), torch.from_numpy(ytr), torch.from_numpy(xte[:n_test]),
+    (xtr, ytr), (xte, yte) = windows(scale(train), T, per_step), windows(scale(test), T, per_step)
+    return Dataset(torch.from_numpy(xtr[:n_train]), torch.from_numpy(ytr[:n_train]), torch.from_numpy(xte[:n_test]),
                    torch.from_numpy(yte[:n_test]), "mackey-glass", f"Mackey-Glass tau=17 (generated, T={T})", None)

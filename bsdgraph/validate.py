@@ -304,8 +304,9 @@ def _output(n: Node, g: Graph):
         if a["population"] < 1 or a["n_classes"] < 2 or a["n_classes"] * a["population"] != width:
             yield (f"n_classes={a['n_classes']} x population={a['population']} must equal the top width {width} "
                    "(and n_classes >= 2)", "make the top linear n_classes * population wide")
-    elif a["target"] != "analog":
-        yield f"regression needs target 'analog', got {a['target']!r}", "use g.output(x, task='regression')"
+    elif a["target"] not in ("analog", "sequence"):
+        yield (f"regression needs target 'analog' or 'sequence', got {a['target']!r}",
+               "use g.output(x, task='regression'), or target='sequence' for one target per step")
 
 
 @check(Op.RECO)

@@ -208,3 +208,28 @@ def test_recurrent_kernel_validates_its_recurrent_weight():
     s_in, w = torch.zeros(2, 3, 4, dtype=torch.uint8), torch.zeros(5, 4)
     with pytest.raises(ValueError, match=r"rec_weight must be \[N, N\] = \[5, 5\], got \(5, 4\)"):
         linear_lif_rec_forward(s_in, w, None, torch.zeros(5, 4), None, 2.0, 0.3, 0.0, False)
+
+
+# ---------------------------------------------------------------------------------------------------- sequence targets
+
+
+def test_sequence_targets_compare_every_step_on_every_runtime():
+    f = rnn(encoding="sequence")
+    g = GraphBuilder("s", T=f.T)
+    h = g.recurrent_lif(g.linear(g.input((3,), encoding="sequence"), 9))
+    g.output(g.linear(h, 2), task="regression", target="sequence")
+    bsd = derive_feedback(g.build())
+    assert bsd["mse2"].attrs["per_step"] and bsd["target"].attrs["encoding"] == "sequence"
+    x, _ = data(bsd)
+    y = torch.rand(6, bsd.T, 2, generator=torch.Generator().manual_seed(9))
+    ref, cpu = ReferenceRuntime(bsd), CPURuntime(bsd)
+    losses, env = ref.losses(x, y)
+    v = env["fc2"].detach()  # [T, B, 2]: step t's prediction is compared with y[:, t]
+    assert torch.allclose(losses["mse2"], ((v - y.transpose(0, 1)) ** 2).mean())
+    assert torch.equal(ref.predict(x), v.transpose(0, 1))
+    g_ref, _, _ = ref.gradients(x, y)
+    g_cpu, _ = cpu.gradients(x, y)
+    for k, gr in g_ref.items():
+        assert float((gr - g_cpu[k]).abs().max()) <= RTOL * float(gr.abs().max()) + ATOL, k
+    bptt = BPTTRuntime(g.build())
+    assert abs(bptt.step(x, y).losses["bptt"] - float(((v - y.transpose(0, 1)) ** 2).mean())) < 1e-6

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from bsdgraph.ir import Graph, Op, Stream
 from bsdgraph.losses import class_scores
-from bsdgraph.runtime.common import StepResult, clip_per_node, rates_of
+from bsdgraph.runtime.common import StepResult, clip_per_node, rates_of, readout
 from bsdgraph.runtime.reference import ReferenceRuntime, run_graph
 
 
@@ -27,7 +27,8 @@ class BPTTRuntime(ReferenceRuntime):
     def loss(self, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.out.attrs["task"] == "classification":
             return F.cross_entropy(class_scores(v, self.out.attrs["population"]), y)
-        return F.mse_loss(v.mean(0).reshape(y.shape), y.to(v.dtype))
+        pred = readout(self.out, v)
+        return F.mse_loss(pred, y.to(v.dtype).reshape(pred.shape))
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         env = run_graph(self.graph, self._ctx(x, y, True), frozenset({Stream.F}))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from bsdgraph.ir import Graph, Node, Op
-from bsdgraph.losses import class_scores
+from bsdgraph.losses import class_scores, regression_prediction
 from bsdgraph.params import Params
 
 
@@ -57,8 +57,11 @@ def encode_input(n: Node, x: torch.Tensor, T: int, seed: int) -> torch.Tensor:
 
 def encode_target(n: Node, y: torch.Tensor, T: int) -> torch.Tensor:
     """Labels -> the concept code [T, B, D_L]: one-hot (or a block of ``population`` neurons) at every step;
-    analog targets (regression) are the top layer's input value at every step."""
+    analog targets (regression) are the top layer's input value at every step, sequence targets [B, T, ...] give
+    step t its own value."""
     enc = n.attrs["encoding"]
+    if enc == "sequence":  # one target per step: y is [B, T, ...]
+        return y.to(torch.float32).reshape(y.shape[0], T, *n.shape).transpose(0, 1)
     if enc == "analog":
         code = y.to(torch.float32).reshape(y.shape[0], *n.shape)
     else:
@@ -72,7 +75,7 @@ def readout(out: Node, v: torch.Tensor) -> torch.Tensor:
     """Top current [T, B, ...] -> predictions: class scores (argmax = class) or regression values."""
     if out.attrs["task"] == "classification":
         return class_scores(v, out.attrs["population"])
-    return v.mean(0)
+    return regression_prediction(v, out.attrs["target"] == "sequence")
 
 
 def make_optimizer(params: Params, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -267,6 +267,10 @@ def _mse(ex, la: Launch):
         _store_loss_grads(ex, la, (diff ** 2).mean(), [None, 2 * diff / diff.numel()])
         return
     (v,) = vals
+    if ex.node(la.nodes[0]).attrs["per_step"]:  # V[t] predicts y[:, t]
+        diff = v - ex.labels.to(v.dtype).reshape(v.shape[1], v.shape[0], *v.shape[2:]).transpose(0, 1)
+        _store_loss_grads(ex, la, (diff ** 2).mean(), [(2 * diff / diff.numel()).contiguous()])
+        return
     y = ex.labels.to(v.dtype).reshape(v.shape[1:])
     diff = v.mean(0) - y
     dv = (2 * diff / diff.numel() / ex.T).unsqueeze(0).expand_as(v).contiguous()
