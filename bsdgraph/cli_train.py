@@ -25,7 +25,7 @@ def _emit_record(rec: dict, as_json: bool) -> None:
 
 
 def cmd_train(args) -> int:
-    from bsdgraph.train import Trainer, TrainConfig, tqdm_progress
+    from bsdgraph.train import TrainConfig
 
     model = apply_overrides(load_model(args.model), args)
     data = load_data(args, model)
@@ -36,22 +36,50 @@ def cmd_train(args) -> int:
     if (out / "checkpoint.pt").exists() and not args.resume:
         raise UsageError(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
     as_json = args.json or not sys.stdout.isatty()
-    trainer = Trainer(model, data, cfg, out, rule=args.rule, backend=args.backend,
-                      log=lambda rec: _report(rec, as_json), progress=None if as_json else tqdm_progress())
+    trainer, lead = _make_trainer(args, model, data, cfg, out, as_json)
+    say = (lambda text: print(text, file=sys.stderr)) if lead else (lambda text: None)
     if args.resume:
         trainer.resume()
     else:
         for syn, (factor, rate) in trainer.initialise().items():
-            print(f"calibrated {syn}: weights x{factor:.3g}, firing {100 * rate:.1f} %", file=sys.stderr)
-    print(f"training {model.path} ({args.rule}, {trainer.backend} backend) on {data.name}: {data.n_train} train / "
-          f"{data.n_test} test samples, epochs {trainer.epoch + 1}..{cfg.epochs}", file=sys.stderr)
+            say(f"calibrated {syn}: weights x{factor:.3g}, firing {100 * rate:.1f} %")
+    say(f"training {model.path} ({args.rule}, {trainer.backend} backend{_processes(trainer)}) on {data.name}: "
+        f"{data.n_train} train / {data.n_test} test samples, epochs {trainer.epoch + 1}..{cfg.epochs}")
     history = trainer.run()
     final = history[-1] if history else {}
     summary = (f"test accuracy {100 * final['test_accuracy']:.2f} %" if "test_accuracy" in final
                else f"test MSE {final.get('test_mse', float('nan')):.5f}")
-    print(f"done: {summary}; checkpoint {trainer.checkpoint_path}; metrics {out / 'metrics.jsonl'}; "
-          f"plots: bsdgraph plot {out}", file=sys.stderr)
+    say(f"done: {summary}; checkpoint {trainer.checkpoint_path}; metrics {out / 'metrics.jsonl'}; "
+        f"plots: bsdgraph plot {out}")
     return 0
+
+
+def _make_trainer(args, model, data, cfg, out, as_json):
+    """(trainer, whether this process reports): one process, or under torchrun (RANK and WORLD_SIZE set) one
+    rank of a data-parallel or (--layer-parallel) pipelined run; only rank 0 prints and writes."""
+    from bsdgraph.distributed import launched
+    from bsdgraph.train import Trainer, default_backend, tqdm_progress
+
+    def report(rec: dict) -> None:
+        _report(rec, as_json)
+
+    if not launched():
+        if args.layer_parallel:
+            raise UsageError("--layer-parallel runs one pipeline stage per process: start it with torchrun "
+                             "--nproc-per-node K -m bsdgraph train ... --layer-parallel")
+        return Trainer(model, data, cfg, out, rule=args.rule, backend=args.backend, log=report,
+                       progress=None if as_json else tqdm_progress()), True
+    from bsdgraph.train_parallel import parallel_trainer, world_rank
+
+    lead = world_rank()[0] == 0
+    trainer = parallel_trainer(args.layer_parallel, model, data, cfg, out, args.rule,
+                               args.backend or default_backend(), log=report if lead else (lambda rec: None))
+    return trainer, lead
+
+
+def _processes(trainer) -> str:
+    comm = getattr(trainer, "comm", None)
+    return f", {trainer.mode}-parallel on {comm.world} processes" if comm else ""
 
 
 def _report(rec: dict, as_json: bool) -> None:
@@ -143,7 +171,9 @@ def cmd_recall(args) -> int:
 def _train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a model with BSD (or BPTT) and checkpoint every epoch",
                        description="Train MODEL.py. Hyper-parameters default from the model's TRAIN dict; "
-                                   "command-line values override them.")
+                                   "command-line values override them. Under torchrun (torchrun "
+                                   "--nproc-per-node N -m bsdgraph train ...) N processes train data-parallel, "
+                                   "or layer-parallel with --layer-parallel.")
     t.add_argument("model", metavar="MODEL.py")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
@@ -160,9 +190,13 @@ def _train_parser(sub) -> None:
     t.add_argument("--limit-train", type=int, metavar="N", help="train on the first N samples only")
     t.add_argument("--out", metavar="RUN_DIR", help="where checkpoint.pt and metrics.jsonl go (default "
                    "runs/<model>)")
-    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt (with any number "
+                   "of processes)")
     t.add_argument("--json", action="store_true", help="one JSON line per epoch (default when stdout is not a "
                    "terminal)")
+    t.add_argument("--layer-parallel", action="store_true", help="under torchrun: one pipeline stage of "
+                   "consecutive layers per process, spikes sent on, nothing sent back (default under torchrun: "
+                   "data-parallel, each process a shard of every batch)")
     t.set_defaults(fn=cmd_train)
 
 

@@ -185,7 +185,7 @@ class Trainer:
         self.log, self.progress = log, progress
         if cfg.augment and len(data.sample_shape) != 3:
             raise TrainingError(f"--augment shifts and flips images, but samples have shape {data.sample_shape}")
-        self.rt, self.graph = make_runtime(model, rule, self.backend, cfg)
+        self.rt, self.graph = self._runtime()
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.epoch, self.history = 0, []
         self.checkpoint_path = self.out / "checkpoint.pt"
@@ -198,16 +198,21 @@ class Trainer:
         params = init_params(self.graph, self.cfg.seed)
         idx = torch.randperm(self.data.n_train, generator=torch.Generator().manual_seed(self.cfg.seed))[:256]
         report = calibrate(self.graph, params, self.data.x_train[idx], self.data.y_train[idx])
-        self.rt, _ = make_runtime(self.model, self.rule, self.backend, self.cfg, params=params)
+        self.rt, _ = self._runtime(params=params)
         return report
 
+    def _runtime(self, params=None, state=None):
+        """(runtime, graph): the one place a trainer builds its runtime (train_parallel.py overrides it)."""
+        return make_runtime(self.model, self.rule, self.backend, self.cfg, params=params, state=state)
+
     def resume(self) -> None:
-        ck = require(load_checkpoint(self.checkpoint_path), self.checkpoint_path)
+        self._restore(require(load_checkpoint(self.checkpoint_path), self.checkpoint_path))
+
+    def _restore(self, ck: dict[str, Any]) -> None:
         if ck.get("graph") != to_json(self.graph) or ck.get("rule") != self.rule:
             raise CheckpointError(f"{self.checkpoint_path}: was written for another graph or rule "
                                   f"({ck.get('rule')}); train into a fresh --out directory or fix the model")
-        self.rt, _ = make_runtime(self.model, self.rule, self.backend, self.cfg, params=ck["params"],
-                                  state=ck["state"])
+        self.rt, _ = self._runtime(params=ck["params"], state=ck["state"])
         self.rt.optimizer.load_state_dict(ck["optimizer"])
         self.rt.steps = ck["steps"]
         self.gen.set_state(ck["rng"])
