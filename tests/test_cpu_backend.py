@@ -220,3 +220,22 @@ def test_cpu_philox_is_bit_identical_to_the_twin(seed, offsets):
 
     off = torch.tensor(offsets + [0, 2**31 - 1, 2**31, 2**32 - 1, 2**32], dtype=torch.int64)
     assert torch.equal(philox_uniform(seed, off), twin(seed, off))
+
+
+@pytest.mark.parametrize("scale", [0.01, 10.0], ids=["unclipped", "clipped"])
+def test_per_node_clipping_is_torch_clip_grad_norm_per_node_bit_for_bit(scale):
+    from bsdgraph.runtime.common import clip_per_node
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = {"a.weight": (50, 30), "a.bias": (50,), "b.weight": (7,)}
+    ours = {k: torch.nn.Parameter(torch.zeros(s)) for k, s in shapes.items()}
+    theirs = {k: torch.nn.Parameter(torch.zeros(s)) for k, s in shapes.items()}
+    for k, s in shapes.items():
+        ours[k].grad = torch.randn(s, generator=gen) * scale
+        theirs[k].grad = ours[k].grad.clone()
+    clip_per_node(ours, 1.0)
+    for node in ("a", "b"):
+        torch.nn.utils.clip_grad_norm_([p for k, p in theirs.items() if k.startswith(node)], 1.0)
+    assert all(torch.equal(ours[k].grad, theirs[k].grad) for k in shapes)
+    norm = float(torch.linalg.vector_norm(torch.cat([ours["a.weight"].grad.flatten(), ours["a.bias"].grad])))
+    assert (norm < 1.0001) if scale > 1 else (norm < 1)  # clipped to the max norm, or left as it was

@@ -94,7 +94,15 @@ def clip_per_node(params: Params, max_norm: float) -> None:
         if p.grad is not None:
             groups.setdefault(name.rsplit(".", 1)[0], []).append(p)
     for ps in groups.values():
-        torch.nn.utils.clip_grad_norm_(ps, max_norm)
+        # torch.nn.utils.clip_grad_norm_'s arithmetic, but on CPU the gradients are only rewritten when they are
+        # actually clipped: its unconditional multiply by a coefficient clamped to 1.0 changes no bit and costs a
+        # pass over them. On a GPU the comparison would be a host sync per layer, so there it always multiplies.
+        grads = [p.grad for p in ps]
+        coef = max_norm / (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) + 1e-6)
+        if coef.device.type != "cpu":
+            torch._foreach_mul_(grads, coef.clamp(max=1.0))
+        elif coef < 1:
+            torch._foreach_mul_(grads, coef)
 
 
 def rates_of(g: Graph, env: dict[str, torch.Tensor]) -> dict[str, float]:
