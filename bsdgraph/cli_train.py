@@ -195,8 +195,8 @@ def _train_parser(sub) -> None:
     t.add_argument("--json", action="store_true", help="one JSON line per epoch (default when stdout is not a "
                    "terminal)")
     t.add_argument("--layer-parallel", action="store_true", help="under torchrun: one pipeline stage of "
-                   "consecutive layers per process, spikes sent on, nothing sent back (default under torchrun: "
-                   "data-parallel, each process a shard of every batch)")
+                   "consecutive layers per process; F's spikes go up, B's class-coded spikes down, no gradient "
+                   "is sent (default under torchrun: data-parallel, each process a shard of every batch)")
     t.set_defaults(fn=cmd_train)
 
 
