@@ -142,6 +142,9 @@ def test_sigkill_inside_save_checkpoint_leaves_the_old_or_the_new_checkpoint(ser
         os.kill(pid, signal.SIGKILL)
         assert server.wait(pid)["signal"] == signal.SIGKILL
         done = read_marks(marks)
+        # a kill inside the child's first write leaves its temporary file and no checkpoint: count it too (under
+        # load the first write is often still running when the kill lands; found by `make fuzz` on a busy machine)
+        outcomes["temp left"] += (tmp_path / f"checkpoint.pt.tmp-{pid}").exists()
         if not target.exists():
             assert not done, "a save completed, yet there is no checkpoint"
             outcomes["none"] += 1
@@ -151,7 +154,6 @@ def test_sigkill_inside_save_checkpoint_leaves_the_old_or_the_new_checkpoint(ser
         last = done[-1] if done else 0
         assert doc["i"] in (last, last + 1), f"checkpoint {doc['i']} after completed save {last}"
         outcomes["old" if doc["i"] == last else "new"] += 1
-        outcomes["temp left"] += (tmp_path / f"checkpoint.pt.tmp-{pid}").exists()
         target.unlink()  # the next child starts from nothing again
     save_checkpoint(target, {"i": 0})  # a successful save removes the dead writers' temporary files
     assert sorted(p.name for p in tmp_path.glob("checkpoint.pt*")) == ["checkpoint.pt"]
