@@ -7,6 +7,8 @@ Per synapse layer of F and per sample:
     MACs = T * D_in * fan_out (a neuromorphic chip repeats them each step; bsdgraph's cpu backend computes them
     once, which is a speed fact, not an energy one);
   * the same network as a non-spiking ANN costs D_in * fan_out MACs per layer, once.
+A recurrent synapse reads its layer's own spikes of steps 0..T-2: (T - 1) * rate * D * fan_out ACs. A sequence
+stimulus is analog (MACs every step), and its ANN twin, an RNN, also runs once per step (T times the MACs).
 Fan-out: out_features for Linear; C_out * k_h * k_w / (s_h * s_w) for Conv2d (each input pixel reaches k^2/s^2
 output positions on average; borders ignored). Pooling, batchnorm (foldable into weights) and neuron updates
 are not counted, as in the usual convention. Energies at 45 nm CMOS (Horowitz, ISSCC 2014): E_AC = 0.9 pJ,
@@ -24,6 +26,7 @@ from bsdgraph.feedback import segment
 from bsdgraph.ir import Graph, GroupOp, Op
 
 E_AC_PJ, E_MAC_PJ = 0.9, 4.6
+ANALOG = ("direct", "sequence")  # stimulus encodings that feed analog values (MACs), not spikes
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ def _input_rate(g: Graph, syn: str, rates: dict[str, float]) -> float | None:
     while src.op in GroupOp.TRANSFORM:
         src = g.inputs(src.name)[0]
     if src.op == Op.INPUT:
-        return None if src.attrs["encoding"] == "direct" else rates.get(src.name, 0.0)
+        return None if src.attrs["encoding"] in ANALOG else rates.get(src.name, 0.0)
     return rates[src.name]
 
 
@@ -63,16 +66,21 @@ def estimate(g: Graph, rates: dict[str, float], e_ac: float = E_AC_PJ, e_mac: fl
     x = g.by_op(Op.INPUT)[0]
     if input_rate is not None:
         rates[x.name] = input_rate
+    # a sequence model's ANN twin (an RNN) also runs once per step; an image model's ANN runs once
+    ann_steps = g.T if x.attrs["encoding"] == "sequence" else 1
     out = []
     for layer in segment(g):
-        syn = layer.synapse
-        d_in = math.prod(g.inputs(syn)[0].shape)
-        fan = _fan_out(g, syn)
-        rate = _input_rate(g, syn, rates)
-        ops = g.T * d_in * fan * (1.0 if rate is None else rate)
-        snn_pj = ops * (e_mac if rate is None else e_ac)
-        ann = d_in * fan
-        out.append(LayerEnergy(syn, rate, ops, snn_pj, ann, ann * e_mac))
+        for syn, steps in ((layer.synapse, g.T), (layer.rec, g.T - 1)):
+            if syn is None:
+                continue
+            # a recurrent synapse reads the layer's own spikes of steps 0..T-2 (s[-1] = 0 costs nothing)
+            d_in = math.prod(g.inputs(syn)[0].shape)
+            fan = _fan_out(g, syn)
+            rate = _input_rate(g, syn, rates)
+            ops = steps * d_in * fan * (1.0 if rate is None else rate)
+            snn_pj = ops * (e_mac if rate is None else e_ac)
+            ann = (steps if syn == layer.rec else ann_steps) * d_in * fan
+            out.append(LayerEnergy(syn, rate, ops, snn_pj, ann, ann * e_mac))
     return out
 
 

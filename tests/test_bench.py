@@ -85,6 +85,18 @@ def test_energy_counts_follow_the_formula(capsys):
     assert "ANN / SNN energy" in capsys.readouterr().out
 
 
+def test_energy_of_a_recurrent_sequence_model_counts_the_recurrent_synapse_and_an_rnn_twin():
+    from bsdgraph.energy import estimate
+
+    f = load_model("models/mackey_glass_rnn.py").graph  # T = 8, 1 -> rec 128 -> 64 -> 1, sequence input
+    layers = {e.synapse: e for e in estimate(f, {"h1": 0.1, "h2": 0.2})}
+    assert list(layers) == ["fc1", "h1_rec", "fc2", "fc3"]
+    assert layers["fc1"].input_rate is None and layers["fc1"].snn_ops == 8 * 1 * 128  # analog sequence: MACs
+    assert layers["h1_rec"].input_rate == 0.1  # its own layer's spikes, steps 0..6 reach it
+    assert layers["h1_rec"].snn_ops == pytest.approx(7 * 0.1 * 128 * 128) and layers["h1_rec"].ann_macs == 7 * 128 ** 2
+    assert layers["fc2"].ann_macs == 8 * 128 * 64  # the ANN twin is an RNN: it also runs every step
+
+
 def test_sweep_writes_a_plot(capsys, tmp_path):
     png = tmp_path / "sweep.png"
     code = main(["bench", "models/onb_bench.py", "--sweep", "T=1,2", "--steps", "1", "--warmup", "0",
