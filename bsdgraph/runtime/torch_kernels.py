@@ -320,13 +320,15 @@ def _weight_grad(ex, la: Launch):
     grad = ex.read(la.reads[0]).reshape(ex.T, -1, n.attrs["out_features"])
     src = la.reads[1]
     delay = ex.graph.in_edges(node)[0].delay
+    # on the CPU spikes are cast to float32 here (ex.read's vectorised cast); a GPU kernel reads the uint8 bytes
+    spikes = (lambda: ex.read(src)) if ex.device.type == "cpu" else (lambda: ex.buf[src])
     if delay:  # a recurrent synapse reads s[t - delay]: dU = sum_t dV[t]^T s[t-1]
-        inp = ex.buf[src].reshape(ex.T, grad.shape[1], -1)
+        inp = spikes().reshape(ex.T, grad.shape[1], -1)
         grad, inp = grad[delay:].reshape(-1, grad.shape[-1]), inp[:-delay].reshape(-1, inp.shape[-1])
     elif ex.is_time_invariant(src):  # same input every step: dW = (sum_t dV[t])^T x, T times fewer FLOPs
         grad, inp = grad.sum(0), ex.buf[src].reshape(grad.shape[1], -1)
     else:
-        inp = ex.buf[src].reshape(ex.T * grad.shape[1], -1)
+        inp = spikes().reshape(ex.T * grad.shape[1], -1)
         grad = grad.reshape(-1, grad.shape[-1])
     dw, db = ex.prims.weight_grad(grad.contiguous(), inp.contiguous(), n.attrs["bias"])
     ex.write_grads(node, {"weight": dw, **({"bias": db} if db is not None else {})})
