@@ -157,7 +157,7 @@ def cmd_recall(args) -> int:
     from bsdgraph.train import load_for_eval
 
     check_picture(args.out, "--out")
-    model = load_model(args.model)
+    model = apply_overrides(load_model(args.model), args)  # the edits the checkpoint was trained with
     load_for_eval(model, Path(args.checkpoint))  # checks that the checkpoint belongs to this model
     doc = load_checkpoint(args.checkpoint)
     if doc.get("rule") != "bsd":
@@ -206,7 +206,7 @@ def _model_edits(p) -> None:
                    "(e.g. --lif v_th=0.6); repeatable")
     p.add_argument("--bsd", action="append", metavar="KEY=VALUE", help="set a BSD option (e.g. --bsd "
                    "negatives=other_class, --bsd distill_on=membrane, --bsd freq=False); repeatable")
-    p.add_argument("--encoding", choices=["direct", "poisson"], help="override the input encoding")
+    p.add_argument("--encoding", choices=["direct", "poisson", "sequence"], help="override the input encoding")
 
 
 def _plot_parser(sub) -> None:
@@ -248,4 +248,5 @@ def register(sub) -> None:
     r.add_argument("model", metavar="MODEL.py")
     r.add_argument("--checkpoint", required=True, metavar="FILE")
     r.add_argument("--out", default="recall.png", metavar="FILE.png")
+    _model_edits(r)
     r.set_defaults(fn=cmd_recall)

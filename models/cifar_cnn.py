@@ -8,7 +8,10 @@ development machines have neither the data nor the compute for it.
 from bsdgraph import GraphBuilder
 
 TRAIN = dict(epochs=100, batch_size=128, lr=1e-3, weight_decay=5e-4, clip=1.0)
-BSD = dict(lam=0.6, negatives="all", distill_on="current", recall=True)
+# recall_loss="mse": B's bottom synapse learns to generate the stimulus itself, so `bsdgraph recall` shows
+# class prototypes (ReCo, a cosine, leaves B's recall without scale or offset); that loss trains only that
+# one synapse, so F and the rest of B train exactly as with recall_loss="reco" (tests/test_feedback.py)
+BSD = dict(lam=0.6, negatives="all", distill_on="current", recall=True, recall_loss="mse")
 
 
 def build():

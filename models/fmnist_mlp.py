@@ -8,7 +8,10 @@ compare with the MLP results in the literature (BP MLP 88.5-89.6 %, DLL 87.5 %, 
 from bsdgraph import GraphBuilder
 
 TRAIN = dict(epochs=3, batch_size=128, lr=1e-3, weight_decay=1e-4, clip=1.0)
-BSD = dict(lam=0.6, negatives="all", distill_on="current", recall=True)
+# recall_loss="mse": B's bottom synapse learns to generate the stimulus itself, so `bsdgraph recall` shows
+# class prototypes (ReCo, a cosine, leaves B's recall without scale or offset); that loss trains only that
+# one synapse, so F and the rest of B train exactly as with recall_loss="reco" (tests/test_feedback.py)
+BSD = dict(lam=0.6, negatives="all", distill_on="current", recall=True, recall_loss="mse")
 
 
 def build():

@@ -135,3 +135,28 @@ def test_local_params_stop_at_detach_edges():
     assert local_params(leaky, "ce2") == ["fc1", "fc2"]
     with pytest.raises(GraphError, match=r"node 'fc1' \(linear\): is updated by 2 losses"):
         check_locality(leaky)
+
+
+def test_the_recall_loss_trains_only_bs_bottom_synapse():
+    # recall_loss='mse' vs 'reco' changes L_0 only, and L_0 owns only θ_1 (C2): after several steps F and every
+    # other B weight must be bit-identical, so a model may pick its recall loss for the picture B generates
+    # without any effect on what F learns.
+    import torch
+
+    from bsdgraph.runtime.cpu import CPURuntime
+
+    g = GraphBuilder("m", T=3)
+    h = g.lif(g.linear(g.flatten(g.input((1, 5, 5))), 16))
+    g.output(g.linear(g.lif(g.linear(h, 12)), 4))
+    f = g.build()
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(8, 1, 5, 5, generator=gen) * 2, torch.arange(8) % 4
+    runs = {}
+    for loss in ("reco", "mse"):
+        rt = CPURuntime(derive_feedback(f, BSDConfig(recall_loss=loss)), seed=0)
+        for _ in range(4):
+            rt.step(x, y)
+        runs[loss] = rt.params
+    assert runs["reco"].keys() == runs["mse"].keys()
+    differ = sorted(k for k in runs["reco"] if not torch.equal(runs["reco"][k], runs["mse"][k]))
+    assert differ == ["fc1_b.bias", "fc1_b.weight"], differ  # θ_1 only (and it did learn differently)
