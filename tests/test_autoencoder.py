@@ -13,7 +13,7 @@ from bsdgraph.data import autoencode, make_synthetic
 from bsdgraph.feedback import BSDConfig, derive_feedback
 from bsdgraph.frechet import FrechetError, frechet_distance, load_feature_net
 from bsdgraph.model_file import ModelError, load_model
-from bsdgraph.train import Trainer, TrainConfig, evaluate
+from bsdgraph.train import TrainConfig, Trainer, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
