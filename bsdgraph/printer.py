@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from bsdgraph.ir import ATTRS, Edge, FrozenAttrs, Graph, Node, Op, Stream
+from bsdgraph.ir import ATTRS, Edge, FrozenAttrs, Graph, Node, Op, Stream, default_attrs
 
 _SECTION = {
     Stream.F: "feedforward network F (stimulus -> concept)",
@@ -92,8 +92,10 @@ def from_dict(d: dict[str, Any]) -> Graph:
         if d.get("format") != FORMAT or d.get("version") != VERSION:
             raise ValueError(f"not a {FORMAT} v{VERSION} document (format={d.get('format')!r}, "
                              f"version={d.get('version')!r})")
+        # attributes a later version added take their defaults: a graph saved before keeps loading
         nodes = [
-            Node(n["name"], Op(n["op"]), FrozenAttrs(n["attrs"]), tuple(n["shape"]), Stream(n["stream"]))
+            Node(n["name"], Op(n["op"]), FrozenAttrs(default_attrs(Op(n["op"]), **n["attrs"])), tuple(n["shape"]),
+                 Stream(n["stream"]))
             for n in d["nodes"]
         ]
         edges = [Edge(e["src"], e["dst"], e["port"], e["delay"], e["detach"]) for e in d["edges"]]

@@ -209,7 +209,7 @@ class Trainer:
         self._restore(require(load_checkpoint(self.checkpoint_path), self.checkpoint_path))
 
     def _restore(self, ck: dict[str, Any]) -> None:
-        if ck.get("graph") != to_json(self.graph) or ck.get("rule") != self.rule:
+        if not same_graph(ck.get("graph"), self.graph) or ck.get("rule") != self.rule:
             raise CheckpointError(f"{self.checkpoint_path}: was written for another graph or rule "
                                   f"({ck.get('rule')}); train into a fresh --out directory or fix the model")
         self.rt, _ = self._runtime(params=ck["params"], state=ck["state"])
@@ -314,12 +314,24 @@ def tqdm_progress(stream=sys.stderr):
     return lambda it, total, epoch: tqdm(it, total=total, desc=f"epoch {epoch + 1}", leave=False, file=stream)
 
 
+def same_graph(saved: str | None, graph) -> bool:
+    """Whether a checkpoint's saved graph JSON is ``graph``, after reading it back (so attributes added since it
+    was written take their defaults instead of making an old checkpoint look like another model's)."""
+    from bsdgraph.printer import from_json
+    from bsdgraph.validate import GraphError
+
+    try:
+        return isinstance(saved, str) and to_json(from_json(saved)) == to_json(graph)
+    except GraphError:
+        return False
+
+
 def load_for_eval(model: Model, checkpoint: Path, backend: str | None = None):
     """A runtime holding a checkpoint's weights, checked against ``model``'s graph."""
     ck = require(load_checkpoint(checkpoint), checkpoint, ("graph", "params", "state", "epoch"))
     cfg = TrainConfig.from_model({k: v for k, v in ck.get("train", {}).items()})
     rule = ck.get("rule", "bsd")
     rt, graph = make_runtime(model, rule, backend or default_backend(), cfg, params=ck["params"], state=ck["state"])
-    if ck.get("graph") != to_json(graph):
+    if not same_graph(ck.get("graph"), graph):
         raise CheckpointError(f"{checkpoint}: was trained on a different graph than {model.path}")
     return rt, ck
