@@ -123,7 +123,7 @@ class Plan:
 
 
 def _fusion_groups(g: Graph) -> dict[str, tuple[str, ...]]:
-    """node -> the nodes of its launch (itself alone, or a fused producer+consumer pair)."""
+    """node -> the nodes of its launch (itself alone, a fused producer+consumer pair, or a recurrent layer)."""
     groups = {n.name: (n.name,) for n in g.nodes}
     for add in g.by_op(Op.ADD):
         group = _recurrent_group(g, add)

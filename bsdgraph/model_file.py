@@ -14,11 +14,11 @@ import importlib.util
 import sys
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-from collections.abc import Callable
 
 from bsdgraph.feedback import BSDConfig
 from bsdgraph.ir import Graph

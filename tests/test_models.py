@@ -12,7 +12,7 @@ from bsdgraph.feedback import derive_feedback
 from bsdgraph.lower import lower
 from bsdgraph.model_file import load_model
 from bsdgraph.runtime.cpu import CPURuntime
-from bsdgraph.train import Trainer, TrainConfig, load_for_eval
+from bsdgraph.train import TrainConfig, Trainer, load_for_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = sorted(p.stem for p in (ROOT / "models").glob("*.py") if p.stem != "__init__")

@@ -14,15 +14,15 @@ import networkx as nx
 import torch
 import torch.nn.functional as F
 
-from bsdgraph.ir import GroupOp, Graph, Node, Op, Stream
+from bsdgraph.ir import Graph, GroupOp, Node, Op, Stream
 from bsdgraph.losses import LOSS_IMPLS
 from bsdgraph.neuron import lif_scan
-from kernels.ref.lif import SpikeFn, lif_step
 from bsdgraph.params import Params, init_params, init_state
 from bsdgraph.runtime.common import (
     ExecutionError, OptimConfig, StepResult, clip_per_node, encode_input, encode_target, make_optimizer, rates_of,
     readout, step_seed,
 )
+from kernels.ref.lif import SpikeFn, lif_step
 
 
 @dataclass
