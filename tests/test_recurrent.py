@@ -233,3 +233,22 @@ def test_sequence_targets_compare_every_step_on_every_runtime():
         assert float((gr - g_cpu[k]).abs().max()) <= RTOL * float(gr.abs().max()) + ATOL, k
     bptt = BPTTRuntime(g.build())
     assert abs(bptt.step(x, y).losses["bptt"] - float(((v - y.transpose(0, 1)) ** 2).mean())) < 1e-6
+
+
+def test_cli_trains_a_sequence_model_on_user_npz_and_refuses_the_wrong_length(tmp_path, capsys):
+    import numpy as np
+
+    from bsdgraph.cli import main
+    from bsdgraph.series import mackey_glass_dataset
+
+    ds = mackey_glass_dataset(8, n_train=96, n_test=32)  # [N, 8, 1] windows, [N, 1] next values
+    good, bad = tmp_path / "seq.npz", tmp_path / "short.npz"
+    np.savez(good, x_train=ds.x_train.numpy(), y_train=ds.y_train.numpy(), x_test=ds.x_test.numpy(),
+             y_test=ds.y_test.numpy())
+    np.savez(bad, x_train=ds.x_train[:, :7].numpy(), y_train=ds.y_train.numpy(), x_test=ds.x_test[:, :7].numpy(),
+             y_test=ds.y_test.numpy())
+    model = "models/mackey_glass_rnn.py"
+    assert main(["train", model, "--npz", str(good), "--epochs", "1", "--out", str(tmp_path / "run"), "--json"]) == 0
+    assert "test_mse" in capsys.readouterr().out
+    assert main(["train", model, "--npz", str(bad), "--epochs", "1", "--out", str(tmp_path / "run2")]) == 1
+    assert "model expects (8, 1) per sample, data has (7, 1)" in capsys.readouterr().err
