@@ -4,7 +4,9 @@ F must be a chain ``input -> [transforms] -> synapse -> [batchnorm] -> lif -> ..
 cut into layers at its neurons (``segment``). For every synapse of F, B gets a mirrored synapse with its own
 weights (criterion C1), built by the rule in ``MIRROR_RULES``: Linear(D_in -> D_out) <-> Linear(D_out -> D_in),
 Conv2d <-> ConvTranspose2d restoring the exact input shape, pooling <-> nearest upsampling to the exact size,
-Flatten <-> Unflatten; batchnorm and LIF neurons are mirrored at the same layer with copied hyper-parameters.
+Flatten <-> Unflatten; batchnorm and LIF neurons are mirrored at the same layer with copied hyper-parameters. A
+recurrent layer (``linear -> add(., rec(s[t-1])) -> lif``) gets in B its own sum and its own recurrent synapse
+on B's spikes of that layer; the layer's V is the sum, so its ReCo trains both recurrent weights.
 
 Learning semantics become part of the graph: every edge into a synapse is a stop-gradient (``detach``), and one
 loss node per layer pairs F's layer with B's (ReCo at hidden layers, CE/MSE at the top, recall at the bottom).
