@@ -1,6 +1,5 @@
 """Pictures of BSD graphs: the layout rule, the PNG, the DOT text, and `bsdgraph draw`."""
 
-import argparse
 import re
 from pathlib import Path
 
@@ -20,24 +19,12 @@ def bsd_of(model: str):
 
 
 @pytest.fixture
-def cli(monkeypatch, capsys):
-    """``bsdgraph.cli.main`` with the interop commands wired in (as cli.py's one-line ``register(sub)`` will)."""
-    import bsdgraph.cli as cli_module
-    from bsdgraph.cli_interop import register
-
-    build = cli_module.build_parser
-
-    def wired():
-        p = build()
-        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-        if "draw" not in sub.choices:
-            register(sub)
-        return p
-
-    monkeypatch.setattr(cli_module, "build_parser", wired)
+def cli(capsys):
+    """``bsdgraph.cli.main`` on string arguments, returning (exit code, stdout, stderr)."""
+    from bsdgraph.cli import main
 
     def run(*argv):
-        code = cli_module.main([str(a) for a in argv])
+        code = main([str(a) for a in argv])
         return (code, *capsys.readouterr())
 
     return run

@@ -9,7 +9,6 @@ factor of ~400; each test asserts that most samples survive and that the neurons
 is never vacuous.
 """
 
-import argparse
 import json
 
 import numpy as np
@@ -35,25 +34,12 @@ MARGIN = 1e-4
 
 
 @pytest.fixture
-def cli(monkeypatch, capsys):
-    """``bsdgraph.cli.main`` with the interop commands wired in, exactly as the one-line ``register(sub)`` in
-    cli.py does (a no-op once cli.py has it)."""
-    import bsdgraph.cli as cli_module
-    from bsdgraph.cli_interop import register
-
-    build = cli_module.build_parser
-
-    def wired():
-        p = build()
-        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-        if "export-nir" not in sub.choices:
-            register(sub)
-        return p
-
-    monkeypatch.setattr(cli_module, "build_parser", wired)
+def cli(capsys):
+    """``bsdgraph.cli.main`` on string arguments, returning (exit code, stdout, stderr)."""
+    from bsdgraph.cli import main
 
     def run(*argv):
-        code = cli_module.main([str(a) for a in argv])
+        code = main([str(a) for a in argv])
         out, err = capsys.readouterr()
         return code, out, err
 

@@ -5,13 +5,15 @@ synapse), the reference runtime's step-by-step semantics against a hand-written 
 against the reference, the fused Triton kernel against its twin, and BPTT through the recurrence.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from bsdgraph import BSDConfig, GraphBuilder, GraphError, Op, Stream, derive_feedback
+from bsdgraph import BSDConfig, GraphBuilder, GraphError, Op, Stream, derive_feedback, validate
 from bsdgraph.feedback import local_params
 from bsdgraph.lower import RECURRENT_FUSION, lower
 from bsdgraph.runtime.bptt import BPTTRuntime
@@ -58,9 +60,8 @@ def test_a_loop_without_delay_is_refused_naming_it():
     h = g.recurrent_lif(g.linear(g.input((3,)), 4))
     g.output(g.linear(h, 2), task="regression")
     f = g.build()
-    edges = [e if e.dst != "h1_rec" else e.__class__(e.src, e.dst, e.port, 0) for e in f.edges]
+    edges = [dataclasses.replace(e, delay=0) if e.dst == "h1_rec" else e for e in f.edges]
     with pytest.raises(GraphError, match=r"cycle .*h1.* has no delay edge"):
-        from bsdgraph.validate import validate
         validate(f.replace(edges=edges))
 
 
@@ -72,13 +73,13 @@ def test_a_loop_without_delay_is_refused_naming_it():
 def test_unsupported_recurrent_layers_get_a_diagnostic(mutate, message):
     f = rnn(widths=(4, 4), recurrent=(True, False))
     if mutate == "other":  # the recurrent synapse reads the layer above instead of its own layer
-        edges = [e.__class__("h2", e.dst, e.port, 1) if e.dst == "h1_rec" else e for e in f.edges]
+        edges = [dataclasses.replace(e, src="h2") if e.dst == "h1_rec" else e for e in f.edges]
         f = f.replace(edges=edges)
     elif mutate == "bias":
         nodes = [n.replace(attrs={**n.attrs, "bias": True}) if n.name == "h1_rec" else n for n in f.nodes]
         f = f.replace(nodes=nodes)
     else:
-        edges = [e.__class__(e.src, e.dst, e.port, 2) if e.dst == "h1_rec" else e for e in f.edges]
+        edges = [dataclasses.replace(e, delay=2) if e.dst == "h1_rec" else e for e in f.edges]
         f = f.replace(edges=edges)
     with pytest.raises(GraphError, match=message):
         derive_feedback(f)

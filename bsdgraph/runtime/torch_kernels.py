@@ -105,15 +105,21 @@ def _synapse_launch(ex, la: Launch):
     ex.buf[la.writes[0]] = _synapse(ex, la.nodes[0], la.reads[0])
 
 
+def store_lif(ex, lif: str, spikes, h=None, current_node: str | None = None, current=None) -> None:
+    """A neuron launch's outputs: its spikes and firing rate, h and the current V when a loss reads them."""
+    ex.buf[lif] = spikes
+    if h is not None:
+        ex.buf[f"h:{lif}"] = h
+    if current is not None:
+        ex.buf[current_node] = current
+    ex.rates[lif] = ex.row_mean(lif, spikes)
+
+
 def _lif(ex, lif: str, current: torch.Tensor, writes) -> None:
     a = ex.node(lif).attrs
-    want_h = f"h:{lif}" in writes
     spikes, h = ex.prims.lif_forward(current.contiguous(), a["tau"], a["v_th"], a["v_reset"], a["reset"] == "soft",
-                                     None, want_h)
-    ex.buf[lif] = spikes
-    if want_h:
-        ex.buf[f"h:{lif}"] = h
-    ex.rates[lif] = ex.row_mean(lif, spikes)
+                                     None, f"h:{lif}" in writes)
+    store_lif(ex, lif, spikes, h)
 
 
 @kernel("linear_lif_forward")
@@ -134,12 +140,7 @@ def _linear_lif_rec(ex, la: Launch):
     current = _synapse(ex, ff, la.reads[0]).contiguous()
     spikes, v, h = ex.prims.rec_lif_forward(current, *_wb(ex, rec), a["tau"], a["v_th"], a["v_reset"],
                                             a["reset"] == "soft", add in la.writes, f"h:{lif}" in la.writes)
-    ex.buf[lif] = spikes
-    if v is not None:
-        ex.buf[add] = v
-    if h is not None:
-        ex.buf[f"h:{lif}"] = h
-    ex.rates[lif] = ex.row_mean(lif, spikes)
+    store_lif(ex, lif, spikes, h, add, v)
 
 
 @kernel("lif_forward")
@@ -320,16 +321,14 @@ def _weight_grad(ex, la: Launch):
     grad = ex.read(la.reads[0]).reshape(ex.T, -1, n.attrs["out_features"])
     src = la.reads[1]
     delay = ex.graph.in_edges(node)[0].delay
-    # on the CPU spikes are cast to float32 here (ex.read's vectorised cast); a GPU kernel reads the uint8 bytes
-    spikes = (lambda: ex.read(src)) if ex.device.type == "cpu" else (lambda: ex.buf[src])
-    if delay:  # a recurrent synapse reads s[t - delay]: dU = sum_t dV[t]^T s[t-1]
-        inp = spikes().reshape(ex.T, grad.shape[1], -1)
-        grad, inp = grad[delay:].reshape(-1, grad.shape[-1]), inp[:-delay].reshape(-1, inp.shape[-1])
-    elif ex.is_time_invariant(src):  # same input every step: dW = (sum_t dV[t])^T x, T times fewer FLOPs
+    if ex.is_time_invariant(src):  # same input every step: dW = (sum_t dV[t])^T x, T times fewer FLOPs
         grad, inp = grad.sum(0), ex.buf[src].reshape(grad.shape[1], -1)
     else:
-        inp = spikes().reshape(ex.T * grad.shape[1], -1)
-        grad = grad.reshape(-1, grad.shape[-1])
+        # on the CPU spikes are cast to float32 here (ex.read's vectorised cast); a GPU kernel reads the uint8 bytes
+        inp = (ex.read(src) if ex.device.type == "cpu" else ex.buf[src]).reshape(ex.T, grad.shape[1], -1)
+        if delay:  # a recurrent synapse reads s[t - delay]: dU = sum_t dV[t]^T s[t - delay]
+            grad, inp = grad[delay:], inp[:-delay]
+        grad, inp = grad.reshape(-1, grad.shape[-1]), inp.reshape(-1, inp.shape[-1])
     dw, db = ex.prims.weight_grad(grad.contiguous(), inp.contiguous(), n.attrs["bias"])
     ex.write_grads(node, {"weight": dw, **({"bias": db} if db is not None else {})})
 

@@ -15,7 +15,7 @@ import torch
 
 from bsdgraph.lower import Launch
 from bsdgraph.runtime.executor import Executor
-from bsdgraph.runtime.torch_kernels import KERNELS as TORCH_KERNELS
+from bsdgraph.runtime.torch_kernels import KERNELS as TORCH_KERNELS, store_lif
 
 
 def available() -> tuple[bool, str]:
@@ -37,27 +37,27 @@ def _prims() -> dict:
                 reco_loss_grad=reco_loss_grad, poisson_encode=poisson_encode)
 
 
+def _spikes_in(ex, la: Launch, in_features: int) -> torch.Tensor:
+    """The launch's input as the contiguous [T, B, K] uint8 or float32 tensor the fused kernels take (a
+    time-invariant stimulus is expanded over T)."""
+    s_in = ex.buf[la.reads[0]]
+    s_in = s_in.unsqueeze(0).expand(ex.T, *s_in.shape) if ex.is_time_invariant(la.reads[0]) else s_in
+    s_in = s_in.reshape(ex.T, -1, in_features).contiguous()
+    return s_in if s_in.dtype in (torch.uint8, torch.float32) else s_in.to(torch.float32)
+
+
 def _linear_lif(ex, la: Launch):
     """One fused launch: I[t] = s[t] W^T + b and the LIF update in registers; V (and h) stored only if a loss
     reads them."""
     from kernels.linear_lif import linear_lif_forward
 
     syn, lif = la.nodes
-    n, a = ex.node(syn), ex.node(lif).attrs
-    s_in = ex.buf[la.reads[0]]
-    s_in = (s_in.unsqueeze(0).expand(ex.T, *s_in.shape) if ex.is_time_invariant(la.reads[0]) else s_in)
-    s_in = s_in.reshape(ex.T, -1, n.attrs["in_features"]).contiguous()
-    if s_in.dtype not in (torch.uint8, torch.float32):
-        s_in = s_in.to(torch.float32)
-    spikes, v, h = linear_lif_forward(s_in, ex.params[f"{syn}.weight"], ex.params.get(f"{syn}.bias"), a["tau"],
+    a = ex.node(lif).attrs
+    spikes, v, h = linear_lif_forward(_spikes_in(ex, la, ex.node(syn).attrs["in_features"]),
+                                      ex.params[f"{syn}.weight"], ex.params.get(f"{syn}.bias"), a["tau"],
                                       a["v_th"], a["v_reset"], a["reset"] == "soft", syn in la.writes,
                                       f"h:{lif}" in la.writes)
-    ex.buf[lif] = spikes
-    if v is not None:
-        ex.buf[syn] = v
-    if h is not None:
-        ex.buf[f"h:{lif}"] = h
-    ex.rates[lif] = ex.row_mean(lif, spikes)
+    store_lif(ex, lif, spikes, h, syn, v)
 
 
 def _linear_lif_rec(ex, la: Launch):
@@ -66,22 +66,12 @@ def _linear_lif_rec(ex, la: Launch):
     from kernels.linear_lif import linear_lif_rec_forward
 
     ff, rec, add, lif = la.nodes
-    n, a = ex.node(ff), ex.node(lif).attrs
-    s_in = ex.buf[la.reads[0]]
-    s_in = (s_in.unsqueeze(0).expand(ex.T, *s_in.shape) if ex.is_time_invariant(la.reads[0]) else s_in)
-    s_in = s_in.reshape(ex.T, -1, n.attrs["in_features"]).contiguous()
-    if s_in.dtype not in (torch.uint8, torch.float32):
-        s_in = s_in.to(torch.float32)
+    a = ex.node(lif).attrs
     spikes, v, h = linear_lif_rec_forward(
-        s_in, ex.params[f"{ff}.weight"], ex.params.get(f"{ff}.bias"), ex.params[f"{rec}.weight"],
-        ex.params.get(f"{rec}.bias"), a["tau"], a["v_th"], a["v_reset"], a["reset"] == "soft", add in la.writes,
-        f"h:{lif}" in la.writes)
-    ex.buf[lif] = spikes
-    if v is not None:
-        ex.buf[add] = v
-    if h is not None:
-        ex.buf[f"h:{lif}"] = h
-    ex.rates[lif] = ex.row_mean(lif, spikes)
+        _spikes_in(ex, la, ex.node(ff).attrs["in_features"]), ex.params[f"{ff}.weight"], ex.params.get(f"{ff}.bias"),
+        ex.params[f"{rec}.weight"], ex.params.get(f"{rec}.bias"), a["tau"], a["v_th"], a["v_reset"],
+        a["reset"] == "soft", add in la.writes, f"h:{lif}" in la.writes)
+    store_lif(ex, lif, spikes, h, add, v)
 
 
 KERNELS = {**TORCH_KERNELS, "linear_lif_forward": _linear_lif, "linear_lif_rec_forward": _linear_lif_rec}
