@@ -55,10 +55,20 @@ def launch_flops(plan: Plan, g: Graph, la: Launch, B: int, R: int = 10, time_inv
     if la.kernel in ("weight_grad", "torch.conv2d_weight_grad", "torch.conv_transpose2d_weight_grad"):
         return _synapse_flops(g, la.nodes[0], rows(la.reads[1]))
     if la.kernel == "reco_loss_grad":
-        partner = rows(la.reads[1]) // T  # B rows, or R when B is deduplicated per class
-        features = T * math.prod(g.inputs(la.nodes[0])[0].shape)
-        return 3 * 2 * B * partner * features  # Gram matrix + the two gradient products
+        return _reco_flops(plan, g, la, B, rows(la.reads[1]) // T)  # partner: B rows, or R when deduplicated
     return 0
+
+
+def _reco_flops(plan: Plan, g: Graph, la: Launch, B: int, partner: int) -> int:
+    """Gram matrix + the two gradient products, each 2 B x partner x D per step. Against per-class B rows
+    (runtime/reco_dedup.py) F's gradient is computed only when written, and a time-invariant F operand (the
+    first current with direct encoding) meets the time sum of B's rows once: each product costs 1 step."""
+    T, d = plan.T, math.prod(g.inputs(la.nodes[0])[0].shape)
+    shape = {b.name: b.shape for b in plan.buffers}
+    if "R" not in shape[la.reads[1]]:
+        return 3 * 2 * B * partner * d * T
+    steps = 1 if "T" not in shape[la.reads[0]] else T
+    return 2 * B * partner * d * (2 * steps + (steps if f"grad:{la.reads[0]}" in la.writes else 0))
 
 
 def plan_flops(plan: Plan, g: Graph, B: int, R: int = 10, time_invariant: bool = True) -> int:

@@ -211,9 +211,11 @@ class _Lowerer:
         rows = self.rows(last.name)
         shape = ((rows,) if kernel == "view" else ("T", rows)) + tuple(last.shape)  # direct input: no T axis
         writes = [self.declare(last.name, "u8" if last.op in GroupOp.NEURON else "f32", shape)]
+        # a synapse of a time-invariant input (the direct stimulus) has the same current at every step: stored once
+        steady = len(group) == 2 and all("T" not in self.dtypes[self.buf(e.src)][1] for e in outside)
         for n in group[:-1]:  # a fused producer's value is stored only when a loss reads it
             if any(c.op in GroupOp.LOSS for c in self.g.consumers(n)):
-                writes.append(self.declare(n, "f32", ("T", self.rows(n), *self.g[n].shape)))
+                writes.append(self.declare(n, "f32", (() if steady else ("T",)) + (self.rows(n), *self.g[n].shape)))
         if last.name in self.membrane_losses:
             writes.append(self.declare(f"h:{last.name}", "f32", ("T", rows, *last.shape)))
         if kernel == "view":
@@ -233,7 +235,8 @@ class _Lowerer:
                  for e in self.g.in_edges(loss.name)]
         owned = local_params(self.g, loss.name)  # graph order: a stable printout
         needs_grad = [e.src for e in self.g.in_edges(loss.name) if self._reaches(e.src, set(owned))]
-        writes = [self.declare(f"grad:{self.buf(s)}", "f32", ("T", self.rows(s), *self.g[s].shape))
+        # the gradient of a time-invariant value (stored once) is the derivative w.r.t. that one value: [B, ...]
+        writes = [self.declare(f"grad:{self.buf(s)}", "f32", self._time_axis(s) + (self.rows(s), *self.g[s].shape))
                   for s in needs_grad]
         self.emit(LOWERING[loss.op].forward, "loss", [loss.name], reads, writes)
         for s in needs_grad:
@@ -241,6 +244,9 @@ class _Lowerer:
         if owned:
             names = self._param_names(owned)
             self.emit(OPTIMIZER_KERNEL, "optimizer", owned, names + [f"{p}.grad" for p in names], names)
+
+    def _time_axis(self, node: str) -> tuple[str, ...]:
+        return ("T",) if "T" in self.dtypes[self.buf(node)][1] else ()
 
     def _reaches(self, node: str, owned: set[str]) -> bool:
         return node in owned or any(self._reaches(e.src, owned) for e in self.g.in_edges(node) if not e.detach)

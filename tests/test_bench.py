@@ -35,6 +35,15 @@ def test_flops_of_the_fmnist_mlp_match_the_hand_count():
     assert naive == 4 * dense + reco
     engine = plan_flops(lower(bsd), bsd, 128)
     assert 1.9e9 < engine < 2.2e9 and engine < naive / 3  # time-invariant input + per-class B + B x R ReCo
+    # the engine's count by hand: fc1 multiplies the stimulus once (B rows), B runs on R = 10 class rows, and
+    # each GEMM's weight gradient costs what its forward costs
+    T, B, R = 4, 128, 10
+    f = 2 * B * 784 * 1024 + sum(2 * T * B * a * b for a, b in layers[1:])
+    b = sum(2 * T * R * a * b for a, b in [(10, 256), (256, 512), (512, 1024), (1024, 784)])
+    # ReCo against R rows: Gram, dB, dF each 2 B R D per step; against the time-invariant stimulus (reco0, no
+    # dF) and the time-invariant first current (reco1) each product takes one step instead of T
+    reco = 2 * B * R * (784 * 2 + 1024 * 3 + 3 * T * (512 + 256))
+    assert engine == 2 * (f + b) + reco
 
 
 def test_peak_activation_memory_does_not_grow_with_depth():

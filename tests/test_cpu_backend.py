@@ -80,7 +80,7 @@ def assert_close_params(bsd, ref: dict, got: dict) -> None:
 
 
 @given(any_graph, st.sampled_from([BSDConfig(), BSDConfig(distill_on="membrane"),
-                                   BSDConfig(negatives="other_class", lam=0.3)]))
+                                   BSDConfig(negatives="other_class", lam=0.3), BSDConfig(recall_loss="mse")]))
 @settings(max_examples=15)
 def test_cpu_gradients_equal_the_reference(f, cfg):
     bsd = derive_feedback(f, cfg)
@@ -163,7 +163,8 @@ def test_backend_without_a_kernel_is_refused():
         Executor(derive_feedback(g.build()), {"torch.one_hot": None, "torch.linear": None}, {})
 
 
-@given(any_graph, st.sampled_from([BSDConfig(), BSDConfig(distill_on="membrane", negatives="other_class")]))
+@given(any_graph, st.sampled_from([BSDConfig(), BSDConfig(distill_on="membrane", negatives="other_class"),
+                                   BSDConfig(recall_loss="mse")]))
 @settings(max_examples=10)
 def test_class_deduplicated_backward_network_gives_the_same_gradients(f, cfg):
     """The dedup lowering runs B on one row per class present; losses expand it and sum B's gradients per class.
@@ -208,6 +209,9 @@ def test_time_invariant_input_pass_preserves_results():
     fast, slow = CPURuntime(bsd, seed=1), CPURuntime(bsd, seed=1, time_invariant=False)
     assert fast.is_time_invariant("x") and not slow.is_time_invariant("x")
     assert "encode_direct" in slow.plan.kernels() and "encode_direct" not in fast.plan.kernels()
+    # the first synapse's current, which ReCo reads (distill_on=current), is then time-invariant too: stored once
+    first = next(c.name for c in bsd.consumers(bsd.by_op(Op.FLATTEN)[0].name) if c.op == Op.LINEAR)
+    assert fast.is_time_invariant(first) and not slow.is_time_invariant(first)
     (g_fast, l_fast), (g_slow, l_slow) = fast.gradients(x, y), slow.gradients(x, y)
     assert l_fast == pytest.approx(l_slow, rel=1e-6)
     assert_close_grads(g_slow, g_fast)

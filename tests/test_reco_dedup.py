@@ -18,12 +18,14 @@ def test_dedup_equals_the_full_form(B, R, T, D, lam, negatives, invariant, seed)
     a = torch.randn(B, D, generator=gen, dtype=torch.float64)
     a_t = a.expand(T, B, D) if invariant else torch.randn(T, B, D, generator=gen, dtype=torch.float64)
     u = torch.randn(T, len(classes), D, generator=gen, dtype=torch.float64)
-    loss, da, du = reco_loss_grad_dedup(a if invariant else a_t, u, inverse, counts, lam, negatives, 1e-8,
-                                        need_da=not invariant)
+    loss, da, du = reco_loss_grad_dedup(a if invariant else a_t, u, inverse, counts, lam, negatives, 1e-8)
     rows = lambda v: v.transpose(0, 1).reshape(v.shape[1], -1)  # noqa: E731  [T, n, D] -> [n, T*D]
     ref_loss, ref_da, ref_dv_hat = reco_loss_grad(rows(a_t), rows(u[:, inverse]), labels, lam, negatives, 1e-8)
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-12, abs=1e-12)
-    if not invariant:
+    if invariant:  # the gradient of the one stored value: the per-step gradients summed over t
+        assert da.shape == (B, D)
+        assert torch.allclose(da, ref_da.reshape(B, T, D).sum(1), rtol=1e-10, atol=1e-12)
+    else:
         assert torch.allclose(rows(da), ref_da, rtol=1e-10, atol=1e-12)
     per_class = torch.zeros(len(classes), T * D, dtype=torch.float64).index_add_(0, inverse, ref_dv_hat)
     assert torch.allclose(rows(du), per_class, rtol=1e-10, atol=1e-12)

@@ -30,13 +30,15 @@ def reco_loss_grad_dedup(a: torch.Tensor, u: torch.Tensor, inverse: torch.Tensor
     """(loss, dL/da or None, dL/du) for per-sample rows ``a`` [T, B, D] and per-class rows ``u`` [T, R, D].
 
     Works in the [T, rows, D] layout the runtime stores (no transposed copies): every product is a batched
-    matmul over t summed over t. ``a`` may be a time-invariant [B, D] (the direct-encoded stimulus): its dot
-    products then use the time sum of u and its norm is sqrt(T) |x| (spec), T times fewer FLOPs."""
+    matmul over t summed over t. ``a`` may be a time-invariant [B, D] (the direct-encoded stimulus, or the first
+    current it drives): its dot products then use the time sum of u, its norm is sqrt(T) |a| (spec), T times
+    fewer FLOPs, and dL/da is the gradient of that one value, [B, D] (the sum over t of the per-step ones)."""
     T = u.shape[0]
     invariant = a.dim() == 2
     B = a.shape[-2]
     if invariant:
-        gram, na = a @ u.sum(0).T, a.norm(dim=1) * T ** 0.5
+        u_sum = u.sum(0)
+        gram, na = a @ u_sum.T, a.norm(dim=1) * T ** 0.5
     else:
         gram, na = torch.matmul(a, u.transpose(1, 2)).sum(0), a.pow(2).sum((0, 2)).sqrt()
     nu = u.pow(2).sum((0, 2)).sqrt()
@@ -56,5 +58,6 @@ def reco_loss_grad_dedup(a: torch.Tensor, u: torch.Tensor, inverse: torch.Tensor
     da = None
     if need_da:
         coef_a = (h * cos * nu[None, :]).sum(1) * _inv(na)
-        da = torch.matmul(h, u) - coef_a[None, :, None] * a
+        # a time-invariant a is one value read at every step: its gradient is the sum over t, [B, D]
+        da = h @ u_sum - (T * coef_a)[:, None] * a if invariant else torch.matmul(h, u) - coef_a[None, :, None] * a
     return loss, da, du
