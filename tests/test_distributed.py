@@ -245,7 +245,8 @@ def staleness_reference(graph, micro_batches, n_stages: int) -> dict[str, torch.
     gradients of stage r's parameters taken with the B weights of stage r+j from before micro-batch
     max(m - 2j, 0) and every other weight current; then per-node clipping and AdamW as usual."""
     from bsdgraph.layer_parallel import node_layers, pipeline_stage, split
-    from bsdgraph.runtime.common import clip_per_node, make_optimizer
+    from bsdgraph.runtime.common import make_optimizer
+    from bsdgraph.runtime.local_adamw import adamw_step
 
     probe = pipeline_stage(CPURuntime)(graph, stage=0, n_stages=1, seed=0)  # B for every class, all weights
     stage_of, layer = split(graph, n_stages), node_layers(graph)
@@ -261,12 +262,7 @@ def staleness_reference(graph, micro_batches, n_stages: int) -> dict[str, torch.
                 lag = 2 * (owner[k] - r)
                 p.copy_(history[max(m - lag, 0)][k] if is_b[k] and lag > 0 else current[k])
             grads.update({k: g for k, g in probe.gradients(x, y)[0].items() if owner[k] == r})
-        for k, p in current.items():
-            p.grad = grads[k]
-        clip_per_node(current, OptimConfig().clip)
-        optimizer.step()
-        for p in current.values():
-            p.grad = None
+        adamw_step(optimizer, current, grads, OptimConfig().clip)
         history.append({k: v.clone() for k, v in current.items()})
     return current
 

@@ -97,8 +97,11 @@ def clip_per_node(params: Params, max_norm: float) -> None:
         # torch.nn.utils.clip_grad_norm_'s arithmetic, but on CPU the gradients are only rewritten when they are
         # actually clipped: its unconditional multiply by a coefficient clamped to 1.0 changes no bit and costs a
         # pass over them. On a GPU the comparison would be a host sync per layer, so there it always multiplies.
+        # the norm as sqrt(sum of g.g): torch.dot is ~3x faster than torch.norm / _foreach_norm on this CPU
+        # (1024 x 784, 2 threads: 0.05 vs 0.15 ms); the same value up to float rounding
         grads = [p.grad for p in ps]
-        coef = max_norm / (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) + 1e-6)
+        squares = [torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]
+        coef = max_norm / (torch.stack(squares).sum().sqrt() + 1e-6)
         if coef.device.type != "cpu":
             torch._foreach_mul_(grads, coef.clamp(max=1.0))
         elif coef < 1:

