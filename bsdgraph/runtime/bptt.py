@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from bsdgraph.ir import Graph, Op, Stream
 from bsdgraph.losses import class_scores
 from bsdgraph.runtime.common import StepResult, clip_per_node, rates_of, readout
+from bsdgraph.runtime.heap import keep_freed_memory
 from bsdgraph.runtime.reference import ReferenceRuntime, run_graph
 
 
@@ -21,6 +22,7 @@ class BPTTRuntime(ReferenceRuntime):
     def __init__(self, f: Graph, *args, **kwargs):
         if any(e.detach for e in f.edges):
             raise ValueError("BPTT trains the forward network F: pass the graph from build(), not the BSD graph")
+        keep_freed_memory()  # as the cpu backend does: timings of BSD and BPTT compare like with like
         super().__init__(f, *args, **kwargs)
         self.out = f.by_op(Op.OUTPUT)[0]
 

@@ -7,6 +7,7 @@ import torch
 
 from bsdgraph.runtime import native
 from bsdgraph.runtime.executor import Executor
+from bsdgraph.runtime.heap import keep_freed_memory
 from bsdgraph.runtime.philox import poisson_encode
 from bsdgraph.runtime.torch_kernels import KERNELS, TWIN_PRIMS
 
@@ -76,5 +77,6 @@ class CPURuntime(Executor):
     name = "cpu"
 
     def __init__(self, g, **kwargs):
+        keep_freed_memory()  # large tensors would otherwise be paged in afresh at every step (runtime/heap.py)
         super().__init__(g, KERNELS, {**TWIN_PRIMS, "lif_forward": lif_forward, "rec_lif_forward": rec_lif_forward,
                                       "poisson_encode": poisson_encode}, **kwargs)
