@@ -210,7 +210,7 @@ class _Lowerer:
             return
         rows = self.rows(last.name)
         shape = ((rows,) if kernel == "view" else ("T", rows)) + tuple(last.shape)  # direct input: no T axis
-        writes = [self.declare(last.name, "u8" if last.op in GroupOp.NEURON else "f32", shape)]
+        writes = [self.declare(last.name, "u8" if self._spikes(last, outside) else "f32", shape)]
         # a synapse of a time-invariant input (the direct stimulus) has the same current at every step: stored once
         steady = len(group) == 2 and all("T" not in self.dtypes[self.buf(e.src)][1] for e in outside)
         for n in group[:-1]:  # a fused producer's value is stored only when a loss reads it
@@ -244,6 +244,12 @@ class _Lowerer:
         if owned:
             names = self._param_names(owned)
             self.emit(OPTIMIZER_KERNEL, "optimizer", owned, names + [f"{p}.grad" for p in names], names)
+
+    def _spikes(self, node: Node, inputs) -> bool:
+        """Whether ``node``'s value is 0/1 spikes (stored as uint8): a neuron's, or the max-pool of spikes."""
+        if node.op in GroupOp.NEURON:
+            return True
+        return node.op == Op.MAXPOOL2D and all(self.dtypes[self.buf(e.src)][0] == "u8" for e in inputs)
 
     def _time_axis(self, node: str) -> tuple[str, ...]:
         return ("T",) if "T" in self.dtypes[self.buf(node)][1] else ()

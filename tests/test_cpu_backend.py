@@ -34,8 +34,9 @@ def batch(g, B=6, seed=0, scale=1.0):
 def well_conditioned(bsd, env, require_activity: bool = False) -> bool:
     """Reject examples where float reordering may legitimately change the result (house rule: keep a margin).
 
-    A membrane within 1e-5 of the threshold (currents differ by ~1e-6 between backends) can spike in one backend and not the other; a batchnorm whose input
-    has (near) zero variance in a channel (a silent layer feeding it) divides rounding noise by sqrt(eps).
+    A membrane within 1e-5 of the threshold (currents differ by ~1e-6 between backends) can spike in one backend
+    and not the other; a batchnorm whose input has (near) zero variance in a channel (a silent layer feeding it)
+    divides rounding noise by sqrt(eps).
     With ``require_activity`` every layer must fire: behind a silent layer some gradients are 0 only by symmetry
     (ReCo's scale invariance), i.e. pure rounding noise, which AdamW's normalisation turns into lr-sized steps."""
     if require_activity and any(float(env[n.name].detach().mean()) == 0 for n in bsd.by_op(Op.LIF)):
@@ -246,3 +247,52 @@ def test_per_node_clipping_is_torch_clip_grad_norm_per_node(scale):
         assert all(torch.allclose(ours[k].grad, theirs[k].grad, rtol=1e-6, atol=0) for k in shapes)
     norm = float(torch.linalg.vector_norm(torch.cat([ours["a.weight"].grad.flatten(), ours["a.bias"].grad])))
     assert (norm < 1.0001) if scale > 1 else (norm < 1)  # clipped to the max norm, or left as it was
+
+
+def test_nearest_upsampling_fast_path_and_its_backward_equal_interpolate_and_autograd():
+    """Whole-number factors take a broadcast copy; the backward is aten's own, without re-running the forward."""
+    import itertools
+
+    import torch.nn.functional as F
+
+    from bsdgraph.runtime.torch_kernels import _upsample_nearest
+
+    gen = torch.Generator().manual_seed(0)
+    for h, w, fh, fw in itertools.product(range(1, 8), range(1, 8), range(1, 5), range(1, 5)):
+        r = torch.randn(2, 3, h, w, generator=gen)
+        size = (h * fh, w * fw)
+        assert torch.equal(_upsample_nearest(size)(r), F.interpolate(r, size=size, mode="nearest")), (h, w, fh, fw)
+    r = torch.randn(4, 3, 7, 5, generator=gen, requires_grad=True)
+    g = torch.randn(4, 3, 21, 10, generator=gen)
+    F.interpolate(r, size=(21, 10), mode="nearest").backward(g)
+    assert torch.equal(torch.ops.aten.upsample_nearest2d_backward(g, [21, 10], [4, 3, 7, 5], None, None), r.grad)
+
+
+def test_max_pooling_of_uint8_spikes_equals_max_pool2d():
+    import itertools
+
+    import torch.nn.functional as F
+
+    from bsdgraph.runtime.torch_kernels import _maxpool_spikes
+
+    gen = torch.Generator().manual_seed(0)
+    for h, w, k, stride in itertools.product(range(1, 9), range(1, 9), range(1, 4), range(1, 4)):
+        if k > min(h, w):
+            continue
+        s = (torch.rand(2, 3, 2, h, w, generator=gen) < 0.3).to(torch.uint8)  # [T, B, C, H, W]
+        ref = F.max_pool2d(s.float().reshape(-1, 2, h, w), k, stride).reshape(2, 3, 2, *_pooled(h, w, k, stride))
+        got = _maxpool_spikes(s, k, stride)
+        assert got.dtype == torch.uint8 and torch.equal(got.float(), ref), (h, w, k, stride)
+
+
+def _pooled(h, w, k, stride):
+    return (h - k) // stride + 1, (w - k) // stride + 1
+
+
+def test_the_cnn_plan_keeps_pooled_spikes_as_uint8():
+    from bsdgraph.lower import lower
+    from bsdgraph.model_file import load_model
+
+    plan = lower(derive_feedback(load_model("models/fmnist_cnn.py").graph))
+    dtypes = {b.name: b.dtype for b in plan.buffers}
+    assert dtypes["pool1"] == dtypes["pool2"] == "u8" and dtypes["h1"] == "u8"

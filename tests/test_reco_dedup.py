@@ -29,3 +29,20 @@ def test_dedup_equals_the_full_form(B, R, T, D, lam, negatives, invariant, seed)
         assert torch.allclose(rows(da), ref_da, rtol=1e-10, atol=1e-12)
     per_class = torch.zeros(len(classes), T * D, dtype=torch.float64).index_add_(0, inverse, ref_dv_hat)
     assert torch.allclose(rows(du), per_class, rtol=1e-10, atol=1e-12)
+
+
+@given(st.integers(1, 9), st.integers(1, 3), st.integers(1, 5), st.integers(1, 4), st.floats(0, 1),
+       st.sampled_from(["all", "other_class"]), st.integers(0, 10_000))
+def test_the_step_layout_form_equals_the_twin(B, T, D, n_classes, lam, negatives, seed):
+    """reco_loss_grad_steps on [T, B, D] operands == the twin on [B, T*D] rows (per-sample B rows)."""
+    from bsdgraph.runtime.reco_dedup import reco_loss_grad_steps
+
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, n_classes, (B,), generator=gen)
+    a, u = (torch.randn(T, B, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    loss, da, du = reco_loss_grad_steps(a, u, labels, lam, negatives, 1e-8)
+    rows = lambda v: v.transpose(0, 1).reshape(v.shape[1], -1)  # noqa: E731
+    ref_loss, ref_da, ref_du = reco_loss_grad(rows(a), rows(u), labels, lam, negatives, 1e-8)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-12, abs=1e-12)
+    assert torch.allclose(rows(da), ref_da, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(rows(du), ref_du, rtol=1e-10, atol=1e-12)

@@ -9,7 +9,9 @@ from bsdgraph.runtime import native
 from bsdgraph.runtime.executor import Executor
 from bsdgraph.runtime.heap import keep_freed_memory
 from bsdgraph.runtime.philox import poisson_encode
-from bsdgraph.runtime.torch_kernels import KERNELS, TWIN_PRIMS
+from bsdgraph.lower import Launch
+from bsdgraph.runtime.reco_dedup import reco_loss_grad_steps
+from bsdgraph.runtime.torch_kernels import KERNELS, TWIN_PRIMS, _loss_inputs, _store_loss_grads
 
 
 @torch.no_grad()
@@ -73,10 +75,25 @@ def as_uint8(spikes: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(spikes.numpy().astype(np.uint8))
 
 
+def _reco(ex, la: Launch) -> None:
+    """ReCo against per-sample B rows in the runtime's [T, B, D] layout (the shared kernel hands the twin, and the
+    triton backend its kernel, [B, T*D] rows, which costs two transposed copies of each operand); the
+    frequency-aware and per-class forms are the shared kernel's."""
+    n = ex.node(la.nodes[0])
+    if n.attrs["freq"] or ex.is_per_class(la.reads[1]):
+        return KERNELS["reco_loss_grad"](ex, la)
+    a, b = _loss_inputs(ex, la)
+    labels = ex.labels if n.attrs["negatives"] == "other_class" else None
+    loss, da, db = reco_loss_grad_steps(a.reshape(ex.T, a.shape[1], -1), b.reshape(ex.T, b.shape[1], -1), labels,
+                                        n.attrs["lam"], n.attrs["negatives"], n.attrs["eps"])
+    _store_loss_grads(ex, la, loss, [da.reshape(a.shape), db.reshape(b.shape)])
+
+
 class CPURuntime(Executor):
     name = "cpu"
 
     def __init__(self, g, **kwargs):
         keep_freed_memory()  # large tensors would otherwise be paged in afresh at every step (runtime/heap.py)
-        super().__init__(g, KERNELS, {**TWIN_PRIMS, "lif_forward": lif_forward, "rec_lif_forward": rec_lif_forward,
-                                      "poisson_encode": poisson_encode}, **kwargs)
+        super().__init__(g, {**KERNELS, "reco_loss_grad": _reco},
+                         {**TWIN_PRIMS, "lif_forward": lif_forward, "rec_lif_forward": rec_lif_forward,
+                          "poisson_encode": poisson_encode}, **kwargs)
