@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bsdgraph.lower import Launch
 from bsdgraph.runtime import native
 from bsdgraph.runtime.executor import Executor
 from bsdgraph.runtime.heap import keep_freed_memory
 from bsdgraph.runtime.philox import poisson_encode
-from bsdgraph.lower import Launch
 from bsdgraph.runtime.reco_dedup import reco_loss_grad_steps
 from bsdgraph.runtime.torch_kernels import KERNELS, TWIN_PRIMS, _loss_inputs, _store_loss_grads
 

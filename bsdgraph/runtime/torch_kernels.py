@@ -306,7 +306,8 @@ def _mse_recall_per_class(ex, la: Launch) -> None:
         N L = sum_{t,r} c_r |u[t, r] - m_r[t]|^2 + sum_{t,k} |a[t, k] - m_{r_k}[t]|^2
 
     (the second form, not |u|^2 - 2 u.a + |a|^2, has no cancellation when u is close to the stimulus). A
-    time-invariant stimulus is grouped once, not T times. Measured (fmnist_mlp, B = 128): 1.3 ms -> 0.2 ms."""
+    time-invariant stimulus is grouped once, not T times. fmnist_mlp, B = 128, per-launch timer in a step: 1.3 ms
+    -> 0.6 ms."""
     a_buf, u_buf = la.reads
     a_node, u_node = ex.graph.inputs(la.nodes[0])
     d = math.prod(u_node.shape)
