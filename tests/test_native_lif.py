@@ -5,7 +5,6 @@ import os
 import shlex
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -116,9 +115,3 @@ def test_missing_or_failing_compiler_reports_unavailable(monkeypatch, tmp_path, 
     spikes, _ = cpu.lif_forward(current, 2.0, 0.3, 0.0, False)
     assert torch.equal(spikes, torch_loop(current, 2.0, 0.3, 0.0, False)[0])
     assert list(tmp_path.rglob("*.tmp")) == []  # the failed build's temporary file is gone
-
-
-def test_u8_to_f32_matches_numpy():
-    s = (torch.rand(4, 13, 1031) < 0.3).to(torch.uint8)
-    assert torch.equal(native.u8_to_f32(s), torch.from_numpy(s.numpy().astype(np.float32)))
-    assert torch.equal(native.u8_to_f32(s[:, :, ::2]), s[:, :, ::2].float())

@@ -72,17 +72,6 @@ def lif_forward(current, tau, v_th, v_reset, soft_reset, v_init=None, return_h=F
     return spikes, hs
 
 
-def u8_to_f32(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as float32; over torch's threads for a contiguous uint8 CPU tensor. Not used by the executor: for
-    [4, 128, 1024], 2 threads, it took 65-95 us against 45-64 us for torch's ``x.float()`` (and 124-144 us for
-    numpy's astype, which Executor.read uses)."""
-    if not (_plain(x, torch.uint8) and available()[0]):
-        return x.to(torch.float32)
-    out = torch.empty(x.shape, dtype=torch.float32)
-    _library()[0].bsd_u8_to_f32(_ptr(x), _ptr(out), x.numel(), torch.get_num_threads())
-    return out
-
-
 def _plain(x: torch.Tensor, dtype: torch.dtype) -> bool:
     return x.device.type == "cpu" and x.dtype == dtype and x.is_contiguous()
 
@@ -153,6 +142,4 @@ def _compile(cc: str, flags: tuple[str, ...], path: Path) -> str | None:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.bsd_lif_forward.argtypes = [_P, _I64, _I64, _F, _F, _F, ctypes.c_int, _P, _P, _P, ctypes.c_int]
     lib.bsd_lif_forward.restype = None
-    lib.bsd_u8_to_f32.argtypes = [_P, _P, _I64, ctypes.c_int]
-    lib.bsd_u8_to_f32.restype = None
     return lib

@@ -64,11 +64,3 @@ void bsd_lif_forward(const float *cur, int64_t T, int64_t N, float tau, float v_
 #undef LIF_BLOCK
     }
 }
-
-void bsd_u8_to_f32(const uint8_t *in, float *out, int64_t n, int nthreads)
-{
-    (void)nthreads;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (n >= 65536)
-    for (int64_t i = 0; i < n; i++)
-        out[i] = (float)in[i];
-}
