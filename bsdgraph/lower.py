@@ -285,8 +285,9 @@ def lower(g: Graph, dedup: bool | None = None, time_invariant: bool = True) -> P
     samples: B's forward and weight-gradient GEMMs shrink from 128 rows to at most 10 (Fashion-MNIST), and the
     losses expand B's rows to samples and sum B's gradients back per class, which is exact.
 
-    Measured with bench/passes.py (fmnist_mlp, B = 128, 1 thread): without dedup a step takes 2.0x as long
-    (5.76 vs 2.07 GFLOP); without ``time_invariant`` (the direct stimulus materialised T times) 1.9x (3.30 GFLOP).
+    Measured with bench/passes.py (fmnist_mlp, B = 128, 2 threads, bench/RESULTS.md): without dedup a step takes
+    1.73x as long (5.45 vs 2.02 GFLOP); without ``time_invariant`` (the direct stimulus materialised T times, and
+    the current it drives stored T times) 1.20x (3.28 GFLOP); without both 2.00x.
     """
     dedup = can_dedup(g) if dedup is None else dedup
     if dedup and not can_dedup(g):
