@@ -85,6 +85,12 @@ def make_optimizer(params: Params, cfg: OptimConfig) -> torch.optim.Optimizer:
                              weight_decay=cfg.weight_decay, fused=True)
 
 
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The joint L2 norm of ``grads`` as sqrt(sum of g.g): torch.dot is ~3x faster than torch.norm /
+    _foreach_norm on this CPU (1024 x 784, 2 threads: 0.05 vs 0.15 ms); the same value up to float rounding."""
+    return torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().sqrt()
+
+
 def clip_per_node(params: Params, max_norm: float) -> None:
     """Clip the gradient norm of each node's parameters (weight and bias together) to ``max_norm``."""
     if max_norm <= 0:
@@ -97,11 +103,8 @@ def clip_per_node(params: Params, max_norm: float) -> None:
         # torch.nn.utils.clip_grad_norm_'s arithmetic, but on CPU the gradients are only rewritten when they are
         # actually clipped: its unconditional multiply by a coefficient clamped to 1.0 changes no bit and costs a
         # pass over them. On a GPU the comparison would be a host sync per layer, so there it always multiplies.
-        # the norm as sqrt(sum of g.g): torch.dot is ~3x faster than torch.norm / _foreach_norm on this CPU
-        # (1024 x 784, 2 threads: 0.05 vs 0.15 ms); the same value up to float rounding
         grads = [p.grad for p in ps]
-        squares = [torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]
-        coef = max_norm / (torch.stack(squares).sum().sqrt() + 1e-6)
+        coef = max_norm / (grad_norm(grads) + 1e-6)
         if coef.device.type != "cpu":
             torch._foreach_mul_(grads, coef.clamp(max=1.0))
         elif coef < 1:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from bsdgraph.runtime.common import clip_per_node
+from bsdgraph.runtime.common import clip_per_node, grad_norm
 
 _FUSED = getattr(torch, "_fused_adamw_", None)
 
@@ -64,8 +64,7 @@ def _inverse_clip(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor | 
     """1 / torch's clip coefficient max_norm / (|g| + 1e-6) when it is below 1 (the gradient is clipped)."""
     if max_norm <= 0:
         return None
-    norm = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().sqrt()
-    scale = (norm + 1e-6) / max_norm
+    scale = (grad_norm(grads) + 1e-6) / max_norm
     return scale.reshape(()) if scale > 1 else None
 
 
