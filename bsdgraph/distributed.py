@@ -8,12 +8,13 @@ drift. What keeps one step on N ranks equal to one step on the full batch:
 - ReCo couples a batch (its B x B cosine matrix). With B driven by class codes (deduplicated, ``lower.can_dedup``)
   every rank computes B's rows for the classes of the *full* batch (labels are known everywhere) and the
   deduplicated ReCo is a sum of per-sample terms given the full batch's class counts: each rank's gradient of B's
-  rows is its share of a sum, and no activation is sent at all. Otherwise (batchnorm in B, analog targets,
-  the frequency-aware ReCo) the two operands are all-gathered ([T, B, D] floats per ReCo layer), every rank
-  computes the full ReCo and keeps the gradient rows of its own samples.
+  rows is its share of a sum, and no activation is sent at all (B's batchnorms take count-weighted statistics
+  of those rows, the same on every rank). Otherwise (analog targets, the frequency-aware ReCo) the two
+  operands are all-gathered ([T, B, D] floats per ReCo layer), every rank computes the full ReCo and keeps the
+  gradient rows of its own samples.
 - Losses are means over the full batch: CE, MSE and the deduplicated ReCo are scaled from 1/B_local to 1/B.
-- Batchnorm uses the full batch's statistics (two all-reduces of per-channel sums in the forward, one in the
-  backward); its running statistics stay identical on all ranks.
+- F's batchnorms use the full batch's statistics (two all-reduces of per-channel sums in the forward, one in the
+  backward); their running statistics stay identical on all ranks.
 - Weight gradients are sums over samples: one all-reduce (SUM) per local loss ("bucket": the parameters it owns,
   flattened into one tensor), issued asynchronously and waited for at the next loss, so layer l's traffic
   overlaps layer l+1's compute (exact: the plan never reads a weight after its update within a step). Per-node
@@ -322,8 +323,9 @@ def _bn_rows(ex, name: str, buf: str) -> tuple[torch.Tensor, list[int]]:
 @dp_kernel("torch.batch_norm")
 def _batchnorm(base, ex, la) -> None:
     """Batch statistics of the full batch: per-channel sums, then sums of squared deviations (two passes, as
-    precise as one process's)."""
-    if not ex.training:
+    precise as one process's). B's per-class rows (deduplicated) are the full batch's on every rank already:
+    their count-weighted statistics need no communication and come out identical everywhere."""
+    if not ex.training or ex.is_per_class(la.reads[0]):
         return base(ex, la)
     n = ex.node(la.nodes[0])
     rows, dims = _bn_rows(ex, n.name, la.reads[0])
@@ -348,7 +350,13 @@ def _batchnorm(base, ex, la) -> None:
 @dp_kernel("torch.batch_norm_backward")
 def _batchnorm_backward(base, ex, la) -> None:
     """The batch-statistics backward with the full batch's sums of dY and dY * x_hat (which are also the
-    gradients of the weight and bias: already reduced, so the optimizer bucket skips them)."""
+    gradients of the weight and bias: already reduced, so the optimizer bucket skips them).
+
+    B's per-class rows: each rank's gradient rows are its samples' share, and the count-weighted backward is linear
+    in them, so each rank computes it on its share and the sums happen where every gradient's does: in the weight
+    gradients' all-reduce (this batchnorm's own weight and bias included)."""
+    if ex.is_per_class(la.reads[1]):
+        return base(ex, la)
     n = ex.node(la.nodes[0])
     mean, invstd, total = ex.bn_stats[n.name]
     grad, dims = _bn_rows(ex, n.name, la.reads[0])

@@ -27,8 +27,8 @@ before micro-batch max(m - 2j, 0) (B lags 2 micro-batches per stage above). With
 sequential step. The table was sent one pipeline slot earlier, so no stage ever waits for a result of the
 current slot: the only bubble is the pipeline's fill and drain.
 
-Limits: B must be a function of the class (``lower.can_dedup``: class codes, no batchnorm in B), since a table
-per class is what travels down.
+Limits: B must be a function of the class alone (``lower.can_dedup``: class codes; and no batchnorm in B,
+whose statistics depend on the batch's class counts), since a table per class is what travels down.
 """
 
 from __future__ import annotations
@@ -120,7 +120,9 @@ class PipelineStage:
     the weights it owns (with their own optimiser)."""
 
     def __init__(self, g: Graph, *, stage: int, n_stages: int, **kwargs):
-        if not can_dedup(g):
+        # B's batchnorm takes the statistics of the batch's class counts, so a table computed for one
+        # micro-batch would not serve another: B must be a function of the class alone
+        if not can_dedup(g) or any(n.op == Op.BATCHNORM and n.stream == Stream.B for n in g.nodes):
             raise LayerParallelError("--layer-parallel needs a backward network driven by class codes without "
                                      "batchnorm (B's spikes travel as one table per class); this model has "
                                      "batchnorm or analog targets: train it data-parallel instead")

@@ -164,10 +164,10 @@ def _forward_kernel(g: Graph, group: tuple[str, ...], time_invariant: bool) -> s
 
 def can_dedup(g: Graph) -> bool:
     """B can run once per class present when it is a deterministic function of the label: driven by a class
-    code (not an analog target), with no batchnorm (whose batch statistics would need per-class weights)."""
+    code (not an analog target). B's batchnorms then take the full batch's statistics as sums over the class rows
+    weighted by their counts (runtime/torch_kernels.py)."""
     targets = g.by_op(Op.TARGET)
-    return (bool(targets) and targets[0].attrs["encoding"] in ("onehot", "population")
-            and not any(n.op == Op.BATCHNORM and n.stream == Stream.B for n in g.nodes))
+    return bool(targets) and targets[0].attrs["encoding"] in ("onehot", "population")
 
 
 class _Lowerer:

@@ -28,7 +28,8 @@ import torch.multiprocessing as mp
 from bsdgraph.cli import main
 from bsdgraph.data import batches, make_synthetic
 from bsdgraph.feedback import derive_feedback
-from bsdgraph.ir import GroupOp, Op
+from bsdgraph.ir import GroupOp, Op, Stream
+from bsdgraph.lower import can_dedup
 from bsdgraph.model_file import load_model
 from bsdgraph.runtime.common import OptimConfig
 from bsdgraph.runtime.cpu import CPURuntime
@@ -299,6 +300,17 @@ def test_layer_parallel_schedule_equals_its_reference_and_counts_spike_bytes(tmp
         {"F spikes": M * T * 16 * 48 // 8},
         {"F spikes": M * T * 16 * 40 // 8, "B spikes": (M - 1) * T * CLASSES * 40 // 8},
         {"B spikes": (M - 1) * T * CLASSES * 32 // 8}]
+
+
+def test_layer_parallel_refuses_batchnorm_in_the_backward_network(tmp_path):
+    """B with batchnorm runs per class on one process (count-weighted statistics), but its rows then depend on the
+    batch's class counts, so one table per class cannot serve every micro-batch: refused with the way out."""
+    from bsdgraph.layer_parallel import LayerParallelError, pipeline_stage
+
+    graph = bsd_graph(write_models(tmp_path)["cnn"])
+    assert can_dedup(graph) and any(n.op == Op.BATCHNORM and n.stream == Stream.B for n in graph.nodes)
+    with pytest.raises(LayerParallelError, match="train it data-parallel instead"):
+        pipeline_stage(CPURuntime)(graph, stage=0, n_stages=2, seed=0)
 
 
 def test_layer_parallel_on_two_processes_equals_the_emulation(tmp_path):

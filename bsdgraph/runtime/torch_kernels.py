@@ -153,6 +153,13 @@ def _batchnorm(ex, la: Launch):
     w, b = _wb(ex, n.name)
     rm, rv = ex.state[f"{n.name}.running_mean"], ex.state[f"{n.name}.running_var"]
     v = ex.read(la.reads[0], n.shape)
+    if ex.is_per_class(la.reads[0]):  # B on one row per class present: statistics weighted by the class counts
+        out, mean, invstd = _class_weighted_batch_norm(v, ex.counts, w, b, rm, rv, ex.training, n.attrs["momentum"],
+                                                       n.attrs["eps"])
+        if ex.training:
+            ex.buf[f"bnstats:{n.name}"] = torch.stack([mean, invstd])
+        ex.buf[la.writes[0]] = out
+        return
     # F.batch_norm's own CPU path, keeping the batch mean and 1/std that its backward needs (saves the backward
     # a forward re-run: fmnist_cnn's four batchnorm backwards took 170 ms per step with torch.func.vjp, 58 now)
     out, mean, invstd = torch.ops.aten.native_batch_norm(v.reshape(-1, *v.shape[2:]), w, b, rm, rv, ex.training,
@@ -160,6 +167,51 @@ def _batchnorm(ex, la: Launch):
     if ex.training:
         ex.buf[f"bnstats:{n.name}"] = torch.stack([mean, invstd])
     ex.buf[la.writes[0]] = out.reshape(v.shape)
+
+
+def _class_weights(v: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Per-row weights of a [T, R, C, ...] buffer of per-class rows, shaped to broadcast, and the number of values
+    per channel of the full batch they stand for (T * B * spatial)."""
+    wts = counts.to(v.dtype).view(1, -1, *[1] * (v.dim() - 2))
+    return wts, float(v.shape[0] * int(counts.sum()) * math.prod(v.shape[3:]))
+
+
+def _class_weighted_batch_norm(v, counts, w, b, rm, rv, training, momentum, eps):
+    """Batchnorm of per-class rows [T, R, C, ...] that stand for ``counts[r]`` identical samples each: the batch
+    statistics of the full batch, as sums over the R rows weighted by their counts (exact up to summation order;
+    tests/test_cpu_backend.py compares gradients with the plain plan). This is what lets a backward network with
+    batchnorm (every conv classifier) run once per class. Returns (out, mean, invstd) per channel."""
+    c = v.shape[2]
+    shape = (1, 1, c, *[1] * (v.dim() - 3))
+    if not training:
+        mean, invstd = rm, (rv + eps).rsqrt()
+    else:
+        wts, n = _class_weights(v, counts)
+        dims = [d for d in range(v.dim()) if d != 2]
+        mean = (v * wts).sum(dims) / n
+        var = ((v - mean.view(shape)).pow(2) * wts).sum(dims) / n
+        invstd = (var + eps).rsqrt()
+        if rm is not None:  # running statistics as F.batch_norm keeps them: the unbiased variance
+            rm.mul_(1 - momentum).add_(momentum * mean)
+            rv.mul_(1 - momentum).add_(momentum * var * (n / max(n - 1, 1)))
+    out = (v - mean.view(shape)) * (invstd * (w if w is not None else 1)).view(shape)
+    return (out + b.view(shape) if b is not None else out), mean, invstd
+
+
+def _class_weighted_batch_norm_backward(grad, v, counts, w, mean, invstd):
+    """Backward of ``_class_weighted_batch_norm`` for gradients that are already per-class sums (as every
+    gradient of a deduplicated B buffer is). Per sample, dx_k = w invstd (dy_k - S/n - x̂_k S'/n) with
+    S = sum dy, S' = sum dy x̂ over the full batch; summed over the counts[r] samples of class r this is
+    w invstd (g_r - counts[r] (S + x̂_r S') / n), and S, S' are plain sums over the rows of g."""
+    c = v.shape[2]
+    shape = (1, 1, c, *[1] * (v.dim() - 3))
+    wts, n = _class_weights(v, counts)
+    dims = [d for d in range(v.dim()) if d != 2]
+    xhat = (v - mean.view(shape)) * invstd.view(shape)
+    g_b, g_w = grad.sum(dims), (grad * xhat).sum(dims)
+    scale = invstd * (w if w is not None else 1)
+    g_in = (grad - wts * (g_b.view(shape) + xhat * g_w.view(shape)) / n) * scale.view(shape)
+    return g_in, g_w, g_b
 
 
 def _upsample_nearest(size):
@@ -379,7 +431,12 @@ def _batchnorm_backward(ex, la: Launch):
     grad, src = ex.read(la.reads[0], n.shape), ex.read(la.reads[1], n.shape)
     rows = src.reshape(-1, *src.shape[2:])
     stats = ex.buf.get(f"bnstats:{n.name}")
-    if stats is not None:  # autograd's own batchnorm backward, with the statistics of this step's forward
+    if ex.is_per_class(la.reads[1]):
+        if stats is None:  # statistics recomputed from the rows, as below
+            _, mean, invstd = _class_weighted_batch_norm(src, ex.counts, w, b, None, None, True, 0.0, n.attrs["eps"])
+            stats = (mean, invstd)
+        g_in, g_w, g_b = _class_weighted_batch_norm_backward(grad, src, ex.counts, w, stats[0], stats[1])
+    elif stats is not None:  # autograd's own batchnorm backward, with the statistics of this step's forward
         g_in, g_w, g_b = torch.ops.aten.native_batch_norm_backward(
             grad.reshape(rows.shape).contiguous(), rows, w, None, None, stats[0], stats[1], True, n.attrs["eps"],
             [True, True, True])
