@@ -178,9 +178,10 @@ def _class_weights(v: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor,
 
 def _class_weighted_batch_norm(v, counts, w, b, rm, rv, training, momentum, eps):
     """Batchnorm of per-class rows [T, R, C, ...] that stand for ``counts[r]`` identical samples each: the batch
-    statistics of the full batch, as sums over the R rows weighted by their counts (exact up to summation order;
-    tests/test_cpu_backend.py compares gradients with the plain plan). This is what lets a backward network with
-    batchnorm (every conv classifier) run once per class. Returns (out, mean, invstd) per channel."""
+    statistics of the full batch, as sums over the R rows weighted by their counts (exact up to summation order:
+    tests/test_class_batchnorm.py against torch's batchnorm of the expanded batch, tests/test_cpu_backend.py a
+    whole step against the plain plan). This is what lets a backward network with batchnorm (every conv
+    classifier) run once per class. Returns (out, mean, invstd) per channel."""
     c = v.shape[2]
     shape = (1, 1, c, *[1] * (v.dim() - 3))
     if not training:
