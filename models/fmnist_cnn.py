@@ -3,6 +3,7 @@
 conv3x3(32) - BN - LIF - maxpool2 - conv3x3(64) - BN - LIF - maxpool2 - flatten - linear(256) - LIF - linear(10).
 Batchnorm sits on the synapse output, before the neuron (spec). The derived backward network mirrors each conv
 with a ConvTranspose2d that restores the exact input shape and each max-pool with nearest upsampling.
+An epoch of BSD takes 132-144 s on the 2-core development machine (cpu backend; B runs once per class).
 """
 
 from bsdgraph import GraphBuilder
