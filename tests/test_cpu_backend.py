@@ -183,6 +183,8 @@ def test_class_deduplicated_backward_network_gives_the_same_gradients(f, cfg):
     assume(can_dedup(bsd))
     x, y = batch(bsd, B=9, scale=2.0)
     y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]  # classes in any order
+    # the two plans sum in different orders: keep margins (threshold, zero-variance batchnorm, zero ReCo rows)
+    assume(well_conditioned(bsd, ReferenceRuntime(bsd, seed=2).gradients(x, y)[2]))
     g_plain, l_plain = _gradients_with_plan(bsd, False, x, y)
     g_dedup, l_dedup = _gradients_with_plan(bsd, True, x, y)
     assert l_plain == pytest.approx(l_dedup, rel=1e-5)

@@ -189,7 +189,11 @@ def _class_weighted_batch_norm(v, counts, w, b, rm, rv, training, momentum, eps)
     else:
         wts, n = _class_weights(v, counts)
         dims = [d for d in range(v.dim()) if d != 2]
-        mean = (v * wts).sum(dims) / n
+        # the mean as a shift (each channel's first value) plus the weighted mean of the differences: exact for a
+        # constant channel (a silent layer's bias), whose output must then be exactly the bias, as torch's is;
+        # a plain weighted sum leaves rounding noise that 1/sqrt(eps) turns into a visible signal
+        first = v[(0, 0, slice(None)) + (0,) * (v.dim() - 3)].view(shape)
+        mean = (first + ((v - first) * wts).sum(dims).view(shape) / n).view(-1)
         var = ((v - mean.view(shape)).pow(2) * wts).sum(dims) / n
         invstd = (var + eps).rsqrt()
         if rm is not None:  # running statistics as F.batch_norm keeps them: the unbiased variance
