@@ -12,7 +12,7 @@ TRAIN = dict(epochs=8, batch_size=128, lr=1e-3, weight_decay=1e-4, clip=1.0, sch
 # recall_loss="mse": B's bottom synapse learns to generate the stimulus itself, so `bsdgraph recall` shows
 # class prototypes (ReCo, a cosine, leaves B's recall without scale or offset); that loss trains only that
 # one synapse, so F and the rest of B train exactly as with recall_loss="reco" (tests/test_feedback.py)
-# lam=0.3 (the spec's 0.6 is for the MLP): B's rows are per class, so with negatives="all" a sample's ~12 classmates
+# lam=0.3 (the spec default is 0.6): B's rows are per class, so with negatives="all" a sample's ~12 classmates
 # (batch 128) are negatives equal to its own B row, and its terms (1 - C)^2 + lam * 11.8 * C^2 are lowest at a
 # cosine of 1 / (1 + 11.8 lam) with that row: 0.12 at lam 0.6, 0.22 at 0.3, 0.46 at 0.1, 1 with "other_class".
 # Measured, 8-epoch cosine schedule, seed 0 (docs/experiments.md): lam 0.3 89.25 % (seed 1: 89.48 %), lam 0.6
