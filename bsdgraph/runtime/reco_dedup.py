@@ -57,8 +57,8 @@ def reco_loss_grad_dedup(a: torch.Tensor, u: torch.Tensor, inverse: torch.Tensor
         mult.scatter_(1, at_own, 0.0)
     excess = cos.clamp(min=0)
     miss = 1 - cos.gather(1, at_own)  # [B, 1]: 1 - C_k,r_k
-    g = excess.mul_(mult)  # max(0, C) M, then the loss and G from it (excess is not needed again)
-    loss = ((miss * miss).sum() + lam * (g * cos.clamp(min=0)).sum()) / B
+    g = excess * mult  # max(0, C) M: the negatives' loss terms and, scaled, their part of G
+    loss = ((miss * miss).sum() + lam * (g * excess).sum()) / B
     g.mul_(2 * lam / B).scatter_add_(1, at_own, miss * (-2 / B))
     h = g.div_(d)
     coef_u = (h * cos * na[:, None]).sum(0) * _inv(nu)

@@ -169,11 +169,13 @@ def _batchnorm(ex, la: Launch):
     ex.buf[la.writes[0]] = out.reshape(v.shape)
 
 
-def _class_weights(v: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Per-row weights of a [T, R, C, ...] buffer of per-class rows, shaped to broadcast, and the number of values
-    per channel of the full batch they stand for (T * B * spatial)."""
+def _class_layout(v: torch.Tensor, counts: torch.Tensor):
+    """For a [T, R, C, ...] buffer of per-class rows: the per-row weights shaped to broadcast, the number of values
+    per channel of the full batch they stand for (T * B * spatial), the broadcast shape of a per-channel vector,
+    and the dimensions a per-channel sum runs over."""
     wts = counts.to(v.dtype).view(1, -1, *[1] * (v.dim() - 2))
-    return wts, float(v.shape[0] * int(counts.sum()) * math.prod(v.shape[3:]))
+    n = float(v.shape[0] * int(counts.sum()) * math.prod(v.shape[3:]))
+    return wts, n, (1, 1, v.shape[2], *[1] * (v.dim() - 3)), [d for d in range(v.dim()) if d != 2]
 
 
 def _class_weighted_batch_norm(v, counts, w, b, rm, rv, training, momentum, eps):
@@ -182,13 +184,10 @@ def _class_weighted_batch_norm(v, counts, w, b, rm, rv, training, momentum, eps)
     tests/test_class_batchnorm.py against torch's batchnorm of the expanded batch, tests/test_cpu_backend.py a
     whole step against the plain plan). This is what lets a backward network with batchnorm (every conv
     classifier) run once per class. Returns (out, mean, invstd) per channel."""
-    c = v.shape[2]
-    shape = (1, 1, c, *[1] * (v.dim() - 3))
+    wts, n, shape, dims = _class_layout(v, counts)
     if not training:
         mean, invstd = rm, (rv + eps).rsqrt()
     else:
-        wts, n = _class_weights(v, counts)
-        dims = [d for d in range(v.dim()) if d != 2]
         # the mean as a shift (each channel's first value) plus the weighted mean of the differences: exact for a
         # constant channel (a silent layer's bias), whose output must then be exactly the bias, as torch's is;
         # a plain weighted sum leaves rounding noise that 1/sqrt(eps) turns into a visible signal
@@ -208,10 +207,7 @@ def _class_weighted_batch_norm_backward(grad, v, counts, w, mean, invstd):
     gradient of a deduplicated B buffer is). Per sample, dx_k = w invstd (dy_k - S/n - x̂_k S'/n) with
     S = sum dy, S' = sum dy x̂ over the full batch; summed over the counts[r] samples of class r this is
     w invstd (g_r - counts[r] (S + x̂_r S') / n), and S, S' are plain sums over the rows of g."""
-    c = v.shape[2]
-    shape = (1, 1, c, *[1] * (v.dim() - 3))
-    wts, n = _class_weights(v, counts)
-    dims = [d for d in range(v.dim()) if d != 2]
+    wts, n, shape, dims = _class_layout(v, counts)
     xhat = (v - mean.view(shape)) * invstd.view(shape)
     g_b, g_w = grad.sum(dims), (grad * xhat).sum(dims)
     scale = invstd * (w if w is not None else 1)
@@ -436,10 +432,7 @@ def _batchnorm_backward(ex, la: Launch):
     grad, src = ex.read(la.reads[0], n.shape), ex.read(la.reads[1], n.shape)
     rows = src.reshape(-1, *src.shape[2:])
     stats = ex.buf.get(f"bnstats:{n.name}")
-    if ex.is_per_class(la.reads[1]):
-        if stats is None:  # statistics recomputed from the rows, as below
-            _, mean, invstd = _class_weighted_batch_norm(src, ex.counts, w, b, None, None, True, 0.0, n.attrs["eps"])
-            stats = (mean, invstd)
+    if ex.is_per_class(la.reads[1]):  # B's per-class rows: their forward always stored its statistics
         g_in, g_w, g_b = _class_weighted_batch_norm_backward(grad, src, ex.counts, w, stats[0], stats[1])
     elif stats is not None:  # autograd's own batchnorm backward, with the statistics of this step's forward
         g_in, g_w, g_b = torch.ops.aten.native_batch_norm_backward(
