@@ -81,12 +81,13 @@ def plan_flops(plan: Plan, g: Graph, B: int, R: int = 10, time_invariant: bool =
 ROOFLINE = "roofline GEMM"
 
 
-def roofline_probe(n: int = 2048) -> tuple[Callable[[], object], float]:
+def roofline_probe(n: int | None = None) -> tuple[Callable[[], object], float]:
     """A large fp32 GEMM (same threads and device as the benchmark) and its FLOPs: timed as one more candidate
     of ``time_interleaved``, so the roofline is measured in the same rounds as the steps it divides. Measured
     once before the steps instead, it moved from 114 to 240 GFLOP/s between runs on this shared VM, and the
     fraction with it."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = n or (8192 if device == "cuda" else 2048)  # 2048^3 takes ~0.3 ms on an H200: too short to saturate it
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     return (lambda: a @ b), 2.0 * n ** 3
 
@@ -197,12 +198,15 @@ def as_dicts(results: list[Result]) -> list[dict]:
 
 
 def _batch(g: Graph, B: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random stimuli and labels (or targets) of the shapes the model trains on: a sequence stimulus or target
+    carries its T steps per sample."""
     gen = torch.Generator().manual_seed(seed)
-    out = g.by_op(Op.OUTPUT)[0]
-    x = torch.rand(B, *g.by_op(Op.INPUT)[0].shape, generator=gen)
+    inp, out = g.by_op(Op.INPUT)[0], g.by_op(Op.OUTPUT)[0]
+    steps = lambda n, key: (g.T,) if n.attrs[key] == "sequence" else ()  # noqa: E731
+    x = torch.rand(B, *steps(inp, "encoding"), *inp.shape, generator=gen)
     if out.attrs["task"] == "classification":
         return x, torch.randint(0, out.attrs["n_classes"], (B,), generator=gen)
-    return x, torch.rand(B, *out.shape, generator=gen)
+    return x, torch.rand(B, *steps(out, "target"), *out.shape, generator=gen)
 
 
 def bptt_flops(plan_plain: Plan, g: Graph, B: int) -> int:
@@ -226,8 +230,10 @@ def _baseline(name: str):
     return module
 
 
-def baselines(model, g: Graph, bsd: Graph, x, y) -> tuple[dict[str, Callable], dict[str, float], list[str]]:
-    """The --compare candidates that apply to this model, their FLOPs, and notes on the ones skipped."""
+def baselines(model, g: Graph, bsd: Graph, x, y, device: torch.device | str = "cpu"
+              ) -> tuple[dict[str, Callable], dict[str, float], list[str]]:
+    """The --compare candidates that apply to this model (on ``device``, where the engine runs), their FLOPs, and
+    notes on the ones skipped."""
     from bsdgraph.lower import lower
     from bsdgraph.runtime.bptt import BPTTRuntime
 
@@ -235,16 +241,16 @@ def baselines(model, g: Graph, bsd: Graph, x, y) -> tuple[dict[str, Callable], d
     fns, flops, notes = {}, {}, []
     try:
         NaiveBSD = _baseline("naive_bsd").NaiveBSD
-        naive = NaiveBSD.from_graph(g)
+        naive = NaiveBSD.from_graph(g, device)
         fns["naive"] = lambda: naive.step(x, y)
         flops["naive"] = plan_flops(plain, bsd, len(y), time_invariant=False)
     except (ImportError, ValueError) as err:
         notes.append(f"naive: skipped ({err})")
-    bptt = BPTTRuntime(g)
+    bptt = BPTTRuntime(g, device=device)
     fns["bptt"] = lambda: bptt.step(x, y)
     flops["bptt"] = bptt_flops(plain, bsd, len(y))
     try:
-        snn = _baseline("snntorch_bptt").SnnTorchBPTT.from_graph(g)
+        snn = _baseline("snntorch_bptt").SnnTorchBPTT.from_graph(g, device)
         fns["snntorch"] = lambda: snn.step(x, y)
         flops["snntorch"] = flops["bptt"]
     except (ImportError, ValueError) as err:
@@ -258,13 +264,14 @@ def run_bench(model, backend: str, batch: int, steps: int, warmup: int, compare:
 
     g = model.graph
     engine, bsd = make_runtime(model, "bsd", backend, TrainConfig.from_model(model.train))
-    x, y = _batch(g, batch)
+    device = getattr(engine, "device", torch.device("cpu"))
+    x, y = (v.to(device) for v in _batch(g, batch))  # on the engine's device: no copy inside a timed step
     name = f"bsdgraph-{backend}"
     fns = {name: lambda: engine.step(x, y)}
     flops = {name: plan_flops(engine.plan, bsd, batch) if hasattr(engine, "plan") else None}
     notes: list[str] = []
     if compare:
-        more, more_flops, notes = baselines(model, g, derive_feedback(g, model.bsd), x, y)
+        more, more_flops, notes = baselines(model, g, derive_feedback(g, model.bsd), x, y, device)
         fns.update(more)
         flops.update(more_flops)
     probe, probe_flop = roofline_probe()
@@ -275,13 +282,14 @@ def run_bench(model, backend: str, batch: int, steps: int, warmup: int, compare:
                for k in fns]
     ratios = {k: round(r.ms_step / results[0].ms_step, 2) for k, r in zip(fns, results) if k != name}
     return {"model": str(model.path), "batch": batch, "T": g.T, "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "roofline_gflops": round(roofline, 1), "results": as_dicts(results),
             "speedup_vs": ratios, "notes": notes}
 
 
 def format_report(rep: dict) -> str:
-    lines = [f"bench {rep['model']}: batch {rep['batch']}, T={rep['T']}, {rep['threads']} threads, "
-             f"GEMM roofline {rep['roofline_gflops']} GFLOP/s (2048^3, timed interleaved with the steps)",
+    lines = [f"bench {rep['model']}: batch {rep['batch']}, T={rep['T']}, {rep['device']}, {rep['threads']} threads, "
+             f"fp32 GEMM roofline {rep['roofline_gflops']} GFLOP/s (timed interleaved with the steps)",
              f"  {'runtime':<18} {'ms/step':>8} {'ms/infer':>9} {'samples/s':>10} {'peak MiB':>9} "
              f"{'GFLOP/step':>11} {'GFLOP/s':>8} {'roofline':>9}"]
     for r in rep["results"]:
@@ -320,8 +328,9 @@ def run_sweep(model, backend: str, param: str, values: list[int], batch: int, st
         m = _variant(model, param, v)
         B = v if param == "batch" else batch
         engine, _ = make_runtime(m, "bsd", backend, TrainConfig.from_model(m.train))
-        bptt = BPTTRuntime(m.graph)
-        x, y = _batch(m.graph, B)
+        device = getattr(engine, "device", torch.device("cpu"))
+        bptt = BPTTRuntime(m.graph, device=device)
+        x, y = (v.to(device) for v in _batch(m.graph, B))
         times = time_interleaved({"bsdgraph": lambda: engine.step(x, y), "bptt": lambda: bptt.step(x, y)},
                                  steps, warmup)
         rows.append({param: v, **{k: round(1e3 * statistics.median(t), 2) for k, t in times.items()}})

@@ -118,7 +118,8 @@ def make_runtime(model: Model, rule: str, backend: str, cfg: TrainConfig, params
     if rule == "bptt":
         from bsdgraph.runtime.bptt import BPTTRuntime
 
-        return BPTTRuntime(model.graph, params, cfg.optim(), cfg.seed, state), model.graph
+        device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # where BSD would run
+        return BPTTRuntime(model.graph, params, cfg.optim(), cfg.seed, state, device=device), model.graph
     bsd = derive_feedback(model.graph, model.bsd)
     if backend == "triton":
         from bsdgraph.runtime.triton import available

@@ -114,3 +114,31 @@ def test_sweep_writes_a_plot(capsys, tmp_path):
     assert code == 0 and png.read_bytes()[:4] == b"\x89PNG"
     assert [r["T"] for r in rep["rows"]] == [1, 2] and all(r["bsdgraph"] > 0 and r["bptt"] > 0 for r in rep["rows"])
     assert main(["bench", "models/onb_bench.py", "--sweep", "depth=3"]) == 2
+
+
+def test_onb_width_comes_from_the_environment_and_bad_values_are_refused(monkeypatch):
+    from bsdgraph.ir import Op
+    from bsdgraph.model_file import ModelError
+
+    monkeypatch.setenv("BSDGRAPH_ONB_NEURONS", "96")
+    g = load_model("models/onb_bench.py").graph
+    (inp,) = g.by_op(Op.INPUT)
+    assert inp.shape == (96,) and inp.attrs["encoding"] == "sequence" and g["fc1"].attrs["out_features"] == 96
+    monkeypatch.setenv("BSDGRAPH_ONB_NEURONS", "lots")
+    with pytest.raises(ModelError, match="BSDGRAPH_ONB_NEURONS must be a positive integer"):
+        load_model("models/onb_bench.py")
+
+
+def test_compare_skips_the_hand_written_baselines_for_a_sequence_stimulus(monkeypatch):
+    # the naive and snnTorch steps repeat one image over T: on per-step input they would time other work
+    from bsdgraph.bench import _batch, baselines
+
+    monkeypatch.setenv("BSDGRAPH_ONB_NEURONS", "32")
+    model = load_model("models/onb_bench.py")
+    g = model.graph.replace(T=3)
+    x, y = _batch(g, 2)
+    assert x.shape == (2, 3, 32)
+    fns, flops, notes = baselines(model, g, derive_feedback(g, model.bsd), x, y)
+    assert set(fns) == {"bptt"} and flops["bptt"] > 0
+    assert any(n.startswith("naive: skipped") and "direct-encoded" in n for n in notes)
+    fns["bptt"]()  # BPTT takes the per-step stimulus as it is

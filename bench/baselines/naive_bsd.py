@@ -39,7 +39,7 @@ def lif(current, tau=2.0, v_th=0.3):
 def reco(v, v_hat, lam=0.6):
     v, v_hat = v.transpose(0, 1).flatten(1), v_hat.transpose(0, 1).flatten(1)
     cos = (v @ v_hat.T) / (v.norm(dim=1)[:, None] * v_hat.norm(dim=1)[None, :] + 1e-8)
-    off = ~torch.eye(len(v), dtype=torch.bool)
+    off = ~torch.eye(len(v), dtype=torch.bool, device=v.device)
     return (((1 - cos.diagonal()) ** 2).sum() + lam * (F.relu(cos[off]) ** 2).sum()) / len(v)
 
 
@@ -52,17 +52,22 @@ class NaiveBSD(nn.Module):
         self.opt = torch.optim.AdamW(self.parameters(), lr=lr)
 
     @classmethod
-    def from_graph(cls, g) -> NaiveBSD:
+    def from_graph(cls, g, device: str | torch.device = "cpu") -> NaiveBSD:
         from bsdgraph.feedback import segment
         from bsdgraph.ir import Op
 
+        (inp,), (out,) = g.by_op(Op.INPUT), g.by_op(Op.OUTPUT)
+        if inp.attrs["encoding"] != "direct" or out.attrs["task"] != "classification":
+            raise ValueError("the naive baseline covers direct-encoded classifiers only")
         layers = segment(g)
         if any(g[layer.synapse].op != Op.LINEAR or layer.bn for layer in layers):
             raise ValueError("the naive baseline covers Linear + LIF stacks (MLPs) only")
         widths = [g[layers[0].synapse].attrs["in_features"]] + [g[l.synapse].attrs["out_features"] for l in layers]
-        return cls(widths, g.T)
+        return cls(widths, g.T).to(device)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        device = next(self.parameters()).device
+        x, y = x.to(device), y.to(device)
         T, L = self.T, len(self.f)
         s = x.flatten(1).unsqueeze(0).repeat(T, 1, 1)  # direct encoding: the image at every step
         target = F.one_hot(y, self.widths[-1]).float().unsqueeze(0).repeat(T, 1, 1)

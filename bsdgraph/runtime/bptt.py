@@ -33,6 +33,7 @@ class BPTTRuntime(ReferenceRuntime):
         return F.mse_loss(pred, y.to(v.dtype).reshape(pred.shape))
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        y = y.to(self.device)
         env = run_graph(self.graph, self._ctx(x, y, True), frozenset({Stream.F}))
         loss = self.loss(env[self.out.name], y)
         self.optimizer.zero_grad(set_to_none=True)

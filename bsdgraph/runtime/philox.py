@@ -29,5 +29,5 @@ def philox_uniform(seed: int, offset: torch.Tensor) -> torch.Tensor:
 def poisson_encode(x: torch.Tensor, T: int, seed: int) -> torch.Tensor:
     """uint8 [T, *x.shape]: spikes[t, i] = [u < x_i], u = Philox(seed, t*numel(x) + i); same as the twin."""
     check_encode_args("poisson_encode", T, seed)
-    offset = torch.arange(T * x.numel(), dtype=torch.int64).reshape(T, *x.shape)
+    offset = torch.arange(T * x.numel(), dtype=torch.int64, device=x.device).reshape(T, *x.shape)
     return (philox_uniform(seed, offset) < x.to(torch.float32)).to(torch.uint8)

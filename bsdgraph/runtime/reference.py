@@ -245,15 +245,17 @@ class ReferenceRuntime:
     name = "reference"
 
     def __init__(self, g: Graph, params: Params | None = None, opt: OptimConfig | None = None, seed: int = 0,
-                 state: dict[str, torch.Tensor] | None = None):
+                 state: dict[str, torch.Tensor] | None = None, device: str | torch.device = "cpu"):
         self.graph, self.opt_cfg, self.seed = g, opt or OptimConfig(), seed
+        self.device = torch.device(device)
         base = params if params is not None else init_params(g, seed)
-        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in base.items()}
-        self.state = {k: v.clone() for k, v in (state or init_state(g)).items()}
+        self.params = {k: v.detach().to(self.device).clone().requires_grad_(True) for k, v in base.items()}
+        self.state = {k: v.to(self.device).clone() for k, v in (state or init_state(g)).items()}
         self.optimizer = make_optimizer(self.params, self.opt_cfg)
         self.steps = 0
 
     def _ctx(self, x, y, training: bool) -> Ctx:
+        x, y = (None if v is None else v.to(self.device) for v in (x, y))
         return Ctx(self.params, self.state, self.graph.T, x, y, training, step_seed(self.seed, self.steps))
 
     def losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
