@@ -33,12 +33,13 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "gemm-then-lif"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_triton_step_equals_the_reference_step(case):
+def test_triton_step_equals_the_reference_step(case, fused):
     build, cfg = CASES[case]
     bsd = derive_feedback(build(), cfg)
     x, y = batch(bsd, B=7, scale=2.0)
-    ref, tri = ReferenceRuntime(bsd, seed=3), TritonRuntime(bsd, seed=3)
+    ref, tri = ReferenceRuntime(bsd, seed=3), TritonRuntime(bsd, seed=3, fuse_linear_lif=fused)
     ref_grads, _, env = ref.gradients(x, y)
     assert well_conditioned(bsd, env), "fixed inputs should keep membranes away from the threshold"
     assert_close_grads(ref_grads, tri.gradients(x, y)[0])

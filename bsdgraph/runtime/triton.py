@@ -48,9 +48,12 @@ def _spikes_in(ex, la: Launch, in_features: int) -> torch.Tensor:
 
 def _linear_lif(ex, la: Launch):
     """One fused launch: I[t] = s[t] W^T + b and the LIF update in registers; V (and h) stored only if a loss
-    reads them."""
+    reads them. Without fusion (the default on CUDA, see ``TritonRuntime``): one torch GEMM over all T*B rows
+    (or one over B rows for a time-invariant stimulus), then the Triton LIF kernel."""
     from kernels.linear_lif import linear_lif_forward
 
+    if not ex.fuse_linear_lif:
+        return TORCH_KERNELS["linear_lif_forward"](ex, la)
     syn, lif = la.nodes
     a = ex.node(lif).attrs
     spikes, v, h = linear_lif_forward(_spikes_in(ex, la, ex.node(syn).attrs["in_features"]),
@@ -78,11 +81,19 @@ KERNELS = {**TORCH_KERNELS, "linear_lif_forward": _linear_lif, "linear_lif_rec_f
 
 
 class TritonRuntime(Executor):
+    """``fuse_linear_lif``: run each Linear+LIF pair as the fused kernel (True) or as a torch GEMM followed by the
+    Triton LIF kernel (False). Default: unfused on CUDA, fused elsewhere (the interpreter, i.e. the CPU tests).
+    Measured on an H200 (bench/out/gpu_run_h200_1.txt): the fused kernel's ``tl.dot`` in IEEE fp32 runs on FMA
+    units at 2.5-2.9 TFLOP/s for T=4, B=128, 784->1024, while cuBLAS's fp32 GEMM reaches ~50 TFLOP/s; the spike
+    tensor it saves writing is small beside that. The unfused path also computes a time-invariant first layer
+    once instead of T times."""
+
     name = "triton"
 
-    def __init__(self, g, device: str | None = None, **kwargs):
+    def __init__(self, g, device: str | None = None, fuse_linear_lif: bool | None = None, **kwargs):
         ok, why = available()
         if not ok:
             raise RuntimeError(why)
-        super().__init__(g, KERNELS, _prims(), device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                         **kwargs)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.fuse_linear_lif = device.type != "cuda" if fuse_linear_lif is None else fuse_linear_lif
+        super().__init__(g, KERNELS, _prims(), device=device, **kwargs)
