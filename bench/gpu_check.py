@@ -142,6 +142,18 @@ def check_linear_lif(cfg) -> list[Row]:
         moved = s_in.numel() * s_in.element_size() + weight.numel() * 4 + T * B * N
         row = Row(name, ok_s and ok_v and ok_h, f"{msg_s}; V {msg_v}; h {msg_h}", moved, 2.0 * T * B * K * N)
         rows.append(time_it(row, lambda: linear_lif.linear_lif_forward(s_in, weight, bias, *p.args), cfg["rep"]))
+
+        # the same layer unfused, as the triton backend runs it on CUDA: cuBLAS fp32 GEMM, then the LIF kernel
+        def unfused():
+            cur = torch.nn.functional.linear(s_in.reshape(T * B, K).float(), weight, bias).reshape(T, B, N)
+            return lif.lif_forward(cur, *p.args, return_h=True)
+
+        got_s, got_h = unfused()
+        ok_s, msg_s = spikes_equal(got_s, ref_s)
+        ok_h, msg_h = within(got_h, ref_h, float(bound.max()) + ks.TOL["lif_h"] * ks.lif_potential_scale(ref_v, p))
+        row = Row(f"gemm+lif {kind} T={T} B={B} K={K} N={N}", ok_s and ok_h, f"{msg_s}; h {msg_h}", moved,
+                  2.0 * T * B * K * N)
+        rows.append(time_it(row, unfused, cfg["rep"]))
     return rows
 
 
@@ -212,6 +224,43 @@ def check_poisson(cfg) -> list[Row]:
     return [time_it(row, lambda: encode.poisson_encode(x, T, 1234), cfg["rep"])]
 
 
+def check_backends(cfg) -> list[Row]:
+    """Whole BSD steps: the triton backend on the GPU against the reference runtime (autograd over the torch
+    ops) on the same GPU, for the graphs of tests/test_triton_backend.py plus a recurrent net, which runs the
+    fused recurrent Linear+LIF kernel. Same tolerances as those tests; untimed."""
+    from bsdgraph import derive_feedback
+    from bsdgraph.runtime.reference import ReferenceRuntime
+    from bsdgraph.runtime.triton import TritonRuntime
+    from tests import test_recurrent as rec
+    from tests.test_cpu_backend import assert_close_grads, assert_close_params, batch, well_conditioned
+    from tests.test_triton_backend import CASES
+
+    cases = {name: (lambda b=build, c=bsd_cfg: derive_feedback(b(), c), lambda g: batch(g, B=7, scale=2.0))
+             for name, (build, bsd_cfg) in CASES.items()}
+    cases["rnn"] = (lambda: derive_feedback(rec.rnn(encoding="sequence", task="classification")), rec.data)
+    rows = []
+    for (name, (make, data)), fused in ((c, f) for c in sorted(cases.items()) for f in (True, False)):
+        bsd = make()
+        x, y = data(bsd)
+        name = f"{name} ({'fused' if fused else 'gemm+lif'})"
+        ref = ReferenceRuntime(bsd, seed=3, device=DEVICE)
+        tri = TritonRuntime(bsd, seed=3, device=DEVICE, fuse_linear_lif=fused)
+        try:
+            ref_grads, _, env = ref.gradients(x, y)
+            if not well_conditioned(bsd, env):
+                rows.append(Row(f"backend step {name}", False, "inputs not well conditioned on this GPU: "
+                                "a membrane within 1e-5 of the threshold (re-seed the case)"))
+                continue
+            assert_close_grads(ref_grads, tri.gradients(x, y)[0])
+            r, t = ref.step(x, y), tri.step(x, y)
+            assert all(abs(r.rates[k] - t.rates[k]) <= 1e-6 for k in r.rates), (r.rates, t.rates)
+            assert_close_params(bsd, ref.params, tri.params)
+            rows.append(Row(f"backend step {name}", True, "gradients, rates and updated weights match the reference"))
+        except AssertionError as err:
+            rows.append(Row(f"backend step {name}", False, f"differs from the reference: {err}"))
+    return rows
+
+
 def report(rows: list[Row]) -> None:
     print(f"\nH200 limits: HBM {H200['hbm_tb_s']} TB/s; dense bf16 {H200['bf16_tflop_s']:.0f} TFLOP/s "
           f"({H200['bf16_measured_tflop_s']:.0f} measured); fp32 FMA {H200['fp32_fma_tflop_s']:.0f} TFLOP/s")
@@ -248,7 +297,7 @@ def main() -> int:
     print(f"gpu_check on {torch.cuda.get_device_name()}: torch {torch.__version__}, triton {triton.__version__}"
           f"{' (quick)' if args.quick else ''}")
     rows: list[Row] = []
-    for check in (check_lif, check_linear_lif, check_reco, check_weight_grad, check_poisson):
+    for check in (check_lif, check_linear_lif, check_reco, check_weight_grad, check_poisson, check_backends):
         try:
             rows += check(cfg)
         except Exception as exc:  # a crash is a parity failure of that kernel, and the others still run
