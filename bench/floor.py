@@ -1,0 +1,123 @@
+"""A lower bound on the time of one BSD training step of a model on this machine, from measured parts.
+
+    python bench/floor.py [--model models/fmnist_mlp.py] [--batch-size 128] [--threads 2]
+
+It measures, in one process, interleaved round after round so that machine noise hits every part alike:
+
+- the GEMM roofline: a 2048^3 fp32 matmul (the same probe ``bsdgraph bench`` divides by);
+- the memory bandwidth of a large copy (64 MiB, far beyond the caches), read + write;
+- the engine's fixed cost per step: the same model with every hidden layer 8 wide and batch 16, where the
+  arithmetic is negligible and what remains is launching the plan (Python, allocation, small tensor ops),
+  timed warm (consecutive steps), i.e. at its smallest;
+- the AdamW update of the model's F and B parameters with torch's fused kernel, cold (the whole step's data has
+  passed through the caches since the last update, as in training);
+- the full step.
+
+and prints the floor: the plan's dense FLOPs at 100 % of the roofline + the AdamW update + the fixed cost,
+beside the step time a given fraction of the roofline needs. The floor leaves out LIF scans, ReCo's
+elementwise work and the cast of spikes, so the real lower bound is higher still.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bsdgraph.bench import _batch, plan_flops  # noqa: E402
+from bsdgraph.model_file import load_model  # noqa: E402
+from bsdgraph.passes import set_hidden_width  # noqa: E402
+from bsdgraph.train import TrainConfig, make_runtime  # noqa: E402
+
+
+def interleaved(fns: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each candidate, one call of each per round."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="models/fmnist_mlp.py")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--fraction", type=float, default=0.5, help="roofline fraction to compare with (default 0.5)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = load_model(args.model)
+    cfg = TrainConfig.from_model(model.train)
+    engine, bsd = make_runtime(model, "bsd", "cpu", cfg)
+    x, y = _batch(model.graph, args.batch_size)
+    flop = plan_flops(engine.plan, bsd, args.batch_size)
+
+    tiny_model = dataclasses.replace(model, graph=set_hidden_width(model.graph, 8))
+    tiny, _ = make_runtime(tiny_model, "bsd", "cpu", cfg)
+    tx, ty = _batch(tiny_model.graph, 16)
+
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    big = torch.rand(16 * 2**20)  # 64 MiB
+    dst = torch.empty_like(big)
+
+    params = list(engine.params.values())
+    grads = [torch.randn_like(q) * 1e-3 for q in params]
+    m1, m2 = [torch.zeros_like(q) for q in params], [torch.zeros_like(q) for q in params]
+    steps = [torch.zeros((), dtype=torch.float32) for _ in params]
+    flush = torch.empty(64 * 2**20 // 4)
+
+    def adamw_cold():
+        flush.fill_(1.0)  # evict: in a training step the whole step's data passes between two updates
+        t = time.perf_counter()
+        torch._fused_adamw_(params, grads, m1, m2, [], steps, lr=1e-3, beta1=0.9, beta2=0.999,
+                            weight_decay=0.01, eps=1e-8, amsgrad=False, maximize=False)
+        adamw_cold.last = time.perf_counter() - t
+
+    adamw_times = []
+
+    def adamw():
+        adamw_cold()
+        adamw_times.append(adamw_cold.last)
+
+    t = interleaved({"roofline": lambda: a @ b, "copy": lambda: dst.copy_(big), "adamw": adamw,
+                     "step": lambda: engine.step(x, y)}, args.rounds)
+    t["adamw"] = statistics.median(adamw_times)  # without the cache flush that precedes it
+    # the fixed cost warm (consecutive tiny steps, everything cached): the smallest it can be, for a lower bound
+    t["fixed"] = interleaved({"fixed": lambda: tiny.step(tx, ty)}, 5 * args.rounds)["fixed"]
+    roofline = 2 * n ** 3 / t["roofline"] / 1e9
+    bandwidth = 2 * big.numel() * 4 / t["copy"] / 1e9
+    n_params = sum(q.numel() for q in params)
+    gemm_ms = flop / (roofline * 1e9) * 1e3
+    floor_ms = gemm_ms + 1e3 * (t["adamw"] + t["fixed"])
+    need_ms = flop / (args.fraction * roofline * 1e9) * 1e3
+    print(f"{args.model}: batch {args.batch_size}, {args.threads} threads, medians of {args.rounds} interleaved rounds")
+    print(f"  GEMM roofline (2048^3 fp32)          {roofline:8.1f} GFLOP/s")
+    print(f"  memory bandwidth (64 MiB copy, r+w)  {bandwidth:8.1f} GB/s")
+    print(f"  plan's dense work                    {flop / 1e9:8.3f} GFLOP -> {gemm_ms:6.2f} ms at 100 % of the roofline")
+    print(f"  AdamW, {n_params / 1e6:.2f} M parameters (cold)    {1e3 * t['adamw']:8.2f} ms "
+          f"({n_params * 28 / 1e6:.0f} MB moved: {n_params * 28 / t['adamw'] / 1e9:.1f} GB/s)")
+    print(f"  fixed cost per step (width 8, B 16, warm) {1e3 * t['fixed']:5.2f} ms")
+    print(f"  floor = GEMMs + AdamW + fixed        {floor_ms:8.2f} ms")
+    print(f"  step for {args.fraction:.2f} of the roofline      {need_ms:8.2f} ms")
+    print(f"  the step now                         {1e3 * t['step']:8.2f} ms "
+          f"({flop / t['step'] / 1e9 / roofline:.2f} of the roofline)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
