@@ -142,3 +142,17 @@ def test_compare_skips_the_hand_written_baselines_for_a_sequence_stimulus(monkey
     assert set(fns) == {"bptt"} and flops["bptt"] > 0
     assert any(n.startswith("naive: skipped") and "direct-encoded" in n for n in notes)
     fns["bptt"]()  # BPTT takes the per-step stimulus as it is
+
+
+def test_floor_script_measures_every_part_and_the_floor_is_their_sum():
+    import re
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "bench/floor.py", "--rounds", "2", "--threads", "1"], capture_output=True,
+                         text=True, timeout=300, check=True).stdout
+    patterns = (r"-> +([0-9.]+) ms at 100 % of the roofline", r"AdamW, .*\(cold\) +([0-9.]+) ms",
+                r"fixed cost .* ([0-9.]+) ms", r"floor = .* ([0-9.]+) ms")
+    gemm, adamw, fixed, floor = (float(re.search(p, out).group(1)) for p in patterns)
+    assert min(gemm, adamw, fixed) > 0, out
+    assert abs(floor - (gemm + adamw + fixed)) <= 0.02, out  # printed with 2 decimals
