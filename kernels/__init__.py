@@ -12,7 +12,7 @@ signature; the twin is the specification the tests compare against).
 Launchers take float32 (spikes: uint8) contiguous tensors on one device, allocate their outputs there, and
 raise ``ValueError`` on anything else. On CUDA tensors the kernels are compiled; on CPU tensors they run in
 Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the environment before this package is first
-imported (``tests/conftest.py`` does that when no GPU is present).
+imported (``tests/conftest.py`` does that, and hides CUDA: the test suite is the CPU suite).
 
 The exports below are resolved lazily (PEP 562): importing ``kernels.ref`` (the torch twins, which the cpu
 runtime uses) must neither import Triton nor decorate any kernel, since Triton fixes interpreted-or-compiled

@@ -1,16 +1,21 @@
 """Test-wide set-up.
 
-TRITON_INTERPRET must be in the environment before any ``@triton.jit`` decorator runs (Triton reads it when
-the kernel object is created), so it is set here, at conftest import time, before any test module imports
-``kernels``. On a machine with a CUDA GPU the kernels run natively instead.
+The suite is the CPU suite, also on a machine with a GPU: its tensors are CPU tensors, which compiled Triton
+kernels cannot read, and its reference comparisons run on the CPU. So CUDA is hidden from torch here (before
+torch first asks the driver) and the kernels run in Triton's interpreter. TRITON_INTERPRET must be in the
+environment before any ``@triton.jit`` decorator runs (Triton reads it when the kernel object is created), so
+it is set at conftest import time, before any test module imports ``kernels``. The GPU checks are
+``bench/gpu_check.py`` and ``bench/gpu_run.sh`` (bench/GPU_CHECK.md).
 """
 
 import os
 
-import torch
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["TRITON_INTERPRET"] = "1"
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402
+
+assert not torch.cuda.is_available(), "CUDA must be hidden before torch initialises it (see the docstring)"
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
