@@ -269,9 +269,12 @@ def _transform(ex, la: Launch):
 def _reco_terms(n, a, b, labels, reco_loss_grad):
     """(loss, dA, dB) on [T, B, ...] inputs; the frequency-aware variant sums ReCo over the two FFT bands.
 
-    The band split P (a real, radially symmetric mask in Fourier space) is self-adjoint, so the gradient of the
-    low-band term maps back through P and the high-band one through (1 - P): P g_lo + (1 - P) g_hi, computed as
-    g_hi + P (g_lo - g_hi) with one split instead of two."""
+    The band split P (a real, radially symmetric 0/1 mask in Fourier space) is an orthogonal projection, so the
+    gradient of the low-band term maps back through P and the high-band one through (1 - P): P g_lo + (1 - P) g_hi.
+    Each band's ReCo gradient is a combination of that band's rows (h @ b_lo - coef * a_lo, ...), i.e. it already
+    lies in the band: P g_lo = g_lo and (1 - P) g_hi = g_hi, so the sum needs no split at all. (Splitting it
+    again, as before, cost two of the four band splits: 1.39x / 1.33x per call on fmnist_ae's [8, 128, 16, 14, 14]
+    and [8, 128, 32, 7, 7] operands, interleaved, 2 threads; gradients equal to 8e-7 relative.)"""
     at = n.attrs
     if not at["freq"]:
         loss, da, db = reco_loss_grad(per_sample(a), per_sample(b), labels, at["lam"], at["negatives"], at["eps"])
@@ -279,12 +282,7 @@ def _reco_terms(n, a, b, labels, reco_loss_grad):
     (al, ah), (bl, bh) = band_split(a, at["freq_r"]), band_split(b, at["freq_r"])
     lo = reco_loss_grad(per_sample(al), per_sample(bl), labels, at["lam_low"], at["negatives"], at["eps"])
     hi = reco_loss_grad(per_sample(ah), per_sample(bh), labels, at["lam_high"], at["negatives"], at["eps"])
-    grads = []
-    for i, like in ((1, a), (2, b)):
-        g_lo, g_hi = _unsample(lo[i], like), _unsample(hi[i], like)
-        low_of_diff, _ = band_split(g_lo - g_hi, at["freq_r"])
-        grads.append(g_hi + low_of_diff)
-    return lo[0] + hi[0], grads[0], grads[1]
+    return lo[0] + hi[0], _unsample(lo[1] + hi[1], a), _unsample(lo[2] + hi[2], b)
 
 
 def _unsample(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
