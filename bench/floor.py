@@ -108,7 +108,8 @@ def main() -> int:
     print(f"{args.model}: batch {args.batch_size}, {args.threads} threads, medians of {args.rounds} interleaved rounds")
     print(f"  GEMM roofline (2048^3 fp32)          {roofline:8.1f} GFLOP/s")
     print(f"  memory bandwidth (64 MiB copy, r+w)  {bandwidth:8.1f} GB/s")
-    print(f"  plan's dense work                    {flop / 1e9:8.3f} GFLOP -> {gemm_ms:6.2f} ms at 100 % of the roofline")
+    print(f"  plan's dense work                    {flop / 1e9:8.3f} GFLOP -> {gemm_ms:6.2f} ms "
+          "at 100 % of the roofline")
     print(f"  AdamW, {n_params / 1e6:.2f} M parameters (cold)    {1e3 * t['adamw']:8.2f} ms "
           f"({n_params * 28 / 1e6:.0f} MB moved: {n_params * 28 / t['adamw'] / 1e9:.1f} GB/s)")
     print(f"  fixed cost per step (width 8, B 16, warm) {1e3 * t['fixed']:5.2f} ms")
