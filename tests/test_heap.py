@@ -10,12 +10,14 @@ from bsdgraph.runtime import heap
 
 # In a fresh process's main thread (a test worker's heap may be fragmented, and glibc serves threads other than
 # the main one from 64 MiB arenas that a large tensor never fits in): page faults of a 64 MiB tensor allocated
-# a third time, after two were allocated, touched and freed.
+# again after four were allocated, touched and freed, as a training step's tensors are at every step. After only
+# two, 2-4 fresh processes in 16 still faulted every page in (glibc 2.36; the heap had not reached its steady
+# state yet); after four, 0 in 56.
 PROBE = """
 import resource, torch
 from bsdgraph.runtime import heap
 print(heap.keep_freed_memory())
-for _ in range(2):
+for _ in range(4):
     torch.ones(16 * 2**20)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 x = torch.ones(16 * 2**20)
