@@ -31,23 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bsdgraph.bench import _batch, plan_flops  # noqa: E402
+from bsdgraph.bench import _batch, plan_flops, roofline_probe, time_interleaved  # noqa: E402
 from bsdgraph.model_file import load_model  # noqa: E402
 from bsdgraph.passes import set_hidden_width  # noqa: E402
 from bsdgraph.train import TrainConfig, make_runtime  # noqa: E402
-
-
-def interleaved(fns: dict, rounds: int) -> dict[str, float]:
-    """Median seconds of each candidate, one call of each per round."""
-    for fn in fns.values():
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> int:
@@ -70,36 +57,34 @@ def main() -> int:
     tiny, _ = make_runtime(tiny_model, "bsd", "cpu", cfg)
     tx, ty = _batch(tiny_model.graph, 16)
 
-    n = 2048
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    probe, probe_flop = roofline_probe()
     big = torch.rand(16 * 2**20)  # 64 MiB
     dst = torch.empty_like(big)
 
     params = list(engine.params.values())
     grads = [torch.randn_like(q) * 1e-3 for q in params]
     m1, m2 = [torch.zeros_like(q) for q in params], [torch.zeros_like(q) for q in params]
-    steps = [torch.zeros((), dtype=torch.float32) for _ in params]
+    step_counts = [torch.zeros((), dtype=torch.float32) for _ in params]
     flush = torch.empty(64 * 2**20 // 4)
-
-    def adamw_cold():
-        flush.fill_(1.0)  # evict: in a training step the whole step's data passes between two updates
-        t = time.perf_counter()
-        torch._fused_adamw_(params, grads, m1, m2, [], steps, lr=1e-3, beta1=0.9, beta2=0.999,
-                            weight_decay=0.01, eps=1e-8, amsgrad=False, maximize=False)
-        adamw_cold.last = time.perf_counter() - t
-
     adamw_times = []
 
     def adamw():
-        adamw_cold()
-        adamw_times.append(adamw_cold.last)
+        """One fused AdamW update, timed without the cache flush that precedes it (in a training step the whole
+        step's data passes through the caches between two updates)."""
+        flush.fill_(1.0)
+        t0 = time.perf_counter()
+        torch._fused_adamw_(params, grads, m1, m2, [], step_counts, lr=1e-3, beta1=0.9, beta2=0.999,
+                            weight_decay=0.01, eps=1e-8, amsgrad=False, maximize=False)
+        adamw_times.append(time.perf_counter() - t0)
 
-    t = interleaved({"roofline": lambda: a @ b, "copy": lambda: dst.copy_(big), "adamw": adamw,
-                     "step": lambda: engine.step(x, y)}, args.rounds)
-    t["adamw"] = statistics.median(adamw_times)  # without the cache flush that precedes it
+    times = time_interleaved({"roofline": probe, "copy": lambda: dst.copy_(big), "adamw": adamw,
+                              "step": lambda: engine.step(x, y)}, args.rounds, 1)
+    t = {k: statistics.median(v) for k, v in times.items()}
+    t["adamw"] = statistics.median(adamw_times[1:])  # the timed calls, not the warm-up's
     # the fixed cost warm (consecutive tiny steps, everything cached): the smallest it can be, for a lower bound
-    t["fixed"] = interleaved({"fixed": lambda: tiny.step(tx, ty)}, 5 * args.rounds)["fixed"]
-    roofline = 2 * n ** 3 / t["roofline"] / 1e9
+    fixed = time_interleaved({"fixed": lambda: tiny.step(tx, ty)}, 5 * args.rounds, 1)["fixed"]
+    t["fixed"] = statistics.median(fixed)
+    roofline = probe_flop / t["roofline"] / 1e9
     bandwidth = 2 * big.numel() * 4 / t["copy"] / 1e9
     n_params = sum(q.numel() for q in params)
     gemm_ms = flop / (roofline * 1e9) * 1e3

@@ -230,6 +230,20 @@ def _baseline(name: str):
     return module
 
 
+def baseline_widths(g: Graph, who: str) -> list[int]:
+    """The layer widths of a direct-encoded Linear + LIF classifier, which is all the hand-written baselines
+    (``bench/baselines/``) implement; ValueError naming ``who`` otherwise."""
+    from bsdgraph.feedback import segment
+
+    (inp,), (out,) = g.by_op(Op.INPUT), g.by_op(Op.OUTPUT)
+    if inp.attrs["encoding"] != "direct" or out.attrs["task"] != "classification":
+        raise ValueError(f"the {who} covers direct-encoded classifiers only")
+    layers = segment(g)
+    if any(g[layer.synapse].op != Op.LINEAR or layer.bn for layer in layers):
+        raise ValueError(f"the {who} covers Linear + LIF stacks (MLPs) only")
+    return [g[layers[0].synapse].attrs["in_features"]] + [g[layer.synapse].attrs["out_features"] for layer in layers]
+
+
 def baselines(model, g: Graph, bsd: Graph, x, y, device: torch.device | str = "cpu"
               ) -> tuple[dict[str, Callable], dict[str, float], list[str]]:
     """The --compare candidates that apply to this model (on ``device``, where the engine runs), their FLOPs, and
@@ -264,8 +278,8 @@ def run_bench(model, backend: str, batch: int, steps: int, warmup: int, compare:
 
     g = model.graph
     engine, bsd = make_runtime(model, "bsd", backend, TrainConfig.from_model(model.train))
-    device = getattr(engine, "device", torch.device("cpu"))
-    x, y = (v.to(device) for v in _batch(g, batch))  # on the engine's device: no copy inside a timed step
+    device = engine.device  # every runtime has one; the batch goes there before timing, not inside a step
+    x, y = (v.to(device) for v in _batch(g, batch))
     name = f"bsdgraph-{backend}"
     fns = {name: lambda: engine.step(x, y)}
     flops = {name: plan_flops(engine.plan, bsd, batch) if hasattr(engine, "plan") else None}
@@ -328,7 +342,7 @@ def run_sweep(model, backend: str, param: str, values: list[int], batch: int, st
         m = _variant(model, param, v)
         B = v if param == "batch" else batch
         engine, _ = make_runtime(m, "bsd", backend, TrainConfig.from_model(m.train))
-        device = getattr(engine, "device", torch.device("cpu"))
+        device = engine.device
         bptt = BPTTRuntime(m.graph, device=device)
         x, y = (v.to(device) for v in _batch(m.graph, B))
         times = time_interleaved({"bsdgraph": lambda: engine.step(x, y), "bptt": lambda: bptt.step(x, y)},

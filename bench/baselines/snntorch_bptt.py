@@ -26,17 +26,9 @@ class SnnTorchBPTT(nn.Module):
 
     @classmethod
     def from_graph(cls, g, device: str | torch.device = "cpu") -> SnnTorchBPTT:
-        from bsdgraph.feedback import segment
-        from bsdgraph.ir import Op
+        from bsdgraph.bench import baseline_widths
 
-        (inp,), (out,) = g.by_op(Op.INPUT), g.by_op(Op.OUTPUT)
-        if inp.attrs["encoding"] != "direct" or out.attrs["task"] != "classification":
-            raise ValueError("the snnTorch baseline covers direct-encoded classifiers only")
-        layers = segment(g)
-        if any(g[layer.synapse].op != Op.LINEAR or layer.bn for layer in layers):
-            raise ValueError("the snnTorch baseline covers Linear + LIF stacks (MLPs) only")
-        widths = [g[layers[0].synapse].attrs["in_features"]] + [g[l.synapse].attrs["out_features"] for l in layers]
-        return cls(widths, g.T).to(device)
+        return cls(baseline_widths(g, "snnTorch baseline"), g.T).to(device)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         device = next(self.parameters()).device
