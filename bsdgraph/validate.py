@@ -218,7 +218,11 @@ def _shapes(g: Graph, schema_ok: set[str]) -> list[Diagnostic]:
             want = SHAPE_RULES[n.op](n, [i.shape for i in ins])
         except ShapeError as err:
             out.append(Diagnostic(n.name, n.op, err.message, err.hint))
-            bad.add(n.name)
+            # a delayed operand (a recurrent synapse's own layer) comes later in topological order: its problem
+            # shows up here first, and marking this node bad would hide the operand's own diagnostic behind the
+            # cycle. The declared shape of this node stays the basis for the rest of the check.
+            if not any(e.delay for e in g.edges if e.dst == n.name):
+                bad.add(n.name)
             continue
         if tuple(n.shape) != tuple(want):
             out.append(Diagnostic(n.name, n.op, f"declares shape {list(n.shape)} but its operands give {list(want)}",

@@ -4,7 +4,7 @@ import dataclasses
 import math
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from bsdgraph import Graph, GraphBuilder, GraphError, Op, validate
@@ -170,6 +170,7 @@ def test_corruptions_always_give_a_graph_error_naming_the_node(g, kind, data):
              "cycle": Op.LINEAR}
     pool = [n for n in g.nodes if n.op == wants[kind]] if kind in wants else [
         n for n in g.nodes if n.op not in GroupOp.SOURCE]
+    assume(pool)  # e.g. an MLP without hidden layers has no LIF to corrupt
     node = data.draw(st.sampled_from(pool))
     bad, named = corrupt(g, kind, node)
     with pytest.raises(GraphError) as info:
