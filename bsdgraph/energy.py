@@ -44,7 +44,10 @@ def _fan_out(g: Graph, syn: str) -> float:
     a = n.attrs
     if n.op == Op.LINEAR:
         return a["out_features"]
-    return a["out_channels"] * a["kernel"][0] * a["kernel"][1] / (a["stride"][0] * a["stride"][1])
+    fan = a["out_channels"] * a["kernel"][0] * a["kernel"][1]
+    # a strided conv reaches each input pixel from k^2 / s^2 output positions on average; a transposed conv
+    # scatters every input pixel to all k^2 positions of its window
+    return fan / (a["stride"][0] * a["stride"][1]) if n.op == Op.CONV2D else fan
 
 
 def _input_rate(g: Graph, syn: str, rates: dict[str, float]) -> float | None:

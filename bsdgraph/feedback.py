@@ -206,7 +206,12 @@ def _mirror_pool(n: Node, in_shape):
 
 @mirror(Op.UPSAMPLE2D)
 def _mirror_upsample(n: Node, in_shape):
-    return Op.AVGPOOL2D, dict(kernel=tuple(o // i for o, i in zip(n.attrs["size"], in_shape[1:])))
+    size = n.attrs["size"]
+    if any(o % i for o, i in zip(size, in_shape[1:])):
+        raise GraphError([Diagnostic(n.name, n.op, f"upsamples {in_shape[1]}x{in_shape[2]} to {size[0]}x{size[1]}, "
+                                     "not an integer multiple: B's mirror, an average pool, could not restore the "
+                                     "input shape", f"use a size that is a multiple of {in_shape[1]}x{in_shape[2]}")])
+    return Op.AVGPOOL2D, dict(kernel=tuple(o // i for o, i in zip(size, in_shape[1:])))
 
 
 @mirror(Op.FLATTEN)

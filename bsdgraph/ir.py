@@ -48,8 +48,8 @@ class GroupOp:
     PARAMETRIC = frozenset({Op.LINEAR, Op.CONV2D, Op.CONV_T2D, Op.BATCHNORM})
     # what a user may write in a forward network; the rest is produced by derive_feedback
     FORWARD = frozenset(
-        {Op.INPUT, Op.LINEAR, Op.CONV2D, Op.AVGPOOL2D, Op.MAXPOOL2D, Op.FLATTEN, Op.BATCHNORM, Op.ADD, Op.LIF,
-         Op.OUTPUT}
+        {Op.INPUT, Op.LINEAR, Op.CONV2D, Op.CONV_T2D, Op.AVGPOOL2D, Op.MAXPOOL2D, Op.UPSAMPLE2D, Op.FLATTEN,
+         Op.UNFLATTEN, Op.BATCHNORM, Op.ADD, Op.LIF, Op.OUTPUT}
     )
 
 
@@ -363,6 +363,16 @@ class GraphBuilder:
                         out_channels=out_channels, kernel=_pair(kernel), stride=_pair(stride),
                         padding=_pair(padding), bias=bias)
 
+    def conv_transpose2d(self, x: str, out_channels: int, kernel: int | tuple[int, int],
+                         stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                         output_padding: int | tuple[int, int] = 0, bias: bool = True, name: str | None = None) -> str:
+        """A decoder synapse (e.g. an autoencoder's upsampling path); B mirrors it with a Conv2d that restores its
+        input shape exactly."""
+        in_shape = self._nodes[x].shape
+        return self.add(Op.CONV_T2D, [x], name=name or self._fresh("deconv"),
+                        in_channels=in_shape[0] if in_shape else 0, out_channels=out_channels, kernel=_pair(kernel),
+                        stride=_pair(stride), padding=_pair(padding), output_padding=_pair(output_padding), bias=bias)
+
     def avgpool2d(self, x: str, kernel: int | tuple[int, int], stride=None, name: str | None = None) -> str:
         return self.add(Op.AVGPOOL2D, [x], name=name or self._fresh("pool"), kernel=_pair(kernel),
                         stride=None if stride is None else _pair(stride))
@@ -370,6 +380,14 @@ class GraphBuilder:
     def maxpool2d(self, x: str, kernel: int | tuple[int, int], stride=None, name: str | None = None) -> str:
         return self.add(Op.MAXPOOL2D, [x], name=name or self._fresh("pool"), kernel=_pair(kernel),
                         stride=None if stride is None else _pair(stride))
+
+    def upsample2d(self, x: str, size: int | tuple[int, int], name: str | None = None) -> str:
+        """Nearest-neighbour upsampling to ``size`` (an integer multiple of the input's height and width, so that
+        B's mirror, an average pool, restores the input shape)."""
+        return self.add(Op.UPSAMPLE2D, [x], name=name or self._fresh("up"), size=_pair(size))
+
+    def unflatten(self, x: str, shape: tuple[int, ...], name: str | None = None) -> str:
+        return self.add(Op.UNFLATTEN, [x], name=name or self._fresh("unflat"), shape=tuple(shape))
 
     def flatten(self, x: str, name: str | None = None) -> str:
         return self.add(Op.FLATTEN, [x], name=name or self._fresh("flat"))

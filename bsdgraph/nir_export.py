@@ -201,6 +201,9 @@ def _unflatten(ex: _Export, n: Node):
 @export_rule(Op.CONV_T2D, Op.UPSAMPLE2D)
 def _no_nir_node(ex: _Export, n: Node):
     what = {Op.CONV_T2D: "transposed convolution", Op.UPSAMPLE2D: "upsampling"}[n.op]
+    if n.stream == Stream.F:  # a decoder layer written in F itself: no export of this model can carry it
+        raise MappingError(f"NIR 1.0 has no {what} node, so a forward network that decodes with it cannot be "
+                           "written as NIR", "keep the model as bsdgraph checkpoints (bsdgraph train / eval)")
     raise MappingError(f"NIR 1.0 has no {what} node, so this backward network cannot be written as NIR",
                        "export F alone (without --with-backward); B is derived again from F on import")
 

@@ -68,6 +68,39 @@ def conv_graphs(draw, max_conv: int = 3):
 
 
 @st.composite
+def decoder_layer(draw, g: GraphBuilder, h: str) -> str:
+    """One decoder layer: a transposed convolution (random kernel, stride, padding, output padding) or nearest
+    upsampling by an integer factor followed by a convolution, then [batchnorm] -> LIF."""
+    c, H, W = g.shape(h)
+    out = draw(st.integers(1, 6))
+    if draw(st.booleans()):
+        k, s = draw(st.integers(1, 4)), draw(st.integers(1, 3))
+        op = draw(st.integers(0, s - 1))
+        # keep the output non-empty: (H - 1) s - 2p + k + op >= 1
+        p = draw(st.integers(0, max(0, min(k - 1, ((min(H, W) - 1) * s + k + op - 1) // 2))))
+        v = g.conv_transpose2d(h, out, kernel=k, stride=s, padding=p, output_padding=op)
+    else:
+        f = draw(st.integers(2, 3))
+        v = g.conv2d(g.upsample2d(h, (H * f, W * f)), out, kernel=3, padding=1)
+    if draw(st.booleans()):
+        v = g.batchnorm(v)
+    return g.lif(v, **draw(lif_params()))
+
+
+@st.composite
+def decoder_graphs(draw):
+    """Encoder-decoder: one conv layer down, one or two decoder layers up (transposed convolutions, or upsampling
+    and a convolution), a linear head."""
+    g = GraphBuilder("decoder", T=draw(st.integers(1, 3)))
+    h = g.input((draw(st.integers(1, 2)), draw(st.integers(3, 9)), draw(st.integers(3, 9))))
+    h = draw(conv_layer(g, h))
+    for _ in range(draw(st.integers(1, 2))):
+        h = draw(decoder_layer(g, h))
+    g.output(g.linear(g.flatten(h), draw(st.integers(2, 5))))
+    return g.build()
+
+
+@st.composite
 def rnn_graphs(draw, max_hidden: int = 3, max_width: int = 16):
     """An MLP whose hidden layers are each recurrent (a delay-1 Linear from its own spikes) or not."""
     g = GraphBuilder("rnn", T=draw(st.integers(1, 5)))
@@ -80,6 +113,6 @@ def rnn_graphs(draw, max_hidden: int = 3, max_width: int = 16):
     return g.build()
 
 
-# what NIR can carry (recurrent layers are not exported yet), and every graph the engine compiles
+# what NIR can carry (recurrent layers and decoder ops are not exported yet), and every graph the engine compiles
 feedforward_graph = st.one_of(mlp_graphs(), conv_graphs())
-any_graph = st.one_of(mlp_graphs(), conv_graphs(), rnn_graphs())
+any_graph = st.one_of(mlp_graphs(), conv_graphs(), rnn_graphs(), decoder_graphs())

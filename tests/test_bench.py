@@ -106,6 +106,20 @@ def test_energy_of_a_recurrent_sequence_model_counts_the_recurrent_synapse_and_a
     assert layers["fc2"].ann_macs == 8 * 128 * 64  # the ANN twin is an RNN: it also runs every step
 
 
+def test_energy_of_a_transposed_convolution_counts_its_whole_window():
+    from bsdgraph.energy import estimate
+
+    g = GraphBuilder("dec", T=2)
+    h = g.lif(g.conv2d(g.input((1, 8, 8)), 4, kernel=3, stride=2, padding=1))  # 4 x 4 x 4
+    g.output(g.conv_transpose2d(h, 1, kernel=3, stride=2, padding=1, output_padding=1), task="regression")
+    layers = {e.synapse: e for e in estimate(g.build(), {"h1": 0.25})}
+    # conv: each of the 64 input pixels reaches 4 channels x 9 taps / 4 (stride 2) outputs; the transposed conv
+    # scatters each of its 64 input spikes to all 1 x 9 taps of its window
+    assert layers["conv1"].snn_ops == 2 * 64 * 4 * 9 / 4
+    assert layers["deconv1"].snn_ops == pytest.approx(2 * 0.25 * 64 * 9)
+    assert layers["deconv1"].ann_macs == 64 * 9
+
+
 def test_sweep_writes_a_plot(capsys, tmp_path):
     png = tmp_path / "sweep.png"
     code = main(["bench", "models/onb_bench.py", "--sweep", "T=1,2", "--steps", "1", "--warmup", "0",

@@ -6,7 +6,7 @@ from hypothesis import given
 from bsdgraph import BSDConfig, GraphBuilder, GraphError, Op, Stream, derive_feedback, pairing, segment, validate
 from bsdgraph.feedback import check_locality, local_params
 from bsdgraph.ir import Edge, GroupOp
-from tests.strategies import any_graph, conv_graphs
+from tests.strategies import any_graph, conv_graphs, decoder_graphs
 
 
 def mirrors(bsd):
@@ -34,6 +34,28 @@ def test_conv_mirrors_are_transposed_convolutions_and_pools_become_exact_upsampl
     for pool in bsd.by_op(*GroupOp.POOL):
         up = bsd[f"{pool.name}_b"]
         assert up.op == Op.UPSAMPLE2D and up.shape == bsd.inputs(pool.name)[0].shape
+
+
+@given(decoder_graphs())
+def test_decoder_mirrors_are_convolutions_and_upsampling_becomes_average_pooling(f):
+    bsd = derive_feedback(f)
+    for syn, theta in mirrors(bsd):
+        if syn.op == Op.CONV_T2D:  # B's conv reads the transposed conv's output and restores its input exactly
+            assert theta.op == Op.CONV2D and theta.attrs["stride"] == syn.attrs["stride"]
+            assert theta.shape == bsd.inputs(syn.name)[0].shape
+    ups = bsd.by_op(Op.UPSAMPLE2D)
+    for up in (n for n in ups if n.stream == Stream.F):
+        pool = bsd[f"{up.name}_b"]
+        assert pool.op == Op.AVGPOOL2D and pool.shape == bsd.inputs(up.name)[0].shape
+
+
+def test_upsampling_by_a_fraction_is_diagnosed():
+    g = GraphBuilder("m", T=2)
+    h = g.lif(g.conv2d(g.input((1, 6, 6)), 2, kernel=3, stride=2, padding=1))  # 3x3
+    h = g.lif(g.conv2d(g.upsample2d(h, (8, 8)), 2, kernel=3, padding=1))
+    g.output(g.linear(g.flatten(h), 3))
+    with pytest.raises(GraphError, match=r"node 'up1' \(upsample2d\): upsamples 3x3 to 8x8, not an integer multiple"):
+        derive_feedback(g.build())
 
 
 @given(any_graph)

@@ -154,6 +154,21 @@ def test_export_refuses_max_pooling_of_non_spikes():
         export_nir(g, init_params(g, 0))
 
 
+@pytest.mark.parametrize("decoder", ["conv_transpose2d", "upsample2d"])
+def test_export_refuses_decoder_layers_of_f_by_name(decoder):
+    g = GraphBuilder("m", T=2)
+    h = g.lif(g.conv2d(g.input((1, 4, 4)), 2, kernel=3, stride=2, padding=1))
+    if decoder == "conv_transpose2d":
+        h = g.lif(g.conv_transpose2d(h, 2, kernel=2, stride=2))
+    else:
+        h = g.lif(g.conv2d(g.upsample2d(h, (4, 4)), 2, kernel=3, padding=1))
+    g.output(g.linear(g.flatten(h), 3))
+    g = g.build()
+    what = "transposed convolution" if decoder == "conv_transpose2d" else "upsampling"
+    with pytest.raises(GraphError, match=rf"NIR 1.0 has no {what} node, so a forward network that decodes with it"):
+        export_nir(g, init_params(g, 0))
+
+
 def test_backward_network_export_carries_the_pairing():
     from bsdgraph import derive_feedback
 

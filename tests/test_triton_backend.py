@@ -25,11 +25,22 @@ def cnn():
     return g.build()
 
 
+def decoder():
+    # v_th 0.1 keeps every layer of this small net firing (with 0.3 B's bottom layer is silent for this batch)
+    g = GraphBuilder("d", T=2)
+    h = g.lif(g.conv2d(g.input((1, 7, 7)), 4, kernel=3, stride=2, padding=1), v_th=0.1)  # 4 x 4
+    h = g.lif(g.conv2d(g.upsample2d(h, (8, 8)), 4, kernel=3, padding=1), v_th=0.1)
+    h = g.lif(g.batchnorm(g.conv_transpose2d(h, 3, kernel=3, stride=2, padding=1, output_padding=1)), v_th=0.1)
+    g.output(g.linear(g.flatten(h), 3))  # 3 x 16 x 16 -> 3
+    return g.build()
+
+
 CASES = {
     "mlp": (mlp, BSDConfig()),
     "mlp-membrane-other-class": (mlp, BSDConfig(distill_on="membrane", negatives="other_class")),
     "mlp-poisson": (lambda: mlp("poisson"), BSDConfig()),
     "cnn-freq": (cnn, BSDConfig(freq=True)),
+    "decoder": (decoder, BSDConfig()),
 }
 
 
