@@ -49,7 +49,7 @@ class GroupOp:
     # what a user may write in a forward network; the rest is produced by derive_feedback
     FORWARD = frozenset(
         {Op.INPUT, Op.LINEAR, Op.CONV2D, Op.CONV_T2D, Op.AVGPOOL2D, Op.MAXPOOL2D, Op.UPSAMPLE2D, Op.FLATTEN,
-         Op.UNFLATTEN, Op.BATCHNORM, Op.ADD, Op.LIF, Op.OUTPUT}
+         Op.BATCHNORM, Op.ADD, Op.LIF, Op.OUTPUT}
     )
 
 
@@ -385,9 +385,6 @@ class GraphBuilder:
         """Nearest-neighbour upsampling to ``size`` (an integer multiple of the input's height and width, so that
         B's mirror, an average pool, restores the input shape)."""
         return self.add(Op.UPSAMPLE2D, [x], name=name or self._fresh("up"), size=_pair(size))
-
-    def unflatten(self, x: str, shape: tuple[int, ...], name: str | None = None) -> str:
-        return self.add(Op.UNFLATTEN, [x], name=name or self._fresh("unflat"), shape=tuple(shape))
 
     def flatten(self, x: str, name: str | None = None) -> str:
         return self.add(Op.FLATTEN, [x], name=name or self._fresh("flat"))
