@@ -20,28 +20,12 @@ import sys
 
 import torch
 
-from bsdgraph.checkpoint import load_checkpoint
 from bsdgraph.data import autoencode, load_idx_dataset
 from bsdgraph.ir import Stream
 from bsdgraph.model_file import load_model
-from bsdgraph.printer import from_json
-from bsdgraph.runtime.reference import ReferenceRuntime, run_graph
+from checkpoint_features import features, open_checkpoint  # docs/, beside this script
 
 N_TRAIN, N_TEST, RIDGE = 6000, 2000, (1e-4, 1e-2, 1.0, 100.0)
-
-
-def features(rt: ReferenceRuntime, x: torch.Tensor, y: torch.Tensor, nodes: list[str],
-             all_steps: bool) -> dict[str, torch.Tensor]:
-    """[N, D] float64 per node: its activity averaged over time, or every step's concatenated."""
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in nodes}
-    with torch.no_grad():
-        for i in range(0, len(x), 500):
-            env = run_graph(rt.graph, rt._ctx(x[i:i + 500], y[i:i + 500], False), frozenset(Stream))
-            for k in nodes:
-                v = env[k].double()  # [T, B, ...]
-                v = v.transpose(0, 1).reshape(v.shape[1], -1) if all_steps else v.mean(0).reshape(v.shape[1], -1)
-                out[k].append(v)
-    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def ridge_mse(a: torch.Tensor, y: torch.Tensor, b: torch.Tensor, y_test: torch.Tensor) -> float:
@@ -58,13 +42,7 @@ def main() -> None:
     p.add_argument("--all-steps", action="store_true")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
-    torch.set_num_threads(1)
-    doc = load_checkpoint(args.checkpoint)
-    g = from_json(doc["graph"])
-    names = args.nodes.split(",")
-    unknown = [k for k in names if k not in {n.name for n in g.nodes}]
-    if unknown:
-        sys.exit(f"{args.checkpoint}: no node {unknown} in its graph; nodes: {', '.join(n.name for n in g.nodes)}")
+    rt, doc, names = open_checkpoint(args.checkpoint, args.nodes, frozenset(Stream))
     model = load_model(doc["model"])
     if model.data is not None:
         ds = model.data()
@@ -72,11 +50,10 @@ def main() -> None:
         ds = autoencode(load_idx_dataset(args.data_dir))
     else:
         sys.exit(f"{doc['model']}: not a regression model with its own data or an autoencoder")
-    rt = ReferenceRuntime(g, doc["params"], state=doc["state"])
     n_tr, n_te = min(N_TRAIN, len(ds.x_train)), min(N_TEST, len(ds.x_test))
     ytr, yte = ds.y_train[:n_tr].double(), ds.y_test[:n_te].double()
-    ftr = features(rt, ds.x_train[:n_tr], ds.y_train[:n_tr], names, args.all_steps)
-    fte = features(rt, ds.x_test[:n_te], ds.y_test[:n_te], names, args.all_steps)
+    ftr, fte = (features(rt, x[:n], y[:n], names, frozenset(Stream), torch.float64, args.all_steps)
+                for x, y, n in ((ds.x_train, ds.y_train, n_tr), (ds.x_test, ds.y_test, n_te)))
     for k in names:
         mse = ridge_mse(ftr[k], ytr.reshape(n_tr, -1), fte[k], yte.reshape(n_te, -1))
         print(f"{k:10s} {ftr[k].shape[1]:6d} features  ridge readout test MSE {mse:.5f}", flush=True)

@@ -12,26 +12,13 @@ e.g.   python docs/linear_probe.py runs/cnn/checkpoint.pt pool2,h3
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from bsdgraph.checkpoint import load_checkpoint
 from bsdgraph.data import load_idx_dataset
 from bsdgraph.ir import Stream
-from bsdgraph.printer import from_json
-from bsdgraph.runtime.reference import ReferenceRuntime, run_graph
-
-
-def features(rt: ReferenceRuntime, x: torch.Tensor, nodes: list[str]) -> dict[str, torch.Tensor]:
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in nodes}
-    with torch.no_grad():
-        for i in range(0, len(x), 1000):
-            env = run_graph(rt.graph, rt._ctx(x[i:i + 1000], None, False), frozenset({Stream.F}))
-            for k in nodes:
-                out[k].append(env[k].float().mean(0).reshape(len(x[i:i + 1000]), -1))
-    return {k: torch.cat(v) for k, v in out.items()}
+from checkpoint_features import features, open_checkpoint  # docs/, beside this script
 
 
 def probe(a: torch.Tensor, y: torch.Tensor, b: torch.Tensor, y_test: torch.Tensor, n_classes: int):
@@ -60,16 +47,10 @@ def main() -> None:
     p.add_argument("nodes", help="comma-separated F node names")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
-    torch.set_num_threads(1)
-    doc = load_checkpoint(args.checkpoint)
-    g = from_json(doc["graph"])
-    names = args.nodes.split(",")
-    f_nodes = {n.name for n in g.nodes if n.stream == Stream.F}
-    if any(k not in f_nodes for k in names):
-        sys.exit(f"{args.checkpoint}: F nodes are {', '.join(sorted(f_nodes))}")
+    rt, _, names = open_checkpoint(args.checkpoint, args.nodes, frozenset({Stream.F}))
     ds = load_idx_dataset(args.data_dir)
-    rt = ReferenceRuntime(g, doc["params"], state=doc["state"])
-    ftr, fte = features(rt, ds.x_train, names), features(rt, ds.x_test, names)
+    ftr, fte = (features(rt, x, None, names, frozenset({Stream.F}), torch.float32, batch=1000)
+                for x in (ds.x_train, ds.x_test))
     for k in names:
         train, test = probe(ftr[k], ds.y_train, fte[k], ds.y_test, int(ds.y_train.max()) + 1)
         print(f"{k:8s} {ftr[k].shape[1]:5d} features  probe train {100 * train:.2f} %  test {100 * test:.2f} %",
