@@ -48,7 +48,28 @@ def apply_overrides(model, args):
     if args.encoding:
         graph = set_attrs(graph, Op.INPUT, encoding=args.encoding)
     cfg = BSDConfig.from_dict({**dataclasses.asdict(model.bsd), **bsd})
+    _note_unused_lams(graph, cfg, bsd)
     return dataclasses.replace(model, graph=graph, bsd=cfg)
+
+
+def _note_unused_lams(graph, cfg, bsd: dict) -> None:
+    """A ReCo layer with the frequency split weighs its negatives by lam_low / lam_high, one without it by lam:
+    say so when a --bsd lam* setting reaches no layer, rather than let an ablation silently change nothing."""
+    import sys
+
+    from bsdgraph.feedback import derive_feedback
+    from bsdgraph.ir import Op
+    from bsdgraph.validate import GraphError
+
+    try:
+        split = [n.attrs["freq"] for n in derive_feedback(graph, cfg).nodes if n.op == Op.RECO]
+    except GraphError:  # an invalid graph is reported with its diagnostics where it is used
+        return
+    unused = {"lam": all(split), "lam_low": not any(split), "lam_high": not any(split)}
+    for key in (k for k in unused if k in bsd and unused[k] and split):
+        uses = "lam_low / lam_high (the frequency split)" if key == "lam" else "lam (no frequency split)"
+        print(f"note: --bsd {key}={bsd[key]} changes nothing here: every ReCo layer of this model uses {uses}",
+              file=sys.stderr)
 
 
 def load_data(args, model):

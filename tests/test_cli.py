@@ -99,3 +99,21 @@ def test_console_script_prints_no_traceback(tmp_path):
                           cwd=ROOT)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "RuntimeError: boom" in proc.stderr
 
+
+@pytest.mark.parametrize("model,setting,noted", [
+    ("fmnist_ae.py", "lam=0.3", True),        # every ReCo layer of the autoencoder has the frequency split
+    ("fmnist_ae.py", "lam_high=1.2", False),
+    ("fmnist_mlp.py", "lam_low=0.2", True),   # no spatial layer: no frequency split anywhere
+    ("fmnist_mlp.py", "lam=0.3", False),
+])
+def test_a_lam_setting_that_reaches_no_reco_layer_is_noted(capsys, model, setting, noted):
+    import argparse
+
+    from bsdgraph.cli_common import apply_overrides
+
+    args = argparse.Namespace(lif=[], bsd=[setting], encoding=None)
+    edited = apply_overrides(load_model(ROOT / "models" / model), args)
+    key, value = setting.split("=")
+    assert getattr(edited.bsd, key) == float(value)  # applied either way
+    err = capsys.readouterr().err
+    assert (f"note: --bsd {setting} changes nothing here" in err) == noted, err
