@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bsdgraph.calibrate import calibrate
+from bsdgraph.calibrate import TARGET_BAND, calibrate
 from bsdgraph.checkpoint import (
     CheckpointError, load_checkpoint, remove_stale_temporaries, require, save_checkpoint,
 )
@@ -49,6 +49,9 @@ class TrainConfig:
     seed: int = 0
     schedule: str = "constant"      # constant | cosine (per epoch, down to lr / 100)
     init: str = "default"           # default | calibrated
+    # the firing-rate band init = calibrated scales each layer into; a layer already inside it is left alone, so a
+    # narrow band makes the starting scale depend less on where a seed's default init happens to land
+    init_band: tuple[float, float] = TARGET_BAND
     augment: bool = False           # random +-2 px shifts and horizontal flips of image inputs
     eval_batch_size: int = 1000
 
@@ -59,6 +62,8 @@ class TrainConfig:
         if unknown:
             raise TrainingError(f"unknown TRAIN option(s) {unknown} in the model file; known: {sorted(known)}")
         merged = {**train, **{k: v for k, v in overrides.items() if v is not None}}
+        if isinstance(merged.get("init_band"), list):  # a band written as [lo, hi]
+            merged["init_band"] = tuple(merged["init_band"])
         cfg = cls(**merged)
         cfg.check()
         return cfg
@@ -75,10 +80,14 @@ class TrainConfig:
         bad += [f"augment={self.augment!r}"] if not isinstance(self.augment, bool) else []
         bad += [f"schedule={self.schedule!r}"] if self.schedule not in ("constant", "cosine") else []
         bad += [f"init={self.init!r}"] if self.init not in ("default", "calibrated") else []
+        band = self.init_band
+        bad += [f"init_band={band!r}"] if not (isinstance(band, tuple) and len(band) == 2 and all(map(_is_number, band))
+                                               and 0 < band[0] < band[1] < 1) else []
         if bad:
             raise TrainingError(f"invalid training option(s): {', '.join(bad)} (epochs/batch sizes are integers "
                                 ">= 1, 0 < lr < 10, 0 <= weight_decay < 10, clip >= 0 (0: off), seed a 64-bit "
-                                "integer, augment True|False, schedule constant|cosine, init default|calibrated)")
+                                "integer, augment True|False, schedule constant|cosine, init default|calibrated, "
+                                "init_band a pair of firing rates 0 < lo < hi < 1)")
 
     def lr_at(self, epoch: int) -> float:
         if self.schedule == "cosine" and self.epochs > 1:
@@ -198,7 +207,7 @@ class Trainer:
             return {}
         params = init_params(self.graph, self.cfg.seed)
         idx = torch.randperm(self.data.n_train, generator=torch.Generator().manual_seed(self.cfg.seed))[:256]
-        report = calibrate(self.graph, params, self.data.x_train[idx], self.data.y_train[idx])
+        report = calibrate(self.graph, params, self.data.x_train[idx], self.data.y_train[idx], band=self.cfg.init_band)
         self.rt, _ = self._runtime(params=params)
         return report
 

@@ -160,6 +160,22 @@ def test_calibrated_init_brings_a_high_threshold_network_into_the_band(tmp_path,
     assert all(0.05 <= rate <= 0.25 and factor > 1 for factor, rate in report.values()), report
 
 
+def test_init_band_narrows_where_calibration_leaves_each_layer(tmp_path, model_file, synthetic):
+    """The default band takes any rate in 5-25 %; init_band=[0.13, 0.16] (a TRAIN dict writes a list) must move a
+    layer that starts elsewhere into it, so two inits that land at different rates start from similar ones."""
+    model = load_model(model_file())
+    cfg = TrainConfig.from_model({**model.train, "init_band": [0.13, 0.16]}, init="calibrated")
+    assert cfg.init_band == (0.13, 0.16)
+    report = Trainer(model, synthetic, cfg, tmp_path).initialise()
+    assert set(report) == {"fc1", "fc2_b"}
+    assert all(0.13 <= rate <= 0.16 for _, rate in report.values()), report
+    default = Trainer(model, synthetic, TrainConfig.from_model(model.train, init="calibrated"), tmp_path).initialise()
+    assert any(not 0.13 <= rate <= 0.16 for _, rate in default.values()), default  # the band did move something
+    for bad in ([0.2, 0.1], [0, 0.5], (0.1,), "0.1,0.2", [0.1, 1.0]):
+        with pytest.raises(TrainingError, match=r"init_band=.*0 < lo < hi < 1"):
+            TrainConfig.from_model({"init_band": bad})
+
+
 BAD = {
     "missing": (lambda p: None, r"error: .*missing.npz"),
     "shape": (lambda p: np.savez(p, x_train=np.zeros((4, 3, 3), np.float32), y_train=np.zeros(4, np.int64),
