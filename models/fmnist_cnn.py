@@ -7,7 +7,7 @@ A BSD step takes 0.38 s on the 2-core development machine (cpu backend, 2 thread
 335-365 s with one thread beside another training.
 Why 64 and 128 channels, not 32 and 64: BSD's conv features are what limits this net (a linear probe of the pooled
 conv maps of the narrower net reached 88.61 %, of its 256-unit layer 89.99 %; docs/experiments.md), and twice the
-channels lifted the 14-epoch result from 89.91 % to 90.36 / 90.52 % (seeds 0 / 1); BPTT of this net: 91.31 %
+channels lifted the 14-epoch result from 89.91 % to 90.36 / 90.52 / 90.16 % (seeds 0 / 1 / 2); BPTT of this net: 91.31 %
 after a 4-epoch cosine schedule.
 """
 
