@@ -1,9 +1,11 @@
 """The native LIF kernel (bsdgraph/runtime/native.py) against the cpu backend's torch loop, bit for bit, and its
-fallbacks (BSDGRAPH_NATIVE=0, a missing or failing compiler)."""
+fallbacks (BSDGRAPH_NATIVE=0, a missing or failing compiler) and its cache's SHA-256 records (a damaged library is
+rebuilt, never loaded)."""
 
 import os
 import shlex
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -115,3 +117,103 @@ def test_missing_or_failing_compiler_reports_unavailable(monkeypatch, tmp_path, 
     spikes, _ = cpu.lif_forward(current, 2.0, 0.3, 0.0, False)
     assert torch.equal(spikes, torch_loop(current, 2.0, 0.3, 0.0, False)[0])
     assert list(tmp_path.rglob("*.tmp")) == []  # the failed build's temporary file is gone
+
+
+# The cache's SHA-256 records. Each test copies a built cache to a new directory and damages the copy: a library
+# this process has already loaded must not be truncated (its mapped pages would SIGBUS), and dlopen of a path it
+# has loaded returns the old handle without reading the file again.
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory):
+    seed = tmp_path_factory.mktemp("seed")
+    lib, reason = native._build(os.environ.get("CC", "cc"), str(seed), "")
+    assert lib is not None, reason
+    return seed
+
+
+@pytest.fixture
+def cache(built_cache, tmp_path, monkeypatch):
+    """A fresh copy of the built cache, as XDG_CACHE_HOME, with _build's memo cleared before and after."""
+    shutil.copytree(built_cache, tmp_path, dirs_exist_ok=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native._build.cache_clear()
+    yield tmp_path
+    native._build.cache_clear()
+
+
+def cached_library(cache):
+    (so,) = (cache / "bsdgraph").glob("native_lif-*.so")
+    return so
+
+
+def count_compiles(monkeypatch):
+    calls, real = [], native._compile
+    monkeypatch.setattr(native, "_compile", lambda *args: calls.append(args) or real(*args))
+    return calls
+
+
+def assert_rebuilt_and_works(so, calls, caught):
+    assert len(calls) == 1 and calls[0][2] == so
+    assert native._sha256(so) == native._record(so).read_text().strip()
+    assert any("damaged" in str(w.message) and "rebuilt" in str(w.message) for w in caught)
+    current = currents((5, 3, 7), 4, True)
+    assert native.accepts(current), native.available()[1]
+    spikes, h = native.lif_forward(current, 2.0, 1.0, 0.0, False, None, True)
+    ref_spikes, ref_h = torch_loop(current, 2.0, 1.0, 0.0, False, None, True)
+    assert torch.equal(spikes, ref_spikes) and torch.equal(h, ref_h)
+    assert list(so.parent.glob("*.tmp")) == []
+
+
+# Without the records this test dies: dlopen of the half-length library SIGBUSes the process (seen by hand in a
+# subprocess, exit -7, no message), which pytest reports as a crashed run.
+@needs_native
+def test_truncated_library_is_rebuilt_not_loaded(cache, monkeypatch):
+    so = cached_library(cache)
+    os.truncate(so, so.stat().st_size // 2)
+    calls = count_compiles(monkeypatch)
+    with pytest.warns(UserWarning, match="damaged.*rebuilt") as caught:
+        assert native.available()[0]
+    assert_rebuilt_and_works(so, calls, caught)
+
+
+@needs_native
+def test_library_without_record_is_rebuilt(cache, monkeypatch):
+    so = cached_library(cache)
+    native._record(so).unlink()
+    calls = count_compiles(monkeypatch)
+    with pytest.warns(UserWarning, match=r"damaged \(no SHA-256 record\).*rebuilt") as caught:
+        assert native.available()[0]
+    assert_rebuilt_and_works(so, calls, caught)
+
+
+@needs_native
+def test_library_not_matching_its_record_is_rebuilt(cache, monkeypatch):
+    so = cached_library(cache)
+    data = bytearray(so.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same length: only the hash can tell
+    so.write_bytes(bytes(data))
+    calls = count_compiles(monkeypatch)
+    with pytest.warns(UserWarning, match=r"does not match its record.*rebuilt") as caught:
+        assert native.available()[0]
+    assert_rebuilt_and_works(so, calls, caught)
+
+
+@needs_native
+def test_intact_cache_loads_without_compiling(cache, monkeypatch):
+    monkeypatch.setattr(native, "_compile", lambda *args: pytest.fail(f"recompiled an intact cache: {args}"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.available()[0], native.available()[1]
+    current = currents((4, 6), 6, False)
+    assert torch.equal(native.lif_forward(current, 3.7, 0.3, -0.1, True)[0],
+                       torch_loop(current, 3.7, 0.3, -0.1, True)[0])
+
+
+@needs_native
+def test_failed_rebuild_of_a_damaged_library_falls_back_to_the_torch_loop(cache, monkeypatch):
+    so = cached_library(cache)
+    os.truncate(so, so.stat().st_size // 2)
+    monkeypatch.setattr(native, "_compile", lambda *args: "simulated compiler failure")
+    with pytest.warns(UserWarning, match="native LIF kernel unavailable.*simulated compiler failure"):
+        assert not native.available()[0]
+    current = currents((2, 4), 3, False)
+    assert torch.equal(cpu.lif_forward(current, 2.0, 0.3, 0.0, False)[0], torch_loop(current, 2.0, 0.3, 0.0, False)[0])

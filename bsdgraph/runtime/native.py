@@ -14,8 +14,14 @@ Exactness: the C expressions are the torch loop's, in the same order, in fp32, c
 (tests/test_native_lif.py checks it, threshold ties included).
 
 Build: once per (source, compiler, flags) into ``$XDG_CACHE_HOME/bsdgraph`` (default ``~/.cache/bsdgraph``),
-written to a temporary file and renamed, so processes compiling at once (pytest -n 2) never load a partial file.
-A missing or failing compiler warns once and leaves the torch loop in place.
+written to a temporary file and renamed, so processes compiling at once (pytest -n 2) never load a partial file,
+and a process that has the old file mapped keeps it (the rename makes a new inode; nothing is written in place).
+After the rename the library's SHA-256 is written beside it (``native_lif-<key>.so.sha256``, also temp + rename),
+and every process hashes the file against that record before loading it: a damaged library (truncated by a full
+disk, copied badly, a flipped bit) would otherwise crash the process with SIGBUS inside dlopen, with no message.
+A library without a record or with a mismatch is rebuilt the same way, with one warning; a kill between the
+rename and the record leaves a library without a record, so it is rebuilt, never trusted. A missing or failing
+compiler (first build or rebuild) warns once and leaves the torch loop in place.
 
 Threads: torch's wheel ships libgomp.so.1 under the same soname as the system's, and torch is loaded first, so
 the kernel's ``omp parallel`` runs on torch's own OpenMP pool (a second runtime's threads would spin-wait against
@@ -41,6 +47,9 @@ SOURCE = Path(__file__).with_name("native_lif.c")
 FLAGS = ("-O3", "-fno-fast-math", "-ffp-contract=off", "-fPIC", "-shared")
 OPENMP = ("-fopenmp",)
 MARCH = ("-march=native",)  # AVX-512 here: 2x over the SSE2 default; bit-identity holds (no FMA contraction)
+# In the cache key: libraries cached before the SHA-256 records have none, and would each be "rebuilt" with a
+# damage warning on upgrade; a new key builds them afresh without one.
+CACHE_FORMAT = b"sha256-record-1"
 _P, _I64, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
@@ -94,9 +103,9 @@ def _build(cc: str, xdg_cache: str, home: str) -> tuple[ctypes.CDLL | None, str]
     src = SOURCE.read_bytes()
     reason = ""
     for flags in (FLAGS + MARCH + OPENMP, FLAGS + OPENMP, FLAGS):
-        key = hashlib.sha256(b"\0".join([src, cc.encode(), _cpu(), *map(str.encode, flags)])).hexdigest()[:16]
-        path = cache / f"native_lif-{key}.so"
-        error = None if path.exists() else _compile(cc, flags, path)
+        key = hashlib.sha256(b"\0".join([CACHE_FORMAT, src, cc.encode(), _cpu(), *map(str.encode, flags)]))
+        path = cache / f"native_lif-{key.hexdigest()[:16]}.so"
+        error = _ready(cc, flags, path)
         if error is None:
             try:
                 return _bind(ctypes.CDLL(str(path))), f"{cc} {' '.join(flags)} -> {path}"
@@ -116,8 +125,47 @@ def _cpu() -> bytes:
         return b""
 
 
+def _ready(cc: str, flags: tuple[str, ...], path: Path) -> str | None:
+    """Makes ``path`` a library that matches its SHA-256 record, building or rebuilding it; the failure, or None."""
+    if not path.exists():
+        return _compile(cc, flags, path)
+    damage = _damage(path)
+    if damage is None:
+        return None
+    # dlopen of a damaged file can SIGBUS (a truncated segment) or run garbage: never load it, replace it.
+    error = _compile(cc, flags, path)
+    if error is None:
+        warnings.warn(f"bsdgraph: the cached native LIF kernel {path} was damaged ({damage}); rebuilt it",
+                      stacklevel=3)
+    return error
+
+
+def _damage(path: Path) -> str | None:
+    """Why ``path`` does not match its SHA-256 record, or None when it does."""
+    try:
+        recorded = _record(path).read_text().strip()
+    except FileNotFoundError:
+        return "no SHA-256 record"
+    except (OSError, UnicodeDecodeError) as err:
+        return f"unreadable SHA-256 record: {err}"
+    try:
+        actual = _sha256(path)
+    except OSError as err:
+        return f"unreadable: {err}"
+    return None if actual == recorded else "SHA-256 does not match its record"
+
+
+def _record(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: Path | str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _compile(cc: str, flags: tuple[str, ...], path: Path) -> str | None:
-    """Compiles native_lif.c to ``path`` atomically; the failure, shortened, or None."""
+    """Compiles native_lif.c to ``path`` atomically, then records its SHA-256; the failure, shortened, or None."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".tmp", dir=path.parent)
@@ -130,13 +178,33 @@ def _compile(cc: str, flags: tuple[str, ...], path: Path) -> str | None:
         if done.returncode != 0:
             message = " | ".join((done.stderr or done.stdout).strip().splitlines()[:3])[:300]
             return f"{' '.join(cmd)} failed: {message}"
+        digest = _sha256(tmp)  # of the file as compiled, before another process's rename can replace it
         os.replace(tmp, path)
-        return None
     except (OSError, ValueError, subprocess.SubprocessError) as err:
         return f"compiler {cc!r} failed to run: {err}"
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    # Only now that the library is complete and in place: a record never vouches for a partial file. (A process
+    # that looks between another's rename and its record, or pairs one build with another's record from a
+    # non-deterministic compiler, sees damage: it costs a rebuild and a warning, never a bad load.)
+    return _write_atomically(_record(path), digest + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> str | None:
+    """Writes ``text`` to ``path`` by temp file + rename; the failure, or None."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as err:
+        return f"cannot write {path}: {err}"
+    return None
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
