@@ -277,7 +277,7 @@ def run_bench(model, backend: str, batch: int, steps: int, warmup: int, compare:
     from bsdgraph.train import TrainConfig, make_runtime
 
     g = model.graph
-    engine, bsd = make_runtime(model, "bsd", backend, TrainConfig.from_model(model.train))
+    engine, bsd = make_runtime(model, "bsd", backend, TrainConfig.from_model(model.train), batch=batch)
     device = engine.device  # every runtime has one; the batch goes there before timing, not inside a step
     x, y = (v.to(device) for v in _batch(g, batch))
     name = f"bsdgraph-{backend}"
@@ -341,7 +341,7 @@ def run_sweep(model, backend: str, param: str, values: list[int], batch: int, st
     for v in values:
         m = _variant(model, param, v)
         B = v if param == "batch" else batch
-        engine, _ = make_runtime(m, "bsd", backend, TrainConfig.from_model(m.train))
+        engine, _ = make_runtime(m, "bsd", backend, TrainConfig.from_model(m.train), batch=B)
         device = engine.device
         bptt = BPTTRuntime(m.graph, device=device)
         x, y = (v.to(device) for v in _batch(m.graph, B))

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from pathlib import Path
 
 import torch
 
-from bsdgraph import cli_bench, cli_interop, cli_train
+from bsdgraph import cli_bench, cli_interop, cli_train, outputs
 from bsdgraph.checkpoint import CheckpointError
 from bsdgraph.cli_common import UsageError
 from bsdgraph.data import DataError
 from bsdgraph.feedback import derive_feedback, pairing
 from bsdgraph.lower import lower
 from bsdgraph.model_file import ModelError, load_model
+from bsdgraph.outputs import OutputError
 from bsdgraph.plot import PlotError
 from bsdgraph.printer import format_graph, to_dict
+from bsdgraph.rundir import RunDirError
 from bsdgraph.runtime.common import ExecutionError
 from bsdgraph.train import TrainingError
 from bsdgraph.validate import GraphError
@@ -39,7 +41,7 @@ def cmd_compile(args) -> int:
     if args.emit == "dot":  # Graphviz text; --json does not apply
         from bsdgraph.draw import to_dot
 
-        _write(to_dot(bsd), args.output)
+        _write(to_dot(bsd), args.output, args.force)
         return 0
     if args.json:
         doc = {"model": str(model.path)}
@@ -56,7 +58,7 @@ def cmd_compile(args) -> int:
             "plan": lambda: "== plan\n" + str(plan) + "\n\n" + _energy_bound(model.graph),
         }
         text = "\n\n".join(parts[s]() for s in stages)
-    _write(text, args.output)
+    _write(text, args.output, args.force)
     return 0
 
 
@@ -69,9 +71,9 @@ def _energy_bound(graph) -> str:
                          "`bsdgraph bench --energy` measures them)")
 
 
-def _write(text: str, output: str | None) -> None:
+def _write(text: str, output: str | None, force: bool = False) -> None:
     if output:
-        Path(output).write_text(text + "\n")
+        outputs.write_text(output, text + "\n", force)
         print(f"wrote {output}", file=sys.stderr)
     else:
         print(text)
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or dot (the BSD graph for Graphviz)")
     c.add_argument("--json", action="store_true", help="machine-readable JSON instead of text")
     c.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    c.add_argument("--force", action="store_true", help="replace FILE even if bsdgraph did not write it")
     c.set_defaults(fn=cmd_compile)
     cli_train.register(sub)
     cli_bench.register(sub)
@@ -111,12 +114,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prefix}: {d}", file=sys.stderr)
         print(f"{prefix}: invalid model ({len(err.diagnostics)} problem(s))", file=sys.stderr)
         return 1
-    except (ModelError, DataError, CheckpointError, TrainingError, PlotError) as err:
+    except (ModelError, DataError, CheckpointError, TrainingError, PlotError, RunDirError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except UsageError as err:
-        print(f"bsdgraph: error: {err}", file=sys.stderr)
+    except UsageError as err:  # one line per problem
+        for line in str(err).splitlines():
+            print(f"bsdgraph: error: {line}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of stdout went away (`bsdgraph compile M.py | head`): nothing to say
+        return _reader_gone()
     except OSError as err:  # e.g. -o into a missing directory
         print(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
@@ -140,5 +146,23 @@ def _out_of_memory(err: BaseException) -> bool:
     return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
 
 
+SIGPIPE_EXIT = 128 + 13  # what a shell reports for a writer killed by SIGPIPE, as `cat` or `git log` are
+
+
+def _reader_gone() -> int:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not fail again, and end quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (in-process callers): nothing will be flushed to it
+        pass
+    return SIGPIPE_EXIT
+
+
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()  # the last buffered output can meet the closed pipe only here
+    except BrokenPipeError:
+        code = _reader_gone()
+    sys.exit(code)

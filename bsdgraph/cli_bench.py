@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bsdgraph.cli_common import UsageError, check_picture, data_args, load_data
+from bsdgraph import outputs
+from bsdgraph.cli_common import UsageError, check_picture, count, data_args, load_data
 from bsdgraph.model_file import load_model
 from bsdgraph.train import BACKENDS
 
@@ -15,14 +16,10 @@ def cmd_bench(args) -> int:
 
     from bsdgraph.bench import format_report, run_bench
 
-    if args.steps < 1 or args.batch_size < 1 or args.warmup < 0:
-        raise UsageError("--steps and --batch-size must be >= 1, --warmup >= 0")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    if args.energy and args.energy_samples < 1:
-        raise UsageError(f"--energy-samples must be >= 1, got {args.energy_samples}")
     if args.sweep:
         check_picture(args.plot or "sweep.png", "--plot")
+        if args.plot:
+            outputs.claim(args.plot, args.force, "--plot")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model)
@@ -52,7 +49,8 @@ def _sweep(args, model) -> int:
     rep = run_sweep(model, args.backend or default_backend(), param, values, args.batch_size, args.steps,
                     args.warmup)
     out = Path(args.plot or f"sweep_{model.path.stem}_{param}.png")
-    plot_sweep(rep, out)
+    with outputs.replacing(out, args.force, "--plot") as tmp:
+        plot_sweep(rep, tmp)
     if args.json:
         print(json.dumps(rep))
     else:
@@ -72,9 +70,12 @@ def _energy(args, model) -> int:
     from bsdgraph.runtime.reference import ReferenceRuntime
 
     if args.checkpoint:
-        from bsdgraph.checkpoint import load_checkpoint
+        from bsdgraph.checkpoint import load_checkpoint, require
 
-        ck = load_checkpoint(args.checkpoint)
+        from bsdgraph.cli_interop import check_weights
+
+        ck = require(load_checkpoint(args.checkpoint), args.checkpoint, ("params", "state"))
+        check_weights(model.graph, ck["params"], ck["state"], args.checkpoint)  # F's weights, of this model
         rt = ReferenceRuntime(model.graph, {k: v for k, v in ck["params"].items() if k.split(".")[0] in
                                             model.graph}, state=ck["state"])
         source = f"measured on test data with the weights of {args.checkpoint}"
@@ -97,18 +98,19 @@ def register(sub) -> None:
                                    "interleaved in the same process.")
     b.add_argument("model", metavar="MODEL.py")
     b.add_argument("--backend", choices=BACKENDS, help="runtime (default: triton with a CUDA GPU, else cpu)")
-    b.add_argument("--batch-size", type=int, default=128)
-    b.add_argument("--steps", type=int, default=20, help="timed steps per candidate (default 20)")
-    b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--batch-size", type=count(1), default=128, help="samples per step (default 128)")
+    b.add_argument("--steps", type=count(1), default=20, help="timed steps per candidate (default 20)")
+    b.add_argument("--warmup", type=count(0), default=3, help="untimed steps first (default 3)")
+    b.add_argument("--threads", type=count(1), help="torch CPU threads (default: torch's choice)")
     b.add_argument("--compare", action="store_true", help="also time naive eager BSD, BPTT and snnTorch")
     b.add_argument("--json", action="store_true")
     b.add_argument("--energy", action="store_true", help="instead of timing: inference energy (synaptic "
                    "operations from measured firing rates; E_AC 0.9 pJ, E_MAC 4.6 pJ) vs the same net as an ANN")
     b.add_argument("--checkpoint", metavar="FILE", help="with --energy: trained weights to measure rates with")
-    b.add_argument("--energy-samples", type=int, default=1000, metavar="N", help="test samples for --energy")
+    b.add_argument("--energy-samples", type=count(1), default=1000, metavar="N", help="test samples for --energy")
     b.add_argument("--sweep", metavar="PARAM=V1,V2,...", help="time per step vs T, width (MLP hidden width) or "
                    "batch, with BPTT beside; writes a PNG (see --plot)")
     b.add_argument("--plot", metavar="FILE.png", help="where --sweep writes its plot")
+    b.add_argument("--force", action="store_true", help="replace the plot even if bsdgraph did not write it")
     data_args(b)
     b.set_defaults(fn=cmd_bench)

@@ -3,10 +3,50 @@
 from __future__ import annotations
 
 import argparse
+import math
+
+from bsdgraph import options
 
 
 class UsageError(Exception):
     """A command line that parses but asks for something impossible (exit 2)."""
+
+
+def count(minimum: int = 1):
+    """An argparse type: a whole number >= ``minimum`` (a bad value is a usage error, exit 2, before any work)."""
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {raw!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def number(low: float, high: float = float("inf")):
+    """An argparse type: a finite number with ``low < value < high`` (nan and inf are refused)."""
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
+        if not (math.isfinite(value) and low < value < high):
+            bounds = f"> {low:g}" if high == float("inf") else f"between {low:g} and {high:g} (exclusive)"
+            raise argparse.ArgumentTypeError(f"must be a finite number {bounds}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def seed(raw: str) -> int:
+    """An argparse type: a 64-bit signed integer (what torch.Generator.manual_seed takes)."""
+    value = count(-2 ** 63)(raw)
+    if value >= 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must fit in 64 bits, got {value}")
+    return value
 
 
 def check_picture(path, flag: str) -> None:
@@ -27,29 +67,52 @@ def data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", metavar="DIR", help="folder with Fashion-MNIST/MNIST IDX files (default: "
                    "/usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)")
     g.add_argument("--npz", metavar="FILE", help="an .npz with arrays x_train, y_train, x_test, y_test")
-    p.add_argument("--limit-test", type=int, metavar="N", help="evaluate on the first N test samples only")
+    p.add_argument("--limit-test", type=count(1), metavar="N", help="evaluate on the first N test samples only")
 
 
 def apply_overrides(model, args):
-    """--lif / --encoding / --bsd edits of the model (pure graph passes, re-validated)."""
+    """--lif / --encoding / --bsd edits of the model (pure graph passes, re-validated). Every problem of every
+    flag is one usage line naming the flag (the model file validated before the edit, so the flags are to blame)."""
     import dataclasses
 
-    from bsdgraph.feedback import BSDConfig
+    from bsdgraph.feedback import BSDConfig, check_config
     from bsdgraph.ir import Op
-    from bsdgraph.passes import parse_assignments, set_attrs
+    from bsdgraph.passes import set_attrs
+    from bsdgraph.validate import GraphError
 
-    try:
-        lif, bsd = parse_assignments(args.lif), parse_assignments(args.bsd)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    lif, problems = options.parse("--lif", args.lif, lif_options())
+    bsd, bsd_problems = options.parse("--bsd", args.bsd, bsd_options())
+    problems += bsd_problems
     graph = model.graph
-    if lif:
-        graph = set_attrs(graph, Op.LIF, **lif)
+    try:
+        graph = set_attrs(graph, Op.LIF, **lif) if lif else graph
+    except GraphError as err:
+        problems += [f"--lif: {d}" for d in err.diagnostics]
+    cfg = dataclasses.replace(model.bsd, **bsd)
+    try:
+        check_config(cfg)
+    except GraphError as err:
+        problems += [f"--bsd: {d.message}" for d in err.diagnostics]
+    if problems:
+        raise UsageError("\n".join(problems))
     if args.encoding:
         graph = set_attrs(graph, Op.INPUT, encoding=args.encoding)
-    cfg = BSDConfig.from_dict({**dataclasses.asdict(model.bsd), **bsd})
     _note_unused_lams(graph, cfg, bsd)
     return dataclasses.replace(model, graph=graph, bsd=cfg)
+
+
+def lif_options() -> dict[str, options.Option]:
+    from bsdgraph.ir import ATTRS, Op
+
+    return {a.name: options.Option(float if float in a.types else a.types[0], a.choices) for a in ATTRS[Op.LIF]}
+
+
+def bsd_options() -> dict[str, options.Option]:
+    import dataclasses
+
+    from bsdgraph.feedback import BSD_CHOICES, BSDConfig
+
+    return {f.name: options.Option(type(f.default), BSD_CHOICES.get(f.name)) for f in dataclasses.fields(BSDConfig)}
 
 
 def _note_unused_lams(graph, cfg, bsd: dict) -> None:
@@ -72,15 +135,21 @@ def _note_unused_lams(graph, cfg, bsd: dict) -> None:
               file=sys.stderr)
 
 
+def data_origin(args, model) -> str:
+    """Where ``load_data`` takes the data from: "npz", "model" (the model file's own ``data()``) or "idx"."""
+    return "npz" if args.npz else "model" if model.data is not None else "idx"
+
+
 def load_data(args, model):
     import math
 
     from bsdgraph.data import autoencode, check_against_model, load_idx_dataset, load_npz, subset
     from bsdgraph.ir import Op
 
-    if args.npz:
+    origin = data_origin(args, model)
+    if origin == "npz":
         ds = load_npz(args.npz)
-    elif model.data is not None:
+    elif origin == "model":
         ds = _model_data(model)
     else:
         ds = load_idx_dataset(args.data_dir)

@@ -12,6 +12,7 @@ model file), else ``init_params(graph, seed=0)`` with a note on stderr.
 
 from __future__ import annotations
 
+import ast
 import sys
 import zipfile
 import zlib
@@ -22,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from bsdgraph import outputs
+from bsdgraph.cli_common import count, number
 from bsdgraph.data import DataError
 from bsdgraph.ir import Graph, Op
 from bsdgraph.printer import format_graph
@@ -49,21 +52,23 @@ def load_network(path: str, dt: float | None = None, steps: int | None = None, c
 
         imp = import_nir(path, dt=dt, T=steps)
         return Loaded(imp.graph, imp.params, imp.state, imp.readout, BSDConfig(), imp.notes)
-    from bsdgraph.checkpoint import load_checkpoint
+    from bsdgraph.checkpoint import load_checkpoint, require
     from bsdgraph.feedback import derive_feedback
     from bsdgraph.model_file import load_model
     from bsdgraph.nir import read_declarations
     from bsdgraph.params import init_params, init_state
+    from bsdgraph.train import check_memory
 
     model = load_model(path)
     decl = read_declarations(path)
     source = checkpoint or decl.weights
     if source:
-        doc = load_checkpoint(source)
-        params, state = doc.get("params", {}), doc.get("state", {})
+        doc = require(load_checkpoint(source), source, ("params", "state"))
+        params, state = doc["params"], doc["state"]
         check_weights(model.graph, params, state, source)
         return Loaded(model.graph, params, state, decl.readout, model.bsd)
     graph = derive_feedback(model.graph, model.bsd) if backward else model.graph  # F's weights come first: same
+    check_memory(graph, "bptt", "cpu", 1, 1, training=False)  # the weights, before they are drawn
     note = f"{path}: no --checkpoint and no WEIGHTS in the model file: using init_params(seed=0)"
     return Loaded(model.graph, init_params(graph, 0), init_state(graph), decl.readout, model.bsd, (note,))
 
@@ -108,13 +113,17 @@ def cmd_export_nir(args) -> int:
     backward = None
     if args.with_backward:  # built before anything is written: a refusal leaves no half-written pair
         backward = export_backward(derive_feedback(net.graph, net.bsd), net.params, net.state, dt=args.dt)
-    write_nir(args.output, forward)
+    if backward is not None:
+        outputs.claim(backward_path(args.output), args.force)  # before F is written: no half-written pair
+    with outputs.replacing(args.output, args.force) as tmp:
+        write_nir(tmp, forward)
     print(f"wrote {args.output}: F, {len(forward.nodes)} NIR nodes, dt = {forward.metadata['dt']:g} s",
           file=sys.stderr)
     if backward is not None:
         path = backward_path(args.output)
         backward.metadata["forward"] = Path(args.output).name
-        write_nir(path, backward)
+        with outputs.replacing(path, args.force) as tmp:
+            write_nir(tmp, backward)
         print(f"wrote {path}: B, {len(backward.nodes)} NIR nodes, pairing in its metadata", file=sys.stderr)
     return 0
 
@@ -140,30 +149,46 @@ def cmd_import_nir(args) -> int:
         return 0
     model_path = Path(args.output)
     weights = model_path.with_name(f"{model_path.stem}.weights.pt")
+    source = model_source(imp, weights.name, str(args.model))  # built and checked before anything is written
+    outputs.claim(model_path, args.force)
+    outputs.claim(weights, args.force)
     save_weights(weights, imp.params, imp.state, source=str(args.model))
-    model_path.write_text(model_source(imp, weights.name, str(args.model)))
+    outputs.record(weights)
+    outputs.write_text(model_path, source, force=True)  # claimed above
     print(f"wrote {model_path} and {weights}", file=sys.stderr)
     return 0
 
 
 def model_source(imp, weights_name: str, source: str) -> str:
     """A model file whose ``build()`` rebuilds the imported graph node for node (``load_model`` gives it back
-    equal), with ``WEIGHTS`` naming the weights file next to it and ``READOUT`` the NIR graph's top LIF."""
+    equal), with ``WEIGHTS`` naming the weights file next to it and ``READOUT`` the NIR graph's top LIF.
+
+    Built as an AST: the NIR file's name, notes, node names and attributes are literals in the tree, never text
+    pasted into source (a crafted name once ran code through the docstring; docs/reliability.md)."""
+    from bsdgraph import pysource as py
+
     g = imp.graph
-    lines = [f'"""{g.name}: imported from {Path(source).name} by `bsdgraph import-nir` (dt = {g.dt!r} s per step, '
-             f"T = {g.T})."]
-    lines += ["", *(f"Note: {n}" for n in imp.notes)] if imp.notes else []
-    lines += ['"""', "", "from bsdgraph import GraphBuilder, Op", ""]
-    lines += [f"WEIGHTS = {weights_name!r}  # next to this file; read by `bsdgraph run` and `bsdgraph export-nir`",
-              f"READOUT = {imp.readout!r}  # LIF applied to the output current by `bsdgraph run` (None: none)",
-              "", "", "def build():", f"    g = GraphBuilder({g.name!r}, T={g.T!r}, dt={g.dt!r})"]
+    doc = "\n".join([f"{g.name}: imported from {Path(source).name} by `bsdgraph import-nir` (dt = {g.dt!r} s per "
+                      f"step, T = {g.T}).", *([""] + [f"Note: {n}" for n in imp.notes] if imp.notes else []), "",
+                      "WEIGHTS names the weights file next to this file (read by `bsdgraph run` and `export-nir`);",
+                      "READOUT is the LIF that `bsdgraph run` applies to the output current (None: none).", ""])
+    build = [ast.Assign([ast.Name("g", ast.Store())], py.call(py.name("GraphBuilder"), [py.literal(g.name)],
+                                                             T=py.literal(g.T), dt=py.literal(g.dt)))]
     for n in g.nodes:
+        kwargs = {"name": py.literal(n.name), **({"shape": py.literal(tuple(n.shape))} if n.op == Op.INPUT else {}),
+                  **{k: py.literal(v) for k, v in n.attrs.items()}}
         srcs = [e.src for e in g.in_edges(n.name)]
-        attrs = "".join(f", {k}={v!r}" for k, v in n.attrs.items())
-        shape = f", shape={tuple(n.shape)!r}" if n.op == Op.INPUT else ""
-        lines.append(f"    g.add(Op.{n.op.name}, {srcs!r}, name={n.name!r}{shape}{attrs})")
-    lines += ["    return g.build()", ""]
-    return "\n".join(lines)
+        build.append(ast.Expr(py.call(py.attr("g", "add"), [py.attr("Op", n.op.name), py.literal(srcs)], **kwargs)))
+    build.append(ast.Return(py.call(py.attr("g", "build"), [])))
+    tree = ast.Module([
+        ast.Expr(ast.Constant(doc)),
+        ast.ImportFrom("bsdgraph", [ast.alias("GraphBuilder"), ast.alias("Op")], 0),
+        ast.Assign([ast.Name("WEIGHTS", ast.Store())], py.literal(weights_name)),
+        ast.Assign([ast.Name("READOUT", ast.Store())], py.literal(imp.readout)),
+        py.function("build", build),
+    ], [])
+    shape = py.Shape(frozenset({"bsdgraph"}), frozenset({"GraphBuilder", "g.add", "g.build"}), frozenset({"Op"}))
+    return py.checked_source(tree, shape)
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -194,10 +219,16 @@ def read_input(path: str | Path, graph: Graph) -> torch.Tensor:
 def cmd_run(args) -> int:
     from bsdgraph.nir import simulate
     from bsdgraph.runtime.common import readout
+    from bsdgraph.train import check_memory
 
+    if args.output:
+        outputs.claim(args.output, args.force)  # before the work, not after it
     net = load_network(args.model, dt=args.dt, steps=args.steps, checkpoint=args.checkpoint)
     _notes(net)
     x = read_input(args.input, net.graph)
+    # the reference interpreter keeps every node's value of every step; x is [B, ...] or [T, B, ...]
+    samples = x.shape[-len(net.graph.by_op(Op.INPUT)[0].shape) - 1]
+    check_memory(net.graph, "bptt", "cpu", samples, samples, training=False)
     sim = simulate(net.graph, net.params, net.state, x, net.readout)
     out = net.graph.by_op(Op.OUTPUT)[0]
     scores = readout(out, sim.current)
@@ -210,7 +241,8 @@ def cmd_run(args) -> int:
     if "prediction" in arrays:
         print(f"prediction: {arrays['prediction'].tolist()}")
     if args.output:
-        np.savez(args.output, **arrays)
+        with outputs.replacing(args.output, args.force) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)  # a file object: np.savez would add ".npz" to a name without it
         print(f"wrote {args.output}: {', '.join(arrays)}", file=sys.stderr)
     return 0
 
@@ -225,12 +257,14 @@ def cmd_draw(args) -> int:
 
     if Path(args.output).suffix != ".dot":
         check_picture(args.output, "-o")
+    outputs.claim(args.output, args.force)
     net = load_network(args.model, dt=args.dt, steps=args.steps)
     bsd = derive_feedback(net.graph, net.bsd)
     if Path(args.output).suffix == ".dot":
-        Path(args.output).write_text(to_dot(bsd))
+        outputs.write_text(args.output, to_dot(bsd), args.force)
     else:
-        draw(bsd, args.output)
+        with outputs.replacing(args.output, args.force) as tmp:
+            draw(bsd, tmp)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0
 
@@ -239,10 +273,15 @@ def cmd_draw(args) -> int:
 
 
 def _nir_args(p) -> None:
-    p.add_argument("--dt", type=float, metavar="SECONDS", help="length of one step in seconds (tau in steps = "
+    p.add_argument("--dt", type=number(0), metavar="SECONDS", help="length of one step in seconds (tau in steps = "
                    "tau / dt); a NIR file written by bsdgraph records it, others need it (snnTorch: 1e-4)")
-    p.add_argument("--steps", type=int, metavar="T", help="time steps per sample for a NIR file (default: the "
+    p.add_argument("--steps", type=count(1), metavar="T", help="time steps per sample for a NIR file (default: the "
                    "file's record, else 4)")
+
+
+def _force_arg(p) -> None:
+    p.add_argument("--force", action="store_true", help="replace existing output files even if bsdgraph did not "
+                   "write them (or they changed since)")
 
 
 def register(sub) -> None:
@@ -252,11 +291,12 @@ def register(sub) -> None:
     e.add_argument("model", metavar="MODEL.py")
     e.add_argument("--checkpoint", metavar="FILE", help="weights from `bsdgraph train` (default: the model's "
                    "WEIGHTS, else init_params(seed=0))")
-    e.add_argument("--dt", type=float, metavar="SECONDS", help="seconds per step written into NIR's time "
+    e.add_argument("--dt", type=number(0), metavar="SECONDS", help="seconds per step written into NIR's time "
                    "constants, tau = τ·dt (default: the graph's dt)")
     e.add_argument("--with-backward", action="store_true", help="also write BSD's backward network B to "
                    "NAME.backward.nir, with the layer pairing in its metadata")
     e.add_argument("-o", "--output", required=True, metavar="FILE.nir")
+    _force_arg(e)
     e.set_defaults(fn=cmd_export_nir)
 
     i = sub.add_parser("import-nir", help="read a NIR graph into a bsdgraph model",
@@ -265,6 +305,7 @@ def register(sub) -> None:
     i.add_argument("model", metavar="FILE.nir")
     _nir_args(i)
     i.add_argument("-o", "--output", metavar="MODEL.py", help="write a model file and MODEL.weights.pt")
+    _force_arg(i)
     i.set_defaults(fn=cmd_import_nir)
 
     r = sub.add_parser("run", help="simulate a model's forward network on inputs from an npz",
@@ -275,6 +316,7 @@ def register(sub) -> None:
     r.add_argument("--checkpoint", metavar="FILE", help="weights (default: the model's WEIGHTS, else init)")
     _nir_args(r)
     r.add_argument("-o", "--output", metavar="OUT.npz", help="save current, scores, prediction, spikes.<layer>")
+    _force_arg(r)
     r.set_defaults(fn=cmd_run)
 
     d = sub.add_parser("draw", help="draw F and its derived backward network B",
@@ -283,4 +325,5 @@ def register(sub) -> None:
     d.add_argument("model", metavar="MODEL_OR_NIR")
     _nir_args(d)
     d.add_argument("-o", "--output", required=True, metavar="FILE.png")
+    _force_arg(d)
     d.set_defaults(fn=cmd_draw)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
 
-from bsdgraph.cli_common import UsageError, apply_overrides, check_picture, data_args, load_data
+from bsdgraph.cli_common import (
+    UsageError, apply_overrides, check_picture, count, data_args, data_origin, load_data, number, seed,
+)
+from bsdgraph import outputs
 from bsdgraph.model_file import load_model
 from bsdgraph.train import BACKENDS
 
@@ -25,7 +29,9 @@ def _emit_record(rec: dict, as_json: bool) -> None:
 
 
 def cmd_train(args) -> int:
+    from bsdgraph import rundir
     from bsdgraph.train import TrainConfig
+    from bsdgraph.train_parallel import world_rank
 
     model = apply_overrides(load_model(args.model), args)
     data = load_data(args, model)
@@ -33,9 +39,15 @@ def cmd_train(args) -> int:
                                  seed=args.seed, init=args.init, schedule=args.schedule,
                                  augment=True if args.augment else None)
     out = Path(args.out or Path("runs") / model.path.stem)
-    if (out / "checkpoint.pt").exists() and not args.resume:
-        raise UsageError(f"{out} already holds a checkpoint: pass --resume to continue it, or another --out")
     as_json = args.json or not sys.stdout.isatty()
+    lead = world_rank()[0] == 0  # only rank 0 writes, so only rank 0 holds the run directory
+    claim = rundir.claim(out, model.path, resume=args.resume, force=args.force,
+                         record={"argv": sys.argv[1:], "data": data_origin(args, model)})
+    with claim if lead else contextlib.nullcontext():
+        return _train(args, model, data, cfg, out, as_json)
+
+
+def _train(args, model, data, cfg, out: Path, as_json: bool) -> int:
     trainer, lead = _make_trainer(args, model, data, cfg, out, as_json)
     say = (lambda text: print(text, file=sys.stderr)) if lead else (lambda text: None)
     if args.resume:
@@ -102,6 +114,9 @@ def cmd_eval(args) -> int:
         if model.target != "input":
             raise UsageError(f"--frechet-classifier compares reconstructions with their originals; {model.path} is "
                              "not an autoencoder (its model file has no TARGET = 'input')")
+        if data.n_test < 2:  # a covariance of one sample does not exist
+            raise UsageError(f"--frechet-classifier fits a Gaussian to the test samples and needs at least 2, got "
+                             f"{data.n_test} (--limit-test)")
         result["test_frechet"] = reconstruction_frechet(rt, data.x_test, args.frechet_classifier)
     if args.json:
         print(json.dumps(result))
@@ -116,34 +131,69 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from bsdgraph import plot
+    from bsdgraph import plot, rundir
 
     run = Path(args.run_dir)
     records = plot.read_metrics(run)
     if not records:
         raise plot.PlotError(f"{run / 'metrics.jsonl'} holds no epoch yet")
+    about = rundir.describe(run)
+    if about:
+        print(about, file=sys.stderr)
     written = [plot.plot_curves(records, run), plot.plot_rates(records, run)]
     ck = run / "checkpoint.pt"
     if ck.is_file():
-        from bsdgraph.checkpoint import load_checkpoint, require
-        from bsdgraph.printer import from_json
-
-        doc = require(load_checkpoint(ck), ck)
-        model = load_model(args.model or doc["model"])
-        data = load_data(args, model)
-        i = args.sample
-        if not 0 <= i < data.n_test:
-            raise UsageError(f"--sample {i} is out of range: the test split has {data.n_test} samples")
-        graph = from_json(doc["graph"])  # the graph trained, whatever --bsd / --lif options made it
-        if model.target == "input":  # an autoencoder: originals beside what F reconstructs
-            x = data.x_test[i:i + 10]
-            written.append(plot.plot_reconstructions(x, plot.reconstruct(graph, doc["params"], doc["state"], x), run))
-        if records[-1].get("rule") == "bsd":
-            written.append(plot.plot_raster(graph, doc["params"], doc["state"], data.x_test[i:i + 1],
-                                            data.y_test[i:i + 1], run))
+        written += _plot_samples(args, run, ck, records)
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _plot_samples(args, run: Path, ck: Path, records: list[dict]) -> list[Path]:
+    """raster.png (BSD runs) and reconstructions.png (autoencoders) of test samples, from the checkpoint's own
+    graph and weights. The model file runs only when the user names it (--model): a checkpoint is data, and the
+    path it records is not the user's choice of code to run."""
+    from bsdgraph import plot, rundir
+    from bsdgraph.checkpoint import load_checkpoint, require
+    from bsdgraph.printer import from_json
+
+    doc = require(load_checkpoint(ck), ck)
+    graph = from_json(doc["graph"])  # the graph trained, whatever --bsd / --lif options made it
+    model = load_model(args.model) if args.model else _model_of_checkpoint(doc, graph)
+    if not args.model and rundir.manifest(run).get("data") == "model" and not (args.npz or args.data_dir):
+        print(f"note: no raster: the run trained on its model file's own data(), and bsdgraph does not run a model "
+              f"file you did not name; pass --model (e.g. --model {run / 'model_source.py'})", file=sys.stderr)
+        return []
+    data = load_data(args, model)
+    i = args.sample
+    if not 0 <= i < data.n_test:
+        raise UsageError(f"--sample {i} is out of range: the test split has {data.n_test} samples")
+    written = []
+    if model.target == "input":  # an autoencoder: originals beside what F reconstructs
+        x = data.x_test[i:i + 10]
+        written.append(plot.plot_reconstructions(x, plot.reconstruct(graph, doc["params"], doc["state"], x), run))
+    if records[-1].get("rule") == "bsd":
+        written.append(plot.plot_raster(graph, doc["params"], doc["state"], data.x_test[i:i + 1],
+                                        data.y_test[i:i + 1], run))
+    return written
+
+
+def _model_of_checkpoint(doc: dict, graph):
+    """A Model made of what the checkpoint records (no code runs): F's input and output for the data checks, and
+    the target (``TARGET = "input"`` for an autoencoder; a checkpoint older than that record is an autoencoder when
+    its regression output is exactly as large as its stimulus, which is what load_model requires of one)."""
+    import math
+
+    from bsdgraph.feedback import BSDConfig
+    from bsdgraph.ir import Op
+    from bsdgraph.model_file import Model
+
+    target = doc.get("target")
+    if target not in ("labels", "input"):
+        x, out = graph.by_op(Op.INPUT)[0], graph.by_op(Op.OUTPUT)[0]
+        same = out.attrs["task"] == "regression" and math.prod(out.shape) == math.prod(x.shape)
+        target = "input" if same else "labels"
+    return Model(Path(doc["model"]), graph, BSDConfig(), target=target)
 
 
 FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -152,19 +202,20 @@ FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal"
 
 def cmd_recall(args) -> int:
     from bsdgraph import plot
-    from bsdgraph.checkpoint import load_checkpoint
     from bsdgraph.printer import from_json
     from bsdgraph.train import load_for_eval
 
     check_picture(args.out, "--out")
+    outputs.claim(args.out, args.force, "--out")
     model = apply_overrides(load_model(args.model), args)  # the edits the checkpoint was trained with
-    load_for_eval(model, Path(args.checkpoint))  # checks that the checkpoint belongs to this model
-    doc = load_checkpoint(args.checkpoint)
+    _, doc = load_for_eval(model, Path(args.checkpoint))  # checks that the checkpoint belongs to this model
     if doc.get("rule") != "bsd":
         raise UsageError(f"{args.checkpoint} was trained with {doc.get('rule')}: it has no backward network")
     images = plot.recall_images(from_json(doc["graph"]), doc["params"], doc["state"])
     names = FASHION_NAMES if len(images) == 10 and "fmnist" in model.path.stem else None
-    print(f"wrote {plot.plot_recall(images, Path(args.out), names)}")
+    with outputs.replacing(args.out, args.force, "--out") as tmp:
+        plot.plot_recall(images, tmp, names)
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -175,10 +226,10 @@ def _train_parser(sub) -> None:
                                    "--nproc-per-node N -m bsdgraph train ...) N processes train data-parallel, "
                                    "or layer-parallel with --layer-parallel.")
     t.add_argument("model", metavar="MODEL.py")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--seed", type=int)
+    t.add_argument("--epochs", type=count(1), help="epochs to train in all (default: the model's TRAIN, else 3)")
+    t.add_argument("--batch-size", type=count(1), help="samples per step (default: the model's TRAIN, else 128)")
+    t.add_argument("--lr", type=number(0, 10), help="AdamW learning rate (default: the model's TRAIN, else 1e-3)")
+    t.add_argument("--seed", type=seed, help="seed of weights, shuffling and Poisson spikes (default: TRAIN, else 0)")
     t.add_argument("--backend", choices=BACKENDS, help="runtime (default: triton with a CUDA GPU, else cpu)")
     t.add_argument("--rule", choices=["bsd", "bptt"], default="bsd",
                    help="bsd (local learning, default) or bptt (surrogate-gradient backprop baseline)")
@@ -187,11 +238,13 @@ def _train_parser(sub) -> None:
     t.add_argument("--augment", action="store_true", help="random +-2 px shifts and horizontal flips (images)")
     _model_edits(t)
     data_args(t)
-    t.add_argument("--limit-train", type=int, metavar="N", help="train on the first N samples only")
+    t.add_argument("--limit-train", type=count(1), metavar="N", help="train on the first N samples only")
     t.add_argument("--out", metavar="RUN_DIR", help="where checkpoint.pt and metrics.jsonl go (default "
                    "runs/<model>)")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt (with any number "
                    "of processes)")
+    t.add_argument("--force", action="store_true", help="start over in a RUN_DIR that holds a checkpoint (it is "
+                   "deleted) or files bsdgraph did not write (they are replaced)")
     t.add_argument("--json", action="store_true", help="one JSON line per epoch (default when stdout is not a "
                    "terminal)")
     t.add_argument("--layer-parallel", action="store_true", help="under torchrun: one pipeline stage of "
@@ -216,8 +269,10 @@ def _plot_parser(sub) -> None:
                                    "autoencoder (TARGET = 'input'), reconstructions.png (10 test images from "
                                    "--sample on, originals above F's reconstructions) into RUN_DIR.")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--model", metavar="MODEL.py", help="model file (default: the one recorded in the checkpoint)")
-    p.add_argument("--sample", type=int, default=0, help="test sample for the raster, first one of the "
+    p.add_argument("--model", metavar="MODEL.py", help="model file to load the test data with (needed only for a "
+                   "model that brings its own data(); by default the checkpoint's graph is used and no model file "
+                   "runs)")
+    p.add_argument("--sample", type=count(0), default=0, help="test sample for the raster, first one of the "
                    "reconstructions (default 0)")
     data_args(p)
     p.set_defaults(fn=cmd_plot)
@@ -248,5 +303,6 @@ def register(sub) -> None:
     r.add_argument("model", metavar="MODEL.py")
     r.add_argument("--checkpoint", required=True, metavar="FILE")
     r.add_argument("--out", default="recall.png", metavar="FILE.png")
+    r.add_argument("--force", action="store_true", help="replace FILE.png even if bsdgraph did not write it")
     _model_edits(r)
     r.set_defaults(fn=cmd_recall)

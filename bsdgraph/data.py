@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import itertools
 import math
 import tokenize
 import zipfile
@@ -435,18 +436,38 @@ def _check_task(ds: Dataset, task: str) -> None:
 
 
 def _fit_sample_shape(ds: Dataset, shape: tuple[int, ...]) -> Dataset:
-    if ds.sample_shape == shape:
+    """``ds`` reshaped to ``shape`` per sample where that is only a change of layout: flat data for a shaped model
+    (C order, as np.reshape), a shaped sample for a flat model, or axes of size 1 added or dropped. The same values
+    in axes of another order (channel-last images, sequences stored [N, D, T]) would be scrambled by a reshape:
+    refused, with the transpose that fixes them."""
+    have = ds.sample_shape
+    if have == shape:
         return ds
-    if math.prod(ds.sample_shape) != math.prod(shape):
+    if math.prod(have) != math.prod(shape):
         raise DataError(
-            f"{ds.source}: model expects {_shape(shape)} per sample, data has {_shape(ds.sample_shape)} "
-            f"({math.prod(shape)} vs {math.prod(ds.sample_shape)} values). Fix: pick a model built for this data, "
+            f"{ds.source}: model expects {_shape(shape)} per sample, data has {_shape(have)} "
+            f"({math.prod(shape)} vs {math.prod(have)} values). Fix: pick a model built for this data, "
             f"or resize the data to {_shape(shape)}."
         )
-    # Same element count: a flat vs. channel-first layout of the same samples (C-order reshape, as np.reshape).
+    squeezed = [tuple(d for d in s if d != 1) for s in (have, shape)]
+    if squeezed[0] != squeezed[1] and min(len(s) for s in squeezed) > 1:
+        axes = _transpose_to(have, shape)
+        what, fix = (("the same axes in another order (channel-last images or sequences stored [N, D, T] look like "
+                      f"this)", f"x = np.transpose(x, {(0, *(a + 1 for a in axes))}) for x_train and x_test")
+                     if axes else ("another layout of as many values", f"store the samples as {_shape(shape)}"))
+        raise DataError(f"{ds.source}: model expects {_shape(shape)} per sample, data has {_shape(have)}: {what}, "
+                        f"and a reshape would scramble every sample. Fix: {fix}.")
     return dataclasses.replace(
         ds, x_train=ds.x_train.reshape(ds.n_train, *shape), x_test=ds.x_test.reshape(ds.n_test, *shape)
     )
+
+
+def _transpose_to(have: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The axes order of ``have`` that gives ``shape`` (the first in lexicographic order, which keeps the other
+    axes in their order when sizes repeat), or None."""
+    if len(have) != len(shape) or len(have) > 6:
+        return None
+    return next((p for p in itertools.permutations(range(len(have))) if tuple(have[i] for i in p) == shape), None)
 
 
 def _check_labels_fit(y: torch.Tensor, key: str, n_classes: int, source: str) -> None:

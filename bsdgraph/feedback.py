@@ -324,6 +324,18 @@ def _losses(f: Graph, layers: list[Layer], vhat, bneuron, cfg: BSDConfig) -> tup
     return nodes, edges
 
 
+def _reaching_a_loss(nodes: list[Node], edges: list[Edge], loss_edges: list[Edge]) -> tuple[list[Node], list[Edge]]:
+    """B without the nodes whose value no loss reads, directly or through other nodes. Without recall, B's neuron
+    of layer 1 is one: nothing mirrors the synapse that would read it (ReCo at layer 1 reads the current)."""
+    used = {e.src for e in loss_edges}
+    while True:
+        more = {e.src for e in edges if e.dst in used} - used
+        if not more:
+            break
+        used |= more
+    return [n for n in nodes if n.name in used], [e for e in edges if e.dst in used]
+
+
 def _spatial(shape: tuple[int, ...]) -> bool:
     """Whether the frequency split is meaningful: a [C, H, W] layer with more than one pixel (a 1x1 map is all
     DC, so its high band would be identically zero and ReCo on it pure rounding noise)."""
@@ -333,7 +345,7 @@ def _spatial(shape: tuple[int, ...]) -> bool:
 def derive_feedback(f: Graph, cfg: BSDConfig | None = None) -> Graph:
     """F (validated forward graph) -> BSD graph: F with stop-gradients, B, and one local loss per layer."""
     cfg = cfg or BSDConfig()
-    _check_config(cfg)
+    check_config(cfg)
     validate(f, forward=True)
     out = f.by_op(Op.OUTPUT)[0]
     if cfg.negatives == "other_class" and out.attrs["task"] != "classification":
@@ -343,18 +355,25 @@ def derive_feedback(f: Graph, cfg: BSDConfig | None = None) -> Graph:
     b, vhat, bneuron = _backward_network(f, layers, cfg.recall)
     loss_nodes, loss_edges = _losses(f, layers, vhat, bneuron, cfg)
     f_edges = [dataclasses.replace(e, detach=f[e.dst].op in GroupOp.SYNAPSE) for e in f.edges]
-    g = Graph(f.name, f.nodes + b.nodes + loss_nodes, f_edges + b.edges + loss_edges, f.T, f.dt)
+    b_nodes, b_edges = _reaching_a_loss(b.nodes, b.edges, loss_edges)
+    g = Graph(f.name, f.nodes + b_nodes + loss_nodes, f_edges + b_edges + loss_edges, f.T, f.dt)
     validate(g, forward=False)
     check_locality(g)
     return g
 
 
-def _check_config(cfg: BSDConfig) -> None:
-    choices = {"negatives": ("all", "other_class"), "distill_on": ("current", "membrane"),
-               "recall_loss": ("reco", "mse")}
+# The BSD options that are a choice, and those that are a number >= 0.
+BSD_CHOICES = {"negatives": ("all", "other_class"), "distill_on": ("current", "membrane"), "recall_loss": ("reco", "mse")}
+BSD_NUMBERS = ("lam", "eps", "freq_r", "lam_low", "lam_high")
+
+
+def check_config(cfg: BSDConfig) -> None:
+    """Every problem of the options at once (one GraphError)."""
     diags = [Diagnostic(None, None, f"BSD option {k}={getattr(cfg, k)!r} is not one of {v}", "")
-             for k, v in choices.items() if getattr(cfg, k) not in v]
-    for k in ("lam", "eps", "freq_r", "lam_low", "lam_high"):
+             for k, v in BSD_CHOICES.items() if getattr(cfg, k) not in v]
+    diags += [Diagnostic(None, None, f"BSD option {k} must be True or False, got {getattr(cfg, k)!r}", "")
+              for k in ("recall", "freq") if not isinstance(getattr(cfg, k), bool)]
+    for k in BSD_NUMBERS:
         v = getattr(cfg, k)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             diags.append(Diagnostic(None, None, f"BSD option {k} must be a finite number >= 0, got {v!r}", ""))

@@ -19,28 +19,6 @@ def set_attrs(g: Graph, op: Op, **attrs: Any) -> Graph:
     return validate(g.replace(nodes=nodes))
 
 
-def parse_assignments(items: list[str] | None) -> dict[str, Any]:
-    """``["v_th=0.6", "reset=soft"]`` -> ``{"v_th": 0.6, "reset": "soft"}`` (numbers and booleans parsed)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"expected KEY=VALUE, got {item!r}")
-        out[key.strip()] = _parse_value(raw.strip())
-    return out
-
-
-def _parse_value(raw: str) -> Any:
-    if raw.lower() in ("true", "false"):
-        return raw.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return raw
-
-
 def set_hidden_width(g: Graph, width: int) -> Graph:
     """Every Linear synapse but the top one gets ``width`` outputs; inputs and shapes follow (MLP sweeps)."""
     from bsdgraph.infer import SHAPE_RULES

@@ -122,14 +122,19 @@ def default_backend() -> str:
     return "triton" if torch.cuda.is_available() else "cpu"
 
 
-def make_runtime(model: Model, rule: str, backend: str, cfg: TrainConfig, params=None, state=None):
-    """The runtime for ``rule`` (bsd | bptt) on ``backend``; returns (runtime, graph it runs)."""
+def make_runtime(model: Model, rule: str, backend: str, cfg: TrainConfig, params=None, state=None,
+                 training: bool = True, batch: int | None = None):
+    """The runtime for ``rule`` (bsd | bptt) on ``backend``; returns (runtime, graph it runs). Refuses, before
+    anything is allocated, a model whose estimated memory (training at ``batch``, default the config's, and
+    evaluating at its eval batch; or evaluating only) exceeds what the device has free."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # BPTT runs where BSD would
+    graph = model.graph if rule == "bptt" else derive_feedback(model.graph, model.bsd)
+    check_memory(graph, rule, device, batch or cfg.batch_size, cfg.eval_batch_size, training)
     if rule == "bptt":
         from bsdgraph.runtime.bptt import BPTTRuntime
 
-        device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # where BSD would run
         return BPTTRuntime(model.graph, params, cfg.optim(), cfg.seed, state, device=device), model.graph
-    bsd = derive_feedback(model.graph, model.bsd)
+    bsd = graph
     if backend == "triton":
         from bsdgraph.runtime.triton import available
 
@@ -138,6 +143,18 @@ def make_runtime(model: Model, rule: str, backend: str, cfg: TrainConfig, params
             raise TrainingError(f"--backend triton: {why}; use --backend cpu")
     runtime = backends()[backend]
     return runtime(bsd, params=params, opt=cfg.optim(), seed=cfg.seed, state=state), bsd
+
+
+def check_memory(graph, rule: str, device: str, batch: int, eval_batch: int, training: bool = True) -> None:
+    """``memory.check_fits`` of training (or only evaluating) ``graph``, as a TrainingError (exit 1)."""
+    from bsdgraph import memory
+
+    est = (memory.estimate(graph, batch, rule, optimizer=True, eval_batch=eval_batch) if training
+           else memory.estimate(graph, eval_batch, rule, optimizer=False))
+    try:
+        memory.check_fits(est, device)
+    except memory.MemoryBudgetError as err:
+        raise TrainingError(str(err)) from None
 
 
 @torch.no_grad()
@@ -223,7 +240,11 @@ class Trainer:
             raise CheckpointError(f"{self.checkpoint_path}: was written for another graph or rule "
                                   f"({ck.get('rule')}); train into a fresh --out directory or fix the model")
         self.rt, _ = self._runtime(params=ck["params"], state=ck["state"])
-        self.rt.optimizer.load_state_dict(ck["optimizer"])
+        try:  # require() checked its structure; what torch still refuses is named, not a traceback
+            self.rt.optimizer.load_state_dict(ck["optimizer"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"{self.checkpoint_path}: unusable checkpoint: optimizer state does not fit the "
+                                  f"model ({type(err).__name__}: {err})") from None
         self.rt.steps = ck["steps"]
         self.gen.set_state(ck["rng"])
         self.epoch, self.history = ck["epoch"], list(ck["history"])
@@ -231,16 +252,18 @@ class Trainer:
     def _save(self) -> None:
         try:
             save_checkpoint(self.checkpoint_path, self._payload())
-        except OSError as err:  # disk full, quota, read-only: save_checkpoint left the previous checkpoint intact
+        except (OSError, MemoryError) as err:  # disk full, quota, read-only, no memory for the serialised copy:
+            # save_checkpoint left the previous checkpoint intact
             kept = (f"it still holds epoch {self.epoch - 1}" if self.checkpoint_path.is_file()
                     else "no checkpoint was written")
+            why, fix = ((err.strerror or str(err), "free space") if isinstance(err, OSError) else
+                        (f"out of memory: {err}", "free memory or make the model smaller"))
             raise TrainingError(f"{self.checkpoint_path}: could not write the checkpoint of epoch {self.epoch} "
-                                f"({err.strerror or err}); {kept}. Fix: free space, then train again with "
-                                "--resume") from None
+                                f"({why}); {kept}. Fix: {fix}, then train again with --resume") from None
 
     def _payload(self) -> dict[str, Any]:
         return {
-            "model": str(self.model.path), "graph": to_json(self.graph), "rule": self.rule,
+            "model": str(self.model.path), "graph": to_json(self.graph), "rule": self.rule, "target": self.model.target,
             "backend": self.backend, "train": dataclasses.asdict(self.cfg),
             "params": {k: v.detach().cpu() for k, v in self.rt.params.items()},
             "state": {k: v.cpu() for k, v in self.rt.state.items()},
@@ -339,9 +362,13 @@ def same_graph(saved: str | None, graph) -> bool:
 def load_for_eval(model: Model, checkpoint: Path, backend: str | None = None):
     """A runtime holding a checkpoint's weights, checked against ``model``'s graph."""
     ck = require(load_checkpoint(checkpoint), checkpoint, ("graph", "params", "state", "epoch"))
-    cfg = TrainConfig.from_model({k: v for k, v in ck.get("train", {}).items()})
+    try:
+        cfg = TrainConfig.from_model(dict(ck.get("train", {})))
+    except (TrainingError, TypeError) as err:
+        raise CheckpointError(f"{checkpoint}: unusable checkpoint: its training options are invalid ({err})") from None
     rule = ck.get("rule", "bsd")
-    rt, graph = make_runtime(model, rule, backend or default_backend(), cfg, params=ck["params"], state=ck["state"])
+    rt, graph = make_runtime(model, rule, backend or default_backend(), cfg, params=ck["params"], state=ck["state"],
+                             training=False)
     if not same_graph(ck.get("graph"), graph):
         raise CheckpointError(f"{checkpoint}: was trained on a different graph than {model.path}")
     return rt, ck

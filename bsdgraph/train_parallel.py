@@ -26,6 +26,7 @@ from bsdgraph.train import (
     TrainingError,
     _check_finite,
     backends,
+    check_memory,
     health_warnings,
 )
 
@@ -66,6 +67,9 @@ class DataParallelTrainer(_RankZeroWrites, Trainer):
 
     def _runtime(self, params=None, state=None):
         bsd = derive_feedback(self.model.graph, self.model.bsd)
+        # every rank holds all weights and its shard of each batch
+        check_memory(bsd, "bsd", str(self.comm.device), -(-self.cfg.batch_size // self.comm.world),
+                     self.cfg.eval_batch_size)
         cls = _executor_class(self.backend, data_parallel)
         return cls(bsd, comm=self.comm, params=params, opt=self.cfg.optim(), seed=self.cfg.seed, state=state,
                    device=self.comm.device), bsd

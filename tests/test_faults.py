@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bsdgraph import rundir
 from bsdgraph.checkpoint import load_checkpoint, save_checkpoint
 from tests.fuzz_helpers import (
     LONG, TINY_MODEL, ForkServer, assert_clean, cli, read_marks, tiny_arrays, write, write_npz,
@@ -33,6 +34,9 @@ from tests.fuzz_helpers import (
 EPOCHS = 4
 KILLS = 150 if LONG else 30            # SIGKILLs of training runs (the issue asks for 30+)
 SAVE_KILLS = 150 if LONG else 30       # SIGKILLs of a process that does nothing but save checkpoints
+
+# what `bsdgraph train` keeps in a run directory (bsdgraph/rundir.py); anything else is a leftover
+RUN_FILES = {rundir.CHECKPOINT, rundir.METRICS, rundir.LOCK, rundir.MANIFEST, rundir.SNAPSHOT}
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +61,7 @@ def _argv(model, npz, out, resume: bool):
 
 
 def _leftovers(out: Path) -> list[str]:
-    return sorted(p.name for p in out.iterdir() if p.name not in ("checkpoint.pt", "metrics.jsonl")) \
-        if out.exists() else []
+    return sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES) if out.exists() else []
 
 
 def _check_after_kill(out: Path, pids: list[int], started: list[int], before: int) -> dict:
@@ -71,7 +74,8 @@ def _check_after_kill(out: Path, pids: list[int], started: list[int], before: in
     # every epoch it finished is in the checkpoint, except possibly the one whose checkpoint it was writing
     assert epoch >= reached - 1, f"checkpoint at epoch {epoch}, but the process had started epoch {reached}"
     assert before <= epoch <= max(reached, before)
-    harmless = {f"checkpoint.pt.tmp-{p}" for p in pids} | {"metrics.jsonl.tmp"}
+    harmless = {f"{name}.tmp-{p}" for p in pids for name in (rundir.CHECKPOINT, rundir.MANIFEST, rundir.SNAPSHOT)}
+    harmless |= {"metrics.jsonl.tmp"}
     stray = [n for n in _leftovers(out) if n not in harmless]
     assert not stray, f"a killed run left {stray}"
     return {"epoch": epoch, "lost": reached - epoch if started else 0,
@@ -172,7 +176,7 @@ def test_a_run_killed_after_its_last_checkpoint_resumes_to_a_clean_folder(tmp_pa
     dead.wait()  # a pid that no longer runs
     write(out / f"checkpoint.pt.tmp-{dead.pid}", b"half a checkpoint")
     assert_clean(cli("train", model, "--npz", npz, "--out", out, "--epochs", "1", "--resume"), codes=(0,))
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)
 
 
 # ---------------------------------------------------------------------------------------------------- disk full

@@ -207,9 +207,9 @@ def test_train_cli_usage_errors(capsys, tmp_path, model_file, npz):
     code, _, err = run(capsys, "train", model_file(), "--npz", npz, "--lif", "v_th")
     assert code == 2 and "expected KEY=VALUE" in err
     code, _, err = run(capsys, "train", model_file(), "--npz", npz, "--epochs", "0", "--out", tmp_path / "z")
-    assert code == 1 and "epochs=0" in err
+    assert code == 2 and "argument --epochs: must be >= 1, got 0" in err
     code, _, err = run(capsys, "train", model_file(), "--npz", npz, "--lif", "v_th=-1", "--out", tmp_path / "z")
-    assert code == 1 and "v_th=-1 must be above v_reset" in err
+    assert code == 2 and "--lif: node" in err and "v_th=-1.0 must be above v_reset" in err
     code, _, err = run(capsys, "train", model_file(), "--resume", "--npz", npz, "--out", tmp_path / "none")
     assert code == 1 and "checkpoint not found" in err
 

@@ -1,0 +1,203 @@
+"""What a sound training checkpoint holds, field by field: ``problems(doc)`` lists what is wrong, in words.
+
+A checkpoint can load (torch reads it, its checksum matches: it is what was written) and still be unusable: a
+file written by another program with our format tag, an edited one, one whose training diverged just before it
+was written. Found by fuzzing (docs/reliability.md): a NaN weight evaluated to a meaningless accuracy, and a bad
+``rng``, ``epoch``, ``history``, ``optimizer`` or ``params`` ended in tracebacks inside torch. Each check here
+recomputes what it can from the checkpoint's own graph instead of trusting the stored value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+Check = Callable[[Any], str | None]
+FIELDS: dict[str, Check] = {}
+
+
+def field(name: str):
+    def register(fn: Check) -> Check:
+        FIELDS[name] = fn
+        return fn
+
+    return register
+
+
+def problems(doc: dict[str, Any]) -> list[str]:
+    """Every problem of the fields ``doc`` holds, then of how they fit together (only if each field is sound)."""
+    found = [f"{key} {why}" for key, check in FIELDS.items() if key in doc for why in [check(doc[key])] if why]
+    if not found:
+        found += _fit(doc)
+    return found
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@field("model")
+def _model(v):
+    return None if isinstance(v, str) else f"must be the model file's path, got {type(v).__name__}"
+
+
+@field("rule")
+def _rule(v):
+    return None if v in ("bsd", "bptt") else f"must be bsd or bptt, got {v!r}"
+
+
+@field("target")
+def _target(v):
+    return None if v in ("labels", "input") else f"must be labels or input, got {v!r}"
+
+
+@field("graph")
+def _graph(v):
+    from bsdgraph.printer import from_json
+
+    if not isinstance(v, str):
+        return f"must be the graph's JSON text, got {type(v).__name__}"
+    try:
+        from_json(v)
+    except Exception as err:  # noqa: BLE001 -- any failure to read the graph back means the field is unusable
+        return f"is not a valid graph ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    return None
+
+
+@field("train")
+def _train(v):
+    if not (isinstance(v, dict) and all(isinstance(k, str) for k in v)):
+        return "must be a dict of training options"
+    return None
+
+
+def _tensors(v, what: str) -> str | None:
+    if not (isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())):
+        return f"must map names to tensors ({what})"
+    for key, t in v.items():
+        if not t.dtype.is_floating_point:
+            return f"{key} is {t.dtype}, not a floating-point tensor"
+        if not bool(torch.isfinite(t).all()):
+            return f"{key} (layer {key.rsplit('.', 1)[0]}) holds NaN or infinite values"
+    return None
+
+
+@field("params")
+def _params(v):
+    return _tensors(v, "the weights")
+
+
+@field("state")
+def _state(v):
+    why = _tensors(v, "batchnorm running statistics")
+    if why is None:
+        negative = [k for k, t in v.items() if k.endswith("running_var") and bool((t < 0).any())]
+        why = f"{negative[0]} holds negative variances" if negative else None
+    return why
+
+
+@field("rng")
+def _rng(v):
+    size = torch.Generator().get_state().numel()
+    if not (isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and tuple(v.shape) == (size,)):
+        return f"must be a CPU generator state (uint8[{size}])"
+    try:
+        torch.Generator().set_state(v)
+    except RuntimeError as err:
+        return f"is not a generator state torch accepts ({str(err).splitlines()[0]})"
+    return None
+
+
+@field("epoch")
+def _epoch(v):
+    return None if _is_int(v) and v >= 0 else f"must be a whole number >= 0, got {v!r}"
+
+
+@field("steps")
+def _steps(v):
+    return None if _is_int(v) and v >= 0 else f"must be a whole number >= 0, got {v!r}"
+
+
+@field("history")
+def _history(v):
+    if not isinstance(v, list):
+        return f"must be a list of epoch records, got {type(v).__name__}"
+    for i, rec in enumerate(v, 1):
+        numbers = lambda d: isinstance(d, dict) and all(_is_number(x) for x in d.values())  # noqa: E731
+        if not (isinstance(rec, dict) and rec.get("epoch") == i and numbers(rec.get("losses"))
+                and numbers(rec.get("rates"))):
+            return f"record {i} is not the epoch record of epoch {i} (epoch, losses, rates)"
+    return None
+
+
+@field("optimizer")
+def _optimizer(v):
+    if not (isinstance(v, dict) and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in v["param_groups"])):
+        return "must be an optimizer state_dict (state, param_groups with params)"
+    for i, st in v["state"].items():
+        if not (_is_int(i) and isinstance(st, dict)):
+            return f"state of parameter {i!r} is not a dict"
+        for key, x in st.items():
+            ok = (bool(torch.isfinite(x).all()) if isinstance(x, torch.Tensor) else _is_number(x) and math.isfinite(x))
+            if not ok:
+                return f"{key} of parameter {i} holds NaN or infinite values"
+    return None
+
+
+def _fit(doc: dict[str, Any]) -> list[str]:
+    """How the sound fields fit together: epochs against the history, weights against the graph's nodes, the
+    optimiser's state against the weights."""
+    out = []
+    if "epoch" in doc and "history" in doc and doc["epoch"] != len(doc["history"]):
+        out.append(f"epoch {doc['epoch']} but the history holds {len(doc['history'])} epoch(s)")
+    if "graph" in doc and "params" in doc:
+        out += _fit_graph(doc)
+    if "optimizer" in doc and "params" in doc:
+        out += _fit_optimizer(doc["optimizer"], list(doc["params"].values()))
+    return out
+
+
+def _fit_graph(doc: dict[str, Any]) -> list[str]:
+    from bsdgraph.ir import Op
+    from bsdgraph.params import param_shapes
+    from bsdgraph.printer import from_json
+
+    graph, params, state = from_json(doc["graph"]), doc["params"], doc.get("state", {})
+    # the saved graph is the one trained: F + B for BSD, F alone for BPTT; every weight of it, and nothing else
+    want = {f"{n.name}.{k}": tuple(s) for n in graph.nodes for k, s in param_shapes(n).items()}
+    out = [f"params lacks {k} (shape {list(s)})" for k, s in want.items() if k not in params]
+    out += [f"params has {k}, which no node of the graph has" for k in params if k not in want]
+    out += [f"params {k} has shape {list(params[k].shape)}, the graph needs {list(s)}" for k, s in want.items()
+            if k in params and tuple(params[k].shape) != s]
+    for n in graph.by_op(Op.BATCHNORM):
+        for key in ("running_mean", "running_var"):
+            t = state.get(f"{n.name}.{key}")
+            if t is None or tuple(t.shape) != (n.attrs["num_features"],):
+                out.append(f"state lacks {n.name}.{key} of shape [{n.attrs['num_features']}]")
+    return out
+
+
+def _fit_optimizer(opt: dict, params: list[torch.Tensor]) -> list[str]:
+    indices = [i for g in opt["param_groups"] for i in g["params"]]
+    if sorted(indices) != list(range(len(params))):
+        return [f"optimizer covers parameters {indices[:6]}{'...' if len(indices) > 6 else ''}, not the "
+                f"{len(params)} weights"]
+    out = []
+    for i, st in opt["state"].items():
+        if not 0 <= i < len(params):
+            out.append(f"optimizer has state for parameter {i}, beyond the {len(params)} weights")
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            x = st.get(key)
+            if isinstance(x, torch.Tensor) and tuple(x.shape) != tuple(params[i].shape):
+                out.append(f"optimizer {key} of parameter {i} has shape {list(x.shape)}, the weight "
+                           f"{list(params[i].shape)}")
+    return out
