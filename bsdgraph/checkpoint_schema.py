@@ -73,8 +73,14 @@ def _graph(v):
 
 @field("train")
 def _train(v):
+    from bsdgraph.train import TrainConfig, TrainingError
+
     if not (isinstance(v, dict) and all(isinstance(k, str) for k in v)):
         return "must be a dict of training options"
+    try:
+        TrainConfig.from_model(v)
+    except (TrainingError, TypeError) as err:
+        return f"holds invalid training options ({err})"
     return None
 
 

@@ -418,7 +418,7 @@ class GraphBuilder:
     def output(self, x: str, task: str = "classification", target: str | None = None, population: int = 1,
                name: str = "out") -> str:
         width = math.prod(self._nodes[x].shape)
-        target = target or ("onehot" if task == "classification" else "analog")
+        target = target or ("analog" if task != "classification" else "population" if population > 1 else "onehot")
         n_classes = width // max(population, 1) if task == "classification" else 0
         return self.add(Op.OUTPUT, [x], name=name, task=task, target=target, n_classes=n_classes,
                         population=population)

@@ -362,10 +362,7 @@ def same_graph(saved: str | None, graph) -> bool:
 def load_for_eval(model: Model, checkpoint: Path, backend: str | None = None):
     """A runtime holding a checkpoint's weights, checked against ``model``'s graph."""
     ck = require(load_checkpoint(checkpoint), checkpoint, ("graph", "params", "state", "epoch"))
-    try:
-        cfg = TrainConfig.from_model(dict(ck.get("train", {})))
-    except (TrainingError, TypeError) as err:
-        raise CheckpointError(f"{checkpoint}: unusable checkpoint: its training options are invalid ({err})") from None
+    cfg = TrainConfig.from_model(dict(ck.get("train", {})))  # require() checked it
     rule = ck.get("rule", "bsd")
     rt, graph = make_runtime(model, rule, backend or default_backend(), cfg, params=ck["params"], state=ck["state"],
                              training=False)

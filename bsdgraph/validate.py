@@ -304,6 +304,10 @@ def _output(n: Node, g: Graph):
     if a["task"] == "classification":
         if a["target"] not in ("onehot", "population"):
             yield f"classification needs target onehot or population, got {a['target']!r}", ""
+        elif (a["target"] == "population") != (a["population"] > 1):  # B's target code would not fit its width
+            yield (f"target {a['target']!r} with population={a['population']}: a population code has more than one "
+                   "neuron per class, a one-hot code exactly one",
+                   "g.output(x, population=k) picks target='population' itself when k > 1")
         width = math.prod(n.shape) if n.shape else 0
         if a["population"] < 1 or a["n_classes"] < 2 or a["n_classes"] * a["population"] != width:
             yield (f"n_classes={a['n_classes']} x population={a['population']} must equal the top width {width} "
