@@ -75,7 +75,7 @@ def apply_overrides(model, args):
     flag is one usage line naming the flag (the model file validated before the edit, so the flags are to blame)."""
     import dataclasses
 
-    from bsdgraph.feedback import BSDConfig, check_config
+    from bsdgraph.feedback import check_config
     from bsdgraph.ir import Op
     from bsdgraph.passes import set_attrs
     from bsdgraph.validate import GraphError

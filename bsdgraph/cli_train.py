@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from bsdgraph import outputs
 from bsdgraph.cli_common import (
     UsageError, apply_overrides, check_picture, count, data_args, data_origin, load_data, number, seed,
 )
-from bsdgraph import outputs
 from bsdgraph.model_file import load_model
 from bsdgraph.train import BACKENDS
 

@@ -453,7 +453,7 @@ def _fit_sample_shape(ds: Dataset, shape: tuple[int, ...]) -> Dataset:
     if squeezed[0] != squeezed[1] and min(len(s) for s in squeezed) > 1:
         axes = _transpose_to(have, shape)
         what, fix = (("the same axes in another order (channel-last images or sequences stored [N, D, T] look like "
-                      f"this)", f"x = np.transpose(x, {(0, *(a + 1 for a in axes))}) for x_train and x_test")
+                      "this)", f"x = np.transpose(x, {(0, *(a + 1 for a in axes))}) for x_train and x_test")
                      if axes else ("another layout of as many values", f"store the samples as {_shape(shape)}"))
         raise DataError(f"{ds.source}: model expects {_shape(shape)} per sample, data has {_shape(have)}: {what}, "
                         f"and a reshape would scramble every sample. Fix: {fix}.")

@@ -163,36 +163,31 @@ def assert_rebuilt_and_works(so, calls, caught):
     assert list(so.parent.glob("*.tmp")) == []
 
 
-# Without the records this test dies: dlopen of the half-length library SIGBUSes the process (seen by hand in a
-# subprocess, exit -7, no message), which pytest reports as a crashed run.
-@needs_native
-def test_truncated_library_is_rebuilt_not_loaded(cache, monkeypatch):
-    so = cached_library(cache)
+def _truncate(so):
     os.truncate(so, so.stat().st_size // 2)
-    calls = count_compiles(monkeypatch)
-    with pytest.warns(UserWarning, match="damaged.*rebuilt") as caught:
-        assert native.available()[0]
-    assert_rebuilt_and_works(so, calls, caught)
 
 
-@needs_native
-def test_library_without_record_is_rebuilt(cache, monkeypatch):
-    so = cached_library(cache)
+def _drop_record(so):
     native._record(so).unlink()
-    calls = count_compiles(monkeypatch)
-    with pytest.warns(UserWarning, match=r"damaged \(no SHA-256 record\).*rebuilt") as caught:
-        assert native.available()[0]
-    assert_rebuilt_and_works(so, calls, caught)
 
 
-@needs_native
-def test_library_not_matching_its_record_is_rebuilt(cache, monkeypatch):
-    so = cached_library(cache)
+def _flip_a_byte(so):
     data = bytearray(so.read_bytes())
     data[len(data) // 2] ^= 0x01  # same length: only the hash can tell
     so.write_bytes(bytes(data))
+
+
+# Without the records the truncation case dies: dlopen of the half-length library SIGBUSes the process (seen by
+# hand in a subprocess, exit -7, no message), which pytest reports as a crashed run.
+@needs_native
+@pytest.mark.parametrize("damage, why", [(_truncate, r"SHA-256 does not match its record"),
+                                         (_drop_record, r"no SHA-256 record"),
+                                         (_flip_a_byte, r"SHA-256 does not match its record")])
+def test_a_damaged_library_is_rebuilt_not_loaded(cache, monkeypatch, damage, why):
+    so = cached_library(cache)
+    damage(so)
     calls = count_compiles(monkeypatch)
-    with pytest.warns(UserWarning, match=r"does not match its record.*rebuilt") as caught:
+    with pytest.warns(UserWarning, match=rf"damaged \({why}\).*rebuilt") as caught:
         assert native.available()[0]
     assert_rebuilt_and_works(so, calls, caught)
 
