@@ -88,8 +88,8 @@ def _tensors(v, what: str) -> str | None:
     if not (isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())):
         return f"must map names to tensors ({what})"
     for key, t in v.items():
-        if not t.dtype.is_floating_point:
-            return f"{key} is {t.dtype}, not a floating-point tensor"
+        if t.dtype != torch.float32:  # every bsdgraph runtime computes in float32; another dtype fails in a matmul
+            return f"{key} is {t.dtype}, not float32"
         if not bool(torch.isfinite(t).all()):
             return f"{key} (layer {key.rsplit('.', 1)[0]}) holds NaN or infinite values"
     return None
@@ -133,14 +133,35 @@ def _steps(v):
 
 @field("history")
 def _history(v):
+    from bsdgraph.records import is_epoch_record
+
     if not isinstance(v, list):
         return f"must be a list of epoch records, got {type(v).__name__}"
     for i, rec in enumerate(v, 1):
-        numbers = lambda d: isinstance(d, dict) and all(_is_number(x) for x in d.values())  # noqa: E731
-        if not (isinstance(rec, dict) and rec.get("epoch") == i and numbers(rec.get("losses"))
-                and numbers(rec.get("rates"))):
-            return f"record {i} is not the epoch record of epoch {i} (epoch, losses, rates)"
+        if not (is_epoch_record(rec, v[0]) and rec["epoch"] == i):
+            return (f"record {i} is not the epoch record of epoch {i} (epoch, test_accuracy or test_mse, losses and "
+                    "rates, the same layers as the first)")
     return None
+
+
+@field("backend")
+def _backend(v):
+    from bsdgraph.train import BACKENDS
+
+    return None if v in BACKENDS else f"must be one of {', '.join(BACKENDS)}, got {v!r}"
+
+
+# The AdamW settings bsdgraph writes (runtime/common.py make_optimizer), each with what a sound value is: a
+# damaged one used to pass, then stopped --resume mid-epoch blaming a node, or resumed with the damage.
+_ADAMW = {
+    "lr": lambda x: _is_number(x) and math.isfinite(x) and x > 0,
+    "betas": lambda x: (isinstance(x, (tuple, list)) and len(x) == 2
+                        and all(_is_number(b) and math.isfinite(b) and 0 <= b < 1 for b in x)),
+    "eps": lambda x: _is_number(x) and math.isfinite(x) and x > 0,
+    "weight_decay": lambda x: _is_number(x) and math.isfinite(x) and x >= 0,
+    "amsgrad": lambda x: x is False,
+    "maximize": lambda x: x is False,
+}
 
 
 @field("optimizer")
@@ -148,14 +169,40 @@ def _optimizer(v):
     if not (isinstance(v, dict) and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list)
             and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in v["param_groups"])):
         return "must be an optimizer state_dict (state, param_groups with params)"
+    for group in v["param_groups"]:
+        bad = [k for k, ok in _ADAMW.items() if not ok(group.get(k))]
+        # the rest are switches of torch's implementation (foreach, fused, capturable, ...): True, False or None
+        bad += [k for k, x in group.items()
+                if k not in _ADAMW and k != "params" and not (x is None or isinstance(x, bool))]
+        if bad:
+            return f"param_groups holds an unusable {bad[0]} ({_short(group.get(bad[0]))})"
     for i, st in v["state"].items():
-        if not (_is_int(i) and isinstance(st, dict)):
-            return f"state of parameter {i!r} is not a dict"
-        for key, x in st.items():
-            ok = (bool(torch.isfinite(x).all()) if isinstance(x, torch.Tensor) else _is_number(x) and math.isfinite(x))
-            if not ok:
-                return f"{key} of parameter {i} holds NaN or infinite values"
+        why = _adamw_state(i, st)
+        if why:
+            return why
     return None
+
+
+def _adamw_state(i, st) -> str | None:
+    """One parameter's AdamW state: a step count >= 0 and two float32 moments, the second one >= 0."""
+    if not (_is_int(i) and isinstance(st, dict) and {"step", "exp_avg", "exp_avg_sq"} <= set(st)):
+        return f"state of parameter {i!r} is not AdamW's (step, exp_avg, exp_avg_sq)"
+    step = st["step"]
+    step = float(step) if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+    if not (_is_number(step) and math.isfinite(step) and step >= 0):
+        return f"step of parameter {i} must be a count >= 0, got {_short(st['step'])}"
+    for key in ("exp_avg", "exp_avg_sq"):
+        x = st[key]
+        if not (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and bool(torch.isfinite(x).all())):
+            return f"{key} of parameter {i} must be finite float32 values"
+    if bool((st["exp_avg_sq"] < 0).any()):
+        return f"exp_avg_sq of parameter {i} holds negative values (a mean of squares)"
+    return None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _fit(doc: dict[str, Any]) -> list[str]:
@@ -183,11 +230,11 @@ def _fit_graph(doc: dict[str, Any]) -> list[str]:
     out += [f"params has {k}, which no node of the graph has" for k in params if k not in want]
     out += [f"params {k} has shape {list(params[k].shape)}, the graph needs {list(s)}" for k, s in want.items()
             if k in params and tuple(params[k].shape) != s]
-    for n in graph.by_op(Op.BATCHNORM):
-        for key in ("running_mean", "running_var"):
-            t = state.get(f"{n.name}.{key}")
-            if t is None or tuple(t.shape) != (n.attrs["num_features"],):
-                out.append(f"state lacks {n.name}.{key} of shape [{n.attrs['num_features']}]")
+    stats = {f"{n.name}.{k}": (n.attrs["num_features"],) for n in graph.by_op(Op.BATCHNORM)
+             for k in ("running_mean", "running_var")}
+    out += [f"state lacks {k} of shape {list(s)}" for k, s in stats.items()
+            if k not in state or tuple(state[k].shape) != s]
+    out += [f"state has {k}, which no batchnorm of the graph has" for k in state if k not in stats]
     return out
 
 

@@ -108,26 +108,28 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     prefix = getattr(args, "model", None)
     try:
+        _check_values(args)
         return args.fn(args)
     except GraphError as err:
         for d in err.diagnostics:
-            print(f"{prefix}: {d}", file=sys.stderr)
-        print(f"{prefix}: invalid model ({len(err.diagnostics)} problem(s))", file=sys.stderr)
+            print(_one_line(f"{prefix}: {d}"), file=sys.stderr)
+        print(_one_line(f"{prefix}: invalid model ({len(err.diagnostics)} problem(s))"), file=sys.stderr)
         return 1
     except (ModelError, DataError, CheckpointError, TrainingError, PlotError, RunDirError, OutputError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(_one_line(f"error: {err}"), file=sys.stderr)
         return 1
-    except UsageError as err:  # one line per problem
-        for line in str(err).splitlines():
-            print(f"bsdgraph: error: {line}", file=sys.stderr)
+    except UsageError as err:
+        for problem in err.problems:
+            print(_one_line(f"bsdgraph: error: {problem}"), file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader of stdout went away (`bsdgraph compile M.py | head`): nothing to say
         return _reader_gone()
     except OSError as err:  # e.g. -o into a missing directory
-        print(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": "), file=sys.stderr)
+        print(_one_line(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": ")), file=sys.stderr)
         return 1
-    except ExecutionError as err:  # the runtime's own error: it names the node that failed
-        print(f"error: {err}", file=sys.stderr)
+    except ExecutionError as err:  # the runtime's own error: it names the node that failed; torch's text can run on
+        # for a page (an overload list), its first line says what failed
+        print(_one_line(f"error: {str(err).splitlines()[0]}"), file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as err:
         if not _out_of_memory(err):
@@ -139,6 +141,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its control characters escaped: a message is one line, whatever a file name or a NIR node name
+    it quotes holds (a line break in one split a usage message in two, found by fuzzing)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _check_values(args) -> None:
+    """argparse (Python 3.11) stores ``[]`` for ``--flag=--`` without calling the flag's type, or appends it to a
+    repeatable flag's list (found by fuzzing: tracebacks, or the flag silently ignored); no option of bsdgraph
+    takes a list as its value, so ``[]`` is always that."""
+    empty = [k for k, v in vars(args).items()
+             if isinstance(v, list) and (not v or any(isinstance(x, list) for x in v))]
+    if empty:
+        raise UsageError(*(f"argument --{k.replace('_', '-')}: expected a value, got '--'" for k in empty))
 
 
 def _out_of_memory(err: BaseException) -> bool:

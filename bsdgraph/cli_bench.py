@@ -101,7 +101,7 @@ def register(sub) -> None:
     b.add_argument("--batch-size", type=count(1), default=128, help="samples per step (default 128)")
     b.add_argument("--steps", type=count(1), default=20, help="timed steps per candidate (default 20)")
     b.add_argument("--warmup", type=count(0), default=3, help="untimed steps first (default 3)")
-    b.add_argument("--threads", type=count(1), help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--threads", type=count(1, 1024), help="torch CPU threads (default: torch's choice)")
     b.add_argument("--compare", action="store_true", help="also time naive eager BSD, BPTT and snnTorch")
     b.add_argument("--json", action="store_true")
     b.add_argument("--energy", action="store_true", help="instead of timing: inference energy (synaptic "

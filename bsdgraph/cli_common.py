@@ -9,18 +9,24 @@ from bsdgraph import options
 
 
 class UsageError(Exception):
-    """A command line that parses but asks for something impossible (exit 2)."""
+    """A command line that parses but asks for something impossible (exit 2); one line per problem."""
+
+    def __init__(self, *problems: str):
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
-def count(minimum: int = 1):
-    """An argparse type: a whole number >= ``minimum`` (a bad value is a usage error, exit 2, before any work)."""
+def count(minimum: int = 1, maximum: int | None = None):
+    """An argparse type: a whole number in [minimum, maximum] (a bad value is a usage error, exit 2, before any
+    work)."""
     def parse(raw: str) -> int:
         try:
             value = int(raw)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {raw!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
         return value
 
     return parse
@@ -94,7 +100,7 @@ def apply_overrides(model, args):
     except GraphError as err:
         problems += [f"--bsd: {d.message}" for d in err.diagnostics]
     if problems:
-        raise UsageError("\n".join(problems))
+        raise UsageError(*problems)
     if args.encoding:
         graph = set_attrs(graph, Op.INPUT, encoding=args.encoding)
     _note_unused_lams(graph, cfg, bsd)

@@ -28,7 +28,7 @@ def parse(flag: str, items: list[str] | None, schema: dict[str, Option]) -> tupl
     problems: list[str] = []
     for item in items or []:
         key, sep, raw = (part.strip() for part in item.partition("="))
-        where = f"{flag} {item}"
+        where = f"{flag} {item if item.isprintable() else repr(item)}"  # a line break would split the message
         if not sep or not key:
             problems.append(f"{where}: expected KEY=VALUE")
         elif key not in schema:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from bsdgraph.ir import Op, Stream
+from bsdgraph.records import is_epoch_record
 
 
 def _plt():
@@ -32,26 +33,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
         records = [(i, json.loads(line)) for i, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
     except json.JSONDecodeError as err:
         raise PlotError(f"{path}: line {err.lineno} is not JSON ({err.msg})") from None
+    except UnicodeDecodeError as err:  # found by fuzzing: a traceback
+        raise PlotError(f"{path}: not UTF-8 text (byte {err.start}); bsdgraph train writes JSON lines") from None
     for i, rec in records:
-        _check_record(rec, records[0][1], path, i)
+        if not is_epoch_record(rec, records[0][1]):
+            raise PlotError(f"{path}: line {i} is not an epoch record of this run (bsdgraph train writes epoch, "
+                            "test_accuracy or test_mse, losses and rates, the same layers on every line); delete the "
+                            "line, or train again with --resume, which rewrites the file from the checkpoint")
     return [rec for _, rec in records]
-
-
-def _check_record(rec, first, path: Path, line: int) -> None:
-    """An epoch record as `bsdgraph train` writes it, with the same metric, losses and layers as the first one: the
-    plots index every record by the first one's keys (found by fuzzing: `{}` or `1` on a line was a KeyError)."""
-    def numbers(d) -> bool:
-        return isinstance(d, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in d.values())
-
-    metric = "test_accuracy" if isinstance(first, dict) and "test_accuracy" in first else "test_mse"
-    ok = (isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and numbers({metric: rec.get(metric)})
-          and numbers(rec.get("losses")) and numbers(rec.get("rates")))
-    if ok and rec is not first:
-        ok = set(rec["losses"]) == set(first["losses"]) and set(rec["rates"]) == set(first["rates"])
-    if not ok:
-        raise PlotError(f"{path}: line {line} is not an epoch record of this run (bsdgraph train writes epoch, "
-                        "test_accuracy or test_mse, losses and rates, the same layers on every line); delete the "
-                        "line, or train again with --resume, which rewrites the file from the checkpoint")
 
 
 def plot_curves(records: list[dict], out: Path) -> Path:

@@ -42,7 +42,11 @@ class RunDirError(Exception):
 def claim(out: Path, model_path: Path, *, resume: bool, force: bool, record: dict | None = None) -> Iterator[None]:
     """Hold ``out`` for one training: lock it, check what is there, write the manifest and snapshot."""
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # O_NOFOLLOW: the pid written into the lock must never land in a file a symlink points at
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        raise RunDirError(f"{out / LOCK}: cannot be opened as the run's lock file ({err.strerror}); remove it if no "
+                          "training is running") from None
     try:
         _lock(fd, out)
         for name in (MANIFEST, SNAPSHOT):  # what a writer killed inside _write_atomic left behind

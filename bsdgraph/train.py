@@ -361,9 +361,9 @@ def same_graph(saved: str | None, graph) -> bool:
 
 def load_for_eval(model: Model, checkpoint: Path, backend: str | None = None):
     """A runtime holding a checkpoint's weights, checked against ``model``'s graph."""
-    ck = require(load_checkpoint(checkpoint), checkpoint, ("graph", "params", "state", "epoch"))
+    ck = require(load_checkpoint(checkpoint), checkpoint, ("graph", "rule", "params", "state", "epoch"))
     cfg = TrainConfig.from_model(dict(ck.get("train", {})))  # require() checked it
-    rule = ck.get("rule", "bsd")
+    rule = ck["rule"]
     rt, graph = make_runtime(model, rule, backend or default_backend(), cfg, params=ck["params"], state=ck["state"],
                              training=False)
     if not same_graph(ck.get("graph"), graph):

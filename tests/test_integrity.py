@@ -101,6 +101,24 @@ def test_plot_never_imports_the_model_file_a_checkpoint_names(tmp_path, tiny):
     assert "wrote" in r.out and (run / "raster.png").is_file()
 
 
+OWN_DATA = TINY_MODEL + """
+
+def data():
+    from bsdgraph.data import make_synthetic
+    return make_synthetic(60, 20, (16,), 4, seed=0)
+"""
+
+
+def test_plot_of_a_run_on_the_models_own_data_asks_for_the_model_file(tmp_path, tiny):
+    model = write(tmp_path / "own.py", OWN_DATA)
+    run = tmp_path / "run"
+    assert_clean(cli("train", model, "--out", run, "--epochs", "1"), codes=(0,))
+    r = assert_clean(cli("plot", run), codes=(0,))
+    assert "no raster: the run trained on its model file's own data()" in r.err and not (run / "raster.png").exists()
+    assert_clean(cli("plot", run, "--model", run / "model_source.py"), codes=(0,))  # named: it may run
+    assert (run / "raster.png").is_file()
+
+
 def test_a_second_writer_of_a_run_directory_stops_naming_the_first(tmp_path, tiny):
     run = tmp_path / "run"
     run.mkdir()
@@ -219,7 +237,7 @@ def test_every_bad_option_is_listed_and_blamed_on_its_flag(tiny):
     (["train", "M", "--epochs", "-1"], "argument --epochs: must be >= 1, got -1"),
     (["train", "M", "--lr", "nan"], "argument --lr: must be a finite number"),
     (["train", "M", "--seed", str(2 ** 64)], "argument --seed: must fit in 64 bits"),
-    (["bench", "M", "--threads", "0"], "argument --threads: must be >= 1"),
+    (["bench", "M", "--threads", "0"], "argument --threads: must be between 1 and 1024, got 0"),
     (["import-nir", "M", "--dt", "inf"], "argument --dt: must be a finite number > 0"),
     (["eval", "M", "--checkpoint", "c", "--limit-test", "0"], "argument --limit-test: must be >= 1"),
 ])
