@@ -50,12 +50,12 @@ def _model(v):
 
 @field("rule")
 def _rule(v):
-    return None if v in ("bsd", "bptt") else f"must be bsd or bptt, got {v!r}"
+    return None if v in ("bsd", "bptt") else f"must be bsd or bptt, got {_short(v)}"
 
 
 @field("target")
 def _target(v):
-    return None if v in ("labels", "input") else f"must be labels or input, got {v!r}"
+    return None if v in ("labels", "input") else f"must be labels or input, got {_short(v)}"
 
 
 @field("graph")
@@ -123,12 +123,12 @@ def _rng(v):
 
 @field("epoch")
 def _epoch(v):
-    return None if _is_int(v) and v >= 0 else f"must be a whole number >= 0, got {v!r}"
+    return None if _is_int(v) and v >= 0 else f"must be a whole number >= 0, got {_short(v)}"
 
 
 @field("steps")
 def _steps(v):
-    return None if _is_int(v) and v >= 0 else f"must be a whole number >= 0, got {v!r}"
+    return None if _is_int(v) and v >= 0 else f"must be a whole number >= 0, got {_short(v)}"
 
 
 @field("history")
@@ -148,7 +148,7 @@ def _history(v):
 def _backend(v):
     from bsdgraph.train import BACKENDS
 
-    return None if v in BACKENDS else f"must be one of {', '.join(BACKENDS)}, got {v!r}"
+    return None if v in BACKENDS else f"must be one of {', '.join(BACKENDS)}, got {_short(v)}"
 
 
 # The AdamW settings bsdgraph writes (runtime/common.py make_optimizer), each with what a sound value is: a
