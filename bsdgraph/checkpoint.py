@@ -166,7 +166,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a bsdgraph checkpoint")
     version = doc.get("version")
     if not (_is(version, int) and version in READABLE):
-        raise CheckpointError(f"{path}: checkpoint version {_short(version)} is not supported (this bsdgraph "
+        raise CheckpointError(f"{path}: checkpoint version {brief(version)} is not supported (this bsdgraph "
                               f"reads {', '.join(map(str, READABLE))})")
     # A file that carries a checksum is verified whatever its version says (a flipped version byte must not switch
     # the check off); only a true version 1, written before checksums, has none.
@@ -181,7 +181,8 @@ def _is(value: Any, kind: type) -> bool:
     return type(value) is kind
 
 
-def _short(value: Any) -> str:
+def brief(value: Any) -> str:
+    """A value quoted briefly in a message (a tensor's repr can run to pages)."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from bsdgraph.checkpoint import brief
+
 Check = Callable[[Any], str | None]
 FIELDS: dict[str, Check] = {}
 
@@ -50,12 +52,12 @@ def _model(v):
 
 @field("rule")
 def _rule(v):
-    return None if v in ("bsd", "bptt") else f"must be bsd or bptt, got {_short(v)}"
+    return None if v in ("bsd", "bptt") else f"must be bsd or bptt, got {brief(v)}"
 
 
 @field("target")
 def _target(v):
-    return None if v in ("labels", "input") else f"must be labels or input, got {_short(v)}"
+    return None if v in ("labels", "input") else f"must be labels or input, got {brief(v)}"
 
 
 @field("graph")
@@ -123,12 +125,12 @@ def _rng(v):
 
 @field("epoch")
 def _epoch(v):
-    return None if _is_int(v) and v >= 0 else f"must be a whole number >= 0, got {_short(v)}"
+    return None if _is_int(v) and v >= 0 else f"must be a whole number >= 0, got {brief(v)}"
 
 
 @field("steps")
 def _steps(v):
-    return None if _is_int(v) and v >= 0 else f"must be a whole number >= 0, got {_short(v)}"
+    return None if _is_int(v) and v >= 0 else f"must be a whole number >= 0, got {brief(v)}"
 
 
 @field("history")
@@ -148,7 +150,7 @@ def _history(v):
 def _backend(v):
     from bsdgraph.train import BACKENDS
 
-    return None if v in BACKENDS else f"must be one of {', '.join(BACKENDS)}, got {_short(v)}"
+    return None if v in BACKENDS else f"must be one of {', '.join(BACKENDS)}, got {brief(v)}"
 
 
 # The AdamW settings bsdgraph writes (runtime/common.py make_optimizer), each with what a sound value is: a
@@ -175,7 +177,7 @@ def _optimizer(v):
         bad += [k for k, x in group.items()
                 if k not in _ADAMW and k != "params" and not (x is None or isinstance(x, bool))]
         if bad:
-            return f"param_groups holds an unusable {bad[0]} ({_short(group.get(bad[0]))})"
+            return f"param_groups holds an unusable {bad[0]} ({brief(group.get(bad[0]))})"
     for i, st in v["state"].items():
         why = _adamw_state(i, st)
         if why:
@@ -190,7 +192,7 @@ def _adamw_state(i, st) -> str | None:
     step = st["step"]
     step = float(step) if isinstance(step, torch.Tensor) and step.numel() == 1 else step
     if not (_is_number(step) and math.isfinite(step) and step >= 0):
-        return f"step of parameter {i} must be a count >= 0, got {_short(st['step'])}"
+        return f"step of parameter {i} must be a count >= 0, got {brief(st['step'])}"
     for key in ("exp_avg", "exp_avg_sq"):
         x = st[key]
         if not (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and bool(torch.isfinite(x).all())):
@@ -198,11 +200,6 @@ def _adamw_state(i, st) -> str | None:
     if bool((st["exp_avg_sq"] < 0).any()):
         return f"exp_avg_sq of parameter {i} holds negative values (a mean of squares)"
     return None
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _fit(doc: dict[str, Any]) -> list[str]:

@@ -10,7 +10,6 @@ import fcntl
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nir
@@ -81,8 +80,7 @@ def test_generated_source_is_checked_before_it_is_written():
            "a lambda": ast.parse("f = lambda: 0"), "a foreign module": ast.parse("from os import system")}
     for what, tree in bad.items():
         with pytest.raises(pysource.SourceError):
-            pysource.checked_source(tree, shape)
-        assert what
+            pysource.checked_source(tree, shape)  # `what` names the case in a failure's traceback
     with pytest.raises(pysource.SourceError, match="NaN"):
         pysource.literal(float("nan"))
 
@@ -379,10 +377,10 @@ def test_a_model_too_large_is_refused_before_anything_is_allocated(tmp_path, mon
     wide = write(tmp_path / "wide.py", TINY_MODEL.replace("g.input((16,)), 12", "g.input((784,)), 40000")
                  .replace("g.output(g.linear(h, 4))", "g.output(g.linear(g.lif(g.linear(h, 40000)), 4))"))
     npz = write_npz(tmp_path / "w.npz", tiny_arrays(shape=(784,)))
-    start = time.perf_counter()
+    # refused before any runtime (and so any weight) exists: building one would fail the test
+    monkeypatch.setattr("bsdgraph.train.backends", lambda: pytest.fail("a runtime was built"))
     r = assert_clean(cli("train", wide, "--npz", npz, "--out", tmp_path / "r"), codes=(1,))
     assert "does not fit in memory: it needs about" in r.err and "8.6 GB are available (a test's 8 GiB)" in r.err
-    assert time.perf_counter() - start < 30  # refused up front: allocating 50 GB would not even start here
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path):
