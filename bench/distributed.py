@@ -8,8 +8,8 @@ so that a busy machine slows them alike; the medians over rounds are reported, w
 
 - ``1 proc``: ``CPURuntime.step`` on the full batch (1 thread); ``1 proc x2 thr``: the same with 2 threads;
   ``1 proc, B/2``: one thread on half the batch (what each data-parallel rank computes, without communication).
-- ``DP 2``: 2 ranks, each its half of every batch, gradients all-reduced (``bsdgraph.distributed``).
-- ``LP 2``: 2 pipeline stages streaming ``steps`` micro-batches of ``batch`` (``bsdgraph.layer_parallel``); the
+- ``DP 2``: 2 ranks, each its half of every batch, gradients all-reduced (``bsdgraph.parallel.distributed``).
+- ``LP 2``: 2 pipeline stages streaming ``steps`` micro-batches of ``batch`` (``bsdgraph.parallel.layer_parallel``); the
   time includes the pipeline's fill and drain.
 Bytes are what one rank hands to the network per step: the ring estimate 2 (N-1)/N S for an all-reduce of S
 bytes, (N-1) x the local part for an all-gather, exact sizes for pipeline messages (spikes bit-packed).
@@ -35,15 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _graph(model_path: str):
-    from bsdgraph.feedback import derive_feedback
-    from bsdgraph.model_file import load_model
+    from bsdgraph.compiler.feedback import derive_feedback
+    from bsdgraph.compiler.model_file import load_model
 
     model = load_model(model_path)
     return derive_feedback(model.graph, model.bsd)
 
 
 def _data(graph, batch: int, n: int):
-    from bsdgraph.ir import Op
+    from bsdgraph.ir.graph import Op
 
     x_shape = graph.by_op(Op.INPUT)[0].shape
     classes = graph.by_op(Op.TARGET)[0].attrs["n_classes"]
@@ -72,7 +72,7 @@ def _worker(rank: int, world: int, port: int, mode: str, args: dict, out: str) -
     if mode == "single":
         result["seconds"] = _timed_steps(CPURuntime(graph, seed=0), data, warmup)
     elif mode == "dp":
-        from bsdgraph.distributed import Comm, data_parallel
+        from bsdgraph.parallel.distributed import Comm, data_parallel
 
         comm = Comm.from_env()
         rt = data_parallel(CPURuntime)(graph, comm=comm, seed=0)
@@ -92,8 +92,8 @@ def _worker(rank: int, world: int, port: int, mode: str, args: dict, out: str) -
 
 
 def _pipeline(graph, data, warmup: int, steps: int) -> dict:
-    from bsdgraph.distributed import Comm
-    from bsdgraph.layer_parallel import DistLinks, pipeline_stage, run_stage
+    from bsdgraph.parallel.distributed import Comm
+    from bsdgraph.parallel.layer_parallel import DistLinks, pipeline_stage, run_stage
     from bsdgraph.runtime.cpu import CPURuntime
 
     comm = Comm.from_env()
@@ -125,11 +125,12 @@ def run(mode: str, world: int, args: dict) -> list[dict]:
 def lag_accuracy(model_path: str, epochs: int, stage_counts: list[int]) -> None:
     """What B's lag costs in accuracy: the pipeline schedule emulated in one process (its weights equal the
     multi-process run's, tests/test_distributed.py) with 1, 2, 3 ... stages, on Fashion-MNIST."""
-    from bsdgraph.data import batches, load_idx_dataset
-    from bsdgraph.layer_parallel import emulate, pipeline_stage
-    from bsdgraph.model_file import load_model
+    from bsdgraph.train.data import batches, load_idx_dataset
+    from bsdgraph.parallel.layer_parallel import emulate, pipeline_stage
+    from bsdgraph.compiler.model_file import load_model
     from bsdgraph.runtime.cpu import CPURuntime
-    from bsdgraph.train import TrainConfig, evaluate
+    from bsdgraph.train.config import TrainConfig
+    from bsdgraph.train.trainer import evaluate
 
     torch.set_num_threads(1)  # one per stage thread (two threads each on 2 cores spin-wait)
     model, ds = load_model(model_path), load_idx_dataset(None)

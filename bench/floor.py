@@ -31,10 +31,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bsdgraph.bench import _batch, plan_flops, roofline_probe, time_interleaved  # noqa: E402
-from bsdgraph.model_file import load_model  # noqa: E402
-from bsdgraph.passes import set_hidden_width  # noqa: E402
-from bsdgraph.train import TrainConfig, make_runtime  # noqa: E402
+from bsdgraph.tools.bench import _batch, roofline_probe, time_interleaved
+from bsdgraph.compiler.cost import plan_flops
+from bsdgraph.compiler.model_file import load_model  # noqa: E402
+from bsdgraph.compiler.passes import set_hidden_width  # noqa: E402
+from bsdgraph.train.config import TrainConfig
+from bsdgraph.train.trainer import make_runtime
 
 
 def main() -> int:

@@ -45,7 +45,7 @@ bench() {  # bench LIMIT_S LABEL ARGS...: one bsdgraph bench report as a JSON li
     if timeout "$limit" python3 -m bsdgraph bench "$@" --json >/tmp/bench.json; then
         python3 -c "import json, sys; r = json.load(open('/tmp/bench.json')); r['label'] = sys.argv[1]
 print(json.dumps(r))" "$label" | tee -a "$out/bench.jsonl"
-        python3 -c "import json; from bsdgraph.bench import format_report; print(format_report(json.load(open('/tmp/bench.json'))))"
+        python3 -c "import json; from bsdgraph.tools.bench import format_report; print(format_report(json.load(open('/tmp/bench.json'))))"
     else
         echo "bench $label failed or ran past ${limit}s"
     fi

@@ -17,9 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bsdgraph.bench import _batch, plan_flops, time_interleaved  # noqa: E402
-from bsdgraph.feedback import derive_feedback  # noqa: E402
-from bsdgraph.model_file import load_model  # noqa: E402
+from bsdgraph.tools.bench import _batch, time_interleaved
+from bsdgraph.compiler.cost import plan_flops
+from bsdgraph.compiler.feedback import derive_feedback  # noqa: E402
+from bsdgraph.compiler.model_file import load_model  # noqa: E402
 from bsdgraph.runtime.cpu import CPURuntime  # noqa: E402
 from bsdgraph.runtime.reference import ReferenceRuntime  # noqa: E402
 

@@ -4,12 +4,14 @@ Pipeline: ``models/*.py build()`` -> ``Graph`` (F) -> ``validate`` -> ``derive_f
 -> ``lower`` (Plan) -> a runtime backend (reference | cpu | triton).
 """
 
-from bsdgraph.feedback import BSDConfig, derive_feedback, pairing, segment
-from bsdgraph.ir import Edge, Graph, GraphBuilder, GroupOp, Node, Op, Stream
-from bsdgraph.printer import format_graph, from_json, to_json
-from bsdgraph.validate import Diagnostic, GraphError, validate
+from bsdgraph.compiler.feedback import BSDConfig, derive_feedback, pairing, segment
+from bsdgraph.ir.graph import Edge, Graph, GroupOp, Node, Op, Stream
+from bsdgraph.ir.builder import GraphBuilder
+from bsdgraph.ir.printer import format_graph, from_json, to_json
+from bsdgraph.ir.diagnostics import Diagnostic, GraphError
+from bsdgraph.ir.validate import validate
 
-__version__ = "0.1.0"
+from bsdgraph.version import __version__
 
 __all__ = [
     "BSDConfig", "Diagnostic", "Edge", "Graph", "GraphBuilder", "GraphError", "GroupOp", "Node", "Op", "Stream",

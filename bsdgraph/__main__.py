@@ -1,3 +1,3 @@
-from bsdgraph.cli import entry
+from bsdgraph.cli.main import entry
 
 entry()

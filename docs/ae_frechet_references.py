@@ -2,7 +2,7 @@
 
     python docs/ae_frechet_references.py CLASSIFIER_CKPT
 
-prints, in the feature space of a classifier trained with ``bsdgraph train`` (``bsdgraph/frechet.py``), the Fréchet
+prints, in the feature space of a classifier trained with ``bsdgraph train`` (``bsdgraph/tools/frechet.py``), the Fréchet
 distance between the Fashion-MNIST test images and (a) the first 10 000 training images (the floor: two samples of
 the same distribution), (b) the test images averaged over 2x2 pixel blocks (a mild blur, with its MSE), (c) the
 mean training image in place of every test image (no reconstruction at all).
@@ -13,8 +13,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bsdgraph.data import load_idx_dataset
-from bsdgraph.frechet import frechet_distance, load_feature_net
+from bsdgraph.train.data import load_idx_dataset
+from bsdgraph.tools.frechet import frechet_distance, load_feature_net
 
 
 def main(classifier: str) -> None:

@@ -7,9 +7,9 @@ import sys
 
 import torch
 
-from bsdgraph.checkpoint import load_checkpoint
-from bsdgraph.ir import Stream
-from bsdgraph.printer import from_json
+from bsdgraph.train.checkpoint import load_checkpoint
+from bsdgraph.ir.graph import Stream
+from bsdgraph.ir.printer import from_json
 from bsdgraph.runtime.reference import ReferenceRuntime, run_graph
 
 

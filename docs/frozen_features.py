@@ -10,12 +10,13 @@ import sys
 
 import torch
 
-from bsdgraph.data import batches
-from bsdgraph.feedback import derive_feedback
-from bsdgraph.ir import Op, Stream
-from bsdgraph.model_file import load_model
+from bsdgraph.train.data import batches
+from bsdgraph.compiler.feedback import derive_feedback
+from bsdgraph.ir.graph import Op, Stream
+from bsdgraph.compiler.model_file import load_model
 from bsdgraph.runtime.cpu import CPURuntime
-from bsdgraph.train import TrainConfig, evaluate
+from bsdgraph.train.config import TrainConfig
+from bsdgraph.train.trainer import evaluate
 
 
 def main(path: str, epochs: int = 30, seed: int = 0) -> None:

@@ -20,9 +20,9 @@ import sys
 
 import torch
 
-from bsdgraph.data import autoencode, load_idx_dataset
-from bsdgraph.ir import Stream
-from bsdgraph.model_file import load_model
+from bsdgraph.train.data import autoencode, load_idx_dataset
+from bsdgraph.ir.graph import Stream
+from bsdgraph.compiler.model_file import load_model
 from checkpoint_features import features, open_checkpoint  # docs/, beside this script
 
 N_TRAIN, N_TEST, RIDGE = 6000, 2000, (1e-4, 1e-2, 1.0, 100.0)

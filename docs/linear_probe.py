@@ -16,8 +16,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from bsdgraph.data import load_idx_dataset
-from bsdgraph.ir import Stream
+from bsdgraph.train.data import load_idx_dataset
+from bsdgraph.ir.graph import Stream
 from checkpoint_features import features, open_checkpoint  # docs/, beside this script
 
 

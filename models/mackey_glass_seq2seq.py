@@ -7,7 +7,7 @@ then carries the whole target trajectory, one value per step.
 """
 
 from bsdgraph import GraphBuilder
-from bsdgraph.series import mackey_glass_dataset
+from bsdgraph.train.series import mackey_glass_dataset
 
 T = 8
 TRAIN = dict(epochs=20, batch_size=64, lr=1e-3, weight_decay=1e-4, clip=1.0)

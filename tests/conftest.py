@@ -12,7 +12,7 @@ import os
 import tempfile
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
-# bsdgraph records the files it writes (bsdgraph/outputs.py) under XDG_STATE_HOME: the suite keeps its own record,
+# bsdgraph records the files it writes (bsdgraph/tools/outputs.py) under XDG_STATE_HOME: the suite keeps its own record,
 # not the user's; child processes (the fork server, `python -m bsdgraph`) inherit it.
 os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="bsdgraph-test-state-")
 os.environ["TRITON_INTERPRET"] = "1"

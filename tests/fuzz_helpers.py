@@ -2,7 +2,7 @@
 every fuzz test asserts, and a fork server that lets the fault tests kill 30+ real training processes in seconds.
 
 The invariant (``assert_clean``): whatever the input, ``bsdgraph`` ends with exit code 0, 1 or 2, says why on
-stderr when it fails, and never shows a traceback. ``cli`` calls ``bsdgraph.cli.main`` in-process, so an exception
+stderr when it fails, and never shows a traceback. ``cli`` calls ``bsdgraph.cli.main.main`` in-process, so an exception
 that escapes it fails the test with that exception's own traceback: the defect, not a symptom.
 """
 
@@ -67,7 +67,7 @@ def write(path: Path, text: str | bytes) -> Path:
 
 
 def tiny_arrays(n_train: int = 60, n_test: int = 20, shape=(16,), classes: int = 4, seed: int = 0) -> dict:
-    from bsdgraph.data import make_synthetic
+    from bsdgraph.train.data import make_synthetic
 
     d = make_synthetic(n_train, n_test, shape, classes, seed=seed)
     return {"x_train": d.x_train.numpy(), "y_train": d.y_train.numpy(), "x_test": d.x_test.numpy(),
@@ -105,21 +105,21 @@ class Result:
 
 
 def cli(*argv) -> Result:
-    """``bsdgraph.cli.main(argv)`` in this process with stdout/stderr captured. Leaves torch's thread count as it
+    """``bsdgraph.cli.main.main(argv)`` in this process with stdout/stderr captured. Leaves torch's thread count as it
     found it (``bench --threads`` sets it) and, so that a bad path never reads the real data set, points the
     Fashion-MNIST default at a folder that does not exist."""
-    import bsdgraph.data
-    from bsdgraph.cli import main
+    import bsdgraph.train.data
+    from bsdgraph.cli.main import main
 
     argv = tuple(str(a) for a in argv)
     out, err = io.StringIO(), io.StringIO()
-    threads, default_data = torch.get_num_threads(), bsdgraph.data.FASHION_MNIST_DIR
-    bsdgraph.data.FASHION_MNIST_DIR = str(ROOT / "no-such-dataset")
+    threads, default_data = torch.get_num_threads(), bsdgraph.train.data.FASHION_MNIST_DIR
+    bsdgraph.train.data.FASHION_MNIST_DIR = str(ROOT / "no-such-dataset")
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(list(argv))
     finally:
-        bsdgraph.data.FASHION_MNIST_DIR = default_data
+        bsdgraph.train.data.FASHION_MNIST_DIR = default_data
         torch.set_num_threads(threads)
     return Result(argv, code, out.getvalue(), err.getvalue())
 
@@ -155,9 +155,9 @@ _SERVER = r'''
 import json, os, signal, sys
 import torch
 torch.set_num_threads(1)  # before any fork: the children never enter an OpenMP parallel region
-import bsdgraph.cli
-import bsdgraph.checkpoint
-from bsdgraph.train import Trainer
+import bsdgraph.cli.main
+import bsdgraph.train.checkpoint
+from bsdgraph.train.trainer import Trainer
 
 _epoch = Trainer._epoch
 
@@ -176,12 +176,12 @@ def _child(req):
     if req["kind"] == "train":
         MARKS = os.open(req["marks"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         Trainer._epoch = _marked_epoch
-        code = bsdgraph.cli.main(req["argv"])
+        code = bsdgraph.cli.main.main(req["argv"])
     else:  # save the same checkpoint path again and again: a kill lands inside save_checkpoint
         marks = os.open(req["marks"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         payload = torch.arange(req["numel"], dtype=torch.float32)
         for i in range(1, 10 ** 9):
-            bsdgraph.checkpoint.save_checkpoint(req["path"], {"i": i, "w": payload + i})
+            bsdgraph.train.checkpoint.save_checkpoint(req["path"], {"i": i, "w": payload + i})
             os.write(marks, f"{i}\n".encode())
         code = 0
     sys.stdout.flush()
@@ -203,7 +203,7 @@ for line in sys.stdin:
     elif req["op"] == "warm":  # run once in the server, so that every child inherits the lazy imports
         with open(os.devnull, "w") as null:
             sys.stdout, sys.stderr = null, null
-            code = bsdgraph.cli.main(req["argv"])
+            code = bsdgraph.cli.main.main(req["argv"])
             sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
         print(json.dumps({"code": code}), flush=True)
     elif req["op"] == "wait":
@@ -218,7 +218,7 @@ class ForkServer:
 
     A fresh interpreter needs ~3 s to import torch on these machines, so 30+ kills of ``python -m bsdgraph train``
     would cost minutes; a fork costs milliseconds. Each child is a real process: it runs
-    ``bsdgraph.cli.main(argv)`` (``kind="train"``) or saves a checkpoint in a loop (``kind="save"``) until it
+    ``bsdgraph.cli.main.main(argv)`` (``kind="train"``) or saves a checkpoint in a loop (``kind="save"``) until it
     ends or the test kills it with SIGKILL. Its output goes to ``log``; ``marks`` gets one line per epoch started
     (train) or per checkpoint completed (save). The server reaps every child, so a pid stays valid until
     ``wait``."""

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from bsdgraph.cli import main
-from bsdgraph.data import autoencode, make_synthetic
-from bsdgraph.feedback import BSDConfig, derive_feedback
-from bsdgraph.frechet import FrechetError, frechet_distance, load_feature_net
-from bsdgraph.model_file import ModelError, load_model
-from bsdgraph.train import TrainConfig, Trainer, evaluate
+from bsdgraph.cli.main import main
+from bsdgraph.train.data import autoencode, make_synthetic
+from bsdgraph.compiler.feedback import BSDConfig, derive_feedback
+from bsdgraph.tools.frechet import FrechetError, frechet_distance, load_feature_net
+from bsdgraph.compiler.model_file import ModelError, load_model
+from bsdgraph.train.config import TrainConfig
+from bsdgraph.train.trainer import Trainer, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 

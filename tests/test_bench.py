@@ -5,11 +5,11 @@ import json
 import pytest
 
 from bsdgraph import GraphBuilder, derive_feedback
-from bsdgraph.bench import launch_flops, plan_flops
-from bsdgraph.cli import main
-from bsdgraph.lower import lower
-from bsdgraph.model_file import load_model
-from bsdgraph.params import init_params
+from bsdgraph.compiler.cost import launch_flops, plan_flops
+from bsdgraph.cli.main import main
+from bsdgraph.compiler.lower import lower
+from bsdgraph.compiler.model_file import load_model
+from bsdgraph.ir.params import init_params
 from bsdgraph.runtime.cpu import CPURuntime
 from tests.test_cpu_backend import batch
 
@@ -82,7 +82,7 @@ def test_bench_usage_error(capsys):
 
 
 def test_energy_counts_follow_the_formula(capsys):
-    from bsdgraph.energy import estimate
+    from bsdgraph.tools.energy import estimate
 
     f = load_model("models/fmnist_mlp.py").graph
     layers = estimate(f, {"h1": 0.1, "h2": 0.2, "h3": 0.5})
@@ -95,7 +95,7 @@ def test_energy_counts_follow_the_formula(capsys):
 
 
 def test_energy_of_a_recurrent_sequence_model_counts_the_recurrent_synapse_and_an_rnn_twin():
-    from bsdgraph.energy import estimate
+    from bsdgraph.tools.energy import estimate
 
     f = load_model("models/mackey_glass_rnn.py").graph  # T = 8, 1 -> rec 128 -> 64 -> 1, sequence input
     layers = {e.synapse: e for e in estimate(f, {"h1": 0.1, "h2": 0.2})}
@@ -107,7 +107,7 @@ def test_energy_of_a_recurrent_sequence_model_counts_the_recurrent_synapse_and_a
 
 
 def test_energy_of_a_transposed_convolution_counts_its_whole_window():
-    from bsdgraph.energy import estimate
+    from bsdgraph.tools.energy import estimate
 
     g = GraphBuilder("dec", T=2)
     h = g.lif(g.conv2d(g.input((1, 8, 8)), 4, kernel=3, stride=2, padding=1))  # 4 x 4 x 4
@@ -131,8 +131,8 @@ def test_sweep_writes_a_plot(capsys, tmp_path):
 
 
 def test_onb_width_comes_from_the_environment_and_bad_values_are_refused(monkeypatch):
-    from bsdgraph.ir import Op
-    from bsdgraph.model_file import ModelError
+    from bsdgraph.ir.graph import Op
+    from bsdgraph.compiler.model_file import ModelError
 
     monkeypatch.setenv("BSDGRAPH_ONB_NEURONS", "96")
     g = load_model("models/onb_bench.py").graph
@@ -145,7 +145,7 @@ def test_onb_width_comes_from_the_environment_and_bad_values_are_refused(monkeyp
 
 def test_compare_skips_the_hand_written_baselines_for_a_sequence_stimulus(monkeypatch):
     # the naive and snnTorch steps repeat one image over T: on per-step input they would time other work
-    from bsdgraph.bench import _batch, baselines
+    from bsdgraph.tools.bench import _batch, baselines
 
     monkeypatch.setenv("BSDGRAPH_ONB_NEURONS", "32")
     model = load_model("models/onb_bench.py")

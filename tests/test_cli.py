@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bsdgraph.cli import main
-from bsdgraph.model_file import load_model
+from bsdgraph.cli.main import main
+from bsdgraph.compiler.model_file import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = str(ROOT / "models" / "fmnist_mlp.py")
@@ -109,7 +109,7 @@ def test_console_script_prints_no_traceback(tmp_path):
 def test_a_lam_setting_that_reaches_no_reco_layer_is_noted(capsys, model, setting, noted):
     import argparse
 
-    from bsdgraph.cli_common import apply_overrides
+    from bsdgraph.cli.common import apply_overrides
 
     args = argparse.Namespace(lif=[], bsd=[setting], encoding=None)
     edited = apply_overrides(load_model(ROOT / "models" / model), args)

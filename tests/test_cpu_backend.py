@@ -6,9 +6,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from bsdgraph import BSDConfig, GraphBuilder, Op, derive_feedback
-from bsdgraph.ir import Stream
-from bsdgraph.losses import band_split, per_sample
-from bsdgraph.neuron import lif_scan
+from bsdgraph.ir.graph import Stream
+from bsdgraph.runtime.losses import band_split, per_sample
+from bsdgraph.ir.neuron import lif_scan
 from bsdgraph.runtime import OptimConfig
 from bsdgraph.runtime.cpu import CPURuntime
 from bsdgraph.runtime.reference import ReferenceRuntime
@@ -177,7 +177,7 @@ def test_backend_without_a_kernel_is_refused():
 def test_class_deduplicated_backward_network_gives_the_same_gradients(f, cfg):
     """The dedup lowering runs B on one row per class present; losses expand it and sum B's gradients per class.
     Exact up to float summation order."""
-    from bsdgraph.lower import can_dedup
+    from bsdgraph.compiler.lower import can_dedup
 
     bsd = derive_feedback(f, cfg)
     assume(can_dedup(bsd))
@@ -321,8 +321,8 @@ def _pooled(h, w, k, stride):
 
 
 def test_the_cnn_plan_keeps_pooled_spikes_as_uint8():
-    from bsdgraph.lower import lower
-    from bsdgraph.model_file import load_model
+    from bsdgraph.compiler.lower import lower
+    from bsdgraph.compiler.model_file import load_model
 
     plan = lower(derive_feedback(load_model("models/fmnist_cnn.py").graph))
     dtypes = {b.name: b.dtype for b in plan.buffers}

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from bsdgraph import BSDConfig, GraphBuilder, Op, Stream, derive_feedback
-from bsdgraph.feedback import local_params
-from bsdgraph.ir import GroupOp
+from bsdgraph.compiler.feedback import local_params
+from bsdgraph.ir.graph import GroupOp
 from bsdgraph.runtime.cpu import CPURuntime
 from bsdgraph.runtime.triton import TritonRuntime
 from tests.test_cpu_backend import batch

@@ -1,4 +1,4 @@
-"""Tests of bsdgraph.data on real files written to tmp_path: IDX (plain and gzip) and .npz archives.
+"""Tests of bsdgraph.train.data on real files written to tmp_path: IDX (plain and gzip) and .npz archives.
 
 Every user-facing failure must be a DataError whose message is pinned with `match=`; the fuzz tests check that
 damaged files (truncated, bytes flipped) give a valid parse or a DataError, never any other exception.
@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bsdgraph.data import (
+from bsdgraph.train.data import (
     FASHION_MNIST_DIR,
     FASHION_MNIST_FILES,
     Dataset,
@@ -554,7 +554,7 @@ def test_make_synthetic_errors():
 
 
 def test_augment_shifts_and_flips_reproducibly():
-    from bsdgraph.data import augment
+    from bsdgraph.train.data import augment
 
     x = torch.arange(2 * 1 * 4 * 5, dtype=torch.float32).reshape(2, 1, 4, 5)
     assert torch.equal(augment(x, torch.Generator(), shift=0, flip=False), x)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bsdgraph.data import make_synthetic
-from bsdgraph.model_file import load_model
-from bsdgraph.train import Trainer, TrainConfig
+from bsdgraph.train.data import make_synthetic
+from bsdgraph.compiler.model_file import load_model
+from bsdgraph.train.trainer import Trainer
+from bsdgraph.train.config import TrainConfig
 from tests.fuzz_helpers import write
 
 MODEL = '''

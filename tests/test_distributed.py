@@ -25,15 +25,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from bsdgraph.cli import main
-from bsdgraph.data import batches, make_synthetic
-from bsdgraph.feedback import derive_feedback
-from bsdgraph.ir import GroupOp, Op, Stream
-from bsdgraph.lower import can_dedup
-from bsdgraph.model_file import load_model
+from bsdgraph.cli.main import main
+from bsdgraph.train.data import batches, make_synthetic
+from bsdgraph.compiler.feedback import derive_feedback
+from bsdgraph.ir.graph import GroupOp, Op, Stream
+from bsdgraph.compiler.lower import can_dedup
+from bsdgraph.compiler.model_file import load_model
 from bsdgraph.runtime.common import OptimConfig
 from bsdgraph.runtime.cpu import CPURuntime
-from bsdgraph.train import TrainConfig, Trainer
+from bsdgraph.train.config import TrainConfig
+from bsdgraph.train.trainer import Trainer
 
 ATOL = 1e-6
 TIMEOUT = 30  # seconds: BSDGRAPH_DIST_TIMEOUT of the children and the bound on every wait here
@@ -114,8 +115,8 @@ def _dp_worker(rank: int, world: int, port: int, folder: str) -> None:
     """Rank ``rank``: one epoch of each model data-parallel, a direct run counting bytes, then rank 1 dies and
     rank 0 must fail with a DistributedError (written to fault.txt) instead of hanging."""
     child_env(port, rank, world)
-    from bsdgraph.distributed import Comm, DistributedError, data_parallel
-    from bsdgraph.train_parallel import DataParallelTrainer
+    from bsdgraph.parallel.distributed import Comm, DistributedError, data_parallel
+    from bsdgraph.parallel.train_parallel import DataParallelTrainer
 
     out = Path(folder)
     try:
@@ -245,7 +246,7 @@ def staleness_reference(graph, micro_batches, n_stages: int) -> dict[str, torch.
     """The documented schedule written directly, without the pipeline code: micro-batch after micro-batch, the
     gradients of stage r's parameters taken with the B weights of stage r+j from before micro-batch
     max(m - 2j, 0) and every other weight current; then per-node clipping and AdamW as usual."""
-    from bsdgraph.layer_parallel import node_layers, pipeline_stage, split
+    from bsdgraph.parallel.layer_parallel import node_layers, pipeline_stage, split
     from bsdgraph.runtime.common import make_optimizer
     from bsdgraph.runtime.local_adamw import adamw_step
 
@@ -274,7 +275,7 @@ def lp_micro_batches(n: int = 96, batch: int = 16, seed: int = 0):
 
 
 def test_layer_parallel_schedule_equals_its_reference_and_counts_spike_bytes(tmp_path):
-    from bsdgraph.layer_parallel import emulate, pipeline_stage
+    from bsdgraph.parallel.layer_parallel import emulate, pipeline_stage
 
     graph = bsd_graph(write_models(tmp_path)["mlp"])
     micro = lp_micro_batches()
@@ -305,7 +306,7 @@ def test_layer_parallel_schedule_equals_its_reference_and_counts_spike_bytes(tmp
 def test_layer_parallel_refuses_batchnorm_in_the_backward_network(tmp_path):
     """B with batchnorm runs per class on one process (count-weighted statistics), but its rows then depend on the
     batch's class counts, so one table per class cannot serve every micro-batch: refused with the way out."""
-    from bsdgraph.layer_parallel import LayerParallelError, pipeline_stage
+    from bsdgraph.parallel.layer_parallel import LayerParallelError, pipeline_stage
 
     graph = bsd_graph(write_models(tmp_path)["cnn"])
     assert can_dedup(graph) and any(n.op == Op.BATCHNORM and n.stream == Stream.B for n in graph.nodes)
@@ -316,7 +317,7 @@ def test_layer_parallel_refuses_batchnorm_in_the_backward_network(tmp_path):
 def test_layer_parallel_on_two_processes_equals_the_emulation(tmp_path):
     """torchrun, 2 processes, `bsdgraph train --layer-parallel`: the checkpoint rank 0 writes holds the weights
     the one-process emulation of the same schedule computes; one process then resumes it."""
-    from bsdgraph.layer_parallel import emulate, pipeline_stage
+    from bsdgraph.parallel.layer_parallel import emulate, pipeline_stage
 
     model_path = write_models(tmp_path)["mlp"]
     ds = make_synthetic(96, 24, SHAPE, CLASSES, seed=1)

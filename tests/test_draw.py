@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from bsdgraph import GraphBuilder, Op, Stream, derive_feedback
-from bsdgraph.draw import STYLE, draw, layout, to_dot
-from bsdgraph.ir import GroupOp
-from bsdgraph.model_file import load_model
+from bsdgraph.tools.draw import STYLE, draw, layout, to_dot
+from bsdgraph.ir.graph import GroupOp
+from bsdgraph.compiler.model_file import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["fmnist_mlp", "fmnist_cnn", "cifar_cnn"]
@@ -20,8 +20,8 @@ def bsd_of(model: str):
 
 @pytest.fixture
 def cli(capsys):
-    """``bsdgraph.cli.main`` on string arguments, returning (exit code, stdout, stderr)."""
-    from bsdgraph.cli import main
+    """``bsdgraph.cli.main.main`` on string arguments, returning (exit code, stdout, stderr)."""
+    from bsdgraph.cli.main import main
 
     def run(*argv):
         code = main([str(a) for a in argv])

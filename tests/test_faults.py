@@ -6,7 +6,7 @@ instead of a ~3 s interpreter start) at seeded random moments. What must hold af
 - the checkpoint, if there is one, loads, and it holds every epoch the killed process had finished except at most
   the one whose checkpoint it was writing: at most one epoch of work is lost;
 - the only other files a kill leaves are the killed writer's ``checkpoint.pt.tmp-<pid>`` (it never replaced the
-  checkpoint, nothing reads it, and the next save removes it: ``bsdgraph/checkpoint.py``);
+  checkpoint, nothing reads it, and the next save removes it: ``bsdgraph/train/checkpoint.py``);
 - ``--resume`` finishes the run, and because resume is exact, the weights at the end equal those of a run that was
   never killed, bit for bit, with ``metrics.jsonl`` holding each epoch once.
 """
@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bsdgraph import rundir
-from bsdgraph.checkpoint import load_checkpoint, save_checkpoint
+from bsdgraph.train import rundir
+from bsdgraph.train.checkpoint import load_checkpoint, save_checkpoint
 from tests.fuzz_helpers import (
     LONG, TINY_MODEL, ForkServer, assert_clean, cli, read_marks, tiny_arrays, write, write_npz,
 )
@@ -35,7 +35,7 @@ EPOCHS = 4
 KILLS = 150 if LONG else 30            # SIGKILLs of training runs (the issue asks for 30+)
 SAVE_KILLS = 150 if LONG else 30       # SIGKILLs of a process that does nothing but save checkpoints
 
-# what `bsdgraph train` keeps in a run directory (bsdgraph/rundir.py); anything else is a leftover
+# what `bsdgraph train` keeps in a run directory (bsdgraph/train/rundir.py); anything else is a leftover
 RUN_FILES = {rundir.CHECKPOINT, rundir.METRICS, rundir.LOCK, rundir.MANIFEST, rundir.SNAPSHOT}
 
 
@@ -209,8 +209,8 @@ class _HalfWriter:
 
 @pytest.mark.parametrize("where", ["write", "fsync", "rename", "metrics"])
 def test_disk_full_while_saving_is_one_clear_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
-    import bsdgraph.checkpoint
-    import bsdgraph.train
+    import bsdgraph.train.checkpoint
+    import bsdgraph.train.trainer
 
     model, npz, out = write(tmp_path / "tiny.py", TINY_MODEL), write_npz(tmp_path / "tiny.npz"), tmp_path / "run"
     assert_clean(cli("train", model, "--npz", npz, "--out", out, "--epochs", "1"), codes=(0,))
@@ -218,15 +218,15 @@ def test_disk_full_while_saving_is_one_clear_line_and_keeps_the_previous_checkpo
     before = {p: p.read_bytes() for p in (ck, metrics)}
     with monkeypatch.context() as m:
         if where == "write":
-            m.setattr(bsdgraph.checkpoint, "open", _HalfWriter, raising=False)
+            m.setattr(bsdgraph.train.checkpoint, "open", _HalfWriter, raising=False)
         elif where == "fsync":
-            m.setattr(bsdgraph.checkpoint.os, "fsync", _enospc)
+            m.setattr(bsdgraph.train.checkpoint.os, "fsync", _enospc)
         elif where == "rename":  # only the checkpoint's rename: metrics.jsonl is rewritten with os.replace too
             real = os.replace
-            m.setattr(bsdgraph.checkpoint.os, "replace",
+            m.setattr(bsdgraph.train.checkpoint.os, "replace",
                       lambda src, dst: _enospc() if ".pt.tmp-" in str(src) else real(src, dst))
         else:
-            m.setattr(bsdgraph.train, "open", lambda *a, **k: _HalfWriter(*a[:2]), raising=False)
+            m.setattr(bsdgraph.train.trainer, "open", lambda *a, **k: _HalfWriter(*a[:2]), raising=False)
         r = assert_clean(cli("train", model, "--npz", npz, "--out", out, "--epochs", "2", "--resume"), codes=(1,))
     lines = [line for line in r.err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "No space left on device" in lines[0], r.err
@@ -267,9 +267,10 @@ INJECTIONS = {  # what is poisoned -> the message that must name the layer
 def test_nan_or_inf_stops_training_naming_the_layer_and_overwrites_nothing(tmp_path, case):
     import dataclasses
 
-    from bsdgraph.data import make_synthetic
-    from bsdgraph.model_file import load_model
-    from bsdgraph.train import Trainer, TrainConfig, TrainingError
+    from bsdgraph.train.data import make_synthetic
+    from bsdgraph.compiler.model_file import load_model
+    from bsdgraph.train.trainer import Trainer
+    from bsdgraph.train.config import TrainConfig, TrainingError
 
     key, value, names = INJECTIONS[case]
     model = load_model(write(tmp_path / "bn.py", BN_MODEL))
@@ -303,9 +304,9 @@ def test_nan_or_inf_stops_training_naming_the_layer_and_overwrites_nothing(tmp_p
 def test_a_failure_inside_training_is_one_line_naming_it(tmp_path, monkeypatch, error, shown):
     """The runtime's ExecutionError names the node that failed; running out of memory says so and what to shrink.
     Any other exception is a bug and is not dressed up as a message (the next test)."""
-    from bsdgraph.ir import Op
+    from bsdgraph.ir.graph import Op
     from bsdgraph.runtime.common import ExecutionError
-    from bsdgraph.train import Trainer
+    from bsdgraph.train.trainer import Trainer
 
     raised = {"execution": ExecutionError("fc1", Op.LINEAR, ValueError("boom")),
               "memory": RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 TB"),
@@ -321,7 +322,7 @@ def test_a_failure_inside_training_is_one_line_naming_it(tmp_path, monkeypatch, 
 
 
 def test_a_bug_is_not_hidden_behind_a_message(tmp_path, monkeypatch):
-    from bsdgraph.train import Trainer
+    from bsdgraph.train.trainer import Trainer
 
     def fail(self):
         raise RuntimeError("an internal bug")

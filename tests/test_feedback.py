@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 
 from bsdgraph import BSDConfig, GraphBuilder, GraphError, Op, Stream, derive_feedback, pairing, segment, validate
-from bsdgraph.feedback import check_locality, local_params
-from bsdgraph.ir import Edge, GroupOp
+from bsdgraph.compiler.feedback import check_locality, local_params
+from bsdgraph.ir.graph import Edge, GroupOp
 from tests.strategies import any_graph, conv_graphs, decoder_graphs
 
 

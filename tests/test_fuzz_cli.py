@@ -4,7 +4,7 @@ never a traceback.
 Arguments are drawn per subcommand from pools that reach deep code paths: the subcommand's real flags with valid,
 edge and junk values, working and broken model files, data, checkpoints and NIR files made once per module, then
 sometimes a token dropped, duplicated or replaced. Work stays tiny (models of a few dozen neurons, at most 2 epochs,
-``bench`` with ``--threads 1`` and at most 2 steps) and nothing is timed. ``cli`` runs ``bsdgraph.cli.main``
+``bench`` with ``--threads 1`` and at most 2 steps) and nothing is timed. ``cli`` runs ``bsdgraph.cli.main.main``
 in-process; a few ``python -m bsdgraph`` runs check the real entry point.
 """
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from bsdgraph.checkpoint import save_checkpoint
+from bsdgraph.train.checkpoint import save_checkpoint
 from tests.fuzz_helpers import (
     FUZZ, TINY_IMAGE_MODEL, TINY_MODEL, assert_clean, case_dir, cli, tiny_arrays, write, write_npz,
 )

@@ -36,7 +36,7 @@ import torch
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
-from bsdgraph.checkpoint import TRAINING_KEYS, CheckpointError, digest, load_checkpoint, require
+from bsdgraph.train.checkpoint import TRAINING_KEYS, CheckpointError, digest, load_checkpoint, require
 from tests.fuzz_helpers import (
     FUZZ, TINY_MODEL, assert_clean, cli, fresh_dir, tiny_arrays, write, write_npz,
 )
@@ -73,9 +73,9 @@ class Trained:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Trained:
-    from bsdgraph.feedback import derive_feedback
-    from bsdgraph.model_file import load_model
-    from bsdgraph.printer import to_json
+    from bsdgraph.compiler.feedback import derive_feedback
+    from bsdgraph.compiler.model_file import load_model
+    from bsdgraph.ir.printer import to_json
 
     root = tmp_path_factory.mktemp("integrity")
     model = write(root / "tiny_bn.py", BN_MODEL)
@@ -592,7 +592,7 @@ def test_corrupted_checkpoint_fields_are_refused_naming_the_file(trained, tmp_pa
         if cmd != "resume" or r.code != 0:
             assert ck.read_bytes() == before, f"{what}: `{cmd}` (exit {r.code}) changed the checkpoint"
         else:  # resumed: the run directory is whole again
-            from bsdgraph.plot import read_metrics
+            from bsdgraph.tools.plot import read_metrics
 
             new = require(load_checkpoint(ck), ck)
             assert new["epoch"] == 3, what
@@ -845,7 +845,7 @@ def test_hostile_nir_metadata_never_becomes_code(mlp_export, tmp_path, data, tok
     no_canary("import-nir")
     if r.code != 0:
         return
-    from bsdgraph.model_file import load_model
+    from bsdgraph.compiler.model_file import load_model
 
     ast.parse(out.read_text())
     loaded = load_model(out)
@@ -873,7 +873,7 @@ def test_a_graph_name_that_closes_the_docstring_runs_nothing(mlp_export, tmp_pat
     assert_clean(cli("import-nir", tmp_path / "evil.nir", "--dt", "1e-3", "-o", tmp_path / "evil.py"), codes=(0,))
     assert_clean(cli("compile", tmp_path / "evil.py"), codes=(0,))
     assert not marker.exists()
-    from bsdgraph.model_file import load_model
+    from bsdgraph.compiler.model_file import load_model
 
     assert load_model(tmp_path / "evil.py").graph.name == name
     assert not marker.exists()
@@ -881,7 +881,7 @@ def test_a_graph_name_that_closes_the_docstring_runs_nothing(mlp_export, tmp_pat
 
 # ---------------------------------------------------------------------------------------------------- 4. flag values
 
-# The documented rules (bsdgraph/options.py docstring, `bsdgraph train --help`), written out independently: a key
+# The documented rules (bsdgraph/compiler/options.py docstring, `bsdgraph train --help`), written out independently: a key
 # is known or not; a number is a finite float; a boolean one of eight spellings, any case; a choice one of its
 # values exactly. Then the ranges the graph and BSD validation apply (tau, alpha > 0, v_th > v_reset; BSD numbers
 # >= 0), on the values that parsed, the last assignment of a key winning.
@@ -933,7 +933,7 @@ def _range_problems(lif: dict, bsd: dict) -> int:
 
 def test_the_oracle_knows_the_product_schema():
     """The oracle's keys and kinds are the product's (a new option must be added to both)."""
-    from bsdgraph.cli_common import bsd_options, lif_options
+    from bsdgraph.cli.common import bsd_options, lif_options
 
     for spec, schema in ((LIF_SPEC, lif_options()), (BSD_SPEC, bsd_options())):
         assert set(spec) == set(schema)
@@ -1207,8 +1207,8 @@ def test_damaged_run_directories_are_resumed_refused_or_replaced(trained, tmp_pa
             assert after == before, f"`{cmd}` (exit {r.code}) changed files it refused"
         assert after.get("checkpoint.pt") == before.get("checkpoint.pt"), f"`{cmd}` changed the checkpoint"
     elif cmd != "plot":
-        from bsdgraph.plot import read_metrics
-        from bsdgraph.rundir import is_run_dir
+        from bsdgraph.tools.plot import read_metrics
+        from bsdgraph.train.rundir import is_run_dir
 
         assert require(load_checkpoint(ck), ck)["epoch"] == 3
         assert [rec["epoch"] for rec in read_metrics(run)] == [1, 2, 3]

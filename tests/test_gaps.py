@@ -15,18 +15,19 @@ from hypothesis import strategies as st
 
 import bsdgraph.runtime.cpu as cpu
 from bsdgraph import BSDConfig, GraphBuilder, GraphError, Op, Stream, derive_feedback
-from bsdgraph.data import make_synthetic
-from bsdgraph.ir import FrozenAttrs, GroupOp, Node, default_attrs
-from bsdgraph.losses import band_split, class_scores
-from bsdgraph.model_file import Model
-from bsdgraph.neuron import lif_scan
+from bsdgraph.train.data import make_synthetic
+from bsdgraph.ir.graph import FrozenAttrs, GroupOp, Node, default_attrs
+from bsdgraph.runtime.losses import band_split, class_scores
+from bsdgraph.compiler.model_file import Model
+from bsdgraph.ir.neuron import lif_scan
 from bsdgraph.runtime import OptimConfig, philox
 from bsdgraph.runtime.bptt import BPTTRuntime
 from bsdgraph.runtime.common import clip_per_node, encode_input, encode_target, step_seed
 from bsdgraph.runtime.cpu import CPURuntime
 from bsdgraph.runtime.local_adamw import step_per_node
 from bsdgraph.runtime.reference import ReferenceRuntime
-from bsdgraph.train import Trainer, TrainConfig, evaluate, health_warnings, make_runtime
+from bsdgraph.train.trainer import Trainer, evaluate, health_warnings, make_runtime
+from bsdgraph.train.config import TrainConfig
 from kernels.ref import encode as twin_encode
 from kernels.ref import lif as twin_lif
 from kernels.ref import linear_lif as twin_linear_lif

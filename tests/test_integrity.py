@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from bsdgraph import pysource
-from bsdgraph.checkpoint import CheckpointError, digest, load_checkpoint
-from bsdgraph.model_file import load_model
+from bsdgraph.interop import pysource
+from bsdgraph.train.checkpoint import CheckpointError, digest, load_checkpoint
+from bsdgraph.compiler.model_file import load_model
 from tests.fuzz_helpers import ROOT, TINY_MODEL, assert_clean, cli, tiny_arrays, write, write_npz
 
 MODELS = ROOT / "models"
@@ -102,7 +102,7 @@ def test_plot_never_imports_the_model_file_a_checkpoint_names(tmp_path, tiny):
 OWN_DATA = TINY_MODEL + """
 
 def data():
-    from bsdgraph.data import make_synthetic
+    from bsdgraph.train.data import make_synthetic
     return make_synthetic(60, 20, (16,), 4, seed=0)
 """
 
@@ -136,10 +136,10 @@ def test_a_second_writer_of_a_run_directory_stops_naming_the_first(tmp_path, tin
 
 
 def test_the_lock_is_held_for_the_whole_training(tmp_path, tiny, monkeypatch):
-    import bsdgraph.train
+    import bsdgraph.train.trainer
 
     seen = []
-    real = bsdgraph.train.Trainer._epoch
+    real = bsdgraph.train.trainer.Trainer._epoch
 
     def epoch(self):  # while an epoch runs, another process cannot take the lock
         fd = os.open(self.out / "run.lock", os.O_RDWR)
@@ -151,7 +151,7 @@ def test_the_lock_is_held_for_the_whole_training(tmp_path, tiny, monkeypatch):
             os.close(fd)
         return real(self)
 
-    monkeypatch.setattr(bsdgraph.train.Trainer, "_epoch", epoch)
+    monkeypatch.setattr(bsdgraph.train.trainer.Trainer, "_epoch", epoch)
     _trained(tmp_path, tiny)
     assert seen == [str(os.getpid())]
 
@@ -173,13 +173,13 @@ def test_train_replaces_nothing_it_did_not_write(tmp_path, tiny):
 
 
 def test_a_run_killed_before_its_first_checkpoint_trains_again_without_force(tmp_path, tiny, monkeypatch):
-    import bsdgraph.train
+    import bsdgraph.train.trainer
 
     def killed(self):
         raise KeyboardInterrupt  # the closest in-process stand-in for a kill during epoch 1
 
     with monkeypatch.context() as m:
-        m.setattr(bsdgraph.train.Trainer, "_epoch", killed)
+        m.setattr(bsdgraph.train.trainer.Trainer, "_epoch", killed)
         assert cli("train", tiny[0], "--npz", tiny[1], "--out", tmp_path / "run", "--epochs", "1").code == 130
     assert (tmp_path / "run" / "run.json").is_file() and not (tmp_path / "run" / "checkpoint.pt").exists()
     _trained(tmp_path, tiny)  # its own manifest marks the folder as bsdgraph's
@@ -212,8 +212,8 @@ def test_run_output_never_replaces_its_own_input(tmp_path):
 @pytest.mark.parametrize("spelling, value", [("true", True), ("1", True), ("YES", True), ("on", True),
                                              ("False", False), ("0", False), ("no", False), ("off", False)])
 def test_boolean_options_take_the_eight_spellings(spelling, value):
-    from bsdgraph import options
-    from bsdgraph.cli_common import bsd_options
+    from bsdgraph.compiler import options
+    from bsdgraph.cli.common import bsd_options
 
     assert options.parse("--bsd", [f"recall={spelling}"], bsd_options()) == ({"recall": value}, [])
 
@@ -248,8 +248,8 @@ def test_recall_false_trains_every_shipped_image_model():
     import dataclasses
 
     from bsdgraph import Op
-    from bsdgraph.data import make_synthetic
-    from bsdgraph.feedback import derive_feedback, segment
+    from bsdgraph.train.data import make_synthetic
+    from bsdgraph.compiler.feedback import derive_feedback, segment
     from bsdgraph.runtime.cpu import CPURuntime
 
     for name in ("fmnist_mlp", "fmnist_cnn", "fmnist_ae", "cifar_cnn"):
@@ -266,8 +266,8 @@ def test_recall_false_trains_every_shipped_image_model():
 
 def test_a_population_output_gets_a_population_target():
     from bsdgraph import GraphBuilder
-    from bsdgraph.feedback import derive_feedback
-    from bsdgraph.validate import GraphError
+    from bsdgraph.compiler.feedback import derive_feedback
+    from bsdgraph.ir.diagnostics import GraphError
 
     g = GraphBuilder("pop", T=2)
     g.output(g.linear(g.lif(g.linear(g.input((4,)), 6)), 6), population=3)
@@ -371,14 +371,14 @@ def test_frechet_with_one_test_sample_is_a_usage_error(tmp_path, tiny):
 
 
 def test_a_model_too_large_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
-    from bsdgraph import memory
+    from bsdgraph.train import memory
 
     monkeypatch.setattr(memory, "available", lambda device="cpu": (8 * 2 ** 30, "a test's 8 GiB"))
     wide = write(tmp_path / "wide.py", TINY_MODEL.replace("g.input((16,)), 12", "g.input((784,)), 40000")
                  .replace("g.output(g.linear(h, 4))", "g.output(g.linear(g.lif(g.linear(h, 40000)), 4))"))
     npz = write_npz(tmp_path / "w.npz", tiny_arrays(shape=(784,)))
     # refused before any runtime (and so any weight) exists: building one would fail the test
-    monkeypatch.setattr("bsdgraph.train.backends", lambda: pytest.fail("a runtime was built"))
+    monkeypatch.setattr("bsdgraph.train.trainer.backends", lambda: pytest.fail("a runtime was built"))
     r = assert_clean(cli("train", wide, "--npz", npz, "--out", tmp_path / "r"), codes=(1,))
     assert "does not fit in memory: it needs about" in r.err and "8.6 GB are available (a test's 8 GiB)" in r.err
 

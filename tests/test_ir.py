@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 
 from bsdgraph import GraphBuilder, GraphError, Op, derive_feedback, format_graph, from_json, to_json
-from bsdgraph.ir import FrozenAttrs, Node
+from bsdgraph.ir.graph import FrozenAttrs, Node
 from tests.strategies import any_graph
 
 
@@ -100,7 +100,7 @@ def test_a_graph_saved_before_an_attribute_existed_loads_with_its_default():
     # (from_json fills defaults) and must still match their model (train.same_graph compares normalised graphs)
     import json
 
-    from bsdgraph.train import same_graph
+    from bsdgraph.train.trainer import same_graph
 
     g = GraphBuilder("r", T=2)
     g.output(g.linear(g.lif(g.linear(g.input((3,)), 4)), 1), task="regression")

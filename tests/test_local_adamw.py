@@ -5,7 +5,7 @@ import torch
 
 import bsdgraph.runtime.local_adamw as local_adamw
 from bsdgraph import GraphBuilder
-from bsdgraph.feedback import derive_feedback
+from bsdgraph.compiler.feedback import derive_feedback
 from bsdgraph.runtime.common import OptimConfig
 from bsdgraph.runtime.cpu import CPURuntime
 from bsdgraph.runtime.local_adamw import step_per_node

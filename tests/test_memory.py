@@ -1,4 +1,4 @@
-"""The memory estimate (bsdgraph/memory.py) against what the runtimes allocate, and the refusal of models that do
+"""The memory estimate (bsdgraph/train/memory.py) against what the runtimes allocate, and the refusal of models that do
 not fit."""
 
 import math
@@ -7,9 +7,11 @@ import resource
 import pytest
 import torch
 
-from bsdgraph import BSDConfig, GraphBuilder, derive_feedback, memory
-from bsdgraph.lower import lower
-from bsdgraph.params import init_params, init_state
+from bsdgraph import BSDConfig, GraphBuilder, derive_feedback
+
+from bsdgraph.train import memory
+from bsdgraph.compiler.lower import lower
+from bsdgraph.ir.params import init_params, init_state
 from bsdgraph.runtime.bptt import BPTTRuntime
 from bsdgraph.runtime.cpu import CPURuntime
 

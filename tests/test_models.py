@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from bsdgraph import Op
-from bsdgraph.data import make_synthetic, subset
-from bsdgraph.feedback import derive_feedback
-from bsdgraph.lower import lower
-from bsdgraph.model_file import load_model
+from bsdgraph.train.data import make_synthetic, subset
+from bsdgraph.compiler.feedback import derive_feedback
+from bsdgraph.compiler.lower import lower
+from bsdgraph.compiler.model_file import load_model
 from bsdgraph.runtime.cpu import CPURuntime
-from bsdgraph.train import TrainConfig, Trainer, load_for_eval
+from bsdgraph.train.config import TrainConfig
+from bsdgraph.train.trainer import Trainer, load_for_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = sorted(p.stem for p in (ROOT / "models").glob("*.py") if p.stem != "__init__")

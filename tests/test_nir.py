@@ -17,17 +17,17 @@ import torch
 from hypothesis import given, settings
 
 from bsdgraph import GraphBuilder, GraphError, Op
-from bsdgraph.checkpoint import save_checkpoint
-from bsdgraph.model_file import ModelError, load_model
-from bsdgraph.nir import NIRError, read_declarations, simulate, write_nir
-from bsdgraph.params import init_params, init_state
-from bsdgraph.passes import set_attrs
+from bsdgraph.train.checkpoint import save_checkpoint
+from bsdgraph.compiler.model_file import ModelError, load_model
+from bsdgraph.interop.nir import NIRError, read_declarations, simulate, write_nir
+from bsdgraph.ir.params import init_params, init_state
+from bsdgraph.compiler.passes import set_attrs
 from tests.strategies import feedforward_graph
 
 nir = pytest.importorskip("nir", reason="the `nir` package is not installed (pip install -e '.[test]')")
 
-from bsdgraph.nir_export import EXPORT_RULES, export_backward, export_nir  # noqa: E402
-from bsdgraph.nir_import import IMPORT_RULES, import_nir  # noqa: E402
+from bsdgraph.interop.nir_export import EXPORT_RULES, export_backward, export_nir  # noqa: E402
+from bsdgraph.interop.nir_import import IMPORT_RULES, import_nir  # noqa: E402
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 MARGIN = 1e-4
@@ -35,8 +35,8 @@ MARGIN = 1e-4
 
 @pytest.fixture
 def cli(capsys):
-    """``bsdgraph.cli.main`` on string arguments, returning (exit code, stdout, stderr)."""
-    from bsdgraph.cli import main
+    """``bsdgraph.cli.main.main`` on string arguments, returning (exit code, stdout, stderr)."""
+    from bsdgraph.cli.main import main
 
     def run(*argv):
         code = main([str(a) for a in argv])

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from bsdgraph import BSDConfig, GraphBuilder, GraphError, Op, Stream, derive_feedback, validate
-from bsdgraph.feedback import local_params
-from bsdgraph.lower import RECURRENT_FUSION, lower
+from bsdgraph import BSDConfig, GraphBuilder, GraphError, Op, Stream, derive_feedback, format_graph, validate
+from bsdgraph.compiler.feedback import local_params
+from bsdgraph.compiler.lower import RECURRENT_FUSION, lower
 from bsdgraph.runtime.bptt import BPTTRuntime
 from bsdgraph.runtime.cpu import CPURuntime
 from bsdgraph.runtime.reference import Ctx, ReferenceRuntime, run_graph
@@ -52,7 +52,7 @@ def test_builder_makes_a_delay_1_loop_through_a_bias_free_linear():
     (e,) = f.in_edges("h1_rec")
     assert (e.src, e.delay) == ("h1", 1) and f["h1_rec"].attrs["bias"] is False
     assert [x.src for x in f.in_edges("h1_in")] == ["fc1", "h1_rec"]
-    assert "%h1[t-1]" in str(f)
+    assert "%h1[t-1]" in format_graph(f)
 
 
 def test_a_loop_without_delay_is_refused_naming_it():
@@ -239,8 +239,8 @@ def test_sequence_targets_compare_every_step_on_every_runtime():
 def test_cli_trains_a_sequence_model_on_user_npz_and_refuses_the_wrong_length(tmp_path, capsys):
     import numpy as np
 
-    from bsdgraph.cli import main
-    from bsdgraph.series import mackey_glass_dataset
+    from bsdgraph.cli.main import main
+    from bsdgraph.train.series import mackey_glass_dataset
 
     ds = mackey_glass_dataset(8, n_train=96, n_test=32)  # [N, 8, 1] windows, [N, 1] next values
     good, bad = tmp_path / "seq.npz", tmp_path / "short.npz"

@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bsdgraph import BSDConfig, GraphBuilder, Op, Stream, derive_feedback
-from bsdgraph.data import make_synthetic
-from bsdgraph.feedback import local_params
-from bsdgraph.ir import GroupOp
-from bsdgraph.losses import band_split, reco_loss
-from bsdgraph.neuron import lif_scan
+from bsdgraph.train.data import make_synthetic
+from bsdgraph.compiler.feedback import local_params
+from bsdgraph.ir.graph import GroupOp
+from bsdgraph.runtime.losses import band_split, reco_loss
+from bsdgraph.ir.neuron import lif_scan
 from bsdgraph.runtime import ExecutionError, OptimConfig
 from bsdgraph.runtime.reference import ReferenceRuntime
 from tests.strategies import any_graph

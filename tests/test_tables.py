@@ -2,13 +2,13 @@
 
 import pytest
 
-from bsdgraph.feedback import MIRROR_RULES
-from bsdgraph.infer import ARITY, SHAPE_RULES
-from bsdgraph.ir import ATTRS, GroupOp, Op
-from bsdgraph.lower import LOWERING
-from bsdgraph.params import PARAM_SHAPES
+from bsdgraph.compiler.feedback import MIRROR_RULES
+from bsdgraph.ir.infer import ARITY, SHAPE_RULES
+from bsdgraph.ir.graph import ATTRS, GroupOp, Op
+from bsdgraph.compiler.lower import LOWERING
+from bsdgraph.ir.params import PARAM_SHAPES
 from bsdgraph.runtime.reference import IMPLS
-from bsdgraph.validate import CHECKS
+from bsdgraph.ir.validate import CHECKS
 
 TABLES = {
     "ir.ATTRS": ATTRS, "infer.SHAPE_RULES": SHAPE_RULES, "infer.ARITY": ARITY, "validate.CHECKS": CHECKS,

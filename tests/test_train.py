@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from bsdgraph.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from bsdgraph.cli import main
-from bsdgraph.data import make_synthetic
-from bsdgraph.model_file import load_model
-from bsdgraph.train import Trainer, TrainConfig, TrainingError, health_warnings
+from bsdgraph.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from bsdgraph.cli.main import main
+from bsdgraph.train.data import make_synthetic
+from bsdgraph.compiler.model_file import load_model
+from bsdgraph.train.trainer import Trainer, health_warnings
+from bsdgraph.train.config import TrainConfig, TrainingError
 
 MODEL = """
 from bsdgraph import GraphBuilder
@@ -149,8 +150,8 @@ def test_health_warnings():
 def test_calibrated_init_brings_a_high_threshold_network_into_the_band(tmp_path, model_file, synthetic):
     from dataclasses import replace
 
-    from bsdgraph.ir import Op
-    from bsdgraph.passes import set_attrs
+    from bsdgraph.ir.graph import Op
+    from bsdgraph.compiler.passes import set_attrs
 
     model = load_model(model_file())
     model = replace(model, graph=set_attrs(model.graph, Op.LIF, v_th=3.0))  # default init: silent

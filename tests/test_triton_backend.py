@@ -5,7 +5,7 @@ import pytest
 from bsdgraph import BSDConfig, GraphBuilder, derive_feedback
 from bsdgraph.runtime.reference import ReferenceRuntime
 from bsdgraph.runtime.triton import KERNELS, TritonRuntime
-from bsdgraph.lower import lower
+from bsdgraph.compiler.lower import lower
 from tests.test_cpu_backend import assert_close_grads, assert_close_params, batch, well_conditioned
 
 

@@ -8,7 +8,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from bsdgraph import Graph, GraphBuilder, GraphError, Op, validate
-from bsdgraph.ir import Edge, GroupOp
+from bsdgraph.ir.graph import Edge, GroupOp
 from tests.strategies import any_graph
 
 
@@ -118,7 +118,7 @@ def test_pool_geometry_with_an_empty_output():
 
 
 def test_missing_table_entry_is_a_diagnostic(monkeypatch):
-    from bsdgraph.validate import CHECKS
+    from bsdgraph.ir.validate import CHECKS
 
     monkeypatch.delitem(CHECKS, Op.LIF)
     with pytest.raises(GraphError, match=r"node 'h1' \(lif\): no validation rule for op 'lif'"):

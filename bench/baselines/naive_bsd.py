@@ -53,7 +53,7 @@ class NaiveBSD(nn.Module):
 
     @classmethod
     def from_graph(cls, g, device: str | torch.device = "cpu") -> NaiveBSD:
-        from bsdgraph.bench import baseline_widths
+        from bsdgraph.tools.bench import baseline_widths
 
         return cls(baseline_widths(g, "naive baseline"), g.T).to(device)
 

@@ -26,7 +26,7 @@ class SnnTorchBPTT(nn.Module):
 
     @classmethod
     def from_graph(cls, g, device: str | torch.device = "cpu") -> SnnTorchBPTT:
-        from bsdgraph.bench import baseline_widths
+        from bsdgraph.tools.bench import baseline_widths
 
         return cls(baseline_widths(g, "snnTorch baseline"), g.T).to(device)
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bsdgraph.ir import Graph, Op, Stream
-from bsdgraph.losses import class_scores
+from bsdgraph.ir.graph import Graph, Op, Stream
+from bsdgraph.runtime.losses import class_scores
 from bsdgraph.runtime.common import StepResult, clip_per_node, rates_of, readout
 from bsdgraph.runtime.heap import keep_freed_memory
 from bsdgraph.runtime.reference import ReferenceRuntime, run_graph

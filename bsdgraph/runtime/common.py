@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bsdgraph.ir import Graph, Node, Op
-from bsdgraph.losses import class_scores, regression_prediction
-from bsdgraph.params import Params
+from bsdgraph.ir.graph import Graph, Node, Op
+from bsdgraph.runtime.losses import class_scores, regression_prediction
+from bsdgraph.ir.params import Params
 
 
 class ExecutionError(RuntimeError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bsdgraph.lower import Launch
+from bsdgraph.compiler.lower import Launch
 from bsdgraph.runtime import native
 from bsdgraph.runtime.executor import Executor
 from bsdgraph.runtime.heap import keep_freed_memory

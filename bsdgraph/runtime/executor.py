@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from bsdgraph.ir import Graph, Node, Op
-from bsdgraph.lower import Launch, Plan, lower
-from bsdgraph.params import Params, init_params, init_state
+from bsdgraph.ir.graph import Graph, Node, Op
+from bsdgraph.compiler.lower import Launch, Plan, lower
+from bsdgraph.ir.params import Params, init_params, init_state
 from bsdgraph.runtime.common import (
     ExecutionError, OptimConfig, StepResult, make_optimizer, readout, step_seed,
 )

@@ -14,10 +14,10 @@ import networkx as nx
 import torch
 import torch.nn.functional as F
 
-from bsdgraph.ir import Graph, GroupOp, Node, Op, Stream
-from bsdgraph.losses import LOSS_IMPLS
-from bsdgraph.neuron import lif_scan
-from bsdgraph.params import Params, init_params, init_state
+from bsdgraph.ir.graph import Graph, GroupOp, Node, Op, Stream
+from bsdgraph.runtime.losses import LOSS_IMPLS
+from bsdgraph.ir.neuron import lif_scan
+from bsdgraph.ir.params import Params, init_params, init_state
 from bsdgraph.runtime.common import (
     ExecutionError, OptimConfig, StepResult, clip_per_node, encode_input, encode_target, make_optimizer, rates_of,
     readout, step_seed,

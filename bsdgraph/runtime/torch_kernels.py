@@ -14,9 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bsdgraph.ir import Op
-from bsdgraph.losses import band_split, class_scores, per_sample
-from bsdgraph.lower import Launch
+from bsdgraph.ir.graph import Op
+from bsdgraph.runtime.losses import band_split, class_scores, per_sample
+from bsdgraph.compiler.lower import Launch
 from bsdgraph.runtime.common import encode_input, encode_target
 from bsdgraph.runtime.reco_dedup import reco_loss_grad_dedup
 from kernels.ref.encode import poisson_encode

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from bsdgraph.lower import Launch
+from bsdgraph.compiler.lower import Launch
 from bsdgraph.runtime.executor import Executor
 from bsdgraph.runtime.torch_kernels import KERNELS as TORCH_KERNELS, store_lif
 

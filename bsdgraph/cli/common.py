@@ -1,0 +1,176 @@
+"""Helpers shared by the ``bsdgraph`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from bsdgraph.compiler import options
+from bsdgraph.errors import UsageError
+
+
+def count(minimum: int = 1, maximum: int | None = None):
+    """An argparse type: a whole number in [minimum, maximum] (a bad value is a usage error, exit 2, before any
+    work)."""
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {raw!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def number(low: float, high: float = float("inf")):
+    """An argparse type: a finite number with ``low < value < high`` (nan and inf are refused)."""
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
+        if not (math.isfinite(value) and low < value < high):
+            bounds = f"> {low:g}" if high == float("inf") else f"between {low:g} and {high:g} (exclusive)"
+            raise argparse.ArgumentTypeError(f"must be a finite number {bounds}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def seed(raw: str) -> int:
+    """An argparse type: a 64-bit signed integer (what torch.Generator.manual_seed takes)."""
+    value = count(-2 ** 63)(raw)
+    if value >= 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must fit in 64 bits, got {value}")
+    return value
+
+
+def check_picture(path, flag: str) -> None:
+    """Refuse, before any work, an output name whose suffix matplotlib cannot write (it raises ValueError late)."""
+    from pathlib import Path
+
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    suffix = Path(path).suffix.lower().lstrip(".")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise UsageError(f"{flag} {path}: cannot write a .{suffix} picture; use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))}")
+
+
+def data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--data-dir", metavar="DIR", help="folder with Fashion-MNIST/MNIST IDX files (default: "
+                   "/usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)")
+    g.add_argument("--npz", metavar="FILE", help="an .npz with arrays x_train, y_train, x_test, y_test")
+    p.add_argument("--limit-test", type=count(1), metavar="N", help="evaluate on the first N test samples only")
+
+
+def apply_overrides(model, args):
+    """--lif / --encoding / --bsd edits of the model (pure graph passes, re-validated). Every problem of every
+    flag is one usage line naming the flag (the model file validated before the edit, so the flags are to blame)."""
+    import dataclasses
+
+    from bsdgraph.compiler.feedback import check_config
+    from bsdgraph.ir.graph import Op
+    from bsdgraph.compiler.passes import set_attrs
+    from bsdgraph.ir.diagnostics import GraphError
+
+    lif, problems = options.parse("--lif", args.lif, lif_options())
+    bsd, bsd_problems = options.parse("--bsd", args.bsd, bsd_options())
+    problems += bsd_problems
+    graph = model.graph
+    try:
+        graph = set_attrs(graph, Op.LIF, **lif) if lif else graph
+    except GraphError as err:
+        problems += [f"--lif: {d}" for d in err.diagnostics]
+    cfg = dataclasses.replace(model.bsd, **bsd)
+    try:
+        check_config(cfg)
+    except GraphError as err:
+        problems += [f"--bsd: {d.message}" for d in err.diagnostics]
+    if problems:
+        raise UsageError(*problems)
+    if args.encoding:
+        graph = set_attrs(graph, Op.INPUT, encoding=args.encoding)
+    _note_unused_lams(graph, cfg, bsd)
+    return dataclasses.replace(model, graph=graph, bsd=cfg)
+
+
+def lif_options() -> dict[str, options.Option]:
+    from bsdgraph.ir.graph import ATTRS, Op
+
+    return {a.name: options.Option(float if float in a.types else a.types[0], a.choices) for a in ATTRS[Op.LIF]}
+
+
+def bsd_options() -> dict[str, options.Option]:
+    import dataclasses
+
+    from bsdgraph.compiler.feedback import BSD_CHOICES, BSDConfig
+
+    return {f.name: options.Option(type(f.default), BSD_CHOICES.get(f.name)) for f in dataclasses.fields(BSDConfig)}
+
+
+def _note_unused_lams(graph, cfg, bsd: dict) -> None:
+    """A ReCo layer with the frequency split weighs its negatives by lam_low / lam_high, one without it by lam:
+    say so when a --bsd lam* setting reaches no layer, rather than let an ablation silently change nothing."""
+    import sys
+
+    from bsdgraph.compiler.feedback import derive_feedback
+    from bsdgraph.ir.graph import Op
+    from bsdgraph.ir.diagnostics import GraphError
+
+    try:
+        split = [n.attrs["freq"] for n in derive_feedback(graph, cfg).nodes if n.op == Op.RECO]
+    except GraphError:  # an invalid graph is reported with its diagnostics where it is used
+        return
+    unused = {"lam": all(split), "lam_low": not any(split), "lam_high": not any(split)}
+    for key in (k for k in unused if k in bsd and unused[k] and split):
+        uses = "lam_low / lam_high (the frequency split)" if key == "lam" else "lam (no frequency split)"
+        print(f"note: --bsd {key}={bsd[key]} changes nothing here: every ReCo layer of this model uses {uses}",
+              file=sys.stderr)
+
+
+def data_origin(args, model) -> str:
+    """Where ``load_data`` takes the data from: "npz", "model" (the model file's own ``data()``) or "idx"."""
+    return "npz" if args.npz else "model" if model.data is not None else "idx"
+
+
+def load_data(args, model):
+    import math
+
+    from bsdgraph.train.data import autoencode, check_against_model, load_idx_dataset, load_npz, subset
+    from bsdgraph.ir.graph import Op
+
+    origin = data_origin(args, model)
+    if origin == "npz":
+        ds = load_npz(args.npz)
+    elif origin == "model":
+        ds = _model_data(model)
+    else:
+        ds = load_idx_dataset(args.data_dir)
+    if model.target == "input":  # an autoencoder: y is the stimulus itself
+        ds = autoencode(ds)
+    out, inp = model.graph.by_op(Op.OUTPUT)[0], model.graph.by_op(Op.INPUT)[0]
+    # a sequence stimulus carries its T steps per sample: [N, T, *shape]
+    shape = (model.graph.T, *inp.shape) if inp.attrs["encoding"] == "sequence" else inp.shape
+    per_step = model.graph.T if out.attrs["target"] == "sequence" else 1  # one target per step
+    ds = check_against_model(ds, shape, out.attrs["n_classes"] or None, out.attrs["task"],
+                             per_step * math.prod(out.shape))
+    return subset(ds, getattr(args, "limit_train", None), args.limit_test)
+
+
+def _model_data(model):
+    from bsdgraph.train.data import Dataset
+    from bsdgraph.compiler.model_file import ModelError
+
+    try:
+        ds = model.data()
+    except Exception as err:  # the user's code: name the file, never a traceback
+        raise ModelError(f"{model.path}: data() raised {type(err).__name__}: {err}") from None
+    if not isinstance(ds, Dataset):
+        raise ModelError(f"{model.path}: data() returned {type(ds).__name__}, expected a bsdgraph.train.data.Dataset")
+    return ds

@@ -1,0 +1,192 @@
+"""The ``bsdgraph`` command line. Exit codes: 0 ok, 1 invalid model or input, 2 usage error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from bsdgraph.cli import bench as cli_bench
+
+from bsdgraph.cli import interop as cli_interop
+
+from bsdgraph.cli import train as cli_train
+
+from bsdgraph.tools import outputs
+from bsdgraph.train.checkpoint import CheckpointError
+from bsdgraph.errors import UsageError
+from bsdgraph.train.data import DataError
+from bsdgraph.compiler.feedback import derive_feedback, pairing
+from bsdgraph.compiler.lower import lower
+from bsdgraph.compiler.model_file import ModelError, load_model
+from bsdgraph.tools.outputs import OutputError
+from bsdgraph.tools.plot import PlotError
+from bsdgraph.ir.printer import format_graph, to_dict
+from bsdgraph.train.rundir import RunDirError
+from bsdgraph.runtime.common import ExecutionError
+from bsdgraph.train.config import TrainingError
+from bsdgraph.ir.diagnostics import GraphError
+
+
+def _pairing_table(bsd) -> str:
+    lines = ["  pairing (layer: loss = F side ~ B side; updates):"]
+    for p in pairing(bsd):
+        b = p.b_side or "labels"
+        lines.append(f"    {p.layer}: {p.loss} = {p.f_side} ~ {b}; updates F {list(p.f_params)} B {list(p.b_params)}")
+    return "\n".join(lines)
+
+
+def cmd_compile(args) -> int:
+    model = load_model(args.model)
+    bsd = derive_feedback(model.graph, model.bsd)
+    plan = lower(bsd)
+    stages = ["ir", "backward", "plan"] if args.emit == "all" else [args.emit]
+    if args.emit == "dot":  # Graphviz text; --json does not apply
+        from bsdgraph.tools.draw import to_dot
+
+        _write(to_dot(bsd), args.output, args.force)
+        return 0
+    if args.json:
+        doc = {"model": str(model.path)}
+        doc.update({"ir": to_dict(model.graph)} if "ir" in stages else {})
+        doc.update({"backward": to_dict(bsd), "pairing": [p.__dict__ for p in pairing(bsd)]}
+                   if "backward" in stages else {})
+        doc.update({"plan": plan.to_dict()} if "plan" in stages else {})
+        text = json.dumps(doc, indent=1)
+    else:
+        parts = {
+            "ir": lambda: "== forward network F (validated)\n" + format_graph(model.graph),
+            "backward": lambda: "== BSD graph: F + derived backward network B + local losses\n"
+                                + format_graph(bsd) + "\n" + _pairing_table(bsd),
+            "plan": lambda: "== plan\n" + str(plan) + "\n\n" + _energy_bound(model.graph),
+        }
+        text = "\n\n".join(parts[s]() for s in stages)
+    _write(text, args.output, args.force)
+    return 0
+
+
+def _energy_bound(graph) -> str:
+    from bsdgraph.tools.energy import estimate, format_energy
+    from bsdgraph.ir.graph import Op
+
+    rates = {n.name: 1.0 for n in graph.by_op(Op.LIF)}
+    return format_energy(estimate(graph, rates, input_rate=1.0), "assumed 100 % (an upper bound; "
+                         "`bsdgraph bench --energy` measures them)")
+
+
+def _write(text: str, output: str | None, force: bool = False) -> None:
+    if output:
+        outputs.write_text(output, text + "\n", force)
+        print(f"wrote {output}", file=sys.stderr)
+    else:
+        print(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bsdgraph", description="Compile and run spiking networks trained with "
+                                "Bidirectional Spike-based Distillation (BSD).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    c = sub.add_parser("compile", help="validate a model, derive its backward network, lower it to a plan",
+                       description="Load MODEL.py, call build(), validate, derive the BSD backward network and "
+                                   "local losses, lower to a kernel plan, and print the requested stages.")
+    c.add_argument("model", metavar="MODEL.py")
+    c.add_argument("--emit", choices=["ir", "backward", "plan", "dot", "all"], default="all",
+                   help="stage to show: ir (F), backward (F + derived B + losses + pairing), plan, all (default), "
+                        "or dot (the BSD graph for Graphviz)")
+    c.add_argument("--json", action="store_true", help="machine-readable JSON instead of text")
+    c.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    c.add_argument("--force", action="store_true", help="replace FILE even if bsdgraph did not write it")
+    c.set_defaults(fn=cmd_compile)
+    cli_train.register(sub)
+    cli_bench.register(sub)
+    cli_interop.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse exits 2 on usage errors and 0 on --help
+        return int(exit_.code or 0)
+    prefix = getattr(args, "model", None)
+    try:
+        _check_values(args)
+        return args.fn(args)
+    except GraphError as err:
+        for d in err.diagnostics:
+            print(_one_line(f"{prefix}: {d}"), file=sys.stderr)
+        print(_one_line(f"{prefix}: invalid model ({len(err.diagnostics)} problem(s))"), file=sys.stderr)
+        return 1
+    except (ModelError, DataError, CheckpointError, TrainingError, PlotError, RunDirError, OutputError) as err:
+        print(_one_line(f"error: {err}"), file=sys.stderr)
+        return 1
+    except UsageError as err:
+        for problem in err.problems:
+            print(_one_line(f"bsdgraph: error: {problem}"), file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader of stdout went away (`bsdgraph compile M.py | head`): nothing to say
+        return _reader_gone()
+    except OSError as err:  # e.g. -o into a missing directory
+        print(_one_line(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": ")), file=sys.stderr)
+        return 1
+    except ExecutionError as err:  # the runtime's own error: it names the node that failed; torch's text can run on
+        # for a page (an overload list), its first line says what failed
+        print(_one_line(f"error: {str(err).splitlines()[0]}"), file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else "MemoryError"
+        print(f"error: out of memory ({reason}); the model, T or the batch is too large for this machine. Fix: "
+              "make it smaller (--batch-size, layer widths, T)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its control characters escaped: a message is one line, whatever a file name or a NIR node name
+    it quotes holds (a line break in one split a usage message in two, found by fuzzing)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _check_values(args) -> None:
+    """argparse (Python 3.11) stores ``[]`` for ``--flag=--`` without calling the flag's type, or appends it to a
+    repeatable flag's list (found by fuzzing: tracebacks, or the flag silently ignored); no option of bsdgraph
+    takes a list as its value, so ``[]`` is always that."""
+    empty = [k for k, v in vars(args).items()
+             if isinstance(v, list) and (not v or any(isinstance(x, list) for x in v))]
+    if empty:
+        raise UsageError(*(f"argument --{k.replace('_', '-')}: expected a value, got '--'" for k in empty))
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """numpy raises MemoryError; torch's CPU allocator a RuntimeError (torch.OutOfMemoryError on a GPU)."""
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(err)
+
+
+SIGPIPE_EXIT = 128 + 13  # what a shell reports for a writer killed by SIGPIPE, as `cat` or `git log` are
+
+
+def _reader_gone() -> int:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not fail again, and end quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (in-process callers): nothing will be flushed to it
+        pass
+    return SIGPIPE_EXIT
+
+
+def entry() -> None:
+    try:
+        code = main()
+        sys.stdout.flush()  # the last buffered output can meet the closed pipe only here
+    except BrokenPipeError:
+        code = _reader_gone()
+    sys.exit(code)

@@ -1,0 +1,309 @@
+"""``bsdgraph train / eval / plot / recall``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from bsdgraph.tools import outputs
+from bsdgraph.errors import UsageError
+from bsdgraph.cli.common import apply_overrides, check_picture, count, data_args, data_origin, load_data, number, seed
+from bsdgraph.compiler.model_file import load_model
+from bsdgraph.train.config import BACKENDS
+
+
+def _emit_record(rec: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rec), flush=True)
+        return
+    metric = (f"test accuracy {100 * rec['test_accuracy']:.2f} %" if "test_accuracy" in rec
+              else f"test MSE {rec['test_mse']:.5f}")
+    losses = " ".join(f"{k} {v:.3f}" for k, v in rec["losses"].items())
+    print(f"epoch {rec['epoch']}: {metric} | losses {losses} | {rec['seconds']:.1f} s "
+          f"({rec['samples_per_s']:.0f} samples/s)", flush=True)
+    rates = " ".join(f"{k} {100 * v:.1f}%" for k, v in rec["rates"].items())
+    print(f"  firing rates: {rates}", flush=True)
+
+
+def cmd_train(args) -> int:
+    from bsdgraph.train import rundir
+    from bsdgraph.train.config import TrainConfig
+    from bsdgraph.parallel.train_parallel import world_rank
+
+    model = apply_overrides(load_model(args.model), args)
+    data = load_data(args, model)
+    cfg = TrainConfig.from_model(model.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                 seed=args.seed, init=args.init, schedule=args.schedule,
+                                 augment=True if args.augment else None)
+    out = Path(args.out or Path("runs") / model.path.stem)
+    as_json = args.json or not sys.stdout.isatty()
+    lead = world_rank()[0] == 0  # only rank 0 writes, so only rank 0 holds the run directory
+    claim = rundir.claim(out, model.path, resume=args.resume, force=args.force,
+                         record={"argv": sys.argv[1:], "data": data_origin(args, model)})
+    with claim if lead else contextlib.nullcontext():
+        return _train(args, model, data, cfg, out, as_json)
+
+
+def _train(args, model, data, cfg, out: Path, as_json: bool) -> int:
+    trainer, lead = _make_trainer(args, model, data, cfg, out, as_json)
+    say = (lambda text: print(text, file=sys.stderr)) if lead else (lambda text: None)
+    if args.resume:
+        trainer.resume()
+    else:
+        for syn, (factor, rate) in trainer.initialise().items():
+            say(f"calibrated {syn}: weights x{factor:.3g}, firing {100 * rate:.1f} %")
+    say(f"training {model.path} ({args.rule}, {trainer.backend} backend{_processes(trainer)}) on {data.name}: "
+        f"{data.n_train} train / {data.n_test} test samples, epochs {trainer.epoch + 1}..{cfg.epochs}")
+    history = trainer.run()
+    final = history[-1] if history else {}
+    summary = (f"test accuracy {100 * final['test_accuracy']:.2f} %" if "test_accuracy" in final
+               else f"test MSE {final.get('test_mse', float('nan')):.5f}")
+    say(f"done: {summary}; checkpoint {trainer.checkpoint_path}; metrics {out / 'metrics.jsonl'}; "
+        f"plots: bsdgraph plot {out}")
+    return 0
+
+
+def _make_trainer(args, model, data, cfg, out, as_json):
+    """(trainer, whether this process reports): one process, or under torchrun (RANK and WORLD_SIZE set) one
+    rank of a data-parallel or (--layer-parallel) pipelined run; only rank 0 prints and writes."""
+    from bsdgraph.parallel.distributed import launched
+    from bsdgraph.train.trainer import Trainer, default_backend, tqdm_progress
+
+    def report(rec: dict) -> None:
+        _report(rec, as_json)
+
+    if not launched():
+        if args.layer_parallel:
+            raise UsageError("--layer-parallel runs one pipeline stage per process: start it with torchrun "
+                             "--nproc-per-node K -m bsdgraph train ... --layer-parallel")
+        return Trainer(model, data, cfg, out, rule=args.rule, backend=args.backend, log=report,
+                       progress=None if as_json else tqdm_progress()), True
+    from bsdgraph.parallel.train_parallel import parallel_trainer, world_rank
+
+    lead = world_rank()[0] == 0
+    trainer = parallel_trainer(args.layer_parallel, model, data, cfg, out, args.rule,
+                               args.backend or default_backend(), log=report if lead else (lambda rec: None))
+    return trainer, lead
+
+
+def _processes(trainer) -> str:
+    comm = getattr(trainer, "comm", None)
+    return f", {trainer.mode}-parallel on {comm.world} processes" if comm else ""
+
+
+def _report(rec: dict, as_json: bool) -> None:
+    _emit_record(rec, as_json)
+    for w in rec["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def cmd_eval(args) -> int:
+    from bsdgraph.train.trainer import evaluate, load_for_eval
+
+    model = apply_overrides(load_model(args.model), args)
+    rt, ck = load_for_eval(model, Path(args.checkpoint), args.backend)
+    data = load_data(args, model)
+    result = {"checkpoint": args.checkpoint, "epoch": ck["epoch"], "rule": ck.get("rule"),
+              **{f"test_{k}": v for k, v in evaluate(rt, data.x_test, data.y_test).items()}}
+    if args.frechet_classifier:
+        from bsdgraph.tools.frechet import reconstruction_frechet
+
+        if model.target != "input":
+            raise UsageError(f"--frechet-classifier compares reconstructions with their originals; {model.path} is "
+                             "not an autoencoder (its model file has no TARGET = 'input')")
+        if data.n_test < 2:  # a covariance of one sample does not exist
+            raise UsageError(f"--frechet-classifier fits a Gaussian to the test samples and needs at least 2, got "
+                             f"{data.n_test} (--limit-test)")
+        result["test_frechet"] = reconstruction_frechet(rt, data.x_test, args.frechet_classifier)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        metric = (f"test accuracy {100 * result['test_accuracy']:.2f} %" if "test_accuracy" in result
+                  else f"test MSE {result['test_mse']:.5f}")
+        if "test_frechet" in result:
+            metric += (f", Fréchet distance {result['test_frechet']:.3f} in the feature space of the classifier "
+                       f"{args.frechet_classifier}")
+        print(f"{args.checkpoint} (epoch {ck['epoch']}, {result['rule']}): {metric} on {data.n_test} samples")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from bsdgraph.tools import plot
+    from bsdgraph.train import rundir
+
+    run = Path(args.run_dir)
+    records = plot.read_metrics(run)
+    if not records:
+        raise plot.PlotError(f"{run / 'metrics.jsonl'} holds no epoch yet")
+    about = rundir.describe(run)
+    if about:
+        print(about, file=sys.stderr)
+    written = [plot.plot_curves(records, run), plot.plot_rates(records, run)]
+    ck = run / "checkpoint.pt"
+    if ck.is_file():
+        written += _plot_samples(args, run, ck, records)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _plot_samples(args, run: Path, ck: Path, records: list[dict]) -> list[Path]:
+    """raster.png (BSD runs) and reconstructions.png (autoencoders) of test samples, from the checkpoint's own
+    graph and weights. The model file runs only when the user names it (--model): a checkpoint is data, and the
+    path it records is not the user's choice of code to run."""
+    from bsdgraph.tools import plot
+    from bsdgraph.train import rundir
+    from bsdgraph.train.checkpoint import load_checkpoint, require
+    from bsdgraph.ir.printer import from_json
+
+    doc = require(load_checkpoint(ck), ck)
+    graph = from_json(doc["graph"])  # the graph trained, whatever --bsd / --lif options made it
+    model = load_model(args.model) if args.model else _model_of_checkpoint(doc, graph)
+    if not args.model and rundir.manifest(run).get("data") == "model" and not (args.npz or args.data_dir):
+        print(f"note: no raster: the run trained on its model file's own data(), and bsdgraph does not run a model "
+              f"file you did not name; pass --model (e.g. --model {run / 'model_source.py'})", file=sys.stderr)
+        return []
+    data = load_data(args, model)
+    i = args.sample
+    if not 0 <= i < data.n_test:
+        raise UsageError(f"--sample {i} is out of range: the test split has {data.n_test} samples")
+    written = []
+    if model.target == "input":  # an autoencoder: originals beside what F reconstructs
+        x = data.x_test[i:i + 10]
+        written.append(plot.plot_reconstructions(x, plot.reconstruct(graph, doc["params"], doc["state"], x), run))
+    if records[-1].get("rule") == "bsd":
+        written.append(plot.plot_raster(graph, doc["params"], doc["state"], data.x_test[i:i + 1],
+                                        data.y_test[i:i + 1], run))
+    return written
+
+
+def _model_of_checkpoint(doc: dict, graph):
+    """A Model made of what the checkpoint records (no code runs): F's input and output for the data checks, and
+    the target (``TARGET = "input"`` for an autoencoder; a checkpoint older than that record is an autoencoder when
+    its regression output is exactly as large as its stimulus, which is what load_model requires of one)."""
+    import math
+
+    from bsdgraph.compiler.feedback import BSDConfig
+    from bsdgraph.ir.graph import Op
+    from bsdgraph.compiler.model_file import Model
+
+    target = doc.get("target")
+    if target not in ("labels", "input"):
+        x, out = graph.by_op(Op.INPUT)[0], graph.by_op(Op.OUTPUT)[0]
+        same = out.attrs["task"] == "regression" and math.prod(out.shape) == math.prod(x.shape)
+        target = "input" if same else "labels"
+    return Model(Path(doc["model"]), graph, BSDConfig(), target=target)
+
+
+FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"]
+
+
+def cmd_recall(args) -> int:
+    from bsdgraph.tools import plot
+    from bsdgraph.ir.printer import from_json
+    from bsdgraph.train.trainer import load_for_eval
+
+    check_picture(args.out, "--out")
+    outputs.claim(args.out, args.force, "--out")
+    model = apply_overrides(load_model(args.model), args)  # the edits the checkpoint was trained with
+    _, doc = load_for_eval(model, Path(args.checkpoint))  # checks that the checkpoint belongs to this model
+    if doc.get("rule") != "bsd":
+        raise UsageError(f"{args.checkpoint} was trained with {doc.get('rule')}: it has no backward network")
+    images = plot.recall_images(from_json(doc["graph"]), doc["params"], doc["state"])
+    names = FASHION_NAMES if len(images) == 10 and "fmnist" in model.path.stem else None
+    with outputs.replacing(args.out, args.force, "--out") as tmp:
+        plot.plot_recall(images, tmp, names)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a model with BSD (or BPTT) and checkpoint every epoch",
+                       description="Train MODEL.py. Hyper-parameters default from the model's TRAIN dict; "
+                                   "command-line values override them. Under torchrun (torchrun "
+                                   "--nproc-per-node N -m bsdgraph train ...) N processes train data-parallel, "
+                                   "or layer-parallel with --layer-parallel.")
+    t.add_argument("model", metavar="MODEL.py")
+    t.add_argument("--epochs", type=count(1), help="epochs to train in all (default: the model's TRAIN, else 3)")
+    t.add_argument("--batch-size", type=count(1), help="samples per step (default: the model's TRAIN, else 128)")
+    t.add_argument("--lr", type=number(0, 10), help="AdamW learning rate (default: the model's TRAIN, else 1e-3)")
+    t.add_argument("--seed", type=seed, help="seed of weights, shuffling and Poisson spikes (default: TRAIN, else 0)")
+    t.add_argument("--backend", choices=BACKENDS, help="runtime (default: triton with a CUDA GPU, else cpu)")
+    t.add_argument("--rule", choices=["bsd", "bptt"], default="bsd",
+                   help="bsd (local learning, default) or bptt (surrogate-gradient backprop baseline)")
+    t.add_argument("--init", choices=["default", "calibrated"], help="weight initialisation")
+    t.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule over epochs")
+    t.add_argument("--augment", action="store_true", help="random +-2 px shifts and horizontal flips (images)")
+    _model_edits(t)
+    data_args(t)
+    t.add_argument("--limit-train", type=count(1), metavar="N", help="train on the first N samples only")
+    t.add_argument("--out", metavar="RUN_DIR", help="where checkpoint.pt and metrics.jsonl go (default "
+                   "runs/<model>)")
+    t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt (with any number "
+                   "of processes)")
+    t.add_argument("--force", action="store_true", help="start over in a RUN_DIR that holds a checkpoint (it is "
+                   "deleted) or files bsdgraph did not write (they are replaced)")
+    t.add_argument("--json", action="store_true", help="one JSON line per epoch (default when stdout is not a "
+                   "terminal)")
+    t.add_argument("--layer-parallel", action="store_true", help="under torchrun: one pipeline stage of "
+                   "consecutive layers per process; F's spikes go up, B's class-coded spikes down, no gradient "
+                   "is sent (default under torchrun: data-parallel, each process a shard of every batch)")
+    t.set_defaults(fn=cmd_train)
+
+
+def _model_edits(p) -> None:
+    """Edits of the model file without changing it; eval takes them too, to match a checkpoint trained with them."""
+    p.add_argument("--lif", action="append", metavar="KEY=VALUE", help="set a LIF parameter on every neuron "
+                   "(e.g. --lif v_th=0.6); repeatable")
+    p.add_argument("--bsd", action="append", metavar="KEY=VALUE", help="set a BSD option (e.g. --bsd "
+                   "negatives=other_class, --bsd distill_on=membrane, --bsd freq=False); repeatable")
+    p.add_argument("--encoding", choices=["direct", "poisson", "sequence"], help="override the input encoding")
+
+
+def _plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="write PNG plots of a training run",
+                       description="Write curves.png (test metric, per-layer losses), rates.png (firing rates), "
+                                   "raster.png (spikes of one test sample through F and B; BSD runs) and, for an "
+                                   "autoencoder (TARGET = 'input'), reconstructions.png (10 test images from "
+                                   "--sample on, originals above F's reconstructions) into RUN_DIR.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--model", metavar="MODEL.py", help="model file to load the test data with (needed only for a "
+                   "model that brings its own data(); by default the checkpoint's graph is used and no model file "
+                   "runs)")
+    p.add_argument("--sample", type=count(0), default=0, help="test sample for the raster, first one of the "
+                   "reconstructions (default 0)")
+    data_args(p)
+    p.set_defaults(fn=cmd_plot)
+
+
+def _eval_parser(sub) -> None:
+    e = sub.add_parser("eval", help="evaluate a checkpoint on the test split",
+                       description="Evaluate the forward network F of a checkpoint on the test split.")
+    e.add_argument("model", metavar="MODEL.py")
+    e.add_argument("--checkpoint", required=True, metavar="FILE")
+    e.add_argument("--backend", choices=BACKENDS)
+    _model_edits(e)
+    e.add_argument("--frechet-classifier", metavar="CLASSIFIER_CKPT", help="autoencoders: also report the Fréchet "
+                   "distance between the test images and their reconstructions in the feature space of this trained "
+                   "classifier (a bsdgraph train checkpoint, e.g. of models/fmnist_mlp.py; not Inception FID)")
+    data_args(e)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+
+def register(sub) -> None:
+    _train_parser(sub)
+    _eval_parser(sub)
+    _plot_parser(sub)
+    r = sub.add_parser("recall", help="render what the backward network B recalls for every class",
+                       description="Run B of a trained BSD checkpoint on every class code and save its bottom "
+                                   "reconstruction (the stimulus it generates) as an image grid.")
+    r.add_argument("model", metavar="MODEL.py")
+    r.add_argument("--checkpoint", required=True, metavar="FILE")
+    r.add_argument("--out", default="recall.png", metavar="FILE.png")
+    r.add_argument("--force", action="store_true", help="replace FILE.png even if bsdgraph did not write it")
+    _model_edits(r)
+    r.set_defaults(fn=cmd_recall)

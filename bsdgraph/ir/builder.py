@@ -1,0 +1,141 @@
+"""The one mutable object of the IR: ``GraphBuilder``, which models call to declare a forward network."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from bsdgraph.ir.diagnostics import Diagnostic, GraphError
+from bsdgraph.ir.graph import Edge, FrozenAttrs, Graph, Node, Op, Stream, default_attrs
+from bsdgraph.ir.infer import infer_node_shape
+from bsdgraph.ir.validate import validate as validate_graph
+
+
+def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+class GraphBuilder:
+    """The one mutable object of the IR: models call its methods in topological order, then ``build()``.
+
+    Each method returns the new node's name. Shapes are inferred as nodes are added, so a mistake is reported
+    at the line that made it (a ``GraphError`` naming the node), and ``build()`` validates the whole graph.
+    """
+
+    def __init__(self, name: str, T: int = 4, dt: float = 1.0):
+        self.name, self.T, self.dt = name, T, dt
+        self._nodes: dict[str, Node] = {}
+        self._edges: list[Edge] = []
+        self._counts: dict[str, int] = {}
+
+    # -- generic
+    def add(self, op: Op, inputs: list[str] | tuple[str, ...] = (), name: str | None = None,
+            stream: Stream = Stream.F, shape: tuple[int, ...] | None = None, detach: bool = False,
+            **attrs: Any) -> str:
+        """Add a node. Its shape is inferred from its inputs unless given (sources give theirs)."""
+        name = name or self._fresh(op.value)
+        if name in self._nodes:
+            raise GraphError([Diagnostic(name, op, "a node of this name already exists", "choose another name")])
+        for i in inputs:
+            if i not in self._nodes:
+                    raise GraphError([Diagnostic(name, op, f"input {i!r} does not exist", "add it before its consumer")])
+        node = Node(name, op, FrozenAttrs(default_attrs(op, **attrs)), tuple(shape or ()), stream)
+        if shape is None:
+            node = node.replace(shape=infer_node_shape(node, [self._nodes[i] for i in inputs]))
+        self._nodes[name] = node
+        self._edges += [Edge(src, name, port, 0, detach) for port, src in enumerate(inputs)]
+        return name
+
+    def connect(self, src: str, dst: str, port: int, delay: int = 0, detach: bool = False) -> None:
+        """Add an extra operand edge (e.g. a recurrent one with ``delay >= 1``)."""
+        self._edges.append(Edge(src, dst, port, delay, detach))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._nodes[name].shape
+
+    def build(self, validate: bool = True) -> Graph:
+        g = Graph(self.name, list(self._nodes.values()), list(self._edges), self.T, self.dt)
+        if validate:
+            validate_graph(g)
+        return g
+
+    def _fresh(self, stem: str) -> str:
+        self._counts[stem] = self._counts.get(stem, 0) + 1
+        return f"{stem}{self._counts[stem]}"
+
+    # -- sugar used by models/*.py
+    def input(self, shape: tuple[int, ...], encoding: str = "direct", name: str = "x") -> str:
+        return self.add(Op.INPUT, [], name=name, shape=tuple(shape), encoding=encoding)
+
+    def linear(self, x: str, out_features: int, bias: bool = True, name: str | None = None) -> str:
+        in_shape = self._nodes[x].shape
+        in_features = in_shape[-1] if in_shape else 0  # a non-flat input is diagnosed by the shape rule
+        return self.add(Op.LINEAR, [x], name=name or self._fresh("fc"), in_features=in_features,
+                        out_features=out_features, bias=bias)
+
+    def conv2d(self, x: str, out_channels: int, kernel: int | tuple[int, int], stride: int | tuple[int, int] = 1,
+               padding: int | tuple[int, int] = 0, bias: bool = True, name: str | None = None) -> str:
+        in_shape = self._nodes[x].shape
+        return self.add(Op.CONV2D, [x], name=name or self._fresh("conv"), in_channels=in_shape[0] if in_shape else 0,
+                        out_channels=out_channels, kernel=_pair(kernel), stride=_pair(stride),
+                        padding=_pair(padding), bias=bias)
+
+    def conv_transpose2d(self, x: str, out_channels: int, kernel: int | tuple[int, int],
+                         stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                         output_padding: int | tuple[int, int] = 0, bias: bool = True, name: str | None = None) -> str:
+        """A decoder synapse (e.g. an autoencoder's upsampling path); B mirrors it with a Conv2d that restores its
+        input shape exactly."""
+        in_shape = self._nodes[x].shape
+        return self.add(Op.CONV_T2D, [x], name=name or self._fresh("deconv"),
+                        in_channels=in_shape[0] if in_shape else 0, out_channels=out_channels, kernel=_pair(kernel),
+                        stride=_pair(stride), padding=_pair(padding), output_padding=_pair(output_padding), bias=bias)
+
+    def avgpool2d(self, x: str, kernel: int | tuple[int, int], stride=None, name: str | None = None) -> str:
+        return self.add(Op.AVGPOOL2D, [x], name=name or self._fresh("pool"), kernel=_pair(kernel),
+                        stride=None if stride is None else _pair(stride))
+
+    def maxpool2d(self, x: str, kernel: int | tuple[int, int], stride=None, name: str | None = None) -> str:
+        return self.add(Op.MAXPOOL2D, [x], name=name or self._fresh("pool"), kernel=_pair(kernel),
+                        stride=None if stride is None else _pair(stride))
+
+    def upsample2d(self, x: str, size: int | tuple[int, int], name: str | None = None) -> str:
+        """Nearest-neighbour upsampling to ``size`` (an integer multiple of the input's height and width, so that
+        B's mirror, an average pool, restores the input shape)."""
+        return self.add(Op.UPSAMPLE2D, [x], name=name or self._fresh("up"), size=_pair(size))
+
+    def flatten(self, x: str, name: str | None = None) -> str:
+        return self.add(Op.FLATTEN, [x], name=name or self._fresh("flat"))
+
+    def batchnorm(self, x: str, eps: float = 1e-5, momentum: float = 0.1, name: str | None = None) -> str:
+        shape = self._nodes[x].shape
+        return self.add(Op.BATCHNORM, [x], name=name or self._fresh("bn"), num_features=shape[0] if shape else 0,
+                        eps=eps, momentum=momentum)
+
+    def lif(self, x: str, tau: float = 2.0, v_th: float = 0.3, v_reset: float = 0.0, reset: str = "hard",
+            surrogate: str = "atan", alpha: float = 2.0, name: str | None = None) -> str:
+        return self.add(Op.LIF, [x], name=name or self._fresh("h"), tau=tau, v_th=v_th, v_reset=v_reset,
+                        reset=reset, surrogate=surrogate, alpha=alpha)
+
+    def recurrent_lif(self, current: str, tau: float = 2.0, v_th: float = 0.3, v_reset: float = 0.0,
+                      reset: str = "hard", alpha: float = 2.0, name: str | None = None) -> str:
+        """A recurrent layer's neurons: ``lif(current + rec(s[t-1]))``, where ``rec`` is a Linear (no bias) from the
+        layer's own spikes through a delay-1 edge. Returns the LIF node; ``rec``'s weight is learned like any other.
+        """
+        (width,) = self._nodes[current].shape or (0,)
+        lif = name or self._fresh("h")
+        rec = f"{lif}_rec"
+        # rec reads the LIF that does not exist yet: declare it with its known shape, wire its delayed edge last
+        self._nodes[rec] = Node(rec, Op.LINEAR, FrozenAttrs(default_attrs(Op.LINEAR, in_features=width,
+                                                                          out_features=width, bias=False)), (width,))
+        total = self.add(Op.ADD, [current, rec], name=f"{lif}_in")
+        self.lif(total, tau=tau, v_th=v_th, v_reset=v_reset, reset=reset, alpha=alpha, name=lif)
+        self.connect(lif, rec, 0, delay=1)
+        return lif
+
+    def output(self, x: str, task: str = "classification", target: str | None = None, population: int = 1,
+               name: str = "out") -> str:
+        width = math.prod(self._nodes[x].shape)
+        target = target or ("analog" if task != "classification" else "population" if population > 1 else "onehot")
+        n_classes = width // max(population, 1) if task == "classification" else 0
+        return self.add(Op.OUTPUT, [x], name=name, task=task, target=target, n_classes=n_classes,
+                        population=population)

@@ -1,0 +1,296 @@
+"""Training and evaluation: epochs of local BSD steps (or BPTT), metrics, health warnings, atomic checkpoints.
+
+Resume is exact: a checkpoint holds weights of F and B, batchnorm statistics, optimiser state, the shuffling
+generator's state and the step counter (which seeds Poisson encoding), so 2 epochs straight and 1 + resumed 1
+give identical weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bsdgraph.train.calibrate import calibrate
+from bsdgraph.train.checkpoint import (
+    CheckpointError, load_checkpoint, remove_stale_temporaries, require, save_checkpoint,
+)
+from bsdgraph.train.data import Dataset, augment, batches
+from bsdgraph.compiler.feedback import derive_feedback
+from bsdgraph.ir.graph import Op
+from bsdgraph.compiler.model_file import Model
+from bsdgraph.ir.params import init_params
+from bsdgraph.ir.printer import to_json
+from bsdgraph.train.config import TrainConfig, TrainingError
+
+SILENT, SATURATED = 0.001, 0.90  # firing-rate bounds of a healthy layer (spec: warn below 0.1 %, above 90 %)
+
+
+def backends() -> dict[str, Callable]:
+    from bsdgraph.runtime.cpu import CPURuntime
+    from bsdgraph.runtime.reference import ReferenceRuntime
+    from bsdgraph.runtime.triton import TritonRuntime
+
+    return {"reference": ReferenceRuntime, "cpu": CPURuntime, "triton": TritonRuntime}
+
+
+def default_backend() -> str:
+    """triton when a CUDA GPU is present, else the cpu backend."""
+    return "triton" if torch.cuda.is_available() else "cpu"
+
+
+def make_runtime(model: Model, rule: str, backend: str, cfg: TrainConfig, params=None, state=None,
+                 training: bool = True, batch: int | None = None):
+    """The runtime for ``rule`` (bsd | bptt) on ``backend``; returns (runtime, graph it runs). Refuses, before
+    anything is allocated, a model whose estimated memory (training at ``batch``, default the config's, and
+    evaluating at its eval batch; or evaluating only) exceeds what the device has free."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # BPTT runs where BSD would
+    graph = model.graph if rule == "bptt" else derive_feedback(model.graph, model.bsd)
+    check_memory(graph, rule, device, batch or cfg.batch_size, cfg.eval_batch_size, training)
+    if rule == "bptt":
+        from bsdgraph.runtime.bptt import BPTTRuntime
+
+        return BPTTRuntime(model.graph, params, cfg.optim(), cfg.seed, state, device=device), model.graph
+    bsd = graph
+    if backend == "triton":
+        from bsdgraph.runtime.triton import available
+
+        ok, why = available()
+        if not ok:
+            raise TrainingError(f"--backend triton: {why}; use --backend cpu")
+    runtime = backends()[backend]
+    return runtime(bsd, params=params, opt=cfg.optim(), seed=cfg.seed, state=state), bsd
+
+
+def check_memory(graph, rule: str, device: str, batch: int, eval_batch: int, training: bool = True) -> None:
+    """``memory.check_fits`` of training (or only evaluating) ``graph``, as a TrainingError (exit 1)."""
+    from bsdgraph.train import memory
+
+    est = (memory.estimate(graph, batch, rule, optimizer=True, eval_batch=eval_batch) if training
+           else memory.estimate(graph, eval_batch, rule, optimizer=False))
+    try:
+        memory.check_fits(est, device)
+    except memory.MemoryBudgetError as err:
+        raise TrainingError(str(err)) from None
+
+
+@torch.no_grad()
+def evaluate(rt, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
+    """Accuracy (classification) or MSE (regression) of F alone on a split."""
+    out = rt.graph.by_op(Op.OUTPUT)[0]
+    correct, sq, n = 0, 0.0, 0
+    for xb, yb in batches(x, y, batch_size):
+        pred = rt.predict(xb)
+        if out.attrs["task"] == "classification":
+            correct += int((pred.argmax(1).cpu() == yb).sum())
+        else:
+            sq += float(((pred.cpu().reshape(yb.shape) - yb) ** 2).sum())
+        n += len(yb)
+    if out.attrs["task"] == "classification":
+        return {"accuracy": correct / max(n, 1)}
+    return {"mse": sq / max(n * int(y[0].numel()), 1)}
+
+
+def health_warnings(rates: dict[str, float]) -> list[str]:
+    out = []
+    for name, r in rates.items():
+        if r < SILENT:
+            out.append(f"layer {name} is silent ({100 * r:.3f} % firing): it passes no information; try "
+                       "--init calibrated or a lower v_th")
+        elif r > SATURATED:
+            out.append(f"layer {name} is saturated ({100 * r:.1f} % firing); try a higher v_th or a smaller lr")
+    return out
+
+
+def _check_finite(rt, losses: dict[str, float], where: str) -> None:
+    for name, v in losses.items():
+        if not math.isfinite(v):
+            node = rt.graph[name] if name in rt.graph else None
+            layer = f" (layer {node.attrs['layer']})" if node is not None else ""
+            raise TrainingError(f"loss {name}{layer} is {v} {where}; training stopped")
+    for key, p in rt.params.items():
+        if not bool(torch.isfinite(p).all()):
+            raise TrainingError(f"weights of layer {key.rsplit('.', 1)[0]} ({key}) are not finite {where}; "
+                                "training stopped")
+    for key, v in rt.state.items():  # batchnorm running statistics: NaN there spares the losses but not eval
+        if not bool(torch.isfinite(v).all()):
+            raise TrainingError(f"{key.rsplit('.', 1)[1]} of layer {key.rsplit('.', 1)[0]} ({key}) is not finite "
+                                f"{where}; training stopped")
+
+
+class Trainer:
+    """Runs epochs, writes ``metrics.jsonl`` and ``checkpoint.pt`` into ``out`` after each epoch."""
+
+    def __init__(self, model: Model, data: Dataset, cfg: TrainConfig, out: Path, rule: str = "bsd",
+                 backend: str | None = None, log: Callable[[dict], None] = lambda rec: None,
+                 progress: Callable | None = None):
+        self.model, self.data, self.cfg, self.out, self.rule = model, data, cfg, Path(out), rule
+        self.backend = backend or default_backend()
+        self.log, self.progress = log, progress
+        if cfg.augment and len(data.sample_shape) != 3:
+            raise TrainingError(f"--augment shifts and flips images, but samples have shape {data.sample_shape}")
+        self.rt, self.graph = self._runtime()
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.epoch, self.history = 0, []
+        self.checkpoint_path = self.out / "checkpoint.pt"
+
+    # -- set-up
+    def initialise(self) -> dict[str, tuple[float, float]]:
+        """Apply ``init = calibrated`` on the first training batch (before any step)."""
+        if self.cfg.init != "calibrated":
+            return {}
+        params = init_params(self.graph, self.cfg.seed)
+        idx = torch.randperm(self.data.n_train, generator=torch.Generator().manual_seed(self.cfg.seed))[:256]
+        report = calibrate(self.graph, params, self.data.x_train[idx], self.data.y_train[idx], band=self.cfg.init_band)
+        self.rt, _ = self._runtime(params=params)
+        return report
+
+    def _runtime(self, params=None, state=None):
+        """(runtime, graph): the one place a trainer builds its runtime (train_parallel.py overrides it)."""
+        return make_runtime(self.model, self.rule, self.backend, self.cfg, params=params, state=state)
+
+    def resume(self) -> None:
+        self._restore(require(load_checkpoint(self.checkpoint_path), self.checkpoint_path))
+
+    def _restore(self, ck: dict[str, Any]) -> None:
+        if not same_graph(ck.get("graph"), self.graph) or ck.get("rule") != self.rule:
+            raise CheckpointError(f"{self.checkpoint_path}: was written for another graph or rule "
+                                  f"({ck.get('rule')}); train into a fresh --out directory or fix the model")
+        self.rt, _ = self._runtime(params=ck["params"], state=ck["state"])
+        try:  # require() checked its structure; what torch still refuses is named, not a traceback
+            self.rt.optimizer.load_state_dict(ck["optimizer"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"{self.checkpoint_path}: unusable checkpoint: optimizer state does not fit the "
+                                  f"model ({type(err).__name__}: {err})") from None
+        self.rt.steps = ck["steps"]
+        self.gen.set_state(ck["rng"])
+        self.epoch, self.history = ck["epoch"], list(ck["history"])
+
+    def _save(self) -> None:
+        try:
+            save_checkpoint(self.checkpoint_path, self._payload())
+        except (OSError, MemoryError) as err:  # disk full, quota, read-only, no memory for the serialised copy:
+            # save_checkpoint left the previous checkpoint intact
+            kept = (f"it still holds epoch {self.epoch - 1}" if self.checkpoint_path.is_file()
+                    else "no checkpoint was written")
+            why, fix = ((err.strerror or str(err), "free space") if isinstance(err, OSError) else
+                        (f"out of memory: {err}", "free memory or make the model smaller"))
+            raise TrainingError(f"{self.checkpoint_path}: could not write the checkpoint of epoch {self.epoch} "
+                                f"({why}); {kept}. Fix: {fix}, then train again with --resume") from None
+
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "model": str(self.model.path), "graph": to_json(self.graph), "rule": self.rule, "target": self.model.target,
+            "backend": self.backend, "train": dataclasses.asdict(self.cfg),
+            "params": {k: v.detach().cpu() for k, v in self.rt.params.items()},
+            "state": {k: v.cpu() for k, v in self.rt.state.items()},
+            "optimizer": self.rt.optimizer.state_dict(), "rng": self.gen.get_state(), "epoch": self.epoch,
+            "steps": self.rt.steps, "history": self.history,
+        }
+
+    # -- the loop
+    def run(self) -> list[dict]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.checkpoint_path)  # a run killed after its last save has no save to do it
+        self._write_metrics(self.history, "w")
+        while self.epoch < self.cfg.epochs:
+            record = self._epoch()
+            self.epoch += 1
+            self.history.append(record)
+            self._save()
+            self._write_metrics([record], "a")
+            self.log(record)
+        return self.history
+
+    def _write_metrics(self, records: list[dict], mode: str) -> None:
+        """Append records to metrics.jsonl, or ("w") replace it atomically with exactly the checkpoint's history:
+        a run killed between its checkpoint and its metrics line, or in the middle of that line, would otherwise
+        resume with a missing or torn record (docs/reliability.md, defect 18)."""
+        path = self.out / "metrics.jsonl"
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        try:
+            if mode == "a":
+                with open(path, "a") as fh:
+                    fh.write(text)
+                return
+            tmp = path.with_name(f"{path.name}.tmp")  # a killed writer's leftover is overwritten next time
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError as err:
+            raise TrainingError(f"{path}: could not write the metrics ({err.strerror or err}); the checkpoint of "
+                                f"epoch {self.epoch} is intact. Fix: free space, then train again with "
+                                "--resume") from None
+
+    def _epoch(self) -> dict:
+        lr = self.cfg.lr_at(self.epoch)
+        for group in self.rt.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum: dict[str, float] = {}
+        rate_sum: dict[str, float] = {}
+        n_batches, start = 0, time.perf_counter()
+        it = batches(self.data.x_train, self.data.y_train, self.cfg.batch_size, shuffle=True, generator=self.gen)
+        total = math.ceil(self.data.n_train / self.cfg.batch_size)
+        for xb, yb in (self.progress(it, total, self.epoch) if self.progress else it):
+            if self.cfg.augment:
+                xb = augment(xb, self.gen)
+            if not bool(torch.isfinite(xb).all()):  # the loaders refuse such data; a Dataset built in Python may not
+                stimulus = self.graph.by_op(Op.INPUT)[0].name
+                raise TrainingError(f"the input batch of epoch {self.epoch + 1}, step {n_batches + 1} holds NaN or "
+                                    f"Inf values (layer 0, the stimulus {stimulus!r}); training stopped")
+            result = self.rt.step(xb, yb)
+            _check_finite(self.rt, result.losses, f"at epoch {self.epoch + 1}, step {n_batches + 1}")
+            for k, v in result.losses.items():
+                loss_sum[k] = loss_sum.get(k, 0.0) + v
+            for k, v in result.rates.items():
+                rate_sum[k] = rate_sum.get(k, 0.0) + v
+            n_batches += 1
+        seconds = time.perf_counter() - start
+        rates = {k: v / n_batches for k, v in rate_sum.items()}
+        test = evaluate(self.rt, self.data.x_test, self.data.y_test, self.cfg.eval_batch_size)
+        return {
+            "epoch": self.epoch + 1, "lr": lr, **{f"test_{k}": v for k, v in test.items()},
+            "losses": {k: v / n_batches for k, v in loss_sum.items()}, "rates": rates,
+            "warnings": health_warnings(rates), "seconds": round(seconds, 3),
+            "samples_per_s": round(self.data.n_train / seconds, 1), "rule": self.rule, "backend": self.backend,
+        }
+
+
+def tqdm_progress(stream=sys.stderr):
+    """A tqdm progress bar per epoch when ``stream`` is a terminal, else None."""
+    if not stream.isatty():
+        return None
+    from tqdm import tqdm
+
+    return lambda it, total, epoch: tqdm(it, total=total, desc=f"epoch {epoch + 1}", leave=False, file=stream)
+
+
+def same_graph(saved: str | None, graph) -> bool:
+    """Whether a checkpoint's saved graph JSON is ``graph``, after reading it back (so attributes added since it
+    was written take their defaults instead of making an old checkpoint look like another model's)."""
+    from bsdgraph.ir.printer import from_json
+    from bsdgraph.ir.diagnostics import GraphError
+
+    try:
+        return isinstance(saved, str) and to_json(from_json(saved)) == to_json(graph)
+    except GraphError:
+        return False
+
+
+def load_for_eval(model: Model, checkpoint: Path, backend: str | None = None):
+    """A runtime holding a checkpoint's weights, checked against ``model``'s graph."""
+    ck = require(load_checkpoint(checkpoint), checkpoint, ("graph", "rule", "params", "state", "epoch"))
+    cfg = TrainConfig.from_model(dict(ck.get("train", {})))  # require() checked it
+    rule = ck["rule"]
+    rt, graph = make_runtime(model, rule, backend or default_backend(), cfg, params=ck["params"], state=ck["state"],
+                             training=False)
+    if not same_graph(ck.get("graph"), graph):
+        raise CheckpointError(f"{checkpoint}: was trained on a different graph than {model.path}")
+    return rt, ck
