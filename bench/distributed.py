@@ -6,7 +6,7 @@ Every configuration runs in freshly spawned processes with one torch thread each
 on two cores spin-wait, CONTRIBUTING.md), on loopback gloo. The configurations are interleaved round after round
 so that a busy machine slows them alike; the medians over rounds are reported, with the per-round ratios.
 
-- ``1 proc``: ``CPURuntime.step`` on the full batch (1 thread); ``1 proc x2 thr``: the same with 2 threads;
+- ``1 proc``: ``cpu_runtime.step`` on the full batch (1 thread); ``1 proc x2 thr``: the same with 2 threads;
   ``1 proc, B/2``: one thread on half the batch (what each data-parallel rank computes, without communication).
 - ``DP 2``: 2 ranks, each its half of every batch, gradients all-reduced (``bsdgraph.parallel.distributed``).
 - ``LP 2``: 2 pipeline stages streaming ``steps`` micro-batches of ``batch`` (``bsdgraph.parallel.layer_parallel``); the
@@ -64,18 +64,18 @@ def _timed_steps(rt, data, warmup: int) -> float:
 def _worker(rank: int, world: int, port: int, mode: str, args: dict, out: str) -> None:
     torch.set_num_threads(args.get("threads", 1))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    from bsdgraph.runtime.cpu import CPURuntime
+    from bsdgraph.runtime.cpu import cpu_backend, cpu_runtime
 
     graph, warmup, steps = _graph(args["model"]), 3, args["steps"]
     data = _data(graph, args["batch"], warmup + steps)
     result: dict = {}
     if mode == "single":
-        result["seconds"] = _timed_steps(CPURuntime(graph, seed=0), data, warmup)
+        result["seconds"] = _timed_steps(cpu_runtime(graph, seed=0), data, warmup)
     elif mode == "dp":
-        from bsdgraph.parallel.distributed import Comm, data_parallel
+        from bsdgraph.parallel.distributed import Comm, DataParallelExecutor
 
         comm = Comm.from_env()
-        rt = data_parallel(CPURuntime)(graph, comm=comm, seed=0)
+        rt = DataParallelExecutor(graph, cpu_backend(), comm=comm, seed=0)
         for x, y in data[:warmup]:
             rt.step(x, y)
         comm.traffic.clear()
@@ -93,11 +93,11 @@ def _worker(rank: int, world: int, port: int, mode: str, args: dict, out: str) -
 
 def _pipeline(graph, data, warmup: int, steps: int) -> dict:
     from bsdgraph.parallel.distributed import Comm
-    from bsdgraph.parallel.layer_parallel import DistLinks, pipeline_stage, run_stage
-    from bsdgraph.runtime.cpu import CPURuntime
+    from bsdgraph.parallel.layer_parallel import DistLinks, PipelineStage, run_stage
+    from bsdgraph.runtime.cpu import cpu_backend, cpu_runtime
 
     comm = Comm.from_env()
-    stage = pipeline_stage(CPURuntime)(graph, stage=comm.rank, n_stages=comm.world, seed=0)
+    stage = PipelineStage(graph, cpu_backend(), stage=comm.rank, n_stages=comm.world, seed=0)
     run_stage(stage, DistLinks(comm), data[:warmup])
     links = DistLinks(comm)
     comm.barrier("start")
@@ -126,9 +126,9 @@ def lag_accuracy(model_path: str, epochs: int, stage_counts: list[int]) -> None:
     """What B's lag costs in accuracy: the pipeline schedule emulated in one process (its weights equal the
     multi-process run's, tests/test_distributed.py) with 1, 2, 3 ... stages, on Fashion-MNIST."""
     from bsdgraph.train.data import batches, load_idx_dataset
-    from bsdgraph.parallel.layer_parallel import emulate, pipeline_stage
+    from bsdgraph.parallel.layer_parallel import PipelineStage, emulate
     from bsdgraph.compiler.model_file import load_model
-    from bsdgraph.runtime.cpu import CPURuntime
+    from bsdgraph.runtime.cpu import cpu_backend, cpu_runtime
     from bsdgraph.train.config import TrainConfig
     from bsdgraph.train.trainer import evaluate
 
@@ -136,13 +136,13 @@ def lag_accuracy(model_path: str, epochs: int, stage_counts: list[int]) -> None:
     model, ds = load_model(model_path), load_idx_dataset(None)
     graph, cfg = _graph(model_path), TrainConfig.from_model(load_model(model_path).train)
     for k in stage_counts:
-        stages = [pipeline_stage(CPURuntime)(graph, stage=r, n_stages=k, seed=cfg.seed, opt=cfg.optim())
+        stages = [PipelineStage(graph, cpu_backend(), stage=r, n_stages=k, seed=cfg.seed, opt=cfg.optim())
                   for r in range(k)]
         gen, start = torch.Generator().manual_seed(cfg.seed), time.perf_counter()
         for _ in range(epochs):
             emulate(stages, list(batches(ds.x_train, ds.y_train, cfg.batch_size, shuffle=True, generator=gen)))
         params = {name: p for s in stages for name, p in s.params.items()}
-        acc = evaluate(CPURuntime(graph, params=params), ds.x_test, ds.y_test)["accuracy"]
+        acc = evaluate(cpu_runtime(graph, params=params), ds.x_test, ds.y_test)["accuracy"]
         print(f"{model.path.name}: {k} stage(s), {epochs} epoch(s): test accuracy {100 * acc:.2f} % "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
 

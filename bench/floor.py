@@ -35,6 +35,7 @@ from bsdgraph.tools.bench import _batch, roofline_probe, time_interleaved
 from bsdgraph.compiler.cost import plan_flops
 from bsdgraph.compiler.model_file import load_model  # noqa: E402
 from bsdgraph.compiler.passes import set_hidden_width  # noqa: E402
+from bsdgraph.compiler.program import compile_model  # noqa: E402
 from bsdgraph.train.config import TrainConfig
 from bsdgraph.train.trainer import make_runtime
 
@@ -51,12 +52,12 @@ def main() -> int:
 
     model = load_model(args.model)
     cfg = TrainConfig.from_model(model.train)
-    engine, bsd = make_runtime(model, "bsd", "cpu", cfg)
+    engine = make_runtime(compile_model(model), "cpu", cfg)
     x, y = _batch(model.graph, args.batch_size)
-    flop = plan_flops(engine.plan, bsd, args.batch_size)
+    flop = plan_flops(engine.plan, engine.graph, args.batch_size)
 
     tiny_model = dataclasses.replace(model, graph=set_hidden_width(model.graph, 8))
-    tiny, _ = make_runtime(tiny_model, "bsd", "cpu", cfg)
+    tiny = make_runtime(compile_model(tiny_model), "cpu", cfg)
     tx, ty = _batch(tiny_model.graph, 16)
 
     probe, probe_flop = roofline_probe()

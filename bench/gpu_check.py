@@ -230,7 +230,7 @@ def check_backends(cfg) -> list[Row]:
     fused recurrent Linear+LIF kernel. Same tolerances as those tests; untimed."""
     from bsdgraph import derive_feedback
     from bsdgraph.runtime.reference import ReferenceRuntime
-    from bsdgraph.runtime.triton import TritonRuntime
+    from bsdgraph.runtime.triton import triton_runtime
     from tests import test_recurrent as rec
     from tests.test_cpu_backend import assert_close_grads, assert_close_params, batch, well_conditioned
     from tests.test_triton_backend import CASES
@@ -244,7 +244,7 @@ def check_backends(cfg) -> list[Row]:
         x, y = data(bsd)
         name = f"{name} ({'fused' if fused else 'gemm+lif'})"
         ref = ReferenceRuntime(bsd, seed=3, device=DEVICE)
-        tri = TritonRuntime(bsd, seed=3, device=DEVICE, fuse_linear_lif=fused)
+        tri = triton_runtime(bsd, seed=3, device=DEVICE, fuse_linear_lif=fused)
         try:
             ref_grads, _, env = ref.gradients(x, y)
             if not well_conditioned(bsd, env):

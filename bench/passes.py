@@ -21,7 +21,7 @@ from bsdgraph.tools.bench import _batch, time_interleaved
 from bsdgraph.compiler.cost import plan_flops
 from bsdgraph.compiler.feedback import derive_feedback  # noqa: E402
 from bsdgraph.compiler.model_file import load_model  # noqa: E402
-from bsdgraph.runtime.cpu import CPURuntime  # noqa: E402
+from bsdgraph.runtime.cpu import cpu_runtime  # noqa: E402
 from bsdgraph.runtime.reference import ReferenceRuntime  # noqa: E402
 
 
@@ -38,10 +38,10 @@ def main() -> None:
     bsd = derive_feedback(model.graph, model.bsd)
     x, y = _batch(model.graph, args.batch_size)
     variants = {
-        "all passes": CPURuntime(bsd),
-        "no per-class B": CPURuntime(bsd, dedup=False),
-        "no time-invariant input": CPURuntime(bsd, time_invariant=False),
-        "neither": CPURuntime(bsd, dedup=False, time_invariant=False),
+        "all passes": cpu_runtime(bsd),
+        "no per-class B": cpu_runtime(bsd, dedup=False),
+        "no time-invariant input": cpu_runtime(bsd, time_invariant=False),
+        "neither": cpu_runtime(bsd, dedup=False, time_invariant=False),
         "reference runtime": ReferenceRuntime(bsd),
     }
     times = time_interleaved({k: (lambda rt=rt: rt.step(x, y)) for k, rt in variants.items()}, args.steps, 3)

@@ -14,7 +14,7 @@ from bsdgraph.train.data import batches
 from bsdgraph.compiler.feedback import derive_feedback
 from bsdgraph.ir.graph import Op, Stream
 from bsdgraph.compiler.model_file import load_model
-from bsdgraph.runtime.cpu import CPURuntime
+from bsdgraph.runtime.cpu import cpu_runtime
 from bsdgraph.train.config import TrainConfig
 from bsdgraph.train.trainer import evaluate
 
@@ -23,7 +23,7 @@ def main(path: str, epochs: int = 30, seed: int = 0) -> None:
     model = load_model(path)
     data = model.data()
     cfg = TrainConfig.from_model(model.train, seed=seed)
-    rt = CPURuntime(derive_feedback(model.graph, model.bsd), opt=cfg.optim(), seed=seed)
+    rt = cpu_runtime(derive_feedback(model.graph, model.bsd), opt=cfg.optim(), seed=seed)
     top = rt.graph.inputs(rt.graph.by_op(Op.OUTPUT)[0].name)[0].name
     assert rt.graph[top].stream == Stream.F
     apply = rt.apply

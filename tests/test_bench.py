@@ -10,7 +10,8 @@ from bsdgraph.cli.main import main
 from bsdgraph.compiler.lower import lower
 from bsdgraph.compiler.model_file import load_model
 from bsdgraph.ir.params import init_params
-from bsdgraph.runtime.cpu import CPURuntime
+from bsdgraph.runtime.cpu import cpu_runtime
+from bsdgraph.runtime.executor import MemoryProbe
 from tests.test_cpu_backend import batch
 
 
@@ -54,9 +55,11 @@ def test_peak_activation_memory_does_not_grow_with_depth():
     peaks, params = {}, {}
     for depth in (3, 6):
         bsd = mlp(depth)
-        rt = CPURuntime(bsd, seed=0)
+        rt = cpu_runtime(bsd, seed=0)
+        probe = MemoryProbe(rt.plan)
+        rt.observe(probe)
         rt.step(x, y)
-        peaks[depth] = rt.peak_bytes
+        peaks[depth] = probe.peak
         params[depth] = sum(p.numel() * 4 for p in init_params(bsd, 0).values())
     assert peaks[6] - peaks[3] <= params[6] - params[3], (peaks, params)
 

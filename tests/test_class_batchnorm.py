@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from bsdgraph.runtime.torch_kernels import _class_weighted_batch_norm, _class_weighted_batch_norm_backward
+from bsdgraph.runtime.torch_kernels import class_weighted_batch_norm, class_weighted_batch_norm_backward
 
 SHAPES = st.sampled_from([(), (3,), (2, 3)])  # per-channel feature map: linear, 1-D, 2-D
 
@@ -40,9 +40,9 @@ def test_class_weighted_batchnorm_equals_the_full_batch(T, counts, C, spatial, a
     out_t.backward(per_sample_grad.reshape(out_t.shape))
     g_in_t = torch.zeros_like(rows).index_add_(1, inverse, full.grad.reshape(T, -1, C, *spatial))
 
-    out, mean, invstd = _class_weighted_batch_norm(rows, counts, w, b, rm, rv, True, 0.1, 1e-5)
+    out, mean, invstd = class_weighted_batch_norm(rows, counts, w, b, rm, rv, True, 0.1, 1e-5)
     per_class_grad = torch.zeros_like(rows).index_add_(1, inverse, per_sample_grad)
-    g_in, g_w, g_b = _class_weighted_batch_norm_backward(per_class_grad, rows, counts, w, mean, invstd)
+    g_in, g_w, g_b = class_weighted_batch_norm_backward(per_class_grad, rows, counts, w, mean, invstd)
 
     expanded = out.index_select(1, inverse).reshape(out_t.shape)
     assert torch.allclose(expanded, out_t.detach(), atol=1e-10), "forward"
@@ -56,7 +56,7 @@ def test_eval_mode_uses_the_running_statistics():
     rows = torch.randn(2, 3, 4, 5, dtype=torch.float64)
     rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
     w, b = torch.rand(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
-    out, _, _ = _class_weighted_batch_norm(rows, torch.tensor([1, 7, 2]), w, b, rm.clone(), rv.clone(), False,
+    out, _, _ = class_weighted_batch_norm(rows, torch.tensor([1, 7, 2]), w, b, rm.clone(), rv.clone(), False,
                                            0.1, 1e-5)
     twin = F.batch_norm(rows.reshape(-1, 4, 5), rm, rv, w, b, False, 0.1, 1e-5)
     assert torch.allclose(out.reshape(twin.shape), twin, atol=1e-12)

@@ -1,5 +1,6 @@
 """The command line: exit codes (0 ok, 1 invalid model, 2 usage) and messages, never a traceback."""
 
+import ast
 import json
 import subprocess
 import sys
@@ -40,8 +41,13 @@ def test_compile_cnn_backward_shows_exact_transposed_convolutions(capsys):
 def test_every_model_file_compiles_to_json(capsys, model):
     code, out, _ = run(capsys, "compile", str(ROOT / "models" / model), "--json")
     doc = json.loads(out)
-    assert code == 0 and set(doc) == {"model", "ir", "backward", "pairing", "plan"}
+    assert code == 0 and set(doc) == {"model", "ir", "backward", "pairing", "plan", "step"}
     assert doc["plan"]["kernels"]
+    # the generated step: one statement per launch of the plan, and source Python accepts
+    step = doc["step"]["step"]
+    ast.parse(step)
+    assert [f"K[{i}](C[{i}]" in step for i in range(len(doc["plan"]["launches"]))] == [True] * len(
+        doc["plan"]["launches"])
 
 
 def test_output_file(capsys, tmp_path):

@@ -10,7 +10,7 @@ from bsdgraph.ir.graph import Stream
 from bsdgraph.runtime.losses import band_split, per_sample
 from bsdgraph.ir.neuron import lif_scan
 from bsdgraph.runtime import OptimConfig
-from bsdgraph.runtime.cpu import CPURuntime
+from bsdgraph.runtime.cpu import cpu_runtime
 from bsdgraph.runtime.reference import ReferenceRuntime
 from tests.strategies import any_graph, conv_graphs
 
@@ -95,7 +95,7 @@ def test_cpu_gradients_equal_the_reference(f, cfg):
     x, y = batch(bsd, scale=2.0)
     ref_grads, ref_losses, env = ReferenceRuntime(bsd, seed=4).gradients(x, y)
     assume(well_conditioned(bsd, env))
-    got_grads, got_losses = CPURuntime(bsd, seed=4).gradients(x, y)
+    got_grads, got_losses = cpu_runtime(bsd, seed=4).gradients(x, y)
     assert_close_grads(ref_grads, got_grads)
     for k, v in ref_losses.items():
         assert abs(float(v.detach()) - got_losses[k]) <= 1e-5 * max(1.0, abs(float(v.detach()))), k
@@ -108,7 +108,7 @@ def test_cpu_gradients_equal_the_reference_on_conv_nets_with_and_without_the_fre
     x, y = batch(bsd, scale=2.0)
     ref_grads, _, env = ReferenceRuntime(bsd, seed=5).gradients(x, y)
     assume(well_conditioned(bsd, env))
-    assert_close_grads(ref_grads, CPURuntime(bsd, seed=5).gradients(x, y)[0])
+    assert_close_grads(ref_grads, cpu_runtime(bsd, seed=5).gradients(x, y)[0])
 
 
 def test_conv_net_weights_state_and_predictions_after_steps_equal_the_reference():
@@ -121,7 +121,7 @@ def test_conv_net_weights_state_and_predictions_after_steps_equal_the_reference(
     # AdamW's first steps are ~lr * sign(g): gradient elements that are 0 up to rounding (components a batchnorm
     # downstream removes) would move by a random +-lr; eps = 1e-4 keeps them still while real gradients step ~lr.
     opt = OptimConfig(eps=1e-4)
-    ref, cpu = ReferenceRuntime(bsd, seed=4, opt=opt), CPURuntime(bsd, seed=4, opt=opt)
+    ref, cpu = ReferenceRuntime(bsd, seed=4, opt=opt), cpu_runtime(bsd, seed=4, opt=opt)
     for step in range(3):
         x, y = batch(bsd, B=8, seed=step, scale=2.0)
         probe = ReferenceRuntime(bsd, params=ref.params, state=ref.state)  # a copy: its forward updates BN stats
@@ -141,9 +141,9 @@ def test_mlp_step_matches_and_uses_the_time_invariant_input():
     h = g.lif(g.linear(h, 12))
     g.output(g.linear(h, 3))
     bsd = derive_feedback(g.build())
-    cpu = CPURuntime(bsd, seed=1, opt=OptimConfig(lr=1e-2))
+    cpu = cpu_runtime(bsd, seed=1, opt=OptimConfig(lr=1e-2))
     ref = ReferenceRuntime(bsd, seed=1, opt=OptimConfig(lr=1e-2))
-    assert cpu.is_time_invariant("x")  # direct encoding: the stimulus is stored once, not T times
+    assert cpu.plan.is_time_invariant("x")  # direct encoding: the stimulus is stored once, not T times
     for s in range(3):
         x, y = batch(bsd, B=9, seed=s, scale=3.0)
         r, c = ref.step(x, y), cpu.step(x, y)
@@ -157,18 +157,19 @@ def test_poisson_input_is_encoded_with_the_step_seed_on_both_runtimes():
     g.output(g.linear(g.lif(g.linear(g.input((7,), encoding="poisson"), 5)), 2))
     bsd = derive_feedback(g.build())
     x, y = batch(bsd, B=5)
-    ref, cpu = ReferenceRuntime(bsd, seed=2), CPURuntime(bsd, seed=2)
-    assert not cpu.is_time_invariant("x")
+    ref, cpu = ReferenceRuntime(bsd, seed=2), cpu_runtime(bsd, seed=2)
+    assert not cpu.plan.is_time_invariant("x")
     assert ref.step(x, y).losses == pytest.approx(cpu.step(x, y).losses, rel=1e-5)
 
 
 def test_backend_without_a_kernel_is_refused():
-    from bsdgraph.runtime.executor import Executor
+    from bsdgraph.runtime.executor import Backend, Executor
 
     g = GraphBuilder("m", T=2)
     g.output(g.linear(g.input((3,)), 2))
     with pytest.raises(ValueError, match=r"has no implementation of kernel\(s\) \['reco_loss_grad'"):
-        Executor(derive_feedback(g.build()), {"torch.one_hot": None, "torch.linear": None}, {})
+        Executor(derive_feedback(g.build()), Backend("partial", {"group_classes": None, "torch.one_hot": None,
+                                                               "torch.linear": None}, {}))
 
 
 @given(any_graph, st.sampled_from([BSDConfig(), BSDConfig(distill_on="membrane", negatives="other_class"),
@@ -205,7 +206,7 @@ def test_deduplicated_backward_network_with_batchnorm_equals_the_plain_plan():
     gen = torch.Generator().manual_seed(3)
     x, y = torch.rand(8, 1, 8, 8, generator=gen) * 2.0, torch.tensor([2, 0, 2, 1, 2, 0, 2, 2])
     assert well_conditioned(bsd, ReferenceRuntime(bsd, seed=2).losses(x, y)[1], require_activity=True)
-    plain, dedup = CPURuntime(bsd, seed=2, dedup=False), CPURuntime(bsd, seed=2, dedup=True)
+    plain, dedup = cpu_runtime(bsd, seed=2, dedup=False), cpu_runtime(bsd, seed=2, dedup=True)
     (g_plain, l_plain), (g_dedup, l_dedup) = plain.gradients(x, y), dedup.gradients(x, y)
     assert l_plain == pytest.approx(l_dedup, rel=1e-5)
     assert_close_grads(g_plain, g_dedup)
@@ -214,7 +215,7 @@ def test_deduplicated_backward_network_with_batchnorm_equals_the_plain_plan():
 
 
 def _gradients_with_plan(bsd, dedup, x, y):
-    rt = CPURuntime(bsd, seed=2, dedup=dedup)
+    rt = cpu_runtime(bsd, seed=2, dedup=dedup)
     assert rt.plan.dedup == dedup
     return rt.gradients(x, y)
 
@@ -238,12 +239,12 @@ def test_time_invariant_input_pass_preserves_results():
     g.output(g.linear(h, 3))
     bsd = derive_feedback(g.build())
     x, y = batch(bsd, B=9, scale=3.0)
-    fast, slow = CPURuntime(bsd, seed=1), CPURuntime(bsd, seed=1, time_invariant=False)
-    assert fast.is_time_invariant("x") and not slow.is_time_invariant("x")
+    fast, slow = cpu_runtime(bsd, seed=1), cpu_runtime(bsd, seed=1, time_invariant=False)
+    assert fast.plan.is_time_invariant("x") and not slow.plan.is_time_invariant("x")
     assert "encode_direct" in slow.plan.kernels() and "encode_direct" not in fast.plan.kernels()
     # the first synapse's current, which ReCo reads (distill_on=current), is then time-invariant too: stored once
     first = next(c.name for c in bsd.consumers(bsd.by_op(Op.FLATTEN)[0].name) if c.op == Op.LINEAR)
-    assert fast.is_time_invariant(first) and not slow.is_time_invariant(first)
+    assert fast.plan.is_time_invariant(first) and not slow.plan.is_time_invariant(first)
     (g_fast, l_fast), (g_slow, l_slow) = fast.gradients(x, y), slow.gradients(x, y)
     assert l_fast == pytest.approx(l_slow, rel=1e-6)
     assert_close_grads(g_slow, g_fast)
@@ -323,7 +324,8 @@ def _pooled(h, w, k, stride):
 def test_the_cnn_plan_keeps_pooled_spikes_as_uint8():
     from bsdgraph.compiler.lower import lower
     from bsdgraph.compiler.model_file import load_model
+    from bsdgraph.compiler.plan import value
 
     plan = lower(derive_feedback(load_model("models/fmnist_cnn.py").graph))
-    dtypes = {b.name: b.dtype for b in plan.buffers}
-    assert dtypes["pool1"] == dtypes["pool2"] == "u8" and dtypes["h1"] == "u8"
+    dtypes = {b.ref: b.dtype for b in plan.buffers}
+    assert dtypes[value("pool1")] == dtypes[value("pool2")] == "u8" and dtypes[value("h1")] == "u8"

@@ -6,11 +6,12 @@ import torch
 from bsdgraph import BSDConfig, GraphBuilder, Op, Stream, derive_feedback
 from bsdgraph.compiler.feedback import local_params
 from bsdgraph.ir.graph import GroupOp
-from bsdgraph.runtime.cpu import CPURuntime
-from bsdgraph.runtime.triton import TritonRuntime
+from bsdgraph.compiler.plan import Kind, Launch, value
+from bsdgraph.runtime.cpu import cpu_runtime
+from bsdgraph.runtime.triton import triton_runtime
 from tests.test_cpu_backend import batch
 
-BACKENDS = {"cpu": CPURuntime, "triton": TritonRuntime}
+BACKENDS = {"cpu": cpu_runtime, "triton": triton_runtime}
 
 
 def graphs():
@@ -33,12 +34,8 @@ def setup(request):
     backend, model, distill_on = request.param
     bsd = derive_feedback(graphs()[model], BSDConfig(distill_on=distill_on))
     rt = BACKENDS[backend](bsd, seed=1)
-    trace: list[tuple[str, dict]] = []
-    for name, fn in list(rt.kernels.items()):  # record what every launch leaves in the buffers
-        def wrapped(ex, la, fn=fn):
-            fn(ex, la)
-            trace.append((la, {w: ex.buf.get(w) for w in la.writes}))
-        rt.kernels = {**rt.kernels, name: wrapped}
+    trace: list[tuple[Launch, dict]] = []
+    rt.observe(lambda la, ins, outs: trace.append((la, dict(zip(la.writes, outs)))))  # what every launch wrote
     return bsd, rt, trace
 
 
@@ -58,8 +55,8 @@ def test_c2_each_loss_writes_only_the_gradients_of_its_own_layer(setup):
         if la.phase == "loss":
             current = la.nodes[0]
         for w in la.writes:
-            if w.endswith(".grad"):
-                written.setdefault(current, set()).add(w.split(".")[0])
+            if w.kind == Kind.PARAM_GRAD:
+                written.setdefault(current, set()).add(w.node)
     for loss in bsd.by_op(*GroupOp.LOSS):
         assert written.get(loss.name, set()) == set(local_params(bsd, loss.name)), loss.name
 
@@ -79,13 +76,13 @@ def test_c4_neurons_emit_binary_spikes_and_synapses_read_spikes(setup, mode):
     bsd, rt, trace = setup
     x, y = batch(bsd, B=5, scale=2.0)
     rt.step(x, y) if mode == "train" else rt.predict(x)
-    lif_out = {la.nodes[-1]: out[la.nodes[-1]] for la, out in trace
+    lif_out = {la.nodes[-1]: out[value(la.nodes[-1])] for la, out in trace
                if la.phase.startswith("forward") and bsd[la.nodes[-1]].op == Op.LIF}
     assert lif_out, "no LIF launch was traced"
     for name, s in lif_out.items():
         assert s.dtype == torch.uint8 and set(s.unique().tolist()) <= {0, 1}, name
     for la, _ in trace:  # every synapse reads spikes (pooled), the direct stimulus or the target code
-        if la.phase.startswith("forward") and bsd[la.nodes[0]].op in GroupOp.SYNAPSE:
+        if la.phase.startswith("forward") and la.nodes and bsd[la.nodes[0]].op in GroupOp.SYNAPSE:
             src = bsd.inputs(la.nodes[0])[0]
             while src.op in GroupOp.TRANSFORM:
                 src = bsd.inputs(src.name)[0]
@@ -102,10 +99,10 @@ def test_c5_no_error_signal_crosses_a_layer(setup):
         if la.phase == "loss":
             current = la.nodes[0]
             assert bsd[current].op in (Op.RECO, Op.CE, Op.MSE)  # sums of squares / CE on the top current
-        reads_grad = any(r.startswith("grad:") for r in la.reads)
+        reads_grad = any(r.kind in (Kind.GRAD, Kind.PARAM_GRAD) for r in la.reads)
         if reads_grad:
             own = set(local_params(bsd, current)) | {n.name for n in bsd.nodes if _feeds(bsd, n.name, current)}
-            assert set(la.nodes) <= own, (la.kernel, la.nodes, current)
+            assert la.nodes and set(la.nodes) <= own, (la.kernel, la.nodes, current)
 
 
 def _feeds(bsd, node: str, loss: str) -> bool:

@@ -12,6 +12,7 @@ into full-size steps of pure rounding noise in *any* two runs). Replicas must be
 Layer-parallel comparisons are exact: same kernels, same shapes, one thread everywhere.
 """
 
+import functools
 import json
 import os
 import socket
@@ -32,7 +33,7 @@ from bsdgraph.ir.graph import GroupOp, Op, Stream
 from bsdgraph.compiler.lower import can_dedup
 from bsdgraph.compiler.model_file import load_model
 from bsdgraph.runtime.common import OptimConfig
-from bsdgraph.runtime.cpu import CPURuntime
+from bsdgraph.runtime.cpu import cpu_backend, cpu_runtime
 from bsdgraph.train.config import TrainConfig
 from bsdgraph.train.trainer import Trainer
 
@@ -115,7 +116,7 @@ def _dp_worker(rank: int, world: int, port: int, folder: str) -> None:
     """Rank ``rank``: one epoch of each model data-parallel, a direct run counting bytes, then rank 1 dies and
     rank 0 must fail with a DistributedError (written to fault.txt) instead of hanging."""
     child_env(port, rank, world)
-    from bsdgraph.parallel.distributed import Comm, DistributedError, data_parallel
+    from bsdgraph.parallel.distributed import Comm, DataParallelExecutor, DistributedError
     from bsdgraph.parallel.train_parallel import DataParallelTrainer
 
     out = Path(folder)
@@ -127,7 +128,7 @@ def _dp_worker(rank: int, world: int, port: int, folder: str) -> None:
                                           out / name, comm=comm)
             trainer.run()
             torch.save(trainer.rt.params, out / f"{name}_params_{rank}.pt")
-        rt = data_parallel(CPURuntime)(bsd_graph(out / "mlp.py"), comm=comm, seed=0)
+        rt = DataParallelExecutor(bsd_graph(out / "mlp.py"), cpu_backend(), comm=comm, seed=0)
         comm.traffic.clear()
         for x, y in dp_batches():
             rt.step(x, y)
@@ -196,7 +197,7 @@ def check_equals_one_process_on_the_full_batch(folder: Path, name: str) -> None:
         single.run()
     ck = torch.load(folder / name / "checkpoint.pt", weights_only=True)
     replicas = [torch.load(folder / f"{name}_params_{r}.pt", weights_only=True) for r in range(2)]
-    init = CPURuntime(single.graph, seed=0).params
+    init = cpu_runtime(single.graph, seed=0).params
     for key, p in single.rt.params.items():
         assert torch.equal(replicas[0][key], replicas[1][key]), f"{name} {key}: the ranks' replicas drifted apart"
         diff = (ck["params"][key] - p).abs().max()
@@ -232,7 +233,7 @@ def check_sends_only_gradients_for_a_class_coded_b(folder: Path) -> None:
     """MLP (B deduplicated per class): per step one all-reduce of every gradient (4 bytes each, x 2(N-1)/N = 1)
     and of the step's metrics (float64); no activation is gathered."""
     graph = bsd_graph(folder / "mlp.py")
-    n_params = sum(p.numel() for p in CPURuntime(graph, seed=0).params.values())
+    n_params = sum(p.numel() for p in cpu_runtime(graph, seed=0).params.values())
     n_metrics = len(graph.by_op(*GroupOp.LOSS)) + len(graph.by_op(Op.LIF))
     for rank in range(2):
         traffic = json.loads((folder / f"traffic_{rank}.json").read_text())
@@ -246,12 +247,12 @@ def staleness_reference(graph, micro_batches, n_stages: int) -> dict[str, torch.
     """The documented schedule written directly, without the pipeline code: micro-batch after micro-batch, the
     gradients of stage r's parameters taken with the B weights of stage r+j from before micro-batch
     max(m - 2j, 0) and every other weight current; then per-node clipping and AdamW as usual."""
-    from bsdgraph.parallel.layer_parallel import node_layers, pipeline_stage, split
+    from bsdgraph.parallel.layer_parallel import PipelineStage, node_layers, split
     from bsdgraph.runtime.common import make_optimizer
     from bsdgraph.runtime.local_adamw import adamw_step
 
-    probe = pipeline_stage(CPURuntime)(graph, stage=0, n_stages=1, seed=0)  # B for every class, all weights
-    stage_of, layer = split(graph, n_stages), node_layers(graph)
+    probe = PipelineStage(graph, cpu_backend(), stage=0, n_stages=1, seed=0)  # B for every class, all weights
+    stage_of, layer = split(probe.plan, graph, n_stages), node_layers(graph)
     owner = {k: stage_of[layer[k.rsplit(".", 1)[0]]] for k in probe.params}
     is_b = {k: graph[k.rsplit(".", 1)[0]].stream.value == "B" for k in probe.params}
     current = {k: v.clone() for k, v in probe.params.items()}
@@ -275,11 +276,11 @@ def lp_micro_batches(n: int = 96, batch: int = 16, seed: int = 0):
 
 
 def test_layer_parallel_schedule_equals_its_reference_and_counts_spike_bytes(tmp_path):
-    from bsdgraph.parallel.layer_parallel import emulate, pipeline_stage
+    from bsdgraph.parallel.layer_parallel import PipelineStage, emulate
 
     graph = bsd_graph(write_models(tmp_path)["mlp"])
     micro = lp_micro_batches()
-    stage_cls = pipeline_stage(CPURuntime)
+    stage_cls = functools.partial(PipelineStage, backend=cpu_backend())
     results = {}
     with one_thread():
         for k in (1, 2, 3):
@@ -289,7 +290,7 @@ def test_layer_parallel_schedule_equals_its_reference_and_counts_spike_bytes(tmp
             reference = staleness_reference(graph, micro, k)
             for name, p in reference.items():
                 assert torch.equal(results[k][name], p), f"{k} stages: {name} differs from the reference"
-        plain = CPURuntime(graph, seed=0)
+        plain = cpu_runtime(graph, seed=0)
         for x, y in micro:
             plain.step(x, y)
     assert all(torch.equal(results[1][k], p) for k, p in plain.params.items()), "1 stage == the plain step"
@@ -306,18 +307,18 @@ def test_layer_parallel_schedule_equals_its_reference_and_counts_spike_bytes(tmp
 def test_layer_parallel_refuses_batchnorm_in_the_backward_network(tmp_path):
     """B with batchnorm runs per class on one process (count-weighted statistics), but its rows then depend on the
     batch's class counts, so one table per class cannot serve every micro-batch: refused with the way out."""
-    from bsdgraph.parallel.layer_parallel import LayerParallelError, pipeline_stage
+    from bsdgraph.parallel.layer_parallel import LayerParallelError, PipelineStage
 
     graph = bsd_graph(write_models(tmp_path)["cnn"])
     assert can_dedup(graph) and any(n.op == Op.BATCHNORM and n.stream == Stream.B for n in graph.nodes)
     with pytest.raises(LayerParallelError, match="train it data-parallel instead"):
-        pipeline_stage(CPURuntime)(graph, stage=0, n_stages=2, seed=0)
+        PipelineStage(graph, cpu_backend(), stage=0, n_stages=2, seed=0)
 
 
 def test_layer_parallel_on_two_processes_equals_the_emulation(tmp_path):
     """torchrun, 2 processes, `bsdgraph train --layer-parallel`: the checkpoint rank 0 writes holds the weights
     the one-process emulation of the same schedule computes; one process then resumes it."""
-    from bsdgraph.parallel.layer_parallel import emulate, pipeline_stage
+    from bsdgraph.parallel.layer_parallel import PipelineStage, emulate
 
     model_path = write_models(tmp_path)["mlp"]
     ds = make_synthetic(96, 24, SHAPE, CLASSES, seed=1)
@@ -339,11 +340,11 @@ def test_layer_parallel_on_two_processes_equals_the_emulation(tmp_path):
     assert ck["parallel"] == {"mode": "layer", "processes": 2} and ck["steps"] == 6
     graph = bsd_graph(model_path)
     with one_thread():
-        stages = [pipeline_stage(CPURuntime)(graph, stage=r, n_stages=2, seed=0, opt=OptimConfig(lr=1e-2))
+        stages = [PipelineStage(graph, cpu_backend(), stage=r, n_stages=2, seed=0, opt=OptimConfig(lr=1e-2))
                   for r in range(2)]
         emulate(stages, lp_micro_batches())
     expected = {name: p for s in stages for name, p in s.params.items()}
-    init = CPURuntime(graph, seed=0).params
+    init = cpu_runtime(graph, seed=0).params
     assert list(ck["params"]) == list(init)  # the one-process order: its optimiser state is indexed by it
     for name, p in expected.items():
         assert torch.equal(ck["params"][name], p), name

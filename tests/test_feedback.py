@@ -165,7 +165,7 @@ def test_the_recall_loss_trains_only_bs_bottom_synapse():
     # without any effect on what F learns.
     import torch
 
-    from bsdgraph.runtime.cpu import CPURuntime
+    from bsdgraph.runtime.cpu import cpu_runtime
 
     g = GraphBuilder("m", T=3)
     h = g.lif(g.linear(g.flatten(g.input((1, 5, 5))), 16))
@@ -175,7 +175,7 @@ def test_the_recall_loss_trains_only_bs_bottom_synapse():
     x, y = torch.rand(8, 1, 5, 5, generator=gen) * 2, torch.arange(8) % 4
     runs = {}
     for loss in ("reco", "mse"):
-        rt = CPURuntime(derive_feedback(f, BSDConfig(recall_loss=loss)), seed=0)
+        rt = cpu_runtime(derive_feedback(f, BSDConfig(recall_loss=loss)), seed=0)
         for _ in range(4):
             rt.step(x, y)
         runs[loss] = rt.params

@@ -23,9 +23,10 @@ from bsdgraph.ir.neuron import lif_scan
 from bsdgraph.runtime import OptimConfig, philox
 from bsdgraph.runtime.bptt import BPTTRuntime
 from bsdgraph.runtime.common import clip_per_node, encode_input, encode_target, step_seed
-from bsdgraph.runtime.cpu import CPURuntime
+from bsdgraph.runtime.cpu import cpu_runtime
 from bsdgraph.runtime.local_adamw import step_per_node
 from bsdgraph.runtime.reference import ReferenceRuntime
+from bsdgraph.compiler.program import compile_model
 from bsdgraph.train.trainer import Trainer, evaluate, health_warnings, make_runtime
 from bsdgraph.train.config import TrainConfig
 from kernels.ref import encode as twin_encode
@@ -128,15 +129,20 @@ def _zero_gradients(rt, rule: str) -> None:
         rt.loss = lambda v, y: sum((p * 0).sum() for p in rt.params.values())
     elif isinstance(rt, ReferenceRuntime):
         rt.gradients = lambda x, y: ({k: torch.zeros_like(p) for k, p in rt.params.items()}, {}, {})
-    else:  # the executor's kernels hand every local gradient to write_grads
-        write = rt.write_grads
-        rt.write_grads = lambda owner, grads: write(owner, {k: torch.zeros_like(g) for k, g in grads.items()})
+    else:  # every kernel's parameter gradients, zeroed: a backend is data, so wrap its table
+        from bsdgraph.compiler.plan import Kind
+
+        def zeroed(fn):
+            return lambda ctx, *ins: tuple(torch.zeros_like(v) if w.kind == Kind.PARAM_GRAD and v is not None else v
+                                           for w, v in zip(ctx.launch.writes, fn(ctx, *ins)))
+
+        rt.backend = rt.backend.with_kernels("zero-gradients", **{k: zeroed(fn) for k, fn in rt.kernels.items()})
 
 
 @pytest.mark.parametrize("rule, backend", [("bsd", "cpu"), ("bsd", "reference"), ("bptt", "cpu")])
 def test_a_step_with_zero_gradients_is_exactly_the_decoupled_weight_decay(rule, backend):
     model = Model(Path("gaps.py"), mlp(), BSDConfig())
-    rt, _ = make_runtime(model, rule, backend, TrainConfig(lr=LR, weight_decay=WD, clip=1.0))
+    rt = make_runtime(compile_model(model, rule), backend, TrainConfig(lr=LR, weight_decay=WD, clip=1.0))
     _zero_gradients(rt, rule)
     x, y = batch()
     # three steps: the cpu backend's first update goes through optimizer.step(), later ones through the fused
@@ -181,7 +187,7 @@ def test_population_output_trains_the_same_on_cpu_and_reference():
     for b, c in enumerate(y.tolist()):
         want[b, 3 * c: 3 * c + 3] = 1
     assert torch.equal(env["target"][0], want)
-    g_cpu, _ = CPURuntime(bsd, seed=1).gradients(x, y)
+    g_cpu, _ = cpu_runtime(bsd, seed=1).gradients(x, y)
     assert_close_grads(g_ref, g_cpu)  # tolerances: tests/test_cpu_backend.py
 
 
@@ -274,11 +280,16 @@ def _stimulus_spikes(rt, x, y):
     """The Poisson stimulus a runtime encodes at its current training step."""
     if isinstance(rt, ReferenceRuntime):
         return rt.losses(x, y)[1]["x"].detach()
-    rt.predict(x)  # runs F with the step's seed and keeps its buffers
-    return rt.buf["x"].clone()
+    from bsdgraph.compiler.plan import value
+
+    written = {}
+    rt.observe(lambda la, ins, outs: written.update(zip(la.writes, outs)))  # what each launch wrote
+    rt.predict(x)  # runs F with the step's seed
+    rt.observers.clear()
+    return written[value("x")].clone()
 
 
-@pytest.mark.parametrize("runtime", [ReferenceRuntime, CPURuntime], ids=["reference", "cpu"])
+@pytest.mark.parametrize("runtime", [ReferenceRuntime, cpu_runtime], ids=["reference", "cpu"])
 def test_runtimes_draw_new_poisson_spikes_at_every_training_step(runtime):
     bsd = derive_feedback(mlp(n_in=256, encoding="poisson"))
     x, y = torch.full((16, 256), 0.5), torch.arange(16) % 3
@@ -395,7 +406,7 @@ def _mirrored(bsd):
             if n.stream == Stream.F and n.op in GroupOp.SYNAPSE and f"{n.name}_b" in bsd]
 
 
-@pytest.mark.parametrize("runtime", [ReferenceRuntime, CPURuntime], ids=["reference", "cpu"])
+@pytest.mark.parametrize("runtime", [ReferenceRuntime, cpu_runtime], ids=["reference", "cpu"])
 def test_backward_weights_stay_independent_of_forward_weights(runtime):
     bsd = derive_feedback(mlp(), BSDConfig(recall_loss="mse"))  # with recall, B mirrors both synapses
     pairs = _mirrored(bsd)

@@ -250,7 +250,7 @@ def test_recall_false_trains_every_shipped_image_model():
     from bsdgraph import Op
     from bsdgraph.train.data import make_synthetic
     from bsdgraph.compiler.feedback import derive_feedback, segment
-    from bsdgraph.runtime.cpu import CPURuntime
+    from bsdgraph.runtime.cpu import cpu_runtime
 
     for name in ("fmnist_mlp", "fmnist_cnn", "fmnist_ae", "cifar_cnn"):
         model = load_model(MODELS / f"{name}.py")
@@ -259,7 +259,7 @@ def test_recall_false_trains_every_shipped_image_model():
         assert f"{first.synapse}_b" not in bsd and f"{first.neuron}_b" not in bsd
         ds = make_synthetic(2, 1, model.graph.by_op(Op.INPUT)[0].shape, 10, seed=0)
         y = ds.y_train if model.target == "labels" else ds.x_train.reshape(2, -1)
-        result = CPURuntime(bsd, seed=0).step(ds.x_train, y)
+        result = cpu_runtime(bsd, seed=0).step(ds.x_train, y)
         assert result.losses and "reco0" not in result.losses, name
         assert all(np.isfinite(v) for v in result.losses.values()), name
 

@@ -1,12 +1,15 @@
 """IR: builder, frozen nodes and graphs, the stable text printer, JSON round-trips."""
 
+import copy
 import dataclasses
+import pickle
 
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 from bsdgraph import GraphBuilder, GraphError, Op, derive_feedback, format_graph, from_json, to_json
-from bsdgraph.ir.graph import FrozenAttrs, Node
+from bsdgraph.ir.graph import FrozenAttrs, Graph, Node
 from tests.strategies import any_graph
 
 
@@ -48,6 +51,125 @@ def test_nodes_and_graphs_are_frozen():
 def test_frozen_attrs_hash_and_equality():
     a, b = FrozenAttrs({"k": [1, 2]}), FrozenAttrs({"k": (1, 2)})
     assert a == b and hash(a) == hash(b) and a["k"] == (1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------- FrozenAttrs
+
+# What attributes hold: numbers, bools, None, strings, and tuples (lists) and mappings of them, nested.
+_leaves = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=4)
+_values = st.recursive(
+    _leaves,
+    lambda inner: st.lists(inner, max_size=3) | st.lists(inner, max_size=3).map(tuple)
+    | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
+attr_dicts = st.dictionaries(st.text(max_size=8), _values, max_size=5)
+
+
+@st.composite
+def an_equal_value(draw, v):
+    """A value ``== v`` of possibly another type: 2 <-> 2.0, True <-> 1 <-> 1.0, list <-> tuple, nested."""
+    if isinstance(v, (list, tuple)):
+        return draw(st.sampled_from([list, tuple]))(draw(an_equal_value(x)) for x in v)
+    if isinstance(v, dict):
+        return {k: draw(an_equal_value(x)) for k, x in v.items()}
+    if isinstance(v, bool):
+        return draw(st.sampled_from([v, int(v), float(v)]))
+    if isinstance(v, int) and abs(v) <= 2**53:  # exactly representable as a float
+        return draw(st.sampled_from([v, float(v)]))
+    if isinstance(v, float) and v.is_integer():
+        return draw(st.sampled_from([v, int(v)]))
+    return v
+
+
+@pytest.mark.parametrize("a, b", [
+    ({"tau": 2}, {"tau": 2.0}),
+    ({"kernel": (3, 3)}, {"kernel": (3.0, 3.0)}),
+    ({"kernel": ((3, 1), 2)}, {"kernel": [[3.0, True], 2.0]}),
+    ({"bias": True, "v_reset": 0}, {"bias": 1, "v_reset": -0.0}),
+    ({"stride": None, "reset": "hard"}, {"reset": "hard", "stride": None}),
+    ({"inner": {"x": 1}}, {"inner": {"x": 1.0}}),
+])
+def test_equal_attrs_hash_alike(a, b):
+    assert FrozenAttrs(a) == FrozenAttrs(b) and hash(FrozenAttrs(a)) == hash(FrozenAttrs(b))
+
+
+@given(st.data())
+def test_equal_attrs_always_hash_alike(data):
+    d = data.draw(attr_dicts, label="attrs")
+    e = {k: data.draw(an_equal_value(v), label=repr(k)) for k, v in reversed(d.items())}
+    a, b = FrozenAttrs(d), FrozenAttrs(e)
+    assert a == b and hash(a) == hash(b)
+    assert FrozenAttrs(a) == a and hash(FrozenAttrs(a)) == hash(a)
+
+
+def _plain(v):
+    """An independent model of frozen equality: lists read as tuples, mappings as dicts."""
+    if isinstance(v, (list, tuple)):
+        return tuple(_plain(x) for x in v)
+    return {k: _plain(x) for k, x in v.items()} if isinstance(v, dict) else v
+
+
+@given(attr_dicts, attr_dicts)
+def test_attrs_equal_only_as_dicts_are(d, e):
+    a, b = FrozenAttrs(d), FrozenAttrs(e)
+    assert (a == b) == (_plain(d) == _plain(e)) and (a != b) == (not a == b)
+    if a == b:
+        assert hash(a) == hash(b)
+
+
+def _attempts(a: FrozenAttrs, key):
+    """Every way a caller might try to change ``a`` in place."""
+    yield lambda: a.__setitem__(key, 1)
+    yield lambda: a.__delitem__(key)
+    yield lambda: a._items.__setitem__(key, 1)
+    yield lambda: a._items.__delitem__(key)
+    yield lambda: setattr(a, "_items", {key: 1})
+    yield lambda: setattr(a, "extra", 1)
+    yield lambda: delattr(a, "_items")
+    for method in ("update", "pop", "popitem", "clear", "setdefault"):
+        yield lambda method=method: getattr(a, method)({key: 1})
+
+
+@given(attr_dicts, st.text(max_size=8))
+def test_frozen_attrs_cannot_be_changed(d, key):
+    a, expected = FrozenAttrs(d), FrozenAttrs(copy.deepcopy(d))
+    before = hash(a)
+    for attempt in _attempts(a, key):
+        with pytest.raises((TypeError, AttributeError)):
+            attempt()
+    with pytest.raises(TypeError):
+        a[key] = 1  # type: ignore[index]
+    with pytest.raises(TypeError):
+        del a[key]  # type: ignore[attr-defined]
+    a.__init__({key: "changed"})  # re-running the constructor on a built object changes nothing either
+    assert a == expected and hash(a) == before
+
+
+def test_frozen_attrs_do_not_share_the_callers_containers():
+    d = {"kernel": [3, 3], "inner": {"x": [1]}}
+    a = FrozenAttrs(d)
+    d["kernel"].append(4)
+    d["inner"]["x"].append(2)
+    d["new"] = 1
+    assert a == {"kernel": (3, 3), "inner": {"x": (1,)}}
+    with pytest.raises(TypeError):
+        a["inner"]["x"] = 2  # a nested mapping is frozen too
+
+
+@given(attr_dicts)
+def test_frozen_attrs_survive_pickle_and_copy(d):
+    a = FrozenAttrs(d)
+    for b in (pickle.loads(pickle.dumps(a)), copy.copy(a), copy.deepcopy(a)):
+        assert isinstance(b, FrozenAttrs) and b == a and hash(b) == hash(a)
+
+
+@given(attr_dicts)
+def test_attrs_round_trip_through_json(d):
+    a = FrozenAttrs(d)
+    g = Graph("g", [Node("n", Op.FLATTEN, a, (1,))], [], T=1)  # FLATTEN has no attributes: none are defaulted
+    back = from_json(to_json(g))["n"].attrs
+    assert isinstance(back, FrozenAttrs) and back == a and hash(back) == hash(a)
 
 
 def test_node_replace_returns_a_new_node():

@@ -14,7 +14,7 @@ ROOT = Path(bsdgraph.__file__).parent
 # Lowest first; a module may import its own layer and the layers before it. The top-level ``bsdgraph/__init__.py``
 # (the public API) sits above every layer but cli, and only cli's entry point imports it.
 LAYERS = ["base", "ir", "compiler", "runtime", "train", "parallel", "interop", "tools", "api", "cli"]
-BASE = {"bsdgraph.errors", "bsdgraph.env", "bsdgraph.version"}
+BASE = {"bsdgraph.errors", "bsdgraph.env", "bsdgraph.registry", "bsdgraph.version"}
 
 
 def module_name(path: Path) -> str:

@@ -7,7 +7,7 @@ import bsdgraph.runtime.local_adamw as local_adamw
 from bsdgraph import GraphBuilder
 from bsdgraph.compiler.feedback import derive_feedback
 from bsdgraph.runtime.common import OptimConfig
-from bsdgraph.runtime.cpu import CPURuntime
+from bsdgraph.runtime.cpu import cpu_runtime
 from bsdgraph.runtime.local_adamw import step_per_node
 
 
@@ -26,7 +26,7 @@ def _train(monkeypatch, fast: bool, clip: float, steps: int = 4):
     real = local_adamw.step_per_node
     monkeypatch.setattr(local_adamw, "step_per_node", lambda *a: calls.append(real(*a)) or calls[-1])
     bsd = _net()
-    rt = CPURuntime(bsd, seed=3, opt=OptimConfig(lr=1e-2, clip=clip))
+    rt = cpu_runtime(bsd, seed=3, opt=OptimConfig(lr=1e-2, clip=clip))
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
         rt.step(torch.rand(16, 1, 6, 6, generator=gen) * 3, torch.randint(0, 4, (16,), generator=gen))

@@ -11,9 +11,12 @@ from bsdgraph import BSDConfig, GraphBuilder, derive_feedback
 
 from bsdgraph.train import memory
 from bsdgraph.compiler.lower import lower
+from bsdgraph.compiler.plan import Kind
+from bsdgraph.compiler.program import compile_graph, compile_model
+from bsdgraph.runtime.executor import MemoryProbe
 from bsdgraph.ir.params import init_params, init_state
 from bsdgraph.runtime.bptt import BPTTRuntime
-from bsdgraph.runtime.cpu import CPURuntime
+from bsdgraph.runtime.cpu import cpu_runtime
 
 GiB = 2**30
 FMNIST_BSD = BSDConfig(lam=0.6, negatives="all", distill_on="current", recall=True, recall_loss="mse")
@@ -52,7 +55,7 @@ def vm_rss() -> int:
 @pytest.mark.parametrize("build", [mlp, cnn])
 def test_parameter_and_state_bytes_equal_the_initialised_tensors(build):
     bsd = derive_feedback(build())
-    est = memory.estimate(bsd, 8)
+    est = memory.estimate(compile_graph(bsd), 8)
     assert est.parameters == nbytes(init_params(bsd).values())
     assert est.state == nbytes(init_state(bsd).values())
     assert (est.state > 0) == (build is cnn)  # the CNN's batchnorms (F's and B's) have running statistics
@@ -60,7 +63,7 @@ def test_parameter_and_state_bytes_equal_the_initialised_tensors(build):
 
 def test_optimizer_state_and_gradients_scale_with_the_parameters_and_vanish_in_evaluation():
     bsd = derive_feedback(mlp())
-    train, evaluation = memory.estimate(bsd, 8), memory.estimate(bsd, 8, optimizer=False)
+    train, evaluation = memory.estimate(compile_graph(bsd), 8), memory.estimate(compile_graph(bsd), 8, optimizer=False)
     assert train.optimizer == 2 * train.parameters and train.gradients == train.parameters > 0
     assert evaluation.optimizer == evaluation.gradients == 0 and evaluation.parameters == train.parameters
     assert train.total == train.parameters * 4 + train.state + train.activations
@@ -68,38 +71,46 @@ def test_optimizer_state_and_gradients_scale_with_the_parameters_and_vanish_in_e
 
 def test_training_activations_are_the_plans_peak_and_affine_in_the_batch():
     bsd = derive_feedback(mlp())
-    acts = {B: memory.estimate(bsd, B).activations for B in (32, 64, 128, 192)}
+    acts = {B: memory.estimate(compile_graph(bsd), B).activations for B in (32, 64, 128, 192)}
     assert all(acts[B] == lower(bsd).peak_live(B) for B in acts)
     # each launch's live bytes are a + b B (B's rows are the at most 10 classes present, not B samples); the peak
     # is their maximum, affine in B once one launch dominates (here from B = 64 on)
     assert acts[192] - acts[128] == acts[128] - acts[64] > 0
     # the executor's own count of its live buffers (same frees, actual storages) is close below the plan's
-    rt = CPURuntime(bsd, seed=0)
+    rt = cpu_runtime(bsd, seed=0)
+    probe = MemoryProbe(rt.plan)
+    rt.observe(probe)
     rt.step(*batch(32))
-    assert 0.95 * acts[32] <= rt.peak_bytes <= acts[32]
+    assert 0.95 * acts[32] <= probe.peak <= acts[32]
 
 
 def test_evaluation_activations_are_the_forward_buffers_predict_holds():
-    """predict frees nothing until it returns: after it, rt.buf holds exactly F's forward buffers."""
+    """predict frees nothing until it returns: it holds exactly F's forward buffers and the stimulus."""
     bsd = derive_feedback(mlp())
-    rt = CPURuntime(bsd, seed=0)
+    rt = cpu_runtime(bsd, seed=0)
+    storages = {}
+    rt.observe(lambda la, ins, outs: storages.update((v.untyped_storage().data_ptr(), v.untyped_storage().nbytes())
+                                                     for r, v in (*zip(la.reads, ins), *zip(la.writes, outs))
+                                                     if isinstance(v, torch.Tensor) and r.kind != Kind.PARAM
+                                                     and r.kind != Kind.RATE))
     rt.predict(batch(50)[0])
-    held = sum(v.untyped_storage().nbytes() for v in rt.buf.values())
-    assert memory.estimate(bsd, 50, optimizer=False).activations == held
+    held = sum(storages.values())
+    assert memory.estimate(compile_graph(bsd), 50, optimizer=False).activations == held
     # training reports the larger of a step's peak and evaluation's at eval_batch
-    assert memory.estimate(bsd, 8, eval_batch=50).activations == held > lower(bsd).peak_live(8)
+    assert memory.estimate(compile_graph(bsd), 8, eval_batch=50).activations == held > lower(bsd).peak_live(8)
 
 
 def test_parameters_and_optimizer_state_match_what_a_step_allocates():
     """Tolerance 0.1 %: the only bytes not estimated are AdamW's per-tensor step counters (4 bytes each)."""
     bsd = derive_feedback(mlp((512, 256), T=4, side=28), FMNIST_BSD)
-    rt = CPURuntime(bsd, seed=0)
+    rt = cpu_runtime(bsd, seed=0)
+    grads = rt.gradients(*batch(32, side=28))[0]
     rt.step(*batch(32, side=28))
-    est = memory.estimate(bsd, 32)
+    est = memory.estimate(compile_graph(bsd), 32)
     params, opt = nbytes(rt.params.values()), nbytes(v for s in rt.optimizer.state.values() for v in s.values())
     assert params == est.parameters
     assert opt == pytest.approx(est.optimizer, rel=1e-3) and opt - est.optimizer == 4 * len(rt.params)
-    assert nbytes(rt.grads.values()) == est.gradients  # the step's gradients, all alive at its end
+    assert nbytes(grads.values()) == est.gradients  # one gradient per parameter
 
 
 def test_bptt_activations_cover_what_autograd_saves():
@@ -116,7 +127,7 @@ def test_bptt_activations_cover_what_autograd_saves():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         rt.step(x, y)
-    est = memory.estimate(f, 64, rule="bptt")
+    est = memory.estimate(compile_model(f, "bptt"), 64)
     assert sum(saved.values()) <= est.activations <= 4 * sum(saved.values())
 
 
@@ -124,7 +135,7 @@ def test_a_40000_wide_mlp_is_estimated_without_allocation_and_refused(monkeypatc
     f = mlp((40000, 40000), T=4, side=28)
     bsd = derive_feedback(f, FMNIST_BSD)
     before = vm_rss()
-    est = memory.estimate(bsd, 128, eval_batch=1000)
+    est = memory.estimate(compile_graph(bsd), 128, eval_batch=1000)
     assert vm_rss() - before < 100 * 2**20
     # F: 784-40000-40000-10; B mirrors it: 10-40000-40000-784 (every synapse with a bias)
     weights = 2 * (784 * 40000 + 40000 * 40000 + 40000 * 10)
@@ -136,11 +147,11 @@ def test_a_40000_wide_mlp_is_estimated_without_allocation_and_refused(monkeypatc
     msg = str(err.value)
     assert "\n" not in msg and memory.size(est.total) in msg and "8.6 GB are available (a test figure)" in msg
     assert "at batch 128" in msg and "parameters 13.1 GB" in msg
-    memory.check_fits(memory.estimate(derive_feedback(mlp()), 128))  # a tiny model fits
+    memory.check_fits(memory.estimate(compile_graph(derive_feedback(mlp())), 128))  # a tiny model fits
 
 
 def test_the_environment_knob_turns_the_refusal_off(monkeypatch):
-    est = memory.estimate(derive_feedback(mlp()), 8)
+    est = memory.estimate(compile_graph(derive_feedback(mlp())), 8)
     monkeypatch.setattr(memory, "available", lambda device="cpu": (est.total - 1, "a test figure"))
     with pytest.raises(memory.MemoryBudgetError):
         memory.check_fits(est)

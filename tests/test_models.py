@@ -11,7 +11,7 @@ from bsdgraph.train.data import make_synthetic, subset
 from bsdgraph.compiler.feedback import derive_feedback
 from bsdgraph.compiler.lower import lower
 from bsdgraph.compiler.model_file import load_model
-from bsdgraph.runtime.cpu import CPURuntime
+from bsdgraph.runtime.cpu import cpu_runtime
 from bsdgraph.train.config import TrainConfig
 from bsdgraph.train.trainer import Trainer, load_for_eval
 
@@ -48,7 +48,7 @@ def test_a_short_bsd_run_lowers_the_local_losses(name, n, steps):
     # losses must fall clearly (>= 5 %) from the first two steps to the last two; a wiring mistake (a loss whose
     # gradient does not reach its weights, a sign error) leaves it flat or makes it rise.
     model = load_model(ROOT / "models" / f"{name}.py")
-    rt = CPURuntime(derive_feedback(model.graph, model.bsd), seed=0)
+    rt = cpu_runtime(derive_feedback(model.graph, model.bsd), seed=0)
     x, y = _batch(model, n)
     totals = [sum(rt.step(x, y).losses.values()) for _ in range(steps)]
     first, last = sum(totals[:2]) / 2, sum(totals[-2:]) / 2

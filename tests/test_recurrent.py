@@ -17,9 +17,9 @@ from bsdgraph import BSDConfig, GraphBuilder, GraphError, Op, Stream, derive_fee
 from bsdgraph.compiler.feedback import local_params
 from bsdgraph.compiler.lower import RECURRENT_FUSION, lower
 from bsdgraph.runtime.bptt import BPTTRuntime
-from bsdgraph.runtime.cpu import CPURuntime
+from bsdgraph.runtime.cpu import cpu_runtime
 from bsdgraph.runtime.reference import Ctx, ReferenceRuntime, run_graph
-from bsdgraph.runtime.triton import TritonRuntime
+from bsdgraph.runtime.triton import triton_runtime
 from kernels.linear_lif import linear_lif_rec_forward
 from kernels.ref import linear_lif as twin
 from tests.test_cpu_backend import ATOL, RTOL, well_conditioned
@@ -145,7 +145,7 @@ def test_cpu_backend_equals_reference(seed, encoding, task, distill_on, recurren
     f = rnn(T=T, encoding=encoding, task=task, recurrent=recurrent)
     bsd = derive_feedback(f, BSDConfig(distill_on=distill_on))
     x, y = data(f, seed=seed)
-    ref, cpu = ReferenceRuntime(bsd, seed=seed), CPURuntime(bsd, seed=seed)
+    ref, cpu = ReferenceRuntime(bsd, seed=seed), cpu_runtime(bsd, seed=seed)
     g_ref, l_ref, env = ref.gradients(x, y)
     assume(well_conditioned(bsd, env))
     g_cpu, l_cpu = cpu.gradients(x, y)
@@ -162,7 +162,7 @@ def test_cpu_backend_equals_reference(seed, encoding, task, distill_on, recurren
 def test_triton_backend_equals_reference_on_a_recurrent_net():
     bsd = derive_feedback(rnn(encoding="sequence", task="classification"))
     x, y = data(bsd)
-    ref, tri = ReferenceRuntime(bsd, seed=3), TritonRuntime(bsd, seed=3)
+    ref, tri = ReferenceRuntime(bsd, seed=3), triton_runtime(bsd, seed=3)
     g_ref, l_ref, env = ref.gradients(x, y)
     assert well_conditioned(bsd, env)
     g_tri, l_tri = tri.gradients(x, y)
@@ -223,7 +223,7 @@ def test_sequence_targets_compare_every_step_on_every_runtime():
     assert bsd["mse2"].attrs["per_step"] and bsd["target"].attrs["encoding"] == "sequence"
     x, _ = data(bsd)
     y = torch.rand(6, bsd.T, 2, generator=torch.Generator().manual_seed(9))
-    ref, cpu = ReferenceRuntime(bsd), CPURuntime(bsd)
+    ref, cpu = ReferenceRuntime(bsd), cpu_runtime(bsd)
     losses, env = ref.losses(x, y)
     v = env["fc2"].detach()  # [T, B, 2]: step t's prediction is compared with y[:, t]
     assert torch.allclose(losses["mse2"], ((v - y.transpose(0, 1)) ** 2).mean())

@@ -4,7 +4,7 @@ import pytest
 
 from bsdgraph import BSDConfig, GraphBuilder, derive_feedback
 from bsdgraph.runtime.reference import ReferenceRuntime
-from bsdgraph.runtime.triton import KERNELS, TritonRuntime
+from bsdgraph.runtime.triton import triton_backend, triton_runtime
 from bsdgraph.compiler.lower import lower
 from tests.test_cpu_backend import assert_close_grads, assert_close_params, batch, well_conditioned
 
@@ -50,7 +50,7 @@ def test_triton_step_equals_the_reference_step(case, fused):
     build, cfg = CASES[case]
     bsd = derive_feedback(build(), cfg)
     x, y = batch(bsd, B=7, scale=2.0)
-    ref, tri = ReferenceRuntime(bsd, seed=3), TritonRuntime(bsd, seed=3, fuse_linear_lif=fused)
+    ref, tri = ReferenceRuntime(bsd, seed=3), triton_runtime(bsd, seed=3, fuse_linear_lif=fused)
     ref_grads, _, env = ref.gradients(x, y)
     assert well_conditioned(bsd, env), "fixed inputs should keep membranes away from the threshold"
     assert_close_grads(ref_grads, tri.gradients(x, y)[0])
@@ -63,4 +63,4 @@ def test_plan_names_the_triton_kernels_it_launches():
     plan = lower(derive_feedback(mlp(), BSDConfig(distill_on="membrane")))
     names = set(plan.kernels())
     assert {"linear_lif_forward", "reco_loss_grad", "weight_grad", "lif_backward"} <= names
-    assert names <= set(KERNELS)
+    assert names <= set(triton_backend().kernels)

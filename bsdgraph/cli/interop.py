@@ -57,6 +57,7 @@ def load_network(path: str, dt: float | None = None, steps: int | None = None, c
     from bsdgraph.compiler.model_file import load_model
     from bsdgraph.interop.nir import read_declarations
     from bsdgraph.ir.params import init_params, init_state
+    from bsdgraph.compiler.program import interpreted
     from bsdgraph.train.trainer import check_memory
 
     model = load_model(path)
@@ -68,7 +69,7 @@ def load_network(path: str, dt: float | None = None, steps: int | None = None, c
         check_weights(model.graph, params, state, source)
         return Loaded(model.graph, params, state, decl.readout, model.bsd)
     graph = derive_feedback(model.graph, model.bsd) if backward else model.graph  # F's weights come first: same
-    check_memory(graph, "bptt", "cpu", 1, 1, training=False)  # the weights, before they are drawn
+    check_memory(interpreted(graph), "cpu", 1, 1, training=False)  # the weights, before they are drawn
     note = f"{path}: no --checkpoint and no WEIGHTS in the model file: using init_params(seed=0)"
     return Loaded(model.graph, init_params(graph, 0), init_state(graph), decl.readout, model.bsd, (note,))
 
@@ -219,6 +220,7 @@ def read_input(path: str | Path, graph: Graph) -> torch.Tensor:
 def cmd_run(args) -> int:
     from bsdgraph.interop.nir import simulate
     from bsdgraph.runtime.common import readout
+    from bsdgraph.compiler.program import interpreted
     from bsdgraph.train.trainer import check_memory
 
     if args.output:
@@ -228,7 +230,7 @@ def cmd_run(args) -> int:
     x = read_input(args.input, net.graph)
     # the reference interpreter keeps every node's value of every step; x is [B, ...] or [T, B, ...]
     samples = x.shape[-len(net.graph.by_op(Op.INPUT)[0].shape) - 1]
-    check_memory(net.graph, "bptt", "cpu", samples, samples, training=False)
+    check_memory(interpreted(net.graph), "cpu", samples, samples, training=False)
     sim = simulate(net.graph, net.params, net.state, x, net.readout)
     out = net.graph.by_op(Op.OUTPUT)[0]
     scores = readout(out, sim.current)

@@ -16,19 +16,11 @@ from bsdgraph.cli import interop as cli_interop
 from bsdgraph.cli import train as cli_train
 
 from bsdgraph.tools import outputs
-from bsdgraph.train.checkpoint import CheckpointError
-from bsdgraph.errors import UsageError
-from bsdgraph.train.data import DataError
-from bsdgraph.compiler.feedback import derive_feedback, pairing
-from bsdgraph.compiler.lower import lower
-from bsdgraph.compiler.model_file import ModelError, load_model
-from bsdgraph.tools.outputs import OutputError
-from bsdgraph.tools.plot import PlotError
+from bsdgraph.errors import UsageError, UserError
+from bsdgraph.compiler.feedback import pairing
+from bsdgraph.compiler.program import compile_model
+from bsdgraph.compiler.model_file import load_model
 from bsdgraph.ir.printer import format_graph, to_dict
-from bsdgraph.train.rundir import RunDirError
-from bsdgraph.runtime.common import ExecutionError
-from bsdgraph.train.config import TrainingError
-from bsdgraph.ir.diagnostics import GraphError
 
 
 def _pairing_table(bsd) -> str:
@@ -40,28 +32,30 @@ def _pairing_table(bsd) -> str:
 
 
 def cmd_compile(args) -> int:
-    model = load_model(args.model)
-    bsd = derive_feedback(model.graph, model.bsd)
-    plan = lower(bsd)
-    stages = ["ir", "backward", "plan"] if args.emit == "all" else [args.emit]
+    program = compile_model(load_model(args.model))
+    bsd, plan = program.graph, program.plan
+    stages = ["ir", "backward", "plan", "step"] if args.emit == "all" else [args.emit]
     if args.emit == "dot":  # Graphviz text; --json does not apply
         from bsdgraph.tools.draw import to_dot
 
         _write(to_dot(bsd), args.output, args.force)
         return 0
     if args.json:
-        doc = {"model": str(model.path)}
-        doc.update({"ir": to_dict(model.graph)} if "ir" in stages else {})
+        doc = {"model": str(program.model.path)}
+        doc.update({"ir": to_dict(program.forward)} if "ir" in stages else {})
         doc.update({"backward": to_dict(bsd), "pairing": [p.__dict__ for p in pairing(bsd)]}
                    if "backward" in stages else {})
         doc.update({"plan": plan.to_dict()} if "plan" in stages else {})
+        doc.update({"step": {name: code.source for name, code in program.code.items()}} if "step" in stages else {})
         text = json.dumps(doc, indent=1)
     else:
         parts = {
-            "ir": lambda: "== forward network F (validated)\n" + format_graph(model.graph),
+            "ir": lambda: "== forward network F (validated)\n" + format_graph(program.forward),
             "backward": lambda: "== BSD graph: F + derived backward network B + local losses\n"
                                 + format_graph(bsd) + "\n" + _pairing_table(bsd),
-            "plan": lambda: "== plan\n" + str(plan) + "\n\n" + _energy_bound(model.graph),
+            "plan": lambda: "== plan\n" + str(plan) + "\n\n" + _energy_bound(program.forward),
+            "step": lambda: "== generated step (one statement per launch; K[i], C[i]: launch i's kernel and "
+                            "context)\n" + program.code["step"].source,
         }
         text = "\n\n".join(parts[s]() for s in stages)
     _write(text, args.output, args.force)
@@ -91,11 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     c = sub.add_parser("compile", help="validate a model, derive its backward network, lower it to a plan",
                        description="Load MODEL.py, call build(), validate, derive the BSD backward network and "
-                                   "local losses, lower to a kernel plan, and print the requested stages.")
+                                   "local losses, lower to a kernel plan, generate its step function, and print "
+                                   "the requested stages.")
     c.add_argument("model", metavar="MODEL.py")
-    c.add_argument("--emit", choices=["ir", "backward", "plan", "dot", "all"], default="all",
-                   help="stage to show: ir (F), backward (F + derived B + losses + pairing), plan, all (default), "
-                        "or dot (the BSD graph for Graphviz)")
+    c.add_argument("--emit", choices=["ir", "backward", "plan", "step", "dot", "all"], default="all",
+                   help="stage to show: ir (F), backward (F + derived B + losses + pairing), plan, step (the "
+                        "generated step function), all (default), or dot (the BSD graph for Graphviz)")
     c.add_argument("--json", action="store_true", help="machine-readable JSON instead of text")
     c.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     c.add_argument("--force", action="store_true", help="replace FILE even if bsdgraph did not write it")
@@ -116,26 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_values(args)
         return args.fn(args)
-    except GraphError as err:
-        for d in err.diagnostics:
-            print(_one_line(f"{prefix}: {d}"), file=sys.stderr)
-        print(_one_line(f"{prefix}: invalid model ({len(err.diagnostics)} problem(s))"), file=sys.stderr)
-        return 1
-    except (ModelError, DataError, CheckpointError, TrainingError, PlotError, RunDirError, OutputError) as err:
-        print(_one_line(f"error: {err}"), file=sys.stderr)
-        return 1
-    except UsageError as err:
-        for problem in err.problems:
-            print(_one_line(f"bsdgraph: error: {problem}"), file=sys.stderr)
-        return 2
+    except UserError as err:  # every error a user can cause (bsdgraph/errors.py): its lines, its exit code
+        for line in err.lines(prefix):
+            print(_one_line(line), file=sys.stderr)
+        return err.exit_code
     except BrokenPipeError:  # the reader of stdout went away (`bsdgraph compile M.py | head`): nothing to say
         return _reader_gone()
     except OSError as err:  # e.g. -o into a missing directory
         print(_one_line(f"error: {err.strerror or err}: {err.filename or ''}".rstrip(": ")), file=sys.stderr)
-        return 1
-    except ExecutionError as err:  # the runtime's own error: it names the node that failed; torch's text can run on
-        # for a page (an overload list), its first line says what failed
-        print(_one_line(f"error: {str(err).splitlines()[0]}"), file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as err:
         if not _out_of_memory(err):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 
-from bsdgraph.compiler.lower import Launch, Plan
+from bsdgraph.compiler.plan import Kind, Launch, Plan, Ref
 from bsdgraph.ir.graph import Graph, Op
 
 
-def _rows(plan: Plan, name: str, T: int, B: int, R: int, time_invariant: bool = True) -> int:
-    shape = next(b.shape for b in plan.buffers if b.name == name)
+def _rows(plan: Plan, ref: Ref, T: int, B: int, R: int, time_invariant: bool = True) -> int:
+    shape = plan.buffer(ref).shape
     sym = [d for d in shape if isinstance(d, str)]
     if not time_invariant and "T" not in sym:
         sym = ["T", *sym]
@@ -31,7 +31,7 @@ def _synapse_flops(g: Graph, node: str, rows: int) -> int:
 
 def launch_flops(plan: Plan, g: Graph, la: Launch, B: int, R: int = 10, time_invariant: bool = True) -> int:
     T = plan.T
-    rows = lambda name: _rows(plan, name, T, B, R, time_invariant)  # noqa: E731
+    rows = lambda ref: _rows(plan, ref, T, B, R, time_invariant)  # noqa: E731
     if la.kernel in ("torch.linear", "linear_lif_forward", "torch.conv2d", "torch.conv_transpose2d"):
         return _synapse_flops(g, la.nodes[0], rows(la.reads[0]))
     if la.kernel in ("weight_grad", "torch.conv2d_weight_grad", "torch.conv_transpose2d_weight_grad"):
@@ -46,11 +46,11 @@ def _reco_flops(plan: Plan, g: Graph, la: Launch, B: int, partner: int) -> int:
     (runtime/reco_dedup.py) F's gradient is computed only when written, and a time-invariant F operand (the
     first current with direct encoding) meets the time sum of B's rows once: each product costs 1 step."""
     T, d = plan.T, math.prod(g.inputs(la.nodes[0])[0].shape)
-    shape = {b.name: b.shape for b in plan.buffers}
+    shape = {b.ref: b.shape for b in plan.buffers}
     if "R" not in shape[la.reads[1]]:
         return 3 * 2 * B * partner * d * T
     steps = 1 if "T" not in shape[la.reads[0]] else T
-    return 2 * B * partner * d * (2 * steps + (steps if f"grad:{la.reads[0]}" in la.writes else 0))
+    return 2 * B * partner * d * (2 * steps + (steps if Ref(Kind.GRAD, la.reads[0].node) in la.writes else 0))
 
 
 def plan_flops(plan: Plan, g: Graph, B: int, R: int = 10, time_invariant: bool = True) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 from bsdgraph.ir.graph import Edge, FrozenAttrs, GroupOp, Graph, Node, Op, Stream, default_attrs
 from bsdgraph.ir.diagnostics import Diagnostic, GraphError
 from bsdgraph.ir.validate import validate
+from bsdgraph.registry import registrar
 
 
 @dataclass(frozen=True)
@@ -168,13 +169,7 @@ Mirror = Callable[[Node, tuple[int, ...]], tuple[Op, dict[str, Any]]]
 MIRROR_RULES: dict[Op, Mirror] = {}
 
 
-def mirror(*ops: Op):
-    def register(fn: Mirror) -> Mirror:
-        for op in ops:
-            MIRROR_RULES[op] = fn
-        return fn
-
-    return register
+mirror = registrar(MIRROR_RULES)  # @mirror(*ops): what those ops become in B
 
 
 @mirror(Op.LINEAR)

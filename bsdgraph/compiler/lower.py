@@ -13,11 +13,12 @@ activation memory does not grow with depth (see ``Plan.peak_live``).
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bsdgraph.compiler.feedback import local_params
+from bsdgraph.compiler.plan import (
+    GROUPING, LABELS, SEED, STIMULUS, Kind, Launch, Plan, Ref, finish, param, value,
+)
 from bsdgraph.ir.graph import GroupOp, Graph, Node, Op, Stream
 from bsdgraph.ir.params import param_shapes
 
@@ -59,64 +60,6 @@ FUSIONS: dict[tuple[Op, Op], str] = {(Op.LINEAR, Op.LIF): "linear_lif_forward"}
 RECURRENT_FUSION = "linear_lif_rec_forward"
 
 OPTIMIZER_KERNEL = "torch.adamw_step"
-
-
-@dataclass(frozen=True)
-class Buffer:
-    name: str
-    dtype: str                      # u8 for spikes, f32 otherwise
-    shape: tuple[int | str, ...]    # "T", "B" (samples) and "R" (distinct classes) stay symbolic
-    first: int = -1                 # launch index that writes it
-    last: int = -1                  # last launch index that reads it
-
-    def nbytes(self, T: int, B: int, R: int = 10) -> int:
-        dims = [{"T": T, "B": B, "R": min(R, B)}.get(d, d) if isinstance(d, str) else d for d in self.shape]
-        return math.prod(dims) * (1 if self.dtype == "u8" else 4)
-
-
-@dataclass(frozen=True)
-class Launch:
-    index: int
-    kernel: str
-    phase: str                      # forward-B | forward-F | loss | grad | update | optimizer
-    nodes: tuple[str, ...]          # IR nodes this launch implements
-    reads: tuple[str, ...]
-    writes: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Plan:
-    graph: str
-    T: int
-    launches: tuple[Launch, ...]
-    buffers: tuple[Buffer, ...]
-    aliases: tuple[tuple[str, str], ...] = field(default=())  # (view node, buffer it aliases)
-    dedup: bool = False             # B runs on R rows, one per distinct class of the batch
-
-    def kernels(self) -> list[str]:
-        return sorted({la.kernel for la in self.launches})
-
-    def peak_live(self, B: int) -> int:
-        """Peak bytes of activation/gradient buffers alive at once (weights and optimiser state excluded)."""
-        acts = [b for b in self.buffers if "." not in b.name]
-        return max(sum(b.nbytes(self.T, B) for b in acts if b.first <= i <= b.last) for i in range(len(self.launches)))
-
-    def __str__(self) -> str:
-        from bsdgraph.compiler.plan_format import format_plan
-
-        return format_plan(self)
-
-    def to_dict(self) -> dict:
-        return {
-            "graph": self.graph, "T": self.T, "kernels": self.kernels(),
-            "launches": [la.__dict__ | {"nodes": list(la.nodes), "reads": list(la.reads),
-                                        "writes": list(la.writes)} for la in self.launches],
-            "buffers": [b.__dict__ | {"shape": list(b.shape)} for b in self.buffers],
-            "aliases": [list(a) for a in self.aliases], "dedup": self.dedup,
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
 
 
 # ---------------------------------------------------------------------------------------------------- lowering
@@ -170,32 +113,71 @@ def can_dedup(g: Graph) -> bool:
     return bool(targets) and targets[0].attrs["encoding"] in ("onehot", "population")
 
 
+GROUP_KERNEL = "group_classes"
+BATCHNORM_KERNELS = frozenset({"torch.batch_norm", "torch.batch_norm_backward"})
+# parameter-gradient kernels that read the parameters themselves (their shapes, or the batchnorm scale)
+READS_WEIGHTS = frozenset({"torch.conv2d_weight_grad", "torch.conv_transpose2d_weight_grad",
+                           "torch.batch_norm_backward"})
+
+
 class _Lowerer:
     def __init__(self, g: Graph, dedup: bool, time_invariant: bool):
         self.g, self.groups, self.dedup, self.time_invariant = g, _fusion_groups(g), dedup, time_invariant
         self.launches: list[Launch] = []
         self.done: set[str] = set()
-        self.alias: dict[str, str] = {}
-        self.dtypes: dict[str, tuple[str, tuple]] = {}
+        self.alias: dict[str, Ref] = {}
+        self.declared: dict[Ref, tuple[str, tuple]] = {}
         self.membrane_losses = {e.src for n in g.by_op(*GroupOp.LOSS) if n.attrs.get("distill_on") == "membrane"
                                 for e in g.in_edges(n.name)}
+        inp = g.by_op(Op.INPUT)[0]
+        steps = ("T",) if inp.attrs["encoding"] == "sequence" else ()
+        self.declare(STIMULUS, "f32", ("B", *steps, *inp.shape))
+        self.declare(LABELS, "i64", ("B",))
+        self.declare(SEED, "obj", ())
+        for n in g.nodes:
+            for part, shape in param_shapes(n).items():
+                self.declare(param(n.name, part), "f32", shape)
+            if n.op == Op.BATCHNORM:
+                for part in ("running_mean", "running_var"):
+                    self.declare(Ref(Kind.STATE, n.name, part), "f32", (n.attrs["num_features"],))
+        if dedup:  # B's rows are the classes present: found once per step, read by whatever mixes rows
+            self.declare(GROUPING, "obj", ())
+            self.emit(GROUP_KERNEL, "prepare", (), [LABELS], [GROUPING])
 
+    # -- bookkeeping
     def rows(self, node: str) -> str:
         """The batch axis of a node's buffers: R (one row per class present) for B when deduplicated."""
         return "R" if self.dedup and self.g[node].stream == Stream.B else "B"
 
-    def buf(self, node: str) -> str:
-        while node in self.alias:
-            node = self.alias[node]
-        return node
+    def buf(self, node: str) -> Ref:
+        return self.alias.get(node, value(node))
+
+    def per_class(self, ref: Ref) -> bool:
+        return "R" in self.declared[ref][1]
+
+    def time_invariant_ref(self, ref: Ref) -> bool:
+        return "T" not in self.declared[ref][1]
 
     def emit(self, kernel: str, phase: str, nodes, reads, writes) -> None:
+        reads = list(reads)
+        # what mixes rows (a loss, batch statistics, a firing rate) weighs B's per-class rows by the class counts
+        mixes = phase == "loss" or kernel in BATCHNORM_KERNELS or any(w.kind == Kind.RATE for w in writes)
+        if mixes and GROUPING in self.declared and GROUPING not in reads and any(
+                self.per_class(r) for r in (*reads, *writes) if r in self.declared and r.kind != Kind.RATE):
+            reads.append(GROUPING)
         self.launches.append(Launch(len(self.launches), kernel, phase, tuple(nodes), tuple(reads), tuple(writes)))
 
-    def declare(self, name: str, dtype: str, shape: tuple) -> str:
-        self.dtypes[name] = (dtype, shape)
-        return name
+    def declare(self, ref: Ref, dtype: str, shape: tuple) -> Ref:
+        self.declared[ref] = (dtype, tuple(shape))
+        return ref
 
+    def params(self, nodes) -> list[Ref]:
+        return [param(n, p) for n in nodes for p in param_shapes(self.g[n])]
+
+    def state(self, node: str) -> list[Ref]:
+        return [Ref(Kind.STATE, node, "running_mean"), Ref(Kind.STATE, node, "running_var")]
+
+    # -- forward
     def forward(self, name: str) -> None:
         group = self.groups[name]
         if group[0] in self.done:
@@ -205,74 +187,91 @@ class _Lowerer:
             self.forward(e.src)
         self.done.update(group)
         kernel, last = _forward_kernel(self.g, group, self.time_invariant), self.g[group[-1]]
-        if kernel == "view" and last.op != Op.INPUT:
-            self.alias[last.name] = self.g.in_edges(last.name)[0].src
+        if kernel == "view":
+            # a direct stimulus read as given ([B, ...], no T copies); any other view shares its input's buffer
+            self.alias[last.name] = STIMULUS if last.op == Op.INPUT else self.buf(self.g.in_edges(last.name)[0].src)
             return
         rows = self.rows(last.name)
-        shape = ((rows,) if kernel == "view" else ("T", rows)) + tuple(last.shape)  # direct input: no T axis
-        writes = [self.declare(last.name, "u8" if self._spikes(last, outside) else "f32", shape)]
+        out = self.declare(value(last.name), "u8" if self._spikes(last, outside) else "f32",
+                           ("T", rows, *last.shape))
+        writes = [out]
         # a synapse of a time-invariant input (the direct stimulus) has the same current at every step: stored once
-        steady = len(group) == 2 and all("T" not in self.dtypes[self.buf(e.src)][1] for e in outside)
+        steady = len(group) == 2 and all(self.time_invariant_ref(self.buf(e.src)) for e in outside)
         for n in group[:-1]:  # a fused producer's value is stored only when a loss reads it
             if any(c.op in GroupOp.LOSS for c in self.g.consumers(n)):
-                writes.append(self.declare(n, "f32", (() if steady else ("T",)) + (self.rows(n), *self.g[n].shape)))
-        if last.name in self.membrane_losses:
-            writes.append(self.declare(f"h:{last.name}", "f32", ("T", rows, *last.shape)))
-        if kernel == "view":
-            return
-        reads = [self.buf(e.src) for e in outside] + self._param_names(group)
+                writes.append(self.declare(value(n), "f32", (() if steady else ("T",)) + (self.rows(n),
+                                                                                         *self.g[n].shape)))
+        if last.op in GroupOp.NEURON:
+            if last.name in self.membrane_losses:
+                writes.append(self.declare(Ref(Kind.MEMBRANE, last.name), "f32", ("T", rows, *last.shape)))
+            writes.append(self.declare(Ref(Kind.RATE, last.name), "f32", ()))
+        if last.op == Op.INPUT:
+            reads = [STIMULUS, SEED] if kernel == "poisson_encode" else [STIMULUS]
+        elif last.op == Op.TARGET:
+            reads = [GROUPING] if rows == "R" else [LABELS]
+        else:
+            reads = [self.buf(e.src) for e in outside] + self.params(group)
+        if last.op == Op.BATCHNORM:
+            reads += self.state(last.name)
+            writes.append(self.declare(Ref(Kind.STATS, last.name), "f32", (2, last.attrs["num_features"])))
         phase = "forward-B" if last.stream == Stream.B else "forward-F"
         self.emit(kernel, phase, group, reads, writes)
-
-    def _param_names(self, nodes) -> list[str]:
-        return [f"{n}.{p}" for n in nodes for p in param_shapes(self.g[n])]
-
-    def loss(self, loss: Node) -> None:
-        for e in self.g.in_edges(loss.name):
-            self.forward(e.src)
-        membrane = loss.attrs.get("distill_on") == "membrane"
-        reads = [f"h:{e.src}" if membrane and self.g[e.src].op == Op.LIF else self.buf(e.src)
-                 for e in self.g.in_edges(loss.name)]
-        owned = local_params(self.g, loss.name)  # graph order: a stable printout
-        needs_grad = [e.src for e in self.g.in_edges(loss.name) if self._reaches(e.src, set(owned))]
-        # the gradient of a time-invariant value (stored once) is the derivative w.r.t. that one value: [B, ...]
-        writes = [self.declare(f"grad:{self.buf(s)}", "f32", self._time_axis(s) + (self.rows(s), *self.g[s].shape))
-                  for s in needs_grad]
-        self.emit(LOWERING[loss.op].forward, "loss", [loss.name], reads, writes)
-        for s in needs_grad:
-            self._grad_path(s)
-        if owned:
-            names = self._param_names(owned)
-            self.emit(OPTIMIZER_KERNEL, "optimizer", owned, names + [f"{p}.grad" for p in names], names)
 
     def _spikes(self, node: Node, inputs) -> bool:
         """Whether ``node``'s value is 0/1 spikes (stored as uint8): a neuron's, or the max-pool of spikes."""
         if node.op in GroupOp.NEURON:
             return True
-        return node.op == Op.MAXPOOL2D and all(self.dtypes[self.buf(e.src)][0] == "u8" for e in inputs)
+        return node.op == Op.MAXPOOL2D and all(self.declared[self.buf(e.src)][0] == "u8" for e in inputs)
+
+    # -- losses and the gradient paths to the parameters each owns
+    def loss(self, loss: Node) -> None:
+        for e in self.g.in_edges(loss.name):
+            self.forward(e.src)
+        membrane = loss.attrs.get("distill_on") == "membrane"
+        reads = [Ref(Kind.MEMBRANE, e.src) if membrane and self.g[e.src].op in GroupOp.NEURON else self.buf(e.src)
+                 for e in self.g.in_edges(loss.name)]
+        top = loss.op == Op.CE or (loss.op == Op.MSE and len(reads) == 1)
+        if top or (loss.op == Op.RECO and loss.attrs["negatives"] == "other_class"):
+            reads.append(LABELS)  # the classes or targets, or the other-class mask of the negatives
+        owned = local_params(self.g, loss.name)  # graph order: a stable printout
+        needs_grad = [e.src for e in self.g.in_edges(loss.name) if self._reaches(e.src, set(owned))]
+        # the gradient of a time-invariant value (stored once) is the derivative w.r.t. that one value: [B, ...]
+        writes = [self.declare(Ref(Kind.LOSS, loss.name), "f32", ())]
+        writes += [self.declare(Ref(Kind.GRAD, self.buf(s).node), "f32",
+                                self._time_axis(s) + (self.rows(s), *self.g[s].shape)) for s in needs_grad]
+        self.emit(LOWERING[loss.op].forward, "loss", [loss.name], reads, writes)
+        for s in needs_grad:
+            self._grad_path(s)
+        if owned:
+            names = self.params(owned)
+            grads = [Ref(Kind.PARAM_GRAD, r.node, r.part) for r in names]
+            self.emit(OPTIMIZER_KERNEL, "optimizer", owned, names + grads, names)
 
     def _time_axis(self, node: str) -> tuple[str, ...]:
-        return ("T",) if "T" in self.dtypes[self.buf(node)][1] else ()
+        return ("T",) if not self.time_invariant_ref(self.buf(node)) else ()
 
     def _reaches(self, node: str, owned: set[str]) -> bool:
         return node in owned or any(self._reaches(e.src, owned) for e in self.g.in_edges(node) if not e.detach)
 
-    def _grad_path(self, name: str, grad_in: str | None = None) -> None:
-        """Emit the launches carrying grad:<name> (or ``grad_in``) back to the parameters that produced ``name``."""
+    def _grad_path(self, name: str, grad_in: Ref | None = None) -> None:
+        """Emit the launches carrying d(name) (or ``grad_in``) back to the parameters that produced ``name``."""
         n = self.g[name]
         ins = [e for e in self.g.in_edges(name) if not e.detach]
-        grad_in = grad_in or f"grad:{self.buf(name)}"
+        grad_in = grad_in or Ref(Kind.GRAD, self.buf(name).node)
         if n.op in GroupOp.PARAMETRIC:
             src = self.g.in_edges(name)[0].src
-            names = self._param_names([name])
-            writes = [self.declare(f"{p}.grad", "f32", ()) for p in names]
+            params = self.params([name])
+            writes = [self.declare(Ref(Kind.PARAM_GRAD, r.node, r.part), "f32", self.declared[r][1]) for r in params]
+            reads = [grad_in, self.buf(src), *(params if LOWERING[n.op].update in READS_WEIGHTS else ())]
             if ins:  # batchnorm: one backward call gives its parameter gradients and the gradient of its input
-                writes.append(self.declare(f"grad:{self.buf(src)}", "f32", ("T", self.rows(src), *self.g[src].shape)))
-            self.emit(LOWERING[n.op].update, "update", [name], [grad_in, self.buf(src)], writes)
+                writes.append(self.declare(Ref(Kind.GRAD, self.buf(src).node), "f32",
+                                           ("T", self.rows(src), *self.g[src].shape)))
+                reads.append(Ref(Kind.STATS, name))
+            self.emit(LOWERING[n.op].update, "update", [name], reads, writes)
         elif LOWERING[n.op].grad not in (None, "view"):
             src = ins[0].src
-            out = self.declare(f"grad:{self.buf(src)}", "f32", ("T", self.rows(src), *self.g[src].shape))
-            saved = f"h:{name}" if n.op == Op.LIF else self.buf(src)
+            out = self.declare(Ref(Kind.GRAD, self.buf(src).node), "f32", ("T", self.rows(src), *self.g[src].shape))
+            saved = Ref(Kind.MEMBRANE, name) if n.op in GroupOp.NEURON else self.buf(src)
             self.emit(LOWERING[n.op].grad, "grad", [name], [grad_in, saved], [out])
         for e in ins:  # a view or a sum hands its gradient on unchanged
             self._grad_path(e.src, grad_in if LOWERING[n.op].grad == "view" else None)
@@ -298,18 +297,4 @@ def lower(g: Graph, dedup: bool | None = None, time_invariant: bool = True) -> P
             lw.forward(n.name)
     for loss in sorted(g.by_op(*GroupOp.LOSS), key=lambda n: n.attrs["layer"]):
         lw.loss(loss)
-    return _finish(g, lw)
-
-
-def _finish(g: Graph, lw: _Lowerer) -> Plan:
-    first: dict[str, int] = {}
-    last: dict[str, int] = {}
-    for la in lw.launches:
-        for w in la.writes:
-            first.setdefault(w, la.index)
-            last.setdefault(w, la.index)
-        for r in la.reads:
-            last[r] = max(last.get(r, la.index), la.index)
-    buffers = tuple(Buffer(name, dt, shape, first.get(name, 0), last.get(name, first.get(name, 0)))
-                    for name, (dt, shape) in lw.dtypes.items())
-    return Plan(g.name, g.T, tuple(lw.launches), buffers, tuple(sorted(lw.alias.items())), lw.dedup)
+    return finish(g.name, g.T, lw.launches, lw.declared, tuple(sorted(lw.alias.items())), lw.dedup)

@@ -21,12 +21,13 @@ from types import ModuleType
 from typing import Any
 
 from bsdgraph.compiler.feedback import BSDConfig
+from bsdgraph.errors import UserError
 from bsdgraph.ir.graph import Graph
 from bsdgraph.ir.diagnostics import GraphError
 from bsdgraph.ir.validate import validate
 
 
-class ModelError(Exception):
+class ModelError(UserError):
     """A model file that cannot be loaded or built (not an invalid graph: that is ``GraphError``)."""
 
 

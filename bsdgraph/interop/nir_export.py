@@ -28,6 +28,7 @@ from bsdgraph.ir.graph import GroupOp, Graph, Node, Op, Stream
 from bsdgraph.interop.nir import META, SCHEME, MappingError, check_dt, lif_to_nir, nir_module
 from bsdgraph.ir.params import param_shapes
 from bsdgraph.ir.diagnostics import Diagnostic, GraphError
+from bsdgraph.registry import registrar
 
 
 @dataclass
@@ -68,13 +69,7 @@ Rule = Callable[[_Export, Node], list[tuple[str, Any]]]
 EXPORT_RULES: dict[Op, Rule] = {}
 
 
-def export_rule(*ops: Op):
-    def register(fn: Rule) -> Rule:
-        for op in ops:
-            EXPORT_RULES[op] = fn
-        return fn
-
-    return register
+export_rule = registrar(EXPORT_RULES)  # @export_rule(*ops): the NIR nodes of those ops
 
 
 def _meta(**extra: Any) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from bsdgraph.ir.builder import GraphBuilder
 from bsdgraph.interop.nir import MappingError, NIRError, check_dt, lif_from_nir, nir_module, per_neuron, plain, read_nir
 from bsdgraph.interop.nir import node_metadata as _meta
 from bsdgraph.ir.diagnostics import Diagnostic, GraphError
+from bsdgraph.registry import registrar
 
 DEFAULT_T = 4  # NIR graphs carry no number of steps per sample; bsdgraph's models use 4
 
@@ -123,13 +124,7 @@ Rule = Callable[[_Import, str, Any], str]
 IMPORT_RULES: dict[str, Rule] = {}
 
 
-def import_rule(*types: str):
-    def register(fn: Rule) -> Rule:
-        for t in types:
-            IMPORT_RULES[t] = fn
-        return fn
-
-    return register
+import_rule = registrar(IMPORT_RULES)  # @import_rule(*types): the bsdgraph nodes of those NIR node types
 
 
 @import_rule("Input")

@@ -27,5 +27,10 @@ class GraphError(UserError):
     def __init__(self, diagnostics: list[Diagnostic]):
         self.diagnostics = list(diagnostics)
         n = len(self.diagnostics)
-        lines = "\n".join(f"  - {d}" for d in self.diagnostics)
-        super().__init__(f"{n} problem{'s' if n != 1 else ''} in the graph:\n{lines}")
+        listing = "\n".join(f"  - {d}" for d in self.diagnostics)
+        super().__init__(f"{n} problem{'s' if n != 1 else ''} in the graph:\n{listing}")
+
+    def lines(self, source: str | None = None) -> list[str]:
+        """One line per diagnostic and a count, each against the model file (``source``)."""
+        return [f"{source}: {d}" for d in self.diagnostics] + [
+            f"{source}: invalid model ({len(self.diagnostics)} problem(s))"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any
 
 import networkx as nx
@@ -128,20 +129,35 @@ ATTRS: dict[Op, tuple[Attr, ...]] = {
 }
 
 
-def default_attrs(op: Op, **given: Any) -> dict[str, Any]:
-    """The full attribute dict of ``op``: defaults overridden by ``given`` (unknown keys are kept for validate)."""
+def default_attrs(op: Op, /, **given: Any) -> dict[str, Any]:
+    """The full attribute dict of ``op``: defaults overridden by ``given`` (unknown keys are kept for validate).
+
+    ``op`` is positional-only so that an attribute named ``op`` (invalid, but a JSON file can hold one) reaches
+    validate as an unknown attribute instead of a TypeError here."""
     out = {a.name: a.default for a in ATTRS[op] if not a.required}
     out.update(given)
     return out
 
 
 class FrozenAttrs(Mapping):
-    """An immutable, hashable mapping for node attributes (lists are frozen to tuples)."""
+    """An immutable, hashable mapping for node attributes.
 
-    __slots__ = ("_items",)
+    Values are frozen on the way in (lists and tuples to tuples, mappings to ``FrozenAttrs``, sets to
+    frozensets), the items live behind a read-only proxy, and attributes cannot be set, so nothing reachable
+    through the object can change it. Equality is that of the plain dicts (``{'tau': 2} == {'tau': 2.0}``), so the
+    hash is built from the values' own hashes, which Python keeps equal for equal numbers (``hash(1) ==
+    hash(1.0) == hash(True)``) and so for tuples of equal numbers (``(3, 3)`` and ``(3.0, 3.0)``); the former
+    ``repr``-based hash told ``2`` from ``2.0`` and broke ``a == b => hash(a) == hash(b)``.
+    """
 
-    def __init__(self, items: Mapping[str, Any] | None = None):
-        object.__setattr__(self, "_items", dict((k, _freeze(v)) for k, v in (items or {}).items()))
+    __slots__ = ("_items", "_hash")
+
+    def __new__(cls, items: Mapping[str, Any] | None = None) -> FrozenAttrs:
+        self = super().__new__(cls)
+        frozen = {k: _freeze(v) for k, v in (items or {}).items()}
+        object.__setattr__(self, "_items", MappingProxyType(frozen))
+        object.__setattr__(self, "_hash", None)
+        return self
 
     def __getitem__(self, key: str) -> Any:
         return self._items[key]
@@ -153,17 +169,49 @@ class FrozenAttrs(Mapping):
         return len(self._items)
 
     def __hash__(self) -> int:
-        return hash(tuple(sorted((k, repr(v)) for k, v in self._items.items())))
+        if self._hash is None:  # computed once: a Node's hash (a frozen dataclass) asks for it every time
+            object.__setattr__(self, "_hash", hash(frozenset((k, _hash_key(v)) for k, v in self._items.items())))
+        return self._hash
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Mapping) and dict(self._items) == dict(other)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"FrozenAttrs is immutable: cannot set {name!r} (use Node.replace(attrs=...))")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"FrozenAttrs is immutable: cannot delete {name!r}")
+
+    def __reduce__(self):  # pickle and copy rebuild through __new__ (the default would set the slots)
+        return FrozenAttrs, (dict(self._items),)
+
     def __repr__(self) -> str:
-        return f"FrozenAttrs({self._items!r})"
+        return f"FrozenAttrs({dict(self._items)!r})"
 
 
 def _freeze(v: Any) -> Any:
-    return tuple(_freeze(x) for x in v) if isinstance(v, (list, tuple)) else v
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, Mapping) and not isinstance(v, FrozenAttrs):
+        return FrozenAttrs(v)
+    if isinstance(v, (set, frozenset)):
+        return frozenset(_freeze(x) for x in v)
+    return v
+
+
+_UNHASHABLE = object()
+
+
+def _hash_key(v: Any) -> Any:
+    """What ``v`` contributes to a hash: itself, or a constant for a value Python cannot hash (say an array, which
+    validate refuses anyway); a constant keeps ``a == b => hash(a) == hash(b)`` whatever ``==`` says of it."""
+    if isinstance(v, tuple):
+        return tuple(_hash_key(x) for x in v)
+    try:
+        hash(v)
+    except TypeError:
+        return _UNHASHABLE
+    return v
 
 
 # ---------------------------------------------------------------------------------------------------- node, graph

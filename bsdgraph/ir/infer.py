@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 
 from bsdgraph.ir.graph import Node, Op
+from bsdgraph.registry import registrar
 
 Shape = tuple[int, ...]
 
@@ -31,13 +32,7 @@ ARITY: dict[Op, tuple[int, ...]] = {
 }
 
 
-def rule(*ops: Op):
-    def register(fn):
-        for op in ops:
-            SHAPE_RULES[op] = fn
-        return fn
-
-    return register
+rule = registrar(SHAPE_RULES)  # @rule(*ops): the shape rule of those ops
 
 
 def infer_node_shape(node: Node, operands: list[Node]) -> Shape:

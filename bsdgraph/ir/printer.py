@@ -63,6 +63,8 @@ VERSION = 1
 
 
 def _jsonable(v: Any) -> Any:
+    if isinstance(v, FrozenAttrs):  # a mapping value (validate refuses one, but to_json must not crash on it)
+        return {k: _jsonable(x) for k, x in v.items()}
     return [_jsonable(x) for x in v] if isinstance(v, tuple) else v
 
 

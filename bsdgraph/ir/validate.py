@@ -15,19 +15,14 @@ import networkx as nx
 from bsdgraph.ir.diagnostics import Diagnostic, GraphError
 from bsdgraph.ir.infer import ARITY, SHAPE_RULES, ShapeError
 from bsdgraph.ir.graph import ATTRS, GroupOp, Graph, Node, Op, Stream
+from bsdgraph.registry import registrar
 
 
 Check = Callable[[Node, Graph], Iterable[tuple[str, str]]]
 CHECKS: dict[Op, Check] = {}
 
 
-def check(*ops: Op):
-    def register(fn: Check) -> Check:
-        for op in ops:
-            CHECKS[op] = fn
-        return fn
-
-    return register
+check = registrar(CHECKS)  # @check(*ops): the semantic check of those ops
 
 
 def validate(g: Graph, forward: bool | None = None) -> Graph:

@@ -28,18 +28,23 @@ import contextlib
 import datetime
 import functools
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 
+from bsdgraph import env
+from bsdgraph.compiler.plan import Kind, Launch, Plan, Ref, value
+from bsdgraph.compiler.program import Program, as_program, transformed
+from bsdgraph.registry import registrar
 from bsdgraph.runtime.common import ExecutionError, StepResult
-from bsdgraph.runtime.executor import Executor
+from bsdgraph.runtime.context import Grouping
+from bsdgraph.runtime.executor import Backend, Executor
 from bsdgraph.runtime.philox import philox_uniform
-from bsdgraph.runtime.torch_kernels import _loss_inputs, _reco_terms, _store_loss_grads
+from bsdgraph.runtime.torch_kernels import _reco_terms, loss_operands, loss_outputs, steps
 from bsdgraph.train.config import TrainingError
 
 TIMEOUT_ENV = "BSDGRAPH_DIST_TIMEOUT"  # seconds a rank waits for its peers (init and every collective)
@@ -53,11 +58,11 @@ class DistributedError(TrainingError):
 
 def launched() -> bool:
     """Whether this process was started by torchrun (or anything else that sets RANK and WORLD_SIZE)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return env.RANK.is_set() and env.WORLD_SIZE.is_set()
 
 
 def timeout_s() -> float:
-    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT))
+    raw = env.DIST_TIMEOUT.raw()
     try:
         value = float(raw)
     except ValueError:
@@ -84,10 +89,10 @@ class Comm:
         """Join the group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT):
         gloo on CPU, NCCL with CUDA tensors."""
         timeout = timeout_s()
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, world = env.RANK.get(), env.WORLD_SIZE.get()
         device = torch.device("cpu")
         if want_cuda:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            device = torch.device("cuda", env.LOCAL_RANK.get())
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if not dist.is_initialized():
@@ -96,7 +101,7 @@ class Comm:
                                         world_size=world, **({"device_id": device} if want_cuda else {}))
             except (RuntimeError, ValueError) as err:
                 raise DistributedError(f"rank {rank}/{world}: could not join the process group at "
-                                       f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+                                       f"{env.MASTER_ADDR.raw()}:{env.MASTER_PORT.raw()} within "
                                        f"{timeout:g} s ({_first_line(err)}); check that every rank was started "
                                        f"and reaches that address, or raise {TIMEOUT_ENV}") from None
         return cls(rank, world, device, timeout)
@@ -183,50 +188,105 @@ def _first_line(err: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- data-parallel
+# The data-parallel plan is a transform of the one-process plan (``data_parallel_plan``, pure): every launch with
+# a data-parallel form runs as "dp:<kernel>" and also reads the step's shard; each optimizer launch starts the
+# all-reduce of its gradients and applies the previous one's (a PENDING buffer carries the bucket from one to the
+# next); the losses and rates are summed over the ranks by one last launch.
+
+SHARD = Ref(Kind.INPUT, "shard")
+DP = "dp:"
+FINISH, REDUCE = "dp:apply_pending", "dp:reduce_results"
 
 
-class DataParallel:
-    """Mixin over an Executor backend: ``step(x, y)`` takes the *global* batch (the same on every rank), runs
-    this rank's shard, and leaves weights identical on all ranks and equal to a one-process step on (x, y)."""
+@dataclass(frozen=True)
+class Shard:
+    """This rank's samples [lo, hi) of a global batch of ``n_full``, whose labels are ``labels``."""
 
-    def __init__(self, g, *, comm: Comm, **kwargs):
-        self.comm, self.full_labels, self.lo, self.hi, self.n_full = comm, None, 0, 0, 0
-        self.reduced: set[str] = set()
-        self.pending: list = []
-        self.bn_stats: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
-        super().__init__(g, **kwargs)
-        base = self.kernels
-        self.kernels = {**base, **{k: functools.partial(fn, base[k]) for k, fn in DP_KERNELS.items() if k in base}}
-        comm.broadcast_([*self.params.values(), *self.state.values()], "the initial weights")
+    lo: int
+    hi: int
+    n_full: int
+    labels: torch.Tensor | None
 
     @property
-    def n_local(self) -> int:
-        return self.hi - self.lo
+    def share(self) -> float:
+        return (self.hi - self.lo) / self.n_full
 
-    def _reset(self, x, y, training: bool) -> None:
-        super()._reset(x, y, training)
-        self.reduced, self.pending, self.bn_stats = set(), [], {}
-        if training and y is not None and self.plan.dedup:  # B's rows: the classes of the *full* batch
-            classes, inverse, counts = torch.unique(self.full_labels, return_inverse=True, return_counts=True)
-            self.classes, self.counts, self.inverse = classes, counts, inverse[self.lo:self.hi]
+
+DP_KERNELS: dict[str, Callable] = {}  # kernel name -> fn(base kernel, ctx, *inputs, shard) -> outputs
+dp_kernel = registrar(DP_KERNELS)
+
+
+def data_parallel_plan(plan: Plan) -> Plan:
+    """``plan`` as one rank of a data-parallel run (see the module docstring)."""
+    launches: list[Launch] = []
+    declare = {SHARD: ("obj", ())}
+    pending: Ref | None = None
+    for la in plan.launches:
+        if la.kernel == "torch.adamw_step":
+            bucket = Ref(Kind.PENDING, "+".join(la.nodes))
+            declare[bucket] = ("obj", ())
+            grads = tuple(r for r in la.reads if r.kind == Kind.PARAM_GRAD)
+            # the previous bucket's parameters are updated here, this launch's at the next one
+            applied = _bucket_params(launches, pending)
+            launches.append(Launch(0, DP + la.kernel, la.phase, la.nodes,
+                                   grads + applied + ((pending,) if pending else ()), (bucket, *applied)))
+            pending = bucket
+        elif la.kernel in DP_KERNELS:
+            launches.append(replace(la, kernel=DP + la.kernel, reads=la.reads + (SHARD,)))
+        else:
+            launches.append(la)
+    if pending:
+        applied = _bucket_params(launches, pending)
+        launches.append(Launch(0, FINISH, "optimizer", (), applied + (pending,), applied))
+    results = tuple(dict.fromkeys(w for la in launches for w in la.writes if w.kind in (Kind.LOSS, Kind.RATE)))
+    launches.append(Launch(0, REDUCE, "collective", (), results + (SHARD,), results))
+    return plan.replace(launches, declare)
+
+
+def _bucket_params(launches: list[Launch], bucket: Ref | None) -> tuple[Ref, ...]:
+    if bucket is None:
+        return ()
+    (la,) = [la for la in launches if bucket in la.writes]
+    return tuple(Ref(Kind.PARAM, r.node, r.part) for r in la.reads if r.kind == Kind.PARAM_GRAD)
+
+
+def dp_backend(base: Backend, comm: Comm) -> Backend:
+    """``base`` with the data-parallel kernels: each "dp:<name>" wraps the base kernel of that name."""
+    kernels = {DP + name: functools.partial(fn, base.kernels.get(name)) for name, fn in DP_KERNELS.items()}
+    kernels[FINISH], kernels[REDUCE] = _apply_pending, _reduce_results
+    return Backend(f"{base.name} (data-parallel)", {**base.kernels, **kernels}, base.prims, comm.device)
+
+
+class DataParallelExecutor(Executor):
+    """``step(x, y)`` takes the *global* batch (the same on every rank), runs this rank's shard of the
+    data-parallel plan, and leaves weights identical on all ranks and equal to a one-process step on (x, y)."""
+
+    def __init__(self, program: Program, backend: Backend, *, comm: Comm, **kwargs):
+        self.comm = comm
+        lowering = {k: kwargs.pop(k) for k in ("dedup", "time_invariant") if k in kwargs}
+        program = transformed(as_program(program, **lowering), data_parallel_plan)
+        super().__init__(program, dp_backend(backend, comm), **kwargs)
+        comm.broadcast_([*self.params.values(), *self.state.values()], "the initial weights")
+        self.shard = Shard(0, 0, 0, None)
+
+    def owned(self) -> dict:
+        return {**super().owned(), "comm": self.comm}
+
+    def given(self, x, y):
+        return {**super().given(x, y), SHARD: self.shard}
 
     def _shard(self, x: torch.Tensor, y: torch.Tensor | None):
-        self.lo, self.hi = self.comm.shard(len(x))
-        self.n_full = len(x)
-        self.full_labels = None if y is None else y.to(self.device)
-        return x[self.lo:self.hi], None if y is None else self.full_labels[self.lo:self.hi]
+        lo, hi = self.comm.shard(len(x))
+        labels = None if y is None else y.to(self.device)
+        self.shard = Shard(lo, hi, len(x), labels)
+        return x[lo:hi], None if labels is None else labels[lo:hi]
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
         if len(y) < self.comm.world:
             raise DistributedError(f"a batch of {len(y)} samples cannot be split over {self.comm.world} ranks: "
                                    "every rank needs at least one sample (use a larger batch or fewer processes)")
-        xs, ys = self._shard(x, y)
-        self._reset(xs, ys, True)
         with unwrap_distributed_errors():
-            self._run()
-            self.complete_pending()
-        self.steps += 1
-        return self._global_result()
+            return super().step(*self._shard(x, y))
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,163 +294,179 @@ class DataParallel:
         local = super().predict(xs)
         return self.comm.all_gather_rows(local, self.comm.sizes(len(x)), "predictions", dim=0)
 
-    def complete_pending(self) -> None:
-        """Wait for the gradient buckets in flight, then clip and step AdamW on the summed gradients."""
-        for work, flat, keys, nodes in self.pending:
-            if work is not None:
-                self.comm.wait(work, f"the gradients of {'+'.join(nodes)}")
-            offset = 0
-            for k in keys:
-                n = self.grads[k].numel()
-                self.grads[k] = flat[offset:offset + n].view_as(self.grads[k])
-                offset += n
-            self.apply(nodes)
-        self.pending = []
-
-    def _global_result(self) -> StepResult:
-        """Losses (each rank holds its share of the sum) and firing rates of the full batch, in one all-reduce."""
-        names, rates = list(self.losses), list(self.rates)
-        share = self.n_local / self.n_full
-        vals = [float(self.losses[k]) for k in names]
-        # per-class rows (B) are the full batch's already; per-sample rates are weighted by the shard size
-        vals += [self.rates[k] / self.comm.world if self.is_per_class(k) else self.rates[k] * share
-                 for k in rates]
-        vec = torch.tensor(vals, dtype=torch.float64, device=self.comm.device)
-        self.comm.all_reduce(vec, "the step's losses and firing rates")
-        out = vec.tolist()
-        return StepResult(dict(zip(names, out[:len(names)])), dict(zip(rates, out[len(names):])))
-
-
-def data_parallel(runtime_cls: type) -> type:
-    """``runtime_cls`` (an Executor backend) made data-parallel; other runtimes are refused by name."""
-    if not issubclass(runtime_cls, Executor):
-        raise DistributedError(f"data-parallel training runs the plan executor (backends cpu, triton); "
-                               f"{runtime_cls.__name__} is not one: use --backend cpu")
-    return type(f"DataParallel{runtime_cls.__name__}", (DataParallel, runtime_cls), {})
-
 
 # ---------------------------------------------------------------------------------------------------- kernels
-# Each wraps the backend's kernel of the same name: fn(base, ex, launch).
-
-DP_KERNELS: dict[str, Callable] = {}
+# Each wraps the backend's kernel of the same name: fn(base, ctx, *inputs, shard) -> outputs.
 
 
-def dp_kernel(*names: str):
-    def register(fn):
-        for name in names:
-            DP_KERNELS[name] = fn
-        return fn
+def _scaled(outs: tuple, share: float) -> tuple:
+    return tuple(None if v is None else v * share for v in outs)
 
-    return register
+
+@dp_kernel("group_classes")
+def _group(base, ctx, y, shard: Shard):
+    """B's rows: the classes of the *full* batch (labels are known everywhere), this rank's samples mapped to
+    them, and the full batch's counts."""
+    classes, inverse, counts = torch.unique(shard.labels, return_inverse=True, return_counts=True)
+    return (Grouping(classes, inverse[shard.lo:shard.hi], counts),)
 
 
 @dp_kernel("torch.cross_entropy_grad", "torch.mse_grad")
-def _mean_loss(base, ex, la) -> None:
+def _mean_loss(base, ctx, *ins):
     """A mean over the batch, computed on this rank's samples and rescaled from 1/B_local to 1/B."""
-    base(ex, la)
-    share = ex.n_local / ex.n_full
-    name = la.nodes[0]
-    ex.losses[name] = ex.losses[name] * share
-    for w in la.writes:
-        if w in ex.buf:
-            ex.buf[w] = ex.buf[w] * share
+    *ins, shard = ins
+    return _scaled(base(ctx, *ins), shard.share)
 
 
 @dp_kernel("reco_loss_grad")
-def _reco(base, ex, la) -> None:
-    n = ex.node(la.nodes[0])
-    if ex.is_per_class(la.reads[1]) and not n.attrs["freq"]:
+def _reco(base, ctx, *ins):
+    *ins, shard = ins
+    n = ctx.node
+    if ctx.per_class(ctx.launch.reads[1]) and not n.attrs["freq"]:
         # deduplicated B (rows of the full batch's classes, counts of the full batch): a per-sample sum
-        _mean_loss(base, ex, la)
-        return
-    a, b = _loss_inputs(ex, la)
-    sizes = ex.comm.sizes(ex.n_full)
-    full_a = ex.comm.all_gather_rows(a, sizes, f"the F operand of {n.name}")
-    full_b = ex.comm.all_gather_rows(b, sizes, f"the B operand of {n.name}")
-    labels = ex.full_labels if n.attrs["negatives"] == "other_class" else None
-    loss, da, db = _reco_terms(n, full_a, full_b, labels, ex.prims.reco_loss_grad)
-    own = slice(ex.lo, ex.hi)
-    _store_loss_grads(ex, la, loss / ex.comm.world, [da[:, own], db[:, own]])
+        return _scaled(base(ctx, *ins), shard.share)
+    (a, b), args = loss_operands(ctx, ins)
+    comm = ctx.owned["comm"]
+    sizes = comm.sizes(shard.n_full)
+    full_a = comm.all_gather_rows(a, sizes, f"the F operand of {n.name}")
+    full_b = comm.all_gather_rows(b, sizes, f"the B operand of {n.name}")
+    labels = shard.labels if n.attrs["negatives"] == "other_class" else None
+    loss, da, db = _reco_terms(n, full_a, full_b, labels, ctx.prims.reco_loss_grad)
+    own = slice(shard.lo, shard.hi)
+    return loss_outputs(ctx, loss / comm.world, [da[:, own], db[:, own]], args)
 
 
-def _bn_rows(ex, name: str, buf: str) -> tuple[torch.Tensor, list[int]]:
-    n = ex.node(name)
-    v = ex.read(buf, n.shape)
-    rows = v.reshape(-1, *v.shape[2:])
+def _bn_rows(ctx, ref: Ref, v: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    rows = steps(ctx, ref, v, ctx.node.shape)
+    rows = rows.reshape(-1, *rows.shape[2:])
     return rows, [0, *range(2, rows.dim())]
 
 
+def _values_per_channel(ctx, rows: torch.Tensor, shard: Shard) -> int:
+    return ctx.T * shard.n_full * math.prod(rows.shape[2:])
+
+
 @dp_kernel("torch.batch_norm")
-def _batchnorm(base, ex, la) -> None:
+def _batchnorm(base, ctx, *ins):
     """Batch statistics of the full batch: per-channel sums, then sums of squared deviations (two passes, as
     precise as one process's). B's per-class rows (deduplicated) are the full batch's on every rank already:
     their count-weighted statistics need no communication and come out identical everywhere."""
-    if not ex.training or ex.is_per_class(la.reads[0]):
-        return base(ex, la)
-    n = ex.node(la.nodes[0])
-    rows, dims = _bn_rows(ex, n.name, la.reads[0])
+    *ins, shard = ins
+    if not ctx.training or ctx.per_class(ctx.launch.reads[0]):
+        return base(ctx, *ins)
+    n, comm, args = ctx.node, ctx.owned["comm"], ctx.args(ins)
+    rows, dims = _bn_rows(ctx, ctx.launch.reads[0], ins[0])
     shape = [1, -1] + [1] * (rows.dim() - 2)
-    total = ex.T * ex.n_full * math.prod(rows.shape[2:])  # values per channel in the full batch
+    total = _values_per_channel(ctx, rows, shard)
     sums = rows.sum(dims)
-    ex.comm.all_reduce(sums, f"the batch statistics of {n.name}")
+    comm.all_reduce(sums, f"the batch statistics of {n.name}")
     mean = sums / total
     sq = (rows - mean.view(shape)).pow(2).sum(dims)
-    ex.comm.all_reduce(sq, f"the batch statistics of {n.name}")
+    comm.all_reduce(sq, f"the batch statistics of {n.name}")
     var = sq / total
     invstd = torch.rsqrt(var + n.attrs["eps"])
-    w, b = ex.params[f"{n.name}.weight"], ex.params[f"{n.name}.bias"]
+    w, b = args[Ref(Kind.PARAM, n.name, "weight")], args[Ref(Kind.PARAM, n.name, "bias")]
     out = (rows - mean.view(shape)) * (invstd * w).view(shape) + b.view(shape)
     m = n.attrs["momentum"]
-    ex.state[f"{n.name}.running_mean"].mul_(1 - m).add_(m * mean)
-    ex.state[f"{n.name}.running_var"].mul_(1 - m).add_(m * var * total / max(total - 1, 1))
-    ex.bn_stats[n.name] = (mean, invstd, total)
-    ex.buf[la.writes[0]] = out.reshape(ex.T, -1, *rows.shape[1:])
+    args[Ref(Kind.STATE, n.name, "running_mean")].mul_(1 - m).add_(m * mean)
+    args[Ref(Kind.STATE, n.name, "running_var")].mul_(1 - m).add_(m * var * total / max(total - 1, 1))
+    return ctx.outputs({value(n.name): out.reshape(ctx.T, -1, *rows.shape[1:]),
+                        Ref(Kind.STATS, n.name): torch.stack([mean, invstd])})
 
 
 @dp_kernel("torch.batch_norm_backward")
-def _batchnorm_backward(base, ex, la) -> None:
+def _batchnorm_backward(base, ctx, *ins):
     """The batch-statistics backward with the full batch's sums of dY and dY * x_hat (which are also the
-    gradients of the weight and bias: already reduced, so the optimizer bucket skips them).
+    gradients of the weight and bias: already reduced, so the optimizer's bucket leaves them out, ``_reduced``).
 
-    B's per-class rows: each rank's gradient rows are its samples' share, and the count-weighted backward is linear
-    in them, so each rank computes it on its share and the sums happen where every gradient's does: in the weight
-    gradients' all-reduce (this batchnorm's own weight and bias included)."""
-    if ex.is_per_class(la.reads[1]):
-        return base(ex, la)
-    n = ex.node(la.nodes[0])
-    mean, invstd, total = ex.bn_stats[n.name]
-    grad, dims = _bn_rows(ex, n.name, la.reads[0])
-    src, _ = _bn_rows(ex, n.name, la.reads[1])
+    B's per-class rows: each rank's gradient rows are its samples' share, and the count-weighted backward is
+    linear in them, so each rank computes it on its share and the sums happen where every gradient's does: in
+    the weight gradients' all-reduce (this batchnorm's own weight and bias included)."""
+    *ins, shard = ins
+    if ctx.per_class(ctx.launch.reads[1]):
+        return base(ctx, *ins)
+    n, comm, args = ctx.node, ctx.owned["comm"], ctx.args(ins)
+    grad_ref, src_ref = ctx.launch.reads[:2]
+    mean, invstd = args[Ref(Kind.STATS, n.name)]
+    grad, dims = _bn_rows(ctx, grad_ref, args[grad_ref])
+    src, _ = _bn_rows(ctx, src_ref, args[src_ref])
+    total = _values_per_channel(ctx, src, shard)
     shape = [1, -1] + [1] * (src.dim() - 2)
     xhat = (src - mean.view(shape)) * invstd.view(shape)
     sums = torch.cat([grad.sum(dims), (grad * xhat).sum(dims)])
-    ex.comm.all_reduce(sums, f"the batchnorm gradient of {n.name}")
+    comm.all_reduce(sums, f"the batchnorm gradient of {n.name}")
     g_b, g_w = sums.chunk(2)
-    w = ex.params[f"{n.name}.weight"]
+    w = args[Ref(Kind.PARAM, n.name, "weight")]
     g_in = (w * invstd).view(shape) * (grad - (g_b / total).view(shape) - xhat * (g_w / total).view(shape))
-    ex.write_grads(n.name, {"weight": g_w, "bias": g_b})
-    ex.reduced.update({f"{n.name}.weight", f"{n.name}.bias"})
-    ex.buf[la.writes[-1]] = g_in.reshape(ex.T, -1, *src.shape[1:])
+    return ctx.outputs({Ref(Kind.PARAM_GRAD, n.name, "weight"): g_w, Ref(Kind.PARAM_GRAD, n.name, "bias"): g_b,
+                        Ref(Kind.GRAD, src_ref.node): g_in.reshape(ctx.T, -1, *src.shape[1:])})
 
 
 @dp_kernel("poisson_encode")
-def _poisson(base, ex, la) -> None:
+def _poisson(base, ctx, x, seed, shard: Shard):
     """The full batch's Philox stream (offset t * numel(batch) + index), read at this rank's samples."""
-    x = ex.x.to(torch.float32).contiguous()
+    x = x.to(torch.float32).contiguous()
     per_sample = x[0].numel() if len(x) else 0
-    t = torch.arange(ex.T, dtype=torch.int64, device=x.device)[:, None]
-    idx = torch.arange(x.numel(), dtype=torch.int64, device=x.device)[None, :] + ex.lo * per_sample
-    offset = (t * (ex.n_full * per_sample) + idx).reshape(ex.T, *x.shape)
-    ex.buf[la.writes[0]] = (philox_uniform(ex.run_seed, offset) < x).to(torch.uint8)
+    t = torch.arange(ctx.T, dtype=torch.int64, device=x.device)[:, None]
+    idx = torch.arange(x.numel(), dtype=torch.int64, device=x.device)[None, :] + shard.lo * per_sample
+    offset = (t * (shard.n_full * per_sample) + idx).reshape(ctx.T, *x.shape)
+    return ((philox_uniform(seed, offset) < x).to(torch.uint8),)
+
+
+def _reduced(ctx, ref: Ref) -> bool:
+    """Whether a parameter gradient is summed over the ranks already (by an F batchnorm's backward)."""
+    la = ctx.plan.launches[ctx.plan.buffer(ref).producer]
+    return la.kernel == DP + "torch.batch_norm_backward" and not ctx.per_class(la.reads[1])
 
 
 @dp_kernel("torch.adamw_step")
-def _adamw(base, ex, la) -> None:
-    """Start the all-reduce of this loss's gradients (one flat bucket), then finish the previous bucket."""
-    nodes = list(la.nodes)
-    keys = [k for k in ex.params if k.rsplit(".", 1)[0] in set(nodes) and k not in ex.reduced and k in ex.grads]
-    flat = torch.cat([ex.grads[k].reshape(-1) for k in keys]) if keys else torch.zeros(0, device=ex.device)
-    work = ex.comm.all_reduce(flat, f"the gradients of {'+'.join(nodes)}", async_op=True) if keys else None
-    ex.complete_pending()
-    ex.pending.append((work, flat, keys, nodes))
+def _adamw(base, ctx, *ins):
+    """Start the all-reduce of this loss's gradients (one flat bucket), then finish the previous bucket: layer
+    l's traffic overlaps layer l+1's compute (exact: the plan never reads a weight after its update)."""
+    comm, args = ctx.owned["comm"], ctx.args(ins)
+    grads = {r: v for r, v in args.items() if r.kind == Kind.PARAM_GRAD}
+    previous = args.get(ctx.launch.reads[-1]) if ctx.launch.reads[-1].kind == Kind.PENDING else None
+    send = [r for r in grads if not _reduced(ctx, r)]
+    flat = torch.cat([grads[r].reshape(-1) for r in send]) if send else torch.zeros(0, device=ctx.device)
+    what = f"the gradients of {'+'.join(ctx.launch.nodes)}"
+    work = comm.all_reduce(flat, what, async_op=True) if send else None
+    applied = _finish_bucket(ctx, previous, args) if previous is not None else ()
+    return ((work, flat, send, grads, what), *applied)
 
+
+def _finish_bucket(ctx, bucket, args) -> tuple:
+    """Wait for a bucket's all-reduce, then clip and step AdamW on the summed gradients; its parameters (in
+    ``args``), updated in place."""
+    from bsdgraph.runtime.local_adamw import adamw_step
+
+    work, flat, send, grads, what = bucket
+    if work is not None:
+        ctx.owned["comm"].wait(work, what)
+    grads = dict(grads)
+    offset = 0
+    for r in send:
+        n = grads[r].numel()
+        grads[r] = flat[offset:offset + n].view_as(grads[r])
+        offset += n
+    owned = {r.key: args[Ref(Kind.PARAM, r.node, r.part)] for r in grads}
+    adamw_step(ctx.owned["optimizer"], owned, {r.key: g for r, g in grads.items()}, ctx.owned["clip"])
+    return tuple(owned[r.key] for r in grads)
+
+
+def _apply_pending(ctx, *ins):
+    """The last bucket of the step."""
+    return _finish_bucket(ctx, ins[-1], ctx.args(ins))
+
+
+def _reduce_results(ctx, *ins):
+    """Losses (each rank holds its share of the sum) and firing rates of the full batch, in one all-reduce."""
+    *vals, shard = ins
+    refs = ctx.launch.writes
+    # per-class rows (B) are the full batch's already; per-sample rates are weighted by the shard size
+    comm = ctx.owned["comm"]
+    vec = [float(v) if r.kind == Kind.LOSS else
+           float(v) / comm.world if ctx.per_class(value(r.node)) else float(v) * shard.share
+           for r, v in zip(refs, vals)]
+    out = torch.tensor(vec, dtype=torch.float64, device=comm.device)
+    comm.all_reduce(out, "the step's losses and firing rates")
+    return tuple(out.tolist())

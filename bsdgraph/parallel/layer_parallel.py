@@ -34,6 +34,7 @@ whose statistics depend on the batch's class counts), since a table per class is
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, replace
 import math
 import queue
 import threading
@@ -42,11 +43,15 @@ from collections.abc import Callable
 
 import torch
 
+from bsdgraph.compiler.codegen import generate
+from bsdgraph.compiler.cost import launch_flops
+from bsdgraph.compiler.lower import GROUP_KERNEL, can_dedup
+from bsdgraph.compiler.plan import GROUPING, Kind, Launch, Plan, Ref, value
+from bsdgraph.compiler.program import as_program, transformed
 from bsdgraph.ir.graph import Graph, GroupOp, Op, Stream
-from bsdgraph.compiler.lower import can_dedup, lower
 from bsdgraph.ir.params import param_shapes
-from bsdgraph.runtime.common import ExecutionError, StepResult, make_optimizer, readout
-from bsdgraph.runtime.executor import Executor
+from bsdgraph.runtime.common import StepResult, make_optimizer, readout
+from bsdgraph.runtime.executor import Backend, Executor
 from bsdgraph.train.config import TrainingError
 
 
@@ -82,22 +87,23 @@ def node_layers(g: Graph) -> dict[str, int]:
     return layer
 
 
-def layer_costs(g: Graph, batch: int = 128) -> dict[int, float]:
-    """Cost of each layer's launches: dense FLOPs (``bench.launch_flops``) + 20 per parameter (AdamW, clipping)."""
-    from bsdgraph.compiler.cost import launch_flops
-
-    plan, layer = lower(g), node_layers(g)
+def layer_costs(plan: Plan, g: Graph, batch: int = 128) -> dict[int, float]:
+    """Cost of each layer's launches: dense FLOPs (``compiler/cost.launch_flops``) + 20 per parameter (AdamW,
+    clipping)."""
+    layer = node_layers(g)
     cost: dict[int, float] = {}
     for la in plan.launches:
+        if not la.nodes:
+            continue
         extra = sum(20 * math.prod(s) for n in la.nodes for s in param_shapes(g[n]).values())
         ell = layer[la.nodes[0]]
         cost[ell] = cost.get(ell, 0.0) + launch_flops(plan, g, la, batch) + extra
     return cost
 
 
-def split(g: Graph, n_stages: int) -> list[int]:
+def split(plan: Plan, g: Graph, n_stages: int) -> list[int]:
     """Stage of each layer 0..L: contiguous ranges minimising the largest stage cost (layer 0 joins layer 1)."""
-    cost = layer_costs(g)
+    cost = layer_costs(plan, g)
     top = max(cost)
     if n_stages > top:
         raise LayerParallelError(f"{n_stages} stages for a network of {top} layers: use at most {top} processes")
@@ -112,125 +118,189 @@ def split(g: Graph, n_stages: int) -> list[int]:
     return [stage_of[0], *stage_of]  # layer 0 shares layer 1's stage
 
 
+# ---------------------------------------------------------------------------------------------------- partition
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage's part of a plan: the launches it runs (B's, then F's, losses and updates) and the buffers it
+    receives from and sends to its neighbours. The batch's grouping is not a launch here: a stage runs B for
+    every class (a table that serves any micro-batch)."""
+
+    index: int
+    b_launches: tuple[Launch, ...]
+    f_launches: tuple[Launch, ...]
+    recv_f: tuple[Ref, ...]     # F's spikes from the stage below
+    recv_b: tuple[Ref, ...]     # B's table from the stage above
+    send_f: tuple[Ref, ...]
+    send_b: tuple[Ref, ...]
+
+    @property
+    def launches(self) -> tuple[Launch, ...]:
+        return self.b_launches + self.f_launches
+
+    def params(self) -> set[str]:
+        return {r.key for la in self.launches for r in la.reads if r.kind == Kind.PARAM}
+
+
+def all_classes_plan(plan: Plan) -> Plan:
+    """B's rows for every class instead of the classes of the batch: one table per class serves every
+    micro-batch, so it can travel down the pipeline a slot ahead (pure)."""
+    return plan.replace([replace(la, kernel="group_all_classes") if la.kernel == GROUP_KERNEL else la
+                         for la in plan.launches])
+
+
+def partition(plan: Plan, g: Graph, n_stages: int) -> tuple[Stage, ...]:
+    """Cut ``plan`` into ``n_stages`` pipeline stages by layer (``split``); pure. Refuses a plan whose launches
+    span stages or whose buffers would have to skip a stage."""
+    layer_stage, layer = split(plan, g, n_stages), node_layers(g)
+    grouping = [la for la in plan.launches if GROUPING in la.writes]  # computed by every stage that reads it
+    launches = [la for la in plan.launches if la.nodes]
+    stage_of = {la.index: {layer_stage[layer[n]] for n in la.nodes} for la in launches}
+    for la in launches:
+        if len(stage_of[la.index]) != 1:
+            raise LayerParallelError(f"launch {la.index} ({la.kernel} of {'+'.join(la.nodes)}) spans stages "
+                                     f"{sorted(stage_of[la.index])}; the plan cannot be cut there")
+    where = {la.index: next(iter(stage_of[la.index])) for la in launches}
+    producer = {w: where[la.index] for la in launches for w in la.writes}
+    target = value(g.by_op(Op.TARGET)[0].name)
+    moved = (Kind.VALUE, Kind.MEMBRANE)  # what may travel: node values (spikes, currents), never a gradient
+    far = {str(r) for la in launches for r in la.reads if r.kind in moved and r in producer and r != target
+           and abs(producer[r] - where[la.index]) > 1}
+    if far:
+        raise LayerParallelError(f"buffers {sorted(far)} are read two or more stages away from where they are "
+                                 "computed; use fewer processes")
+    stages = []
+    for s in range(n_stages):
+        mine = [la for la in launches if where[la.index] == s]
+        reads = {r for la in mine for r in la.reads if r.kind in moved}
+        if target in reads:  # the class code: computed wherever it is read, never sent
+            mine = [la for la in launches if target in la.writes] + [la for la in mine if target not in la.writes]
+        if any(GROUPING in la.reads for la in mine):
+            mine = grouping + mine
+        writes = {w for la in mine for w in la.writes if w.kind in moved}
+        wanted = {t: {r for la in launches if where[la.index] == t for r in la.reads} for t in (s - 1, s + 1)}
+        by_name = lambda refs: tuple(sorted(refs, key=str))  # noqa: E731
+        stages.append(Stage(
+            s, tuple(la for la in mine if la.phase in ("prepare", "forward-B")),
+            tuple(la for la in mine if la.phase not in ("prepare", "forward-B")),
+            by_name(r for r in reads if producer.get(r, s) < s),
+            by_name(r for r in reads if producer.get(r, s) > s and r != target),
+            by_name(writes & wanted[s + 1]), by_name((writes & wanted[s - 1]) - {target})))
+    return tuple(stages)
+
+
 # ---------------------------------------------------------------------------------------------------- a stage
 
 
-class PipelineStage:
-    """Mixin over an Executor backend: the launches of one stage's layers, the buffers it exchanges, and only
-    the weights it owns (with their own optimiser)."""
+class PipelineStage(Executor):
+    """One stage of the pipeline: the generated code of its launches, only the weights it owns (with their own
+    optimiser), and the buffers it exchanges."""
 
-    def __init__(self, g: Graph, *, stage: int, n_stages: int, **kwargs):
+    def __init__(self, program, backend: Backend, *, stage: int, n_stages: int, **kwargs):
+        program = transformed(as_program(program, dedup=True), all_classes_plan)
+        g = program.graph
         # B's batchnorm takes the statistics of the batch's class counts, so a table computed for one
         # micro-batch would not serve another: B must be a function of the class alone
         if not can_dedup(g) or any(n.op == Op.BATCHNORM and n.stream == Stream.B for n in g.nodes):
             raise LayerParallelError("--layer-parallel needs a backward network driven by class codes without "
                                      "batchnorm (B's spikes travel as one table per class); this model has "
                                      "batchnorm or analog targets: train it data-parallel instead")
-        super().__init__(g, dedup=True, **kwargs)
+        super().__init__(program, backend, **kwargs)
         self.stage, self.n_stages = stage, n_stages
-        self.layer_stage = split(g, n_stages)
+        self.part = partition(self.plan, g, n_stages)[stage]
         self.n_classes = g.by_op(Op.TARGET)[0].attrs["n_classes"]
-        self._assign()
-        owned = {r for la in self.own for r in la.reads if r in self.params}
+        owned = self.part.params()
         self.params = {k: v for k, v in self.params.items() if k in owned}
         self.state = {k: v for k, v in self.state.items() if k.rsplit(".", 1)[0] + ".weight" in owned}
         self.optimizer = make_optimizer(self.params, self.opt_cfg)
+        nodes = [n.name for n in g.nodes]
+        b_out = {w for la in self.part.b_launches for w in la.writes}
+        for_f = tuple(r for r in dict.fromkeys(r for la in self.part.f_launches for r in la.reads) if r in b_out)
+        results = lambda launches: [w for la in launches for w in la.writes  # noqa: E731
+                                    if w.kind in (Kind.LOSS, Kind.RATE)]
+        forward = [la for la in self.part.f_launches if la.phase == "forward-F"]
+        out = self.plan.value_of(g.by_op(Op.OUTPUT)[0].name)
+        top = stage == n_stages - 1
+        self.codes = {
+            "b": generate(self.plan, nodes, self.part.b_launches, "stage_b",
+                          list(dict.fromkeys((*self.part.send_b, *for_f, *results(self.part.b_launches))))),
+            "f": generate(self.plan, nodes, self.part.f_launches, "stage_f",
+                          list(dict.fromkeys((*self.part.send_f, *results(self.part.f_launches))))),
+            "predict": generate(self.plan, nodes, forward, "stage_predict",
+                                [out] if top else list(self.part.send_f), free=False),
+        }
+        self.env: dict[Ref, object] = {}
+        self.last: dict[Ref, object] = {}
 
-    def _assign(self) -> None:
-        layer = node_layers(self.graph)
-        stage_of = {la.index: {self.layer_stage[layer[n]] for n in la.nodes} for la in self.plan.launches}
-        for la in self.plan.launches:
-            if len(stage_of[la.index]) != 1:
-                raise LayerParallelError(f"launch {la.index} ({la.kernel} of {'+'.join(la.nodes)}) spans stages "
-                                         f"{sorted(stage_of[la.index])}; the plan cannot be cut there")
-        producer = {w: next(iter(stage_of[la.index])) for la in self.plan.launches for w in la.writes}
-        target = self.graph.by_op(Op.TARGET)[0].name
-        mine = [la for la in self.plan.launches if stage_of[la.index] == {self.stage}]
-        reads = {r for la in mine for r in la.reads if "." not in r}
-        if target in reads:  # the class code: computed wherever it is read, never sent
-            mine = [la for la in self.plan.launches if target in la.writes] + [la for la in mine
-                                                                               if target not in la.writes]
-        self.own = mine
-        self.b_launches = [la for la in mine if la.phase == "forward-B"]
-        self.f_launches = [la for la in mine if la.phase != "forward-B"]
-        self.recv_f = sorted(r for r in reads if producer.get(r, self.stage) < self.stage)
-        self.recv_b = sorted(r for r in reads if producer.get(r, self.stage) > self.stage and r != target)
-        wanted = {s: {r for la in self.plan.launches if stage_of[la.index] == {s} for r in la.reads}
-                  for s in (self.stage - 1, self.stage + 1)}
-        mine_writes = {w for la in mine for w in la.writes}
-        self.send_f = sorted(mine_writes & wanted[self.stage + 1])
-        self.send_b = sorted((mine_writes & wanted[self.stage - 1]) - {target})
-        far = {r for la in self.plan.launches for r in la.reads if "." not in r and r in producer
-               and abs(producer[r] - next(iter(stage_of[la.index]))) > 1}
-        if far:
-            raise LayerParallelError(f"buffers {sorted(far)} are read two or more stages away from where they are "
-                                     "computed; use fewer processes")
+    # the names the schedule below uses
+    @property
+    def recv_f(self):
+        return self.part.recv_f
 
-    def specs(self, names: list[str], batch: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """Shape and dtype of buffers as stored, for a batch of ``batch`` samples (B rows: every class)."""
-        out = {}
-        for b in self.plan.buffers:
-            if b.name in names:
-                dims = {"T": self.T, "B": batch, "R": self.n_classes}
-                shape = tuple(dims[d] if isinstance(d, str) else d for d in b.shape)
-                out[b.name] = (shape, torch.uint8 if b.dtype == "u8" else torch.float32)
+    @property
+    def recv_b(self):
+        return self.part.recv_b
+
+    @property
+    def send_f(self):
+        return self.part.send_f
+
+    @property
+    def send_b(self):
+        return self.part.send_b
+
+    def _run_code(self, name: str, training: bool) -> dict[Ref, object]:
+        if name not in self._bound:
+            self._bound[name] = self.bind(self.codes[name], training)
+        out = self.call(self.codes[name], self._bound[name], self.env)
+        self.env.update(out)
         return out
 
-    def _reset(self, x, y, training: bool) -> None:
-        super()._reset(x, y, training)
-        if training and self.plan.dedup:  # B runs for every class: one table serves any micro-batch
-            self.classes = torch.arange(self.n_classes, device=self.device)
-            self.counts = torch.ones(self.n_classes, dtype=torch.int64, device=self.device)  # the fill: no batch
-            if y is not None:
-                self.inverse = self.labels
-                self.counts = torch.bincount(self.labels, minlength=self.n_classes)
-
-    def _launch(self, launches) -> None:
-        for la in launches:
-            try:
-                self.kernels[la.kernel](self, la)
-            except ExecutionError:
-                raise
-            except Exception as err:
-                node = self.graph[la.nodes[-1]]
-                raise ExecutionError(node.name, node.op, err) from err
+    def specs(self, refs, batch: int) -> dict[Ref, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of buffers as stored, for a batch of ``batch`` samples (B rows: every class)."""
+        dims = {"T": self.T, "B": batch, "R": self.n_classes}
+        out = {}
+        for r in refs:
+            b = self.plan.buffer(r)
+            out[r] = (tuple(dims[d] if isinstance(d, str) else d for d in b.shape),
+                      torch.uint8 if b.dtype == "u8" else torch.float32)
+        return out
 
     def begin(self, x: torch.Tensor | None, y: torch.Tensor | None) -> None:
-        self._reset(x, None if y is None else y.to(self.device), True)
+        """A micro-batch's inputs (none at the pipeline's fill)."""
+        self.env = self.given(x, y)
+        self.last = {}
 
-    def run_b(self, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run_b(self, received: dict[Ref, torch.Tensor]) -> dict[Ref, torch.Tensor]:
         """B's layers of this stage from the table above; returns the table for the stage below."""
-        self.buf.update(received)
-        self._launch(self.b_launches)
-        return {k: self.buf[k] for k in self.send_b}
+        self.env.update(received)
+        out = self._run_code("b", True)
+        self.last.update((r, v) for r, v in out.items() if r.kind in (Kind.LOSS, Kind.RATE))
+        return {k: out[k] for k in self.send_b}
 
-    def run_f(self, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def run_f(self, received: dict[Ref, torch.Tensor]) -> dict[Ref, torch.Tensor]:
         """F's layers, losses and updates; returns the spikes for the stage above."""
-        self.buf.update(received)
-        self._launch(self.f_launches)
+        self.env.update(received)
+        out = self._run_code("f", True)
+        self.last.update((r, v) for r, v in out.items() if r.kind in (Kind.LOSS, Kind.RATE))
         self.steps += 1
-        return {k: self.buf[k] for k in self.send_f}
+        return {k: out[k] for k in self.send_f}
 
     def result(self) -> StepResult:
-        return StepResult({k: float(v) for k, v in self.losses.items()}, dict(self.rates))
+        """The losses and firing rates of this stage's launches on the last micro-batch."""
+        return self.results_of(self.last)
 
     @torch.no_grad()
-    def forward_f(self, x: torch.Tensor | None, received: dict[str, torch.Tensor]):
+    def forward_f(self, x: torch.Tensor | None, received: dict[Ref, torch.Tensor]):
         """Inference through this stage's F layers: the spikes for the stage above, or (top) the readout."""
-        self._reset(x, None, False)
-        self.buf.update(received)
-        self._launch([la for la in self.own if la.phase == "forward-F"])
+        self.env = {**self.given(x, None), **received}
+        out = self._run_code("predict", False)
         if self.stage < self.n_stages - 1:
-            return {k: self.buf[k] for k in self.send_f}
-        out = self.graph.by_op(Op.OUTPUT)[0]
-        return readout(out, self.read(self.plan_buffer(out.name)))
-
-
-def pipeline_stage(runtime_cls: type) -> type:
-    if not issubclass(runtime_cls, Executor):
-        raise LayerParallelError(f"layer-parallel training runs the plan executor (backends cpu, triton); "
-                                 f"{runtime_cls.__name__} is not one: use --backend cpu")
-    return type(f"PipelineStage{runtime_cls.__name__}", (PipelineStage, runtime_cls), {})
+            return {k: out[k] for k in self.send_f}
+        node = self.graph.by_op(Op.OUTPUT)[0]
+        (v,) = out.values()
+        return readout(node, v.to(torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------------- links
@@ -266,14 +336,14 @@ class Links:
 
     def send(self, dst: int, tensors: dict[str, torch.Tensor]) -> None:
         kind = "F spikes" if dst > self.stage else "B spikes"
-        for name in sorted(tensors):
+        for name in sorted(tensors, key=str):
             wire = _wire(tensors[name])
             self.traffic[kind] += wire.numel() * wire.element_size()
             self._send(dst, wire, name)
 
     def recv(self, src: int, specs: dict) -> dict[str, torch.Tensor]:
         out = {}
-        for name in sorted(specs):
+        for name in sorted(specs, key=str):
             shape, dtype = specs[name]
             wire = self._recv(src, *_wire_like(shape, dtype), name)
             out[name] = unpack(wire, shape) if dtype == torch.uint8 else wire

@@ -9,30 +9,19 @@ and in either mode. On resume rank 0 reads the checkpoint and broadcasts it: oth
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import torch
 
+from bsdgraph import env
 from bsdgraph.train.checkpoint import load_checkpoint, require
 from bsdgraph.train.data import augment, batches
-from bsdgraph.parallel.distributed import Comm, data_parallel, launched
-from bsdgraph.compiler.feedback import derive_feedback
-from bsdgraph.parallel.layer_parallel import DistLinks, pipeline_stage, predict_stage, run_stage
+from bsdgraph.parallel.distributed import Comm, DataParallelExecutor, launched
+from bsdgraph.parallel.layer_parallel import DistLinks, PipelineStage, predict_stage, run_stage
 from bsdgraph.ir.params import param_shapes
-from bsdgraph.train.trainer import Trainer, _check_finite, backends, check_memory, health_warnings
+from bsdgraph.train.trainer import Trainer, _check_finite, check_memory, health_warnings, plan_backend
 from bsdgraph.train.config import TrainingError
-
-
-def _executor_class(backend: str, wrap):
-    if backend == "triton":
-        from bsdgraph.runtime.triton import available
-
-        ok, why = available()
-        if not ok:
-            raise TrainingError(f"--backend triton: {why}; use --backend cpu")
-    return wrap(backends()[backend])
 
 
 class _RankZeroWrites:
@@ -60,13 +49,11 @@ class DataParallelTrainer(_RankZeroWrites, Trainer):
         super().__init__(*args, **kwargs)
 
     def _runtime(self, params=None, state=None):
-        bsd = derive_feedback(self.model.graph, self.model.bsd)
         # every rank holds all weights and its shard of each batch
-        check_memory(bsd, "bsd", str(self.comm.device), -(-self.cfg.batch_size // self.comm.world),
+        check_memory(self.program, str(self.comm.device), -(-self.cfg.batch_size // self.comm.world),
                      self.cfg.eval_batch_size)
-        cls = _executor_class(self.backend, data_parallel)
-        return cls(bsd, comm=self.comm, params=params, opt=self.cfg.optim(), seed=self.cfg.seed, state=state,
-                   device=self.comm.device), bsd
+        return DataParallelExecutor(self.program, plan_backend(self.backend, self.comm.device), comm=self.comm,
+                                    params=params, opt=self.cfg.optim(), seed=self.cfg.seed, state=state)
 
     def _save(self) -> None:
         if self.comm.rank == 0:
@@ -83,10 +70,9 @@ class PipelineTrainer(_RankZeroWrites, Trainer):
         super().__init__(*args, **kwargs)
 
     def _runtime(self, params=None, state=None):
-        bsd = derive_feedback(self.model.graph, self.model.bsd)
-        cls = _executor_class(self.backend, pipeline_stage)
-        return cls(bsd, stage=self.comm.rank, n_stages=self.comm.world, params=params, opt=self.cfg.optim(),
-                   seed=self.cfg.seed, state=state, device=self.comm.device), bsd
+        return PipelineStage(self.program, plan_backend(self.backend, self.comm.device), stage=self.comm.rank,
+                             n_stages=self.comm.world, params=params, opt=self.cfg.optim(), seed=self.cfg.seed,
+                             state=state)
 
     # -- checkpoints: every stage's weights and optimiser state, in the one-process layout
     def _save(self) -> None:
@@ -187,5 +173,5 @@ def world_rank() -> tuple[int, int]:
     """(rank, world size) of this process under torchrun, (0, 1) otherwise."""
     if not launched():
         return 0, 1
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return env.RANK.get(), env.WORLD_SIZE.get()
 

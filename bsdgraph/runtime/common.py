@@ -7,17 +7,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bsdgraph.errors import UserError
 from bsdgraph.ir.graph import Graph, Node, Op
 from bsdgraph.runtime.losses import class_scores, regression_prediction
 from bsdgraph.ir.params import Params
 
 
-class ExecutionError(RuntimeError):
-    """A failure while executing one node; names the node so the user can find it in ``bsdgraph compile``."""
+class ExecutionError(UserError, RuntimeError):
+    """A failure while executing one node; names the node so the user can find it in ``bsdgraph compile``.
+
+    Still a RuntimeError: code that guards a step against torch's errors (the communicator's) sees it as one."""
 
     def __init__(self, node: str, op: Op, cause: BaseException):
         self.node, self.op, self.cause = node, op, cause
         super().__init__(f"while executing node '{node}' ({op.value}): {type(cause).__name__}: {cause}")
+
+    def lines(self, source: str | None = None) -> list[str]:
+        # torch's text can run on for a page (an overload list): its first line says what failed
+        return [f"error: {str(self).splitlines()[0]}"]
 
 
 @dataclass(frozen=True)

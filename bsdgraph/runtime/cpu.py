@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bsdgraph.compiler.lower import Launch
+from bsdgraph.compiler.plan import LABELS
 from bsdgraph.runtime import native
-from bsdgraph.runtime.executor import Executor
+from bsdgraph.runtime.executor import Backend, Executor
 from bsdgraph.runtime.heap import keep_freed_memory
 from bsdgraph.runtime.philox import poisson_encode
 from bsdgraph.runtime.reco_dedup import reco_loss_grad_steps
-from bsdgraph.runtime.torch_kernels import KERNELS, TWIN_PRIMS, _loss_inputs, _store_loss_grads
+from bsdgraph.runtime.torch_kernels import KERNELS, TWIN_PRIMS, loss_operands, loss_outputs
 
 
 @torch.no_grad()
@@ -75,25 +75,28 @@ def as_uint8(spikes: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(spikes.numpy().astype(np.uint8))
 
 
-def _reco(ex, la: Launch) -> None:
+def _reco(ctx, *ins):
     """ReCo against per-sample B rows in the runtime's [T, B, D] layout (the shared kernel hands the twin, and the
     triton backend its kernel, [B, T*D] rows, which costs two transposed copies of each operand); the
     frequency-aware and per-class forms are the shared kernel's."""
-    n = ex.node(la.nodes[0])
-    if n.attrs["freq"] or ex.is_per_class(la.reads[1]):
-        return KERNELS["reco_loss_grad"](ex, la)
-    a, b = _loss_inputs(ex, la)
-    labels = ex.labels if n.attrs["negatives"] == "other_class" else None
-    loss, da, db = reco_loss_grad_steps(a.reshape(ex.T, a.shape[1], -1), b.reshape(ex.T, b.shape[1], -1), labels,
-                                        n.attrs["lam"], n.attrs["negatives"], n.attrs["eps"])
-    _store_loss_grads(ex, la, loss, [da.reshape(a.shape), db.reshape(b.shape)])
+    n = ctx.node
+    if n.attrs["freq"] or ctx.per_class(ctx.launch.reads[1]):
+        return KERNELS["reco_loss_grad"](ctx, *ins)
+    (a, b), args = loss_operands(ctx, ins)
+    T = ctx.T
+    loss, da, db = reco_loss_grad_steps(a.reshape(T, a.shape[1], -1), b.reshape(T, b.shape[1], -1),
+                                        args.get(LABELS), n.attrs["lam"], n.attrs["negatives"], n.attrs["eps"])
+    return loss_outputs(ctx, loss, [da.reshape(a.shape), db.reshape(b.shape)], args)
 
 
-class CPURuntime(Executor):
-    name = "cpu"
+def cpu_backend() -> Backend:
+    """The torch kernels, the native LIF loop and the Philox Poisson encoder, on the CPU."""
+    keep_freed_memory()  # large tensors would otherwise be paged in afresh at every step (runtime/heap.py)
+    return Backend("cpu", {**KERNELS, "reco_loss_grad": _reco},
+                   {**TWIN_PRIMS, "lif_forward": lif_forward, "rec_lif_forward": rec_lif_forward,
+                    "poisson_encode": poisson_encode})
 
-    def __init__(self, g, **kwargs):
-        keep_freed_memory()  # large tensors would otherwise be paged in afresh at every step (runtime/heap.py)
-        super().__init__(g, {**KERNELS, "reco_loss_grad": _reco},
-                         {**TWIN_PRIMS, "lif_forward": lif_forward, "rec_lif_forward": rec_lif_forward,
-                          "poisson_encode": poisson_encode}, **kwargs)
+
+def cpu_runtime(program, **kwargs) -> Executor:
+    """A program on the cpu backend (``Executor`` keywords: params, opt, seed, state, dedup, time_invariant)."""
+    return Executor(program, cpu_backend(), **kwargs)

@@ -1,178 +1,196 @@
-"""Executes a ``Plan``: walks its launches in order, dispatching each kernel name to a backend's kernel table.
+"""Runs a compiled ``Program`` on a ``Backend``: binds the generated step functions to the backend's kernels.
 
-A backend is a table ``kernel name -> fn(ex, launch)``; the cpu backend maps every name to torch code, the triton
-backend overrides the names it has Triton kernels for. Buffers are freed after their last reader (the plan's
-lifetimes), so live activation memory follows the plan's schedule. There is no autograd graph over time: every
-gradient is explicit and local.
+A backend is data (``Backend``): a table ``kernel name -> fn(ctx, *inputs) -> outputs`` and the primitives its
+kernels call. Binding builds each launch's context once (``runtime/context.py``) and compiles the program's
+generated source (``compiler/codegen.py``); a step is then one call of straight-line code. The executor owns
+what lives across steps: parameters, running statistics, the optimiser, the step counter.
 
-Buffer conventions: spikes are stored as uint8; a buffer whose plan shape has no ``T`` axis (the direct-encoded
-stimulus) is time-invariant and stored once as ``[B, ...]``.
+``observe(fn)`` calls ``fn(launch, inputs, outputs)`` after every launch (tests, memory probes, and the shadow
+validation of ``BSDGRAPH_VALIDATE=1``, ``runtime/validate.py``), without changing the generated code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from types import SimpleNamespace
-import numpy as np
+
 import torch
 
-from bsdgraph.ir.graph import Graph, Node, Op
-from bsdgraph.compiler.lower import Launch, Plan, lower
+from bsdgraph.compiler.codegen import StepCode
+from bsdgraph.compiler.plan import LABELS, SEED, STIMULUS, Kind, Launch, Ref
+from bsdgraph.compiler.program import Program, as_program
+from bsdgraph.env import validate_launches
+from bsdgraph.ir.graph import Op
 from bsdgraph.ir.params import Params, init_params, init_state
-from bsdgraph.runtime.common import (
-    ExecutionError, OptimConfig, StepResult, make_optimizer, readout, step_seed,
-)
-from bsdgraph.runtime.local_adamw import adamw_step
+from bsdgraph.runtime.common import ExecutionError, OptimConfig, StepResult, make_optimizer, readout, step_seed
+from bsdgraph.runtime.context import Ctx, Kernel
 
-Kernel = Callable[["Executor", Launch], None]
+Observer = Callable[[Launch, tuple, tuple], None]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend as data: its name, kernel table, primitives, and the device it runs on."""
+
+    name: str
+    kernels: Mapping[str, Kernel]
+    prims: Mapping[str, Callable]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def with_kernels(self, name: str, **overrides: Kernel) -> Backend:
+        return Backend(name, {**self.kernels, **overrides}, self.prims, self.device)
+
+
+class MemoryProbe:
+    """An observer that follows the plan's lifetimes (the generated step's ``del``s) and records the peak bytes
+    of the activation buffers alive at once: what ``Plan.peak_live`` predicts, measured on real storages."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.tracked = {b.ref for b in plan.activations()}
+        self.live: dict[Ref, torch.Tensor] = {}
+        self.peak = 0
+
+    def __call__(self, la: Launch, ins: tuple, outs: tuple) -> None:
+        for r, v in (*zip(la.reads, ins), *zip(la.writes, outs)):
+            if r in self.tracked and isinstance(v, torch.Tensor):
+                self.live[r] = v
+        storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in self.live.values()}
+        self.peak = max(self.peak, sum(storages.values()))
+        self.live = {r: v for r, v in self.live.items() if self.plan.buffer(r).last > la.index}
 
 
 class Executor:
-    """Runs a BSD graph's plan with explicit local gradients; ``kernels`` chooses the implementation."""
+    """Runs a program's generated steps with explicit local gradients; ``backend`` chooses the kernels."""
 
-    name = "executor"
-
-    def __init__(self, g: Graph, kernels: dict[str, Kernel], prims: dict[str, Callable], params: Params | None = None,
+    def __init__(self, program: Program, backend: Backend, params: Params | None = None,
                  opt: OptimConfig | None = None, seed: int = 0, state: dict[str, torch.Tensor] | None = None,
-                 device: str | torch.device = "cpu", dedup: bool | None = None, time_invariant: bool = True):
-        self.graph, self.kernels, self.seed = g, kernels, seed
-        self.prims = SimpleNamespace(**prims)
-        self.plan: Plan = lower(g, dedup, time_invariant)
-        self.device = torch.device(device)
-        missing = sorted(set(la.kernel for la in self.plan.launches) - set(kernels))
+                 dedup: bool | None = None, time_invariant: bool | None = None):
+        program = as_program(program, dedup=dedup, time_invariant=time_invariant)
+        if program.plan is None:
+            raise ValueError("the plan executor runs BSD programs; BPTT runs on the reference runtime")
+        self.program, self.backend, self.seed = program, backend, seed
+        self.graph, self.plan, self.device = program.graph, program.plan, backend.device
+        missing = sorted(set(la.kernel for la in self.plan.launches) - set(backend.kernels))
         if missing:
-            raise ValueError(f"backend {self.name!r} has no implementation of kernel(s) {missing}")
+            raise ValueError(f"backend {backend.name!r} has no implementation of kernel(s) {missing}")
         self.opt_cfg = opt or OptimConfig()
-        base = params if params is not None else init_params(g, seed)
+        base = params if params is not None else init_params(self.graph, seed)
         self.params = {k: v.detach().to(self.device, torch.float32).clone() for k, v in base.items()}
-        self.state = {k: v.to(self.device).clone() for k, v in (state or init_state(g)).items()}
+        self.state = {k: v.to(self.device).clone() for k, v in (state or init_state(self.graph)).items()}
         self.optimizer = make_optimizer(self.params, self.opt_cfg)
         self.steps = 0
-        self._last_use = {b.name: b.last for b in self.plan.buffers}
-        self._time_invariant = {b.name for b in self.plan.buffers if "T" not in b.shape}
-        self._per_class = {b.name for b in self.plan.buffers if "R" in b.shape}
-        self._alias = dict(self.plan.aliases)
-        self._reset(None, None, False)
+        self.observers: list[Observer] = []
+        self._bound: dict[str, Callable] = {}
+        if validate_launches():
+            from bsdgraph.runtime.validate import ShadowValidator
 
-    # -- state of one run
-    def _reset(self, x, y, training: bool) -> None:
-        self.buf: dict[str, torch.Tensor] = {}
-        self.x, self.labels, self.training = x, y, training
-        self.losses: dict[str, torch.Tensor] = {}
-        self.rates: dict[str, float] = {}
-        self.grads: dict[str, torch.Tensor] = {}
-        self.apply_updates = True
-        self.peak_bytes = 0  # largest total size of live activation/gradient buffers during the run
-        self.run_seed = step_seed(self.seed, self.steps)
-        if y is not None and self.plan.dedup:  # B's rows: the distinct classes; inverse maps samples to them
-            self.classes, self.inverse, self.counts = torch.unique(y, return_inverse=True, return_counts=True)
-        if x is not None:
-            inp = self.graph.by_op(Op.INPUT)[0]
-            if inp.name in self._time_invariant:
-                self.buf[inp.name] = x.to(self.device, torch.float32)
-            self.x = x.to(self.device)
+            self.observe(ShadowValidator(self))
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
 
     @property
     def T(self) -> int:
         return self.graph.T
 
-    def node(self, name: str) -> Node:
-        return self.graph[name]
+    @property
+    def kernels(self) -> Mapping[str, Kernel]:
+        return self.backend.kernels
 
-    def read(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """A buffer as [T, B, ...] float32 (time-invariant buffers are expanded as a view, not copied).
+    # -- binding
+    def owned(self) -> dict:
+        """The objects kernels keep across steps (the optimiser's launches update it in place)."""
+        return {"optimizer": self.optimizer, "clip": self.opt_cfg.clip}
 
-        ``shape`` is the per-sample shape the reader expects: a view node (flatten, unflatten) shares its
-        producer's buffer, so the buffer may be stored in the producer's shape."""
-        v = self.buf[name]
-        if name in self._time_invariant:
-            v = v.unsqueeze(0).expand(self.T, *v.shape)
-        # spikes: torch's uint8 -> float32 cast (4x128x1024, 2 threads: 82-91 us; numpy's astype 144-184 us,
-        # 1 thread 140 vs 155 us; re-measured after an earlier build had favoured numpy)
-        if v.dtype != torch.float32:
-            v = v.to(torch.float32)
-        return v if shape is None else v.reshape(self.T, -1, *shape)
+    def context(self, la: Launch, training: bool) -> Ctx:
+        return Ctx(la, self.graph, self.plan, SimpleNamespace(**self.backend.prims), self.device, training,
+                   self.owned())
 
-    def is_time_invariant(self, name: str) -> bool:
-        return name in self._time_invariant
+    def observe(self, fn: Observer) -> None:
+        """Call ``fn(launch, inputs, outputs)`` after each launch from now on (until removed from
+        ``observers``)."""
+        self.observers.append(fn)
 
-    def is_per_class(self, name: str) -> bool:
-        return name in self._per_class
+    def bind(self, code: StepCode, training: bool) -> Callable:
+        """The generated function of ``code`` with this backend's kernels and contexts, as ``fn(inputs)``."""
+        fn = code.compile()
+        K: dict[int, Callable] = {}
+        C: dict[int, Ctx] = {}
+        for i in code.launches:
+            la = self.plan.launches[i]
+            C[i], K[i] = self.context(la, training), self._guarded(la, self.kernels[la.kernel])
+        values = lambda: [self.params[r.key] if r.kind == Kind.PARAM else self.state[r.key]  # noqa: E731
+                          for r in code.params]
+        return lambda inputs: fn(inputs, values(), K, C)
 
-    def to_samples(self, name: str, v: torch.Tensor) -> torch.Tensor:
-        """[T, R, ...] per-class rows -> [T, B, ...] per sample (other buffers unchanged)."""
-        return v.index_select(1, self.inverse) if name in self._per_class else v
+    def _guarded(self, la: Launch, kernel: Kernel) -> Kernel:
+        """The kernel, reporting a failure as its node's (and telling the observers what it did)."""
+        observers = self.observers  # the live list: observers added or removed later count
+        node = self.graph[la.nodes[-1]] if la.nodes else None
 
-    def to_rows(self, name: str, g: torch.Tensor) -> torch.Tensor:
-        """A per-sample gradient for buffer ``name``, summed per class if that buffer is per class (exact: B's
-        rows for one class are identical, so their gradients add)."""
-        if name not in self._per_class:
-            return g
-        out = torch.zeros((g.shape[0], len(self.classes), *g.shape[2:]), dtype=g.dtype, device=g.device)
-        return out.index_add_(1, self.inverse, g)
-
-    def row_mean(self, name: str, v: torch.Tensor) -> float:
-        """Mean over samples of a [T, rows, ...] buffer (per-class rows weighted by their sample counts)."""
-        if name not in self._per_class:
-            if v.dtype == torch.uint8 and v.device.type == "cpu":  # 0/1 spikes: count them (59 vs 252 us, measured)
-                return int(np.count_nonzero(v.numpy())) / max(v.numel(), 1)
-            return float(v.float().mean())
-        per_row = v.float().transpose(0, 1).reshape(v.shape[1], -1).mean(1)
-        return float((per_row * self.counts).sum() / self.counts.sum())
-
-    def plan_buffer(self, node: str) -> str:
-        """The buffer holding ``node``'s value (views alias their input's buffer)."""
-        while node in self._alias:
-            node = self._alias[node]
-        return node
-
-    # -- running
-    def _run(self, phases: frozenset[str] | None = None, free: bool = True) -> None:
-        for la in self.plan.launches:
-            if phases is not None and la.phase not in phases:
-                continue
-            if la.phase == "optimizer" and not self.apply_updates:
-                continue
+        def run(ctx, *ins):
             try:
-                self.kernels[la.kernel](self, la)
+                outs = kernel(ctx, *ins)
             except ExecutionError:
                 raise
             except Exception as err:
-                node = self.graph[la.nodes[-1]]
+                if node is None:
+                    raise
                 raise ExecutionError(node.name, node.op, err) from err
-            live = sum(v.untyped_storage().nbytes() for v in self.buf.values())
-            self.peak_bytes = max(self.peak_bytes, live)
-            if free:
-                for r in la.reads:
-                    if self._last_use.get(r) == la.index and "." not in r:
-                        self.buf.pop(r, None)
+            for obs in observers:
+                obs(la, ins, outs)
+            return outs
+
+        return run
+
+    def entry(self, name: str, training: bool) -> tuple[StepCode, Callable]:
+        code = self.program.code[name]
+        if name not in self._bound:
+            self._bound[name] = self.bind(code, training)
+        return code, self._bound[name]
+
+    # -- running
+    def given(self, x: torch.Tensor | None, y: torch.Tensor | None) -> dict[Ref, object]:
+        """The step's inputs by ref (``inputs`` of the generated code are picked from these)."""
+        return {STIMULUS: self._stimulus(x), LABELS: None if y is None else y.to(self.device),
+                SEED: step_seed(self.seed, self.steps)}
+
+    def _stimulus(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """Direct encoding reads the stimulus as float32 [B, ...] (no launch: a view of the plan)."""
+        if x is None:
+            return None
+        direct = dict(self.plan.aliases).get(self.graph.by_op(Op.INPUT)[0].name) == STIMULUS
+        return x.to(self.device, torch.float32) if direct else x.to(self.device)
+
+    def call(self, code: StepCode, fn: Callable, env: Mapping[Ref, object]) -> dict[Ref, object]:
+        """Run a bound function on the inputs it needs from ``env``; its outputs by ref."""
+        return dict(zip(code.outputs, fn([env[r] for r in code.inputs])))
+
+    def run(self, name: str, x, y, training: bool) -> dict[Ref, object]:
+        code, fn = self.entry(name, training)
+        return self.call(code, fn, self.given(x, y))
+
+    def results_of(self, out: Mapping[Ref, object]) -> StepResult:
+        return StepResult({r.node: float(v) for r, v in out.items() if r.kind == Kind.LOSS},
+                          {r.node: float(v) for r, v in out.items() if r.kind == Kind.RATE})
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
-        self._reset(x, y.to(self.device), True)
-        self._run()
+        out = self.run("step", x, y, True)
         self.steps += 1
-        return StepResult({k: float(v) for k, v in self.losses.items()}, dict(self.rates))
+        return self.results_of(out)
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Per-parameter gradients of one step, without applying them (for tests against the reference)."""
-        self._reset(x, y.to(self.device), True)
-        self.apply_updates = False
-        self._run()
-        return dict(self.grads), {k: float(v) for k, v in self.losses.items()}
+        out = self.run("gradients", x, y, True)
+        grads = {r.key: v for r, v in out.items() if r.kind == Kind.PARAM_GRAD}
+        return grads, self.results_of(out).losses
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        self._reset(x, None, False)
-        self._run(frozenset({"forward-F"}), free=False)
+        (v,) = self.run("predict", x, None, False).values()
         out = self.graph.by_op(Op.OUTPUT)[0]
-        return readout(out, self.read(self.plan_buffer(out.name)))
-
-    # -- helpers for kernels
-    def write_grads(self, owner: str, grads: dict[str, torch.Tensor]) -> None:
-        for key, g in grads.items():
-            self.grads[f"{owner}.{key}"] = g
-
-    def apply(self, nodes: list[str]) -> None:
-        """AdamW on the parameters of ``nodes`` with the gradients just computed, clipped per node."""
-        owned = {k: p for k, p in self.params.items() if k.rsplit(".", 1)[0] in nodes}
-        adamw_step(self.optimizer, owned, self.grads, self.opt_cfg.clip)
+        return readout(out, v if "T" in self.plan.buffer(self.plan.value_of(out.name)).shape
+                       else v.unsqueeze(0).expand(self.T, *v.shape))

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
+
+from bsdgraph import env
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD = 1 << 30   # allocations below 1 GiB come from the heap (mallopt takes a C int)
@@ -26,7 +27,7 @@ _TRIM_THRESHOLD = 2**31 - 1  # and freed memory stays there unless 2 GiB lie unu
 @functools.lru_cache(maxsize=None)
 def keep_freed_memory() -> bool:
     """Set glibc's mmap and trim thresholds once per process; whether it took effect."""
-    if os.environ.get("BSDGRAPH_KEEP_HEAP", "1") == "0":
+    if not env.KEEP_HEAP.get():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from bsdgraph import env
+
 SOURCE = Path(__file__).with_name("native_lif.c")
 FLAGS = ("-O3", "-fno-fast-math", "-ffp-contract=off", "-fPIC", "-shared")
 OPENMP = ("-fopenmp",)
@@ -55,7 +57,7 @@ _P, _I64, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 def available() -> tuple[bool, str]:
     """(whether the native kernel can run, why not / how it was built); the one reader of BSDGRAPH_NATIVE."""
-    if os.environ.get("BSDGRAPH_NATIVE", "1") == "0":
+    if not env.NATIVE.get():
         return False, "disabled by BSDGRAPH_NATIVE=0"
     lib, reason = _library()
     return lib is not None, reason
@@ -90,8 +92,8 @@ def _ptr(x: torch.Tensor | None):
 
 
 def _library() -> tuple[ctypes.CDLL | None, str]:
-    env = os.environ  # the cache key is these strings: building Paths on every call cost 12 us, measured
-    return _build(env.get("CC", "cc"), env.get("XDG_CACHE_HOME", ""), env.get("HOME", ""))
+    # the cache key is these strings: building Paths on every call cost 12 us, measured
+    return _build(env.CC.get(), env.XDG_CACHE_HOME.get(), env.HOME.get() or "")
 
 
 @functools.lru_cache(maxsize=None)

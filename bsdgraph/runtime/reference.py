@@ -14,6 +14,7 @@ import networkx as nx
 import torch
 import torch.nn.functional as F
 
+from bsdgraph.registry import registrar
 from bsdgraph.ir.graph import Graph, GroupOp, Node, Op, Stream
 from bsdgraph.runtime.losses import LOSS_IMPLS
 from bsdgraph.ir.neuron import lif_scan
@@ -41,15 +42,7 @@ class Ctx:
 
 Impl = Callable[[Node, list[torch.Tensor], Ctx], torch.Tensor]
 IMPLS: dict[Op, Impl] = {}
-
-
-def impl(*ops: Op):
-    def register(fn: Impl) -> Impl:
-        for op in ops:
-            IMPLS[op] = fn
-        return fn
-
-    return register
+impl = registrar(IMPLS)
 
 
 def _per_step(fn, x: torch.Tensor) -> torch.Tensor:

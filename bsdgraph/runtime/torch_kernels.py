@@ -1,23 +1,31 @@
 """The kernel table of the cpu backend: every kernel name a plan can launch, implemented with torch.
 
-Synapses run as one GEMM (or convolution) over all T*B rows; a time-invariant input (direct encoding) is
-multiplied once and its current broadcast over T. Gradients are explicit and local: the ReCo gradient in closed
-form, dW = dV^T s as one GEMM, the LIF backward through its recurrence, and for ops between a loss and its weights
-(batchnorm, pooling, upsampling) a local vector-Jacobian product of that one op. No input gradient of any synapse
-is ever computed.
+Each kernel is ``fn(ctx, *inputs) -> outputs`` (``runtime/context.py``): the tensors of its launch's reads in,
+one value per write out. Synapses run as one GEMM (or convolution) over all T*B rows; a time-invariant input
+(direct encoding) is multiplied once and its current broadcast over T. Gradients are explicit and local: the
+ReCo gradient in closed form, dW = dV^T s as one GEMM, the LIF backward through its recurrence, and for ops
+between a loss and its weights (batchnorm, pooling, upsampling) a local vector-Jacobian product of that one op.
+No input gradient of any synapse is ever computed.
+
+Spikes are stored as uint8; a buffer whose plan shape has no ``T`` axis is time-invariant and stored once as
+``[rows, ...]``; B's buffers hold one row per class present when the plan deduplicates them (``Grouping``).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bsdgraph.compiler.plan import GROUPING, LABELS, Kind, Ref, param, value
 from bsdgraph.ir.graph import Op
-from bsdgraph.runtime.losses import band_split, class_scores, per_sample
-from bsdgraph.compiler.lower import Launch
+from bsdgraph.registry import registrar
 from bsdgraph.runtime.common import encode_input, encode_target
+from bsdgraph.runtime.context import Ctx, Grouping
+from bsdgraph.runtime.local_adamw import adamw_step
+from bsdgraph.runtime.losses import band_split, class_scores, per_sample
 from bsdgraph.runtime.reco_dedup import reco_loss_grad_dedup
 from kernels.ref.encode import poisson_encode
 from kernels.ref.lif import lif_backward, lif_forward
@@ -25,148 +33,207 @@ from kernels.ref.linear_lif import rec_lif_forward
 from kernels.ref.local_update import weight_grad
 from kernels.ref.reco import reco_loss_grad
 
-# The primitives a backend plugs in (same signatures as the launchers in kernels/): the cpu backend uses the torch
-# twins, the triton backend the Triton launchers. Kernels below call them as ``ex.prims.<name>``.
+# The primitives a backend plugs in (same signatures as the launchers in kernels/): the torch twins here, the
+# Triton launchers in the triton backend. Kernels call them as ``ctx.prims.<name>``.
 TWIN_PRIMS = dict(lif_forward=lif_forward, lif_backward=lif_backward, weight_grad=weight_grad,
                   reco_loss_grad=reco_loss_grad, poisson_encode=poisson_encode, rec_lif_forward=rec_lif_forward)
 
 KERNELS: dict = {}
+kernel = registrar(KERNELS)
 
 
-def kernel(*names: str):
-    def register(fn):
-        for name in names:
-            KERNELS[name] = fn
-        return fn
-
-    return register
+# ---------------------------------------------------------------------------------------------------- reading
 
 
-def _wb(ex, node: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return ex.params[f"{node}.weight"], ex.params.get(f"{node}.bias")
+def steps(ctx: Ctx, ref: Ref, v: torch.Tensor, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """A buffer as [T, rows, ...] float32 (a time-invariant one expanded as a view, not copied).
+
+    ``shape`` is the per-sample shape the reader expects: a view node (flatten, unflatten) shares its
+    producer's buffer, so the buffer may be stored in the producer's shape."""
+    if ctx.time_invariant(ref):
+        v = v.unsqueeze(0).expand(ctx.T, *v.shape)
+    # spikes: torch's uint8 -> float32 cast (4x128x1024, 2 threads: 82-91 us; numpy's astype 144-184 us,
+    # 1 thread 140 vs 155 us; re-measured after an earlier build had favoured numpy)
+    if v.dtype != torch.float32:
+        v = v.to(torch.float32)
+    return v if shape is None else v.reshape(ctx.T, -1, *shape)
 
 
-def _rows(ex, name: str, sample_shape) -> tuple[torch.Tensor, bool]:
+def to_samples(ctx: Ctx, ref: Ref, v: torch.Tensor, grouping: Grouping | None) -> torch.Tensor:
+    """[T, R, ...] per-class rows -> [T, B, ...] per sample (other buffers unchanged)."""
+    return v.index_select(1, grouping.inverse) if ctx.per_class(ref) else v
+
+
+def to_rows(ctx: Ctx, ref: Ref, g: torch.Tensor, grouping: Grouping | None) -> torch.Tensor:
+    """A per-sample gradient for buffer ``ref``, summed per class if that buffer is per class (exact: B's rows
+    for one class are identical, so their gradients add)."""
+    if not ctx.per_class(ref):
+        return g
+    out = torch.zeros((g.shape[0], len(grouping.classes), *g.shape[2:]), dtype=g.dtype, device=g.device)
+    return out.index_add_(1, grouping.inverse, g)
+
+
+def row_mean(ctx: Ctx, ref: Ref, v: torch.Tensor, grouping: Grouping | None):
+    """Mean over samples of a [T, rows, ...] buffer (per-class rows weighted by their sample counts). On the CPU
+    a float; elsewhere a 0-d tensor, read back only when the step's results are."""
+    if not ctx.per_class(ref):
+        if v.dtype == torch.uint8 and v.device.type == "cpu":  # 0/1 spikes: count them (59 vs 252 us, measured)
+            return int(np.count_nonzero(v.numpy())) / max(v.numel(), 1)
+        mean = v.float().mean()
+        return float(mean) if v.device.type == "cpu" else mean
+    per_row = v.float().transpose(0, 1).reshape(v.shape[1], -1).mean(1)
+    mean = (per_row * grouping.counts).sum() / grouping.counts.sum()
+    return float(mean) if v.device.type == "cpu" else mean
+
+
+def _wb(args, node: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return args[param(node, "weight")], args.get(param(node, "bias"))
+
+
+def _rows(ctx: Ctx, ref: Ref, v: torch.Tensor, sample_shape) -> tuple[torch.Tensor, bool]:
     """A buffer as rows [R, *sample_shape]: B rows when time-invariant, else T*B rows."""
-    if ex.is_time_invariant(name):
-        v = ex.buf[name].to(torch.float32)
+    if ctx.time_invariant(ref):
+        v = v.to(torch.float32)
         return v.reshape(v.shape[0], *sample_shape), True
-    v = ex.read(name)
-    return v.reshape(-1, *sample_shape), False
+    return steps(ctx, ref, v).reshape(-1, *sample_shape), False
 
 
-def _per_rows(ex, src: str, in_shape, fn) -> torch.Tensor:
+def _per_rows(ctx: Ctx, ref: Ref, v: torch.Tensor, in_shape, fn) -> torch.Tensor:
     """Apply a per-sample op to all rows; a time-invariant input is processed once and broadcast over T."""
-    rows, invariant = _rows(ex, src, in_shape)
+    rows, invariant = _rows(ctx, ref, v, in_shape)
     out = fn(rows)
     if invariant:
-        return out.unsqueeze(0).expand(ex.T, *out.shape)
-    return out.reshape(ex.T, -1, *out.shape[1:])
-
-
-def _in_shape(ex, node: str):
-    return ex.graph.inputs(node)[0].shape
+        return out.unsqueeze(0).expand(ctx.T, *out.shape)
+    return out.reshape(ctx.T, -1, *out.shape[1:])
 
 
 # ---------------------------------------------------------------------------------------------------- forward
 
 
+@kernel("group_classes")
+def group_classes(ctx: Ctx, y):
+    """B's rows: the distinct classes of the batch; ``inverse`` maps each sample to its class's row."""
+    classes, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    return (Grouping(classes, inverse, counts),)
+
+
+@kernel("group_all_classes")
+def group_all_classes(ctx: Ctx, y):
+    """B's rows for every class, present in the batch or not (a table that serves any batch: the layer-parallel
+    pipeline sends it down); without labels (the pipeline's fill) every class counts once."""
+    n = ctx.graph.by_op(Op.TARGET)[0].attrs["n_classes"]
+    classes = torch.arange(n, device=ctx.device)
+    if y is None:
+        return (Grouping(classes, classes, torch.ones(n, dtype=torch.int64, device=ctx.device)),)
+    return (Grouping(classes, y, torch.bincount(y, minlength=n)),)
+
+
 @kernel("torch.one_hot")
-def _target(ex, la: Launch):
-    labels = ex.classes if ex.is_per_class(la.writes[0]) else ex.labels
-    ex.buf[la.writes[0]] = encode_target(ex.node(la.nodes[0]), labels, ex.T)
+def one_hot(ctx: Ctx, labels):
+    labels = labels.classes if isinstance(labels, Grouping) else labels
+    return (encode_target(ctx.node, labels, ctx.T),)
 
 
 @kernel("encode_direct")
-def _direct(ex, la: Launch):
-    """The stimulus repeated over T (materialised: only when the time-invariance pass is switched off)."""
-    ex.buf[la.writes[0]] = encode_input(ex.node(la.nodes[0]), ex.x, ex.T, ex.run_seed).contiguous()
+def encode_direct(ctx: Ctx, x):
+    """The stimulus repeated over T (materialised: only when the time-invariance pass is switched off), or a
+    sequence stimulus [B, T, ...] as [T, B, ...]."""
+    return (encode_input(ctx.node, x, ctx.T, 0).contiguous(),)
 
 
 @kernel("poisson_encode")
-def _poisson(ex, la: Launch):
-    ex.buf[la.writes[0]] = ex.prims.poisson_encode(ex.x.to(torch.float32).contiguous(), ex.T, ex.run_seed)
+def poisson(ctx: Ctx, x, seed):
+    return (ctx.prims.poisson_encode(x.to(torch.float32).contiguous(), ctx.T, seed),)
 
 
-def _synapse(ex, node: str, src: str) -> torch.Tensor:
-    n = ex.node(node)
-    w, b = _wb(ex, node)
+def synapse(ctx: Ctx, node: str, ref: Ref, v: torch.Tensor, w, b) -> torch.Tensor:
+    n = ctx.graph[node]
     a = n.attrs
     fns = {
         Op.LINEAR: lambda r: F.linear(r, w, b),
         Op.CONV2D: lambda r: F.conv2d(r, w, b, a["stride"], a["padding"]),
         Op.CONV_T2D: lambda r: F.conv_transpose2d(r, w, b, a["stride"], a["padding"], a["output_padding"]),
     }
-    return _per_rows(ex, src, _in_shape(ex, node), fns[n.op])
+    return _per_rows(ctx, ref, v, ctx.in_shape(node), fns[n.op])
 
 
 @kernel("torch.linear", "torch.conv2d", "torch.conv_transpose2d")
-def _synapse_launch(ex, la: Launch):
-    ex.buf[la.writes[0]] = _synapse(ex, la.nodes[0], la.reads[0])
+def synapse_launch(ctx: Ctx, src, *ps):
+    (node,) = ctx.launch.nodes
+    return (synapse(ctx, node, ctx.launch.reads[0], src, *_wb(ctx.args((src, *ps)), node)),)
 
 
-def store_lif(ex, lif: str, spikes, h=None, current_node: str | None = None, current=None) -> None:
-    """A neuron launch's outputs: its spikes and firing rate, h and the current V when a loss reads them."""
-    ex.buf[lif] = spikes
-    if h is not None:
-        ex.buf[f"h:{lif}"] = h
-    if current is not None:  # a time-invariant current ([T, B, ...] identical over T) is stored once
-        ex.buf[current_node] = current[0] if ex.is_time_invariant(current_node) else current
-    ex.rates[lif] = ex.row_mean(lif, spikes)
+def neuron_outputs(ctx: Ctx, lif: str, spikes, h=None, current_node: str | None = None, current=None,
+                   grouping=None) -> tuple:
+    """A neuron launch's outputs: its spikes and firing rate, h and the current V when a loss reads them (a
+    time-invariant current, identical over T, is stored once)."""
+    out = {value(lif): spikes, Ref(Kind.MEMBRANE, lif): h,
+           Ref(Kind.RATE, lif): row_mean(ctx, value(lif), spikes, grouping)}
+    if current is not None and current_node is not None and ctx.wants(value(current_node)):
+        out[value(current_node)] = current[0] if ctx.time_invariant(value(current_node)) else current
+    return ctx.outputs(out)
 
 
-def _lif(ex, lif: str, current: torch.Tensor, writes, current_node: str | None = None) -> None:
-    """The neuron over ``current``; ``current_node``'s value is stored too when a loss reads it (distill_on=current)."""
-    a = ex.node(lif).attrs
-    spikes, h = ex.prims.lif_forward(current.contiguous(), a["tau"], a["v_th"], a["v_reset"], a["reset"] == "soft",
-                                     None, f"h:{lif}" in writes)
-    keep = current_node in writes
-    store_lif(ex, lif, spikes, h, current_node if keep else None, current if keep else None)
+def _lif_attrs(ctx: Ctx, lif: str):
+    a = ctx.graph[lif].attrs
+    return a["tau"], a["v_th"], a["v_reset"], a["reset"] == "soft"
 
 
-@kernel("linear_lif_forward")
-def _linear_lif(ex, la: Launch):
-    syn, lif = la.nodes
-    _lif(ex, lif, _synapse(ex, syn, la.reads[0]), la.writes, syn)
-
-
-@kernel("linear_lif_rec_forward")
-def _linear_lif_rec(ex, la: Launch):
-    """A recurrent layer: the feedforward GEMM over all T*B rows at once (or once, for a time-invariant input),
-    then the time loop, where step t adds s[t-1] Uᵀ before the LIF update."""
-    ff, rec, add, lif = la.nodes
-    a = ex.node(lif).attrs
-    current = _synapse(ex, ff, la.reads[0]).contiguous()
-    spikes, v, h = ex.prims.rec_lif_forward(current, *_wb(ex, rec), a["tau"], a["v_th"], a["v_reset"],
-                                            a["reset"] == "soft", add in la.writes, f"h:{lif}" in la.writes)
-    store_lif(ex, lif, spikes, h, add, v)
+def _grouping(ins) -> Grouping | None:
+    return ins[-1] if ins and isinstance(ins[-1], Grouping) else None
 
 
 @kernel("lif_forward")
-def _lif_launch(ex, la: Launch):
-    _lif(ex, la.nodes[0], ex.read(la.reads[0], ex.node(la.nodes[0]).shape), la.writes)
+def lif(ctx: Ctx, current, *rest):
+    (name,) = ctx.launch.nodes
+    cur = steps(ctx, ctx.launch.reads[0], current, ctx.graph[name].shape)
+    spikes, h = ctx.prims.lif_forward(cur.contiguous(), *_lif_attrs(ctx, name), None,
+                                      ctx.wants(Ref(Kind.MEMBRANE, name)))
+    return neuron_outputs(ctx, name, spikes, h, grouping=_grouping(rest))
+
+
+@kernel("linear_lif_forward")
+def linear_lif(ctx: Ctx, src, *rest):
+    syn, name = ctx.launch.nodes
+    args = ctx.args((src, *rest))
+    current = synapse(ctx, syn, ctx.launch.reads[0], src, *_wb(args, syn))
+    spikes, h = ctx.prims.lif_forward(current.contiguous(), *_lif_attrs(ctx, name), None,
+                                      ctx.wants(Ref(Kind.MEMBRANE, name)))
+    return neuron_outputs(ctx, name, spikes, h, syn, current, _grouping(rest))
+
+
+@kernel("linear_lif_rec_forward")
+def linear_lif_rec(ctx: Ctx, src, *rest):
+    """A recurrent layer: the feedforward GEMM over all T*B rows at once (or once, for a time-invariant input),
+    then the time loop, where step t adds s[t-1] Uᵀ before the LIF update."""
+    ff, rec, add, name = ctx.launch.nodes
+    args = ctx.args((src, *rest))
+    current = synapse(ctx, ff, ctx.launch.reads[0], src, *_wb(args, ff)).contiguous()
+    spikes, v, h = ctx.prims.rec_lif_forward(current, *_wb(args, rec), *_lif_attrs(ctx, name),
+                                             ctx.wants(value(add)), ctx.wants(Ref(Kind.MEMBRANE, name)))
+    return neuron_outputs(ctx, name, spikes, h, add, v, _grouping(rest))
 
 
 @kernel("torch.batch_norm")
-def _batchnorm(ex, la: Launch):
-    n = ex.node(la.nodes[0])
-    w, b = _wb(ex, n.name)
-    rm, rv = ex.state[f"{n.name}.running_mean"], ex.state[f"{n.name}.running_var"]
-    v = ex.read(la.reads[0], n.shape)
-    if ex.is_per_class(la.reads[0]):  # B on one row per class present: statistics weighted by the class counts
-        out, mean, invstd = _class_weighted_batch_norm(v, ex.counts, w, b, rm, rv, ex.training, n.attrs["momentum"],
-                                                       n.attrs["eps"])
-        if ex.training:
-            ex.buf[f"bnstats:{n.name}"] = torch.stack([mean, invstd])
-        ex.buf[la.writes[0]] = out
-        return
-    # F.batch_norm's own CPU path, keeping the batch mean and 1/std that its backward needs (saves the backward
-    # a forward re-run: fmnist_cnn's four batchnorm backwards took 170 ms per step with torch.func.vjp, 58 now)
-    out, mean, invstd = torch.ops.aten.native_batch_norm(v.reshape(-1, *v.shape[2:]), w, b, rm, rv, ex.training,
-                                                         n.attrs["momentum"], n.attrs["eps"])
-    if ex.training:
-        ex.buf[f"bnstats:{n.name}"] = torch.stack([mean, invstd])
-    ex.buf[la.writes[0]] = out.reshape(v.shape)
+def batch_norm(ctx: Ctx, src, *rest):
+    (name,) = ctx.launch.nodes
+    n = ctx.graph[name]
+    args = ctx.args((src, *rest))
+    w, b = _wb(args, name)
+    rm, rv = args[Ref(Kind.STATE, name, "running_mean")], args[Ref(Kind.STATE, name, "running_var")]
+    v = steps(ctx, ctx.launch.reads[0], src, n.shape)
+    if ctx.per_class(ctx.launch.reads[0]):  # B on one row per class present: statistics weighted by the counts
+        out, mean, invstd = class_weighted_batch_norm(v, args[GROUPING].counts, w, b, rm, rv, ctx.training,
+                                                      n.attrs["momentum"], n.attrs["eps"])
+    else:
+        # F.batch_norm's own CPU path, keeping the batch mean and 1/std that its backward needs (saves the
+        # backward a forward re-run: fmnist_cnn's four batchnorm backwards took 170 ms per step with
+        # torch.func.vjp, 58 now)
+        out, mean, invstd = torch.ops.aten.native_batch_norm(v.reshape(-1, *v.shape[2:]), w, b, rm, rv,
+                                                             ctx.training, n.attrs["momentum"], n.attrs["eps"])
+        out = out.reshape(v.shape)
+    return ctx.outputs({value(name): out, Ref(Kind.STATS, name): torch.stack([mean, invstd]) if ctx.training
+                        else None})
 
 
 def _class_layout(v: torch.Tensor, counts: torch.Tensor):
@@ -178,7 +245,7 @@ def _class_layout(v: torch.Tensor, counts: torch.Tensor):
     return wts, n, (1, 1, v.shape[2], *[1] * (v.dim() - 3)), [d for d in range(v.dim()) if d != 2]
 
 
-def _class_weighted_batch_norm(v, counts, w, b, rm, rv, training, momentum, eps):
+def class_weighted_batch_norm(v, counts, w, b, rm, rv, training, momentum, eps):
     """Batchnorm of per-class rows [T, R, C, ...] that stand for ``counts[r]`` identical samples each: the batch
     statistics of the full batch, as sums over the R rows weighted by their counts (exact up to summation order:
     tests/test_class_batchnorm.py against torch's batchnorm of the expanded batch, tests/test_cpu_backend.py a
@@ -202,8 +269,8 @@ def _class_weighted_batch_norm(v, counts, w, b, rm, rv, training, momentum, eps)
     return (out + b.view(shape) if b is not None else out), mean, invstd
 
 
-def _class_weighted_batch_norm_backward(grad, v, counts, w, mean, invstd):
-    """Backward of ``_class_weighted_batch_norm`` for gradients that are already per-class sums (as every
+def class_weighted_batch_norm_backward(grad, v, counts, w, mean, invstd):
+    """Backward of ``class_weighted_batch_norm`` for gradients that are already per-class sums (as every
     gradient of a deduplicated B buffer is). Per sample, dx_k = w invstd (dy_k - S/n - x̂_k S'/n) with
     S = sum dy, S' = sum dy x̂ over the full batch; summed over the counts[r] samples of class r this is
     w invstd (g_r - counts[r] (S + x̂_r S') / n), and S, S' are plain sums over the rows of g."""
@@ -253,14 +320,13 @@ def _pair(v) -> tuple[int, int]:
 
 
 @kernel("torch.avg_pool2d", "torch.max_pool2d", "torch.upsample_nearest2d")
-def _transform(ex, la: Launch):
-    n = ex.node(la.nodes[0])
-    src = ex.buf[la.reads[0]]
+def transform(ctx: Ctx, src):
+    (name,) = ctx.launch.nodes
+    n = ctx.graph[name]
     if n.op == Op.MAXPOOL2D and src.dtype == torch.uint8:  # spikes (lower.py declares the result u8 too)
         a = n.attrs
-        ex.buf[la.writes[0]] = _maxpool_spikes(src, a["kernel"], a["stride"] or a["kernel"])
-        return
-    ex.buf[la.writes[0]] = _per_rows(ex, la.reads[0], _in_shape(ex, n.name), _TRANSFORMS[n.op](n.attrs))
+        return (_maxpool_spikes(src, a["kernel"], a["stride"] or a["kernel"]),)
+    return (_per_rows(ctx, ctx.launch.reads[0], src, ctx.in_shape(name), _TRANSFORMS[n.op](n.attrs)),)
 
 
 # ---------------------------------------------------------------------------------------------------- losses
@@ -290,66 +356,77 @@ def _unsample(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return rows.reshape(like.shape[1], like.shape[0], *like.shape[2:]).transpose(0, 1)
 
 
-def _loss_inputs(ex, la: Launch) -> list[torch.Tensor]:
-    """The loss operands as [T, B, *node shape] (a view's buffer may be stored flat)."""
-    return [ex.to_samples(r, ex.read(r, n.shape)) for r, n in zip(la.reads, ex.graph.inputs(la.nodes[0]))]
+def loss_operands(ctx: Ctx, ins) -> tuple[list[torch.Tensor], dict[Ref, torch.Tensor]]:
+    """The loss's node operands as [T, B, *node shape] per sample (a view's buffer may be stored flat), and all
+    its inputs by ref."""
+    args = ctx.args(ins)
+    (name,) = ctx.launch.nodes
+    operands = ctx.operands()
+    grouping = args.get(GROUPING)
+    vals = [to_samples(ctx, r, steps(ctx, r, args[r], n.shape), grouping)
+            for r, n in zip(operands, ctx.graph.inputs(name))]
+    return vals, args
+
+
+def loss_outputs(ctx: Ctx, loss, grads: list[torch.Tensor | None], args) -> tuple:
+    """A loss launch's outputs: its value and the gradient of each operand it writes (a time-invariant operand's
+    gradient is the sum over the steps that read it; a per-class operand's is summed per class)."""
+    (name,) = ctx.launch.nodes
+    out = {Ref(Kind.LOSS, name): loss}
+    operands = ctx.operands()
+    for r, g in zip(operands, grads):
+        ref = Ref(Kind.GRAD, r.node)
+        if g is not None and ctx.wants(ref):
+            out[ref] = g.sum(0) if ctx.time_invariant(r) else to_rows(ctx, r, g, args.get(GROUPING))
+    return ctx.outputs(out)
 
 
 @kernel("reco_loss_grad")
-def _reco(ex, la: Launch):
-    n = ex.node(la.nodes[0])
-    if ex.is_per_class(la.reads[1]) and not n.attrs["freq"]:
-        return _reco_dedup(ex, la, n)
-    a, b = _loss_inputs(ex, la)
+def reco(ctx: Ctx, *ins):
+    n = ctx.node
+    if ctx.per_class(ctx.launch.reads[1]) and not n.attrs["freq"]:
+        return reco_dedup(ctx, *ins)
+    (a, b), args = loss_operands(ctx, ins)
     # labels only matter for negatives='other_class'; a regression model's targets are not class labels
-    labels = ex.labels if n.attrs["negatives"] == "other_class" else None
-    loss, da, db = _reco_terms(n, a, b, labels, ex.prims.reco_loss_grad)
-    _store_loss_grads(ex, la, loss, [da, db])
+    labels = args.get(LABELS)
+    loss, da, db = _reco_terms(n, a, b, labels, ctx.prims.reco_loss_grad)
+    return loss_outputs(ctx, loss, [da, db], args)
 
 
-def _reco_dedup(ex, la: Launch, n):
+def reco_dedup(ctx: Ctx, *ins):
     """F rows per sample against B rows per class: the B x R form, whose B gradient is already per class."""
-    f_node, b_node = ex.graph.inputs(n.name)
-    f_buf, b_buf = la.reads
-    if ex.is_time_invariant(f_buf):  # the direct stimulus: no T copies, and it has no gradient to take
-        a = ex.buf[f_buf].to(torch.float32).reshape(ex.buf[f_buf].shape[0], -1)
+    n = ctx.node
+    args = ctx.args(ins)
+    f_ref, b_ref = ctx.launch.reads[:2]
+    f_node, b_node = ctx.graph.inputs(n.name)
+    grouping = args[GROUPING]
+    if ctx.time_invariant(f_ref):  # the direct stimulus: no T copies, and it has no gradient to take
+        a = args[f_ref].to(torch.float32).reshape(args[f_ref].shape[0], -1)
     else:
-        a = ex.read(f_buf, f_node.shape).reshape(ex.T, -1, math.prod(f_node.shape))
-    u = ex.read(b_buf, b_node.shape).reshape(ex.T, -1, math.prod(b_node.shape))
+        a = steps(ctx, f_ref, args[f_ref], f_node.shape).reshape(ctx.T, -1, math.prod(f_node.shape))
+    u = steps(ctx, b_ref, args[b_ref], b_node.shape).reshape(ctx.T, -1, math.prod(b_node.shape))
     at = n.attrs
-    f_grad, b_grad = f"grad:{ex.plan_buffer(f_node.name)}", f"grad:{ex.plan_buffer(b_node.name)}"
-    loss, da, du = reco_loss_grad_dedup(a, u, ex.inverse, ex.counts, at["lam"], at["negatives"], at["eps"],
-                                        need_da=f_grad in la.writes)
-    ex.losses[n.name] = loss
-    if da is not None:
-        ex.buf[f_grad] = da
-    if b_grad in la.writes:
-        ex.buf[b_grad] = du
-
-
-def _store_loss_grads(ex, la: Launch, loss, grads: list[torch.Tensor]) -> None:
-    ex.losses[la.nodes[0]] = loss
-    srcs = [e.src for e in ex.graph.in_edges(la.nodes[0])]
-    for src, g in zip(srcs, grads):
-        buf = ex.plan_buffer(src)
-        if f"grad:{buf}" in la.writes:  # a time-invariant value's gradient: the sum over the steps that read it
-            ex.buf[f"grad:{buf}"] = g.sum(0) if ex.is_time_invariant(buf) else ex.to_rows(buf, g)
+    f_grad, b_grad = Ref(Kind.GRAD, f_ref.node), Ref(Kind.GRAD, b_ref.node)
+    loss, da, du = reco_loss_grad_dedup(a, u, grouping.inverse, grouping.counts, at["lam"], at["negatives"],
+                                        at["eps"], need_da=ctx.wants(f_grad))
+    return ctx.outputs({Ref(Kind.LOSS, n.name): loss, f_grad: da, b_grad: du})
 
 
 @kernel("torch.cross_entropy_grad")
-def _ce(ex, la: Launch):
-    n = ex.node(la.nodes[0])
-    (v,) = _loss_inputs(ex, la)
+def cross_entropy(ctx: Ctx, *ins):
+    n = ctx.node
+    (v,), args = loss_operands(ctx, ins)
+    labels = args[LABELS]
     k = n.attrs["population"]
     z = class_scores(v, k)
-    loss = F.cross_entropy(z, ex.labels)
-    dz = (torch.softmax(z, 1) - F.one_hot(ex.labels, z.shape[1]).to(z.dtype)) / z.shape[0]
+    loss = F.cross_entropy(z, labels)
+    dz = (torch.softmax(z, 1) - F.one_hot(labels, z.shape[1]).to(z.dtype)) / z.shape[0]
     # z = mean over T and over each class's k neurons: every contributing V element gets dz / (T k)
-    dv = dz.repeat_interleave(k, dim=1) / (ex.T * k)
-    _store_loss_grads(ex, la, loss, [dv.unsqueeze(0).expand_as(v).contiguous()])
+    dv = dz.repeat_interleave(k, dim=1) / (ctx.T * k)
+    return loss_outputs(ctx, loss, [dv.unsqueeze(0).expand_as(v).contiguous()], args)
 
 
-def _mse_recall_per_class(ex, la: Launch) -> None:
+def mse_recall_per_class(ctx: Ctx, *ins):
     """The recall MSE mean((u[t, r_k] - a[t, k])^2) against B's per-class rows u [T, R, D], without expanding u
     to samples. With c_r samples of class r (on this process), their sum S_r and mean m_r = S_r / c_r:
 
@@ -359,60 +436,62 @@ def _mse_recall_per_class(ex, la: Launch) -> None:
     (the second form, not |u|^2 - 2 u.a + |a|^2, has no cancellation when u is close to the stimulus). A
     time-invariant stimulus is grouped once, not T times. fmnist_mlp, B = 128, per-launch timer in a step: 1.3 ms
     -> 0.6 ms."""
-    a_buf, u_buf = la.reads
-    a_node, u_node = ex.graph.inputs(la.nodes[0])
+    args = ctx.args(ins)
+    a_ref, u_ref = ctx.launch.reads[:2]
+    a_node, u_node = ctx.graph.inputs(ctx.launch.nodes[0])
+    inverse = args[GROUPING].inverse
     d = math.prod(u_node.shape)
-    u = ex.read(u_buf, u_node.shape).reshape(ex.T, -1, d)
-    steady = ex.is_time_invariant(a_buf)
-    a = ex.buf[a_buf].to(u.dtype).reshape(1, -1, d) if steady else ex.read(a_buf, a_node.shape).reshape(ex.T, -1, d)
-    counts = torch.bincount(ex.inverse, minlength=u.shape[1]).to(u.dtype)[None, :, None]
-    sums = torch.zeros((a.shape[0], u.shape[1], d), dtype=u.dtype, device=u.device).index_add_(1, ex.inverse, a)
+    u = steps(ctx, u_ref, args[u_ref], u_node.shape).reshape(ctx.T, -1, d)
+    steady = ctx.time_invariant(a_ref)
+    a = args[a_ref].to(u.dtype).reshape(1, -1, d) if steady else steps(ctx, a_ref, args[a_ref],
+                                                                         a_node.shape).reshape(ctx.T, -1, d)
+    counts = torch.bincount(inverse, minlength=u.shape[1]).to(u.dtype)[None, :, None]
+    sums = torch.zeros((a.shape[0], u.shape[1], d), dtype=u.dtype, device=u.device).index_add_(1, inverse, a)
     means = sums / counts.clamp(min=1)
-    spread = (a - means.index_select(1, ex.inverse)).pow(2).sum() * (ex.T if steady else 1)
-    n = ex.T * a.shape[1] * d
-    ex.losses[la.nodes[0]] = ((counts * (u - means).pow(2)).sum() + spread) / n
-    grad = f"grad:{ex.plan_buffer(u_node.name)}"
-    if grad in la.writes:
-        ex.buf[grad] = (2 / n) * (counts * u - sums)
+    spread = (a - means.index_select(1, inverse)).pow(2).sum() * (ctx.T if steady else 1)
+    n = ctx.T * a.shape[1] * d
+    grad = Ref(Kind.GRAD, u_ref.node)
+    return ctx.outputs({Ref(Kind.LOSS, ctx.node.name): ((counts * (u - means).pow(2)).sum() + spread) / n,
+                        grad: (2 / n) * (counts * u - sums) if ctx.wants(grad) else None})
 
 
 @kernel("torch.mse_grad")
-def _mse(ex, la: Launch):
-    if len(la.reads) == 2 and ex.is_per_class(la.reads[1]):
-        return _mse_recall_per_class(ex, la)
-    vals = _loss_inputs(ex, la)
+def mse(ctx: Ctx, *ins):
+    operands = ctx.operands()
+    if len(operands) == 2 and ctx.per_class(operands[1]):
+        return mse_recall_per_class(ctx, *ins)
+    vals, args = loss_operands(ctx, ins)
     if len(vals) == 2:  # bottom recall: mean((b - a)^2), a is the (fixed) encoded stimulus
         a, b = vals
         diff = b - a
-        _store_loss_grads(ex, la, (diff ** 2).mean(), [None, 2 * diff / diff.numel()])
-        return
+        return loss_outputs(ctx, (diff ** 2).mean(), [None, 2 * diff / diff.numel()], args)
     (v,) = vals
-    if ex.node(la.nodes[0]).attrs["per_step"]:  # V[t] predicts y[:, t]
-        diff = v - ex.labels.to(v.dtype).reshape(v.shape[1], v.shape[0], *v.shape[2:]).transpose(0, 1)
-        _store_loss_grads(ex, la, (diff ** 2).mean(), [(2 * diff / diff.numel()).contiguous()])
-        return
-    y = ex.labels.to(v.dtype).reshape(v.shape[1:])
+    labels = args[LABELS]
+    if ctx.node.attrs["per_step"]:  # V[t] predicts y[:, t]
+        diff = v - labels.to(v.dtype).reshape(v.shape[1], v.shape[0], *v.shape[2:]).transpose(0, 1)
+        return loss_outputs(ctx, (diff ** 2).mean(), [(2 * diff / diff.numel()).contiguous()], args)
+    y = labels.to(v.dtype).reshape(v.shape[1:])
     diff = v.mean(0) - y
-    dv = (2 * diff / diff.numel() / ex.T).unsqueeze(0).expand_as(v).contiguous()
-    _store_loss_grads(ex, la, (diff ** 2).mean(), [dv])
+    dv = (2 * diff / diff.numel() / ctx.T).unsqueeze(0).expand_as(v).contiguous()
+    return loss_outputs(ctx, (diff ** 2).mean(), [dv], args)
 
 
 # ---------------------------------------------------------------------------------------------------- gradients
 
 
 @kernel("lif_backward")
-def _lif_backward(ex, la: Launch):
-    n = ex.node(la.nodes[0])
-    a = n.attrs
-    grad_h, h = ex.read(la.reads[0], n.shape), ex.read(la.reads[1], n.shape)
-    ex.buf[la.writes[0]] = ex.prims.lif_backward(grad_h.contiguous(), h.contiguous(), a["tau"], a["v_th"],
-                                                 a["v_reset"], a["reset"] == "soft", a["alpha"])
+def lif_back(ctx: Ctx, grad_h, h):
+    n = ctx.node
+    grad_h, h = steps(ctx, ctx.launch.reads[0], grad_h, n.shape), steps(ctx, ctx.launch.reads[1], h, n.shape)
+    return (ctx.prims.lif_backward(grad_h.contiguous(), h.contiguous(), *_lif_attrs(ctx, n.name),
+                                   n.attrs["alpha"]),)
 
 
 @kernel("torch.avg_pool2d_backward", "torch.max_pool2d_backward", "torch.upsample_nearest2d_backward")
-def _transform_backward(ex, la: Launch):
-    n = ex.node(la.nodes[0])
-    grad, src = ex.read(la.reads[0], n.shape), ex.read(la.reads[1], _in_shape(ex, n.name))
+def transform_backward(ctx: Ctx, grad, src):
+    n = ctx.node
+    grad = steps(ctx, ctx.launch.reads[0], grad, n.shape)
+    src = steps(ctx, ctx.launch.reads[1], src, ctx.in_shape(n.name))
     rows = src.reshape(-1, *src.shape[2:])
     if n.op == Op.UPSAMPLE2D:  # autograd's own backward of nearest upsampling, without re-running the forward
         g = torch.ops.aten.upsample_nearest2d_backward(grad.reshape(-1, *n.shape).contiguous(), list(n.shape[-2:]),
@@ -420,70 +499,82 @@ def _transform_backward(ex, la: Launch):
     else:
         _, vjp = torch.func.vjp(_TRANSFORMS[n.op](n.attrs), rows)
         (g,) = vjp(grad.reshape(-1, *n.shape))
-    ex.buf[la.writes[0]] = g.reshape(ex.T, -1, *rows.shape[1:])
+    return (g.reshape(ctx.T, -1, *rows.shape[1:]),)
 
 
 @kernel("torch.batch_norm_backward")
-def _batchnorm_backward(ex, la: Launch):
-    n = ex.node(la.nodes[0])
-    w, b = _wb(ex, n.name)
-    grad, src = ex.read(la.reads[0], n.shape), ex.read(la.reads[1], n.shape)
+def batch_norm_backward(ctx: Ctx, *ins):
+    n = ctx.node
+    args = ctx.args(ins)
+    grad_ref, src_ref = ctx.launch.reads[:2]
+    w, _ = _wb(args, n.name)
+    grad, src = steps(ctx, grad_ref, args[grad_ref], n.shape), steps(ctx, src_ref, args[src_ref], n.shape)
     rows = src.reshape(-1, *src.shape[2:])
-    stats = ex.buf.get(f"bnstats:{n.name}")
-    if ex.is_per_class(la.reads[1]):  # B's per-class rows: their forward always stored its statistics
-        g_in, g_w, g_b = _class_weighted_batch_norm_backward(grad, src, ex.counts, w, stats[0], stats[1])
-    elif stats is not None:  # autograd's own batchnorm backward, with the statistics of this step's forward
+    stats = args.get(Ref(Kind.STATS, n.name))
+    if ctx.per_class(src_ref):  # B's per-class rows: their forward always stored its statistics
+        g_in, g_w, g_b = class_weighted_batch_norm_backward(grad, src, args[GROUPING].counts, w, stats[0],
+                                                            stats[1])
+    else:  # autograd's own batchnorm backward, with the statistics of this step's forward
         g_in, g_w, g_b = torch.ops.aten.native_batch_norm_backward(
             grad.reshape(rows.shape).contiguous(), rows, w, None, None, stats[0], stats[1], True, n.attrs["eps"],
             [True, True, True])
-    else:  # batch statistics recomputed, no running-stat update: the forward already did that once
-        fn = lambda r, w_, b_: F.batch_norm(r, None, None, w_, b_, True, 0.0, n.attrs["eps"])  # noqa: E731
-        _, vjp = torch.func.vjp(fn, rows, w, b)
-        g_in, g_w, g_b = vjp(grad.reshape(rows.shape))
-    ex.write_grads(n.name, {"weight": g_w, "bias": g_b})
-    ex.buf[la.writes[-1]] = g_in.reshape(src.shape)
+    return ctx.outputs({Ref(Kind.PARAM_GRAD, n.name, "weight"): g_w, Ref(Kind.PARAM_GRAD, n.name, "bias"): g_b,
+                        Ref(Kind.GRAD, src_ref.node): g_in.reshape(src.shape)})
+
+
+def _param_grads(ctx: Ctx, node: str, dw, db) -> tuple:
+    return ctx.outputs({Ref(Kind.PARAM_GRAD, node, "weight"): dw, Ref(Kind.PARAM_GRAD, node, "bias"): db})
 
 
 @kernel("weight_grad")
-def _weight_grad(ex, la: Launch):
-    node = la.nodes[0]
-    n = ex.node(node)
-    grad_buf, src = la.reads
-    delay = ex.graph.in_edges(node)[0].delay
-    if ex.is_time_invariant(src):  # same input every step: dW = (sum_t dV[t])^T x, T times fewer FLOPs
+def linear_weight_grad(ctx: Ctx, grad, src):
+    (node,) = ctx.launch.nodes
+    n = ctx.graph[node]
+    grad_ref, src_ref = ctx.launch.reads[:2]
+    delay = ctx.graph.in_edges(node)[0].delay
+    if ctx.time_invariant(src_ref):  # same input every step: dW = (sum_t dV[t])^T x, T times fewer FLOPs
         # a time-invariant current's gradient is stored already summed over t (lower.py)
-        grad = ex.buf[grad_buf] if ex.is_time_invariant(grad_buf) else ex.read(grad_buf).sum(0)
+        grad = grad if ctx.time_invariant(grad_ref) else steps(ctx, grad_ref, grad).sum(0)
         grad = grad.reshape(-1, n.attrs["out_features"])
-        inp = ex.buf[src].reshape(grad.shape[0], -1)
+        inp = src.reshape(grad.shape[0], -1)
     else:
-        grad = ex.read(grad_buf).reshape(ex.T, -1, n.attrs["out_features"])
-        # on the CPU spikes are cast to float32 here (ex.read's vectorised cast); a GPU kernel reads the uint8 bytes
-        inp = (ex.read(src) if ex.device.type == "cpu" else ex.buf[src]).reshape(ex.T, grad.shape[1], -1)
+        grad = steps(ctx, grad_ref, grad).reshape(ctx.T, -1, n.attrs["out_features"])
+        # on the CPU spikes are cast to float32 here (a vectorised cast); a GPU kernel reads the uint8 bytes
+        inp = (steps(ctx, src_ref, src) if ctx.device.type == "cpu" else src).reshape(ctx.T, grad.shape[1], -1)
         if delay:  # a recurrent synapse reads s[t - delay]: dU = sum_t dV[t]^T s[t - delay]
             grad, inp = grad[delay:], inp[:-delay]
         grad, inp = grad.reshape(-1, grad.shape[-1]), inp.reshape(-1, inp.shape[-1])
-    dw, db = ex.prims.weight_grad(grad.contiguous(), inp.contiguous(), n.attrs["bias"])
-    ex.write_grads(node, {"weight": dw, **({"bias": db} if db is not None else {})})
+    dw, db = ctx.prims.weight_grad(grad.contiguous(), inp.contiguous(), n.attrs["bias"])
+    return _param_grads(ctx, node, dw, db)
 
 
 @kernel("torch.conv2d_weight_grad", "torch.conv_transpose2d_weight_grad")
-def _conv_weight_grad(ex, la: Launch):
-    node = la.nodes[0]
-    n = ex.node(node)
-    a, (w, b) = n.attrs, _wb(ex, node)
-    grad = ex.read(la.reads[0], n.shape)
-    if ex.is_time_invariant(la.reads[1]):
-        grad, inp = grad.sum(0), ex.buf[la.reads[1]].to(torch.float32).reshape(-1, *_in_shape(ex, node))
+def conv_weight_grad(ctx: Ctx, *ins):
+    (node,) = ctx.launch.nodes
+    n = ctx.graph[node]
+    args = ctx.args(ins)
+    grad_ref, src_ref = ctx.launch.reads[:2]
+    a, (w, b) = n.attrs, _wb(args, node)
+    grad = steps(ctx, grad_ref, args[grad_ref], n.shape)
+    if ctx.time_invariant(src_ref):
+        grad, inp = grad.sum(0), args[src_ref].to(torch.float32).reshape(-1, *ctx.in_shape(node))
     else:
-        grad, inp = grad.reshape(-1, *grad.shape[2:]), ex.read(la.reads[1]).reshape(-1, *_in_shape(ex, node))
+        grad = grad.reshape(-1, *grad.shape[2:])
+        inp = steps(ctx, src_ref, args[src_ref]).reshape(-1, *ctx.in_shape(node))
     transposed = n.op == Op.CONV_T2D
     _, dw, db = torch.ops.aten.convolution_backward(
         grad.contiguous(), inp.contiguous(), w, [w.shape[1 if transposed else 0]] if b is not None else None,
         list(a["stride"]), list(a["padding"]), [1, 1], transposed,
         list(a["output_padding"]) if transposed else [0, 0], 1, [False, True, b is not None])
-    ex.write_grads(node, {"weight": dw, **({"bias": db} if b is not None else {})})
+    return _param_grads(ctx, node, dw, db if b is not None else None)
 
 
 @kernel("torch.adamw_step")
-def _adamw(ex, la: Launch):
-    ex.apply(list(la.nodes))
+def adamw(ctx: Ctx, *ins):
+    """AdamW on the parameters of the launch's nodes with the gradients just computed, clipped per node; the
+    parameters are updated in place and returned."""
+    args = ctx.args(ins)
+    owned = {r.key: args[r] for r in ctx.launch.writes}
+    grads = {r.key: args[Ref(Kind.PARAM_GRAD, r.node, r.part)] for r in ctx.launch.writes}
+    adamw_step(ctx.owned["optimizer"], owned, grads, ctx.owned["clip"])
+    return tuple(owned[r.key] for r in ctx.launch.writes)

@@ -21,7 +21,7 @@ import torch
 
 from bsdgraph.ir.graph import Graph, Op
 from bsdgraph.compiler.cost import launch_flops, plan_flops
-from bsdgraph.compiler.lower import Plan
+from bsdgraph.compiler.plan import Plan
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
@@ -200,7 +200,7 @@ def baselines(model, g: Graph, bsd: Graph, x, y, device: torch.device | str = "c
     from bsdgraph.compiler.lower import lower
     from bsdgraph.runtime.bptt import BPTTRuntime
 
-    plain = lower(bsd, dedup=False)
+    plain = lower(bsd, dedup=False)  # what the naive baseline and BPTT compute, for their FLOP counts only
     fns, flops, notes = {}, {}, []
     try:
         NaiveBSD = _baseline("naive_bsd").NaiveBSD
@@ -222,12 +222,13 @@ def baselines(model, g: Graph, bsd: Graph, x, y, device: torch.device | str = "c
 
 
 def run_bench(model, backend: str, batch: int, steps: int, warmup: int, compare: bool) -> dict:
-    from bsdgraph.compiler.feedback import derive_feedback
+    from bsdgraph.compiler.program import compile_model
     from bsdgraph.train.config import TrainConfig
     from bsdgraph.train.trainer import make_runtime
 
-    g = model.graph
-    engine, bsd = make_runtime(model, "bsd", backend, TrainConfig.from_model(model.train), batch=batch)
+    program = compile_model(model)
+    g, bsd = program.forward, program.graph
+    engine = make_runtime(program, backend, TrainConfig.from_model(model.train), batch=batch)
     device = engine.device  # every runtime has one; the batch goes there before timing, not inside a step
     x, y = (v.to(device) for v in _batch(g, batch))
     name = f"bsdgraph-{backend}"
@@ -235,7 +236,7 @@ def run_bench(model, backend: str, batch: int, steps: int, warmup: int, compare:
     flops = {name: plan_flops(engine.plan, bsd, batch) if hasattr(engine, "plan") else None}
     notes: list[str] = []
     if compare:
-        more, more_flops, notes = baselines(model, g, derive_feedback(g, model.bsd), x, y, device)
+        more, more_flops, notes = baselines(model, g, bsd, x, y, device)
         fns.update(more)
         flops.update(more_flops)
     probe, probe_flop = roofline_probe()
@@ -284,6 +285,7 @@ def _variant(model, param: str, value: int):
 
 def run_sweep(model, backend: str, param: str, values: list[int], batch: int, steps: int, warmup: int) -> dict:
     """Median ms per training step of bsdgraph and of BPTT on the same forward network, per value."""
+    from bsdgraph.compiler.program import compile_model
     from bsdgraph.runtime.bptt import BPTTRuntime
     from bsdgraph.train.config import TrainConfig
     from bsdgraph.train.trainer import make_runtime
@@ -292,7 +294,7 @@ def run_sweep(model, backend: str, param: str, values: list[int], batch: int, st
     for v in values:
         m = _variant(model, param, v)
         B = v if param == "batch" else batch
-        engine, _ = make_runtime(m, "bsd", backend, TrainConfig.from_model(m.train), batch=B)
+        engine = make_runtime(compile_model(m), backend, TrainConfig.from_model(m.train), batch=B)
         device = engine.device
         bptt = BPTTRuntime(m.graph, device=device)
         x, y = (v.to(device) for v in _batch(m.graph, B))

@@ -22,17 +22,20 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from bsdgraph import env
+from bsdgraph.errors import UserError
+
 LEDGER_LINES = 2000  # past this, the ledger keeps its newest half: it records outputs, it is not an archive
 
 
-class OutputError(Exception):
+class OutputError(UserError):
     """An existing file bsdgraph did not write would be replaced (exit 1)."""
 
 
 def ledger() -> Path | None:
     """Where the record of written files lives; the one reader of XDG_STATE_HOME / HOME for it."""
-    base = os.environ.get("XDG_STATE_HOME") or (Path(os.environ["HOME"]) / ".local" / "state"
-                                                 if os.environ.get("HOME") else None)
+    home = env.HOME.get()
+    base = env.XDG_STATE_HOME.get() or (Path(home) / ".local" / "state" if home else None)
     return Path(base) / "bsdgraph" / "written.jsonl" if base else None
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from bsdgraph.errors import UserError
 from bsdgraph.ir.graph import Op, Stream
 from bsdgraph.train.records import is_epoch_record
 
@@ -21,8 +22,8 @@ def _plt():
     return plt
 
 
-class PlotError(Exception):
-    pass
+class PlotError(UserError):
+    """A run directory whose metrics cannot be plotted; the message names the file and why (exit 1)."""
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from bsdgraph.registry import registrar
+
 
 def brief(value: Any) -> str:
     """A value quoted briefly in a message (a tensor's repr can run to pages)."""
@@ -26,12 +28,7 @@ Check = Callable[[Any], str | None]
 FIELDS: dict[str, Check] = {}
 
 
-def field(name: str):
-    def register(fn: Check) -> Check:
-        FIELDS[name] = fn
-        return fn
-
-    return register
+field = registrar(FIELDS)  # @field(key): the check of that checkpoint field
 
 
 def problems(doc: dict[str, Any]) -> list[str]:

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bsdgraph.errors import UserError
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 # Role -> standard file name. The Debian package installs the ``.gz`` forms directly in FASHION_MNIST_DIR;
@@ -49,7 +51,7 @@ _FIX_MISSING = (
 )
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A data problem the user can fix; the message says what, where, and how."""
 
 

@@ -17,15 +17,17 @@ is 13 % above the executor's own).
 from __future__ import annotations
 
 import math
-import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
 
+from bsdgraph import env
+from bsdgraph.errors import UserError
 from bsdgraph.ir.graph import Graph, Op, Stream
-from bsdgraph.compiler.lower import Plan, lower
+from bsdgraph.compiler.plan import STIMULUS, Kind, Plan
+from bsdgraph.compiler.program import Program
 from bsdgraph.ir.params import param_shapes
 
 F32 = 4  # bytes; weights, optimiser state and every float buffer are float32
@@ -54,7 +56,7 @@ BPTT_FACTOR = 4.0
 FORWARD_FACTOR = 2.0
 
 
-class MemoryBudgetError(Exception):
+class MemoryBudgetError(UserError):
     """The estimated memory exceeds what this process can allocate; the message is one line."""
 
 
@@ -88,19 +90,16 @@ def size(n: int | float) -> str:
     return f"{int(n)} B"
 
 
-def estimate(graph: Graph, batch: int, rule: str = "bsd", optimizer: bool = True,
-             eval_batch: int | None = None) -> Estimate:
-    """The memory of training (``optimizer``) or evaluating ``graph`` at ``batch``; shapes only, nothing allocated.
+def estimate(program: Program, batch: int, optimizer: bool = True, eval_batch: int | None = None) -> Estimate:
+    """The memory of training (``optimizer``) or evaluating ``program`` at ``batch``; shapes only, nothing
+    allocated.
 
-    ``rule`` names the runtime that holds the activations: "bsd" the plan executor (cpu, triton) on the BSD graph
-    from ``derive_feedback``; "bptt" the reference interpreter on F (autograd when training; also F alone under
-    ``bsdgraph run``, with ``optimizer=False``); pass F alone then. ``eval_batch``: training also evaluates F at
-    that batch."""
-    if rule not in ("bsd", "bptt"):
-        raise ValueError(f"rule must be 'bsd' or 'bptt', got {rule!r}")
+    A BSD program runs on the plan executor (cpu, triton), which holds the plan's buffers; a BPTT program on the
+    reference interpreter over F (autograd when training; also F alone under ``bsdgraph run``, with
+    ``optimizer=False``). ``eval_batch``: training also evaluates F at that batch."""
+    graph, plan = program.graph, program.plan
     params = sum(math.prod(s) * F32 for n in graph.nodes for s in param_shapes(n).values())
     state = sum(2 * n.attrs["num_features"] * F32 for n in graph.by_op(Op.BATCHNORM))
-    plan = lower(graph) if rule == "bsd" else None  # cheap: lowering handles shapes and names only
 
     def forward(b: int) -> int:
         return _plan_forward(plan, graph, b) if plan else int(FORWARD_FACTOR * _node_bytes(graph, b))
@@ -129,9 +128,9 @@ def _plan_forward(plan: Plan, g: Graph, batch: int) -> int:
     """F's forward buffers at ``batch``: ``Executor.predict`` frees none of them until it returns. Its reads of
     uint8 spikes as float32 copies are transient and left out: measured, predict at B = 1000 grows resident memory
     by 1.75-1.81x this figure (784-W-W-10, W = 1024 to 4096)."""
-    names = {w for la in plan.launches if la.phase == "forward-F" for w in la.writes}
-    names |= {n.name for n in g.by_op(Op.INPUT)}  # the stimulus, stored by the executor, not by a launch
-    return sum(b.nbytes(plan.T, batch) for b in plan.buffers if b.name in names)
+    refs = {w for la in plan.launches if la.phase == "forward-F" for w in la.writes if w.kind != Kind.RATE}
+    refs.add(STIMULUS)  # the stimulus, given to the step as float32
+    return sum(b.nbytes(plan.T, batch) for b in plan.buffers if b.ref in refs)
 
 
 # ---------------------------------------------------------------------------------------------------- available
@@ -214,7 +213,7 @@ def _fields(path: Path) -> dict[str, int]:
 
 def check_enabled() -> bool:
     """``BSDGRAPH_MEMORY_CHECK=0`` turns the refusal off (the one place that reads it)."""
-    return os.environ.get("BSDGRAPH_MEMORY_CHECK", "1") != "0"
+    return env.MEMORY_CHECK.get()
 
 
 def check_fits(est: Estimate, device: str | torch.device = "cpu") -> None:

@@ -27,14 +27,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bsdgraph.train.checkpoint import remove_stale_temporaries
-from bsdgraph.errors import UsageError
+from bsdgraph.errors import UsageError, UserError
 
 LOCK, MANIFEST, SNAPSHOT = "run.lock", "run.json", "model_source.py"
 CHECKPOINT, METRICS = "checkpoint.pt", "metrics.jsonl"
 FORMAT = "bsdgraph.run"
 
 
-class RunDirError(Exception):
+class RunDirError(UserError):
     """The run directory is in use or holds files bsdgraph did not write; the message names them (exit 1)."""
 
 

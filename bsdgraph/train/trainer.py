@@ -24,9 +24,9 @@ from bsdgraph.train.checkpoint import (
     CheckpointError, load_checkpoint, remove_stale_temporaries, require, save_checkpoint,
 )
 from bsdgraph.train.data import Dataset, augment, batches
-from bsdgraph.compiler.feedback import derive_feedback
 from bsdgraph.ir.graph import Op
 from bsdgraph.compiler.model_file import Model
+from bsdgraph.compiler.program import Program, compile_model
 from bsdgraph.ir.params import init_params
 from bsdgraph.ir.printer import to_json
 from bsdgraph.train.config import TrainConfig, TrainingError
@@ -35,11 +35,13 @@ SILENT, SATURATED = 0.001, 0.90  # firing-rate bounds of a healthy layer (spec: 
 
 
 def backends() -> dict[str, Callable]:
-    from bsdgraph.runtime.cpu import CPURuntime
+    """Backend name -> ``fn(program, **runtime keywords)`` building its runtime."""
+    from bsdgraph.runtime.cpu import cpu_runtime
     from bsdgraph.runtime.reference import ReferenceRuntime
-    from bsdgraph.runtime.triton import TritonRuntime
+    from bsdgraph.runtime.triton import triton_runtime
 
-    return {"reference": ReferenceRuntime, "cpu": CPURuntime, "triton": TritonRuntime}
+    return {"reference": lambda program, **kw: ReferenceRuntime(program.graph, **kw), "cpu": cpu_runtime,
+            "triton": triton_runtime}
 
 
 def default_backend() -> str:
@@ -47,35 +49,50 @@ def default_backend() -> str:
     return "triton" if torch.cuda.is_available() else "cpu"
 
 
-def make_runtime(model: Model, rule: str, backend: str, cfg: TrainConfig, params=None, state=None,
-                 training: bool = True, batch: int | None = None):
-    """The runtime for ``rule`` (bsd | bptt) on ``backend``; returns (runtime, graph it runs). Refuses, before
-    anything is allocated, a model whose estimated memory (training at ``batch``, default the config's, and
-    evaluating at its eval batch; or evaluating only) exceeds what the device has free."""
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # BPTT runs where BSD would
-    graph = model.graph if rule == "bptt" else derive_feedback(model.graph, model.bsd)
-    check_memory(graph, rule, device, batch or cfg.batch_size, cfg.eval_batch_size, training)
-    if rule == "bptt":
-        from bsdgraph.runtime.bptt import BPTTRuntime
+def plan_backend(name: str, device=None):
+    """The ``Backend`` (kernel table and primitives) of a plan-executor backend: cpu or triton."""
+    require_backend(name)
+    if name == "triton":
+        from bsdgraph.runtime.triton import triton_backend
 
-        return BPTTRuntime(model.graph, params, cfg.optim(), cfg.seed, state, device=device), model.graph
-    bsd = graph
+        return triton_backend(device)
+    if name == "cpu":
+        from bsdgraph.runtime.cpu import cpu_backend
+
+        return cpu_backend()
+    raise TrainingError(f"backend {name} does not run a plan: use --backend cpu (or triton)")
+
+
+def require_backend(backend: str) -> None:
     if backend == "triton":
         from bsdgraph.runtime.triton import available
 
         ok, why = available()
         if not ok:
             raise TrainingError(f"--backend triton: {why}; use --backend cpu")
-    runtime = backends()[backend]
-    return runtime(bsd, params=params, opt=cfg.optim(), seed=cfg.seed, state=state), bsd
 
 
-def check_memory(graph, rule: str, device: str, batch: int, eval_batch: int, training: bool = True) -> None:
-    """``memory.check_fits`` of training (or only evaluating) ``graph``, as a TrainingError (exit 1)."""
+def make_runtime(program: Program, backend: str, cfg: TrainConfig, params=None, state=None, training: bool = True,
+                 batch: int | None = None):
+    """The runtime of ``program`` (its rule: bsd | bptt) on ``backend``. Refuses, before anything is allocated,
+    a model whose estimated memory (training at ``batch``, default the config's, and evaluating at its eval
+    batch; or evaluating only) exceeds what the device has free."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"  # BPTT runs where BSD would
+    check_memory(program, device, batch or cfg.batch_size, cfg.eval_batch_size, training)
+    if program.rule == "bptt":
+        from bsdgraph.runtime.bptt import BPTTRuntime
+
+        return BPTTRuntime(program.forward, params, cfg.optim(), cfg.seed, state, device=device)
+    require_backend(backend)
+    return backends()[backend](program, params=params, opt=cfg.optim(), seed=cfg.seed, state=state)
+
+
+def check_memory(program: Program, device: str, batch: int, eval_batch: int, training: bool = True) -> None:
+    """``memory.check_fits`` of training (or only evaluating) ``program``, as a TrainingError (exit 1)."""
     from bsdgraph.train import memory
 
-    est = (memory.estimate(graph, batch, rule, optimizer=True, eval_batch=eval_batch) if training
-           else memory.estimate(graph, eval_batch, rule, optimizer=False))
+    est = (memory.estimate(program, batch, optimizer=True, eval_batch=eval_batch) if training
+           else memory.estimate(program, eval_batch, optimizer=False))
     try:
         memory.check_fits(est, device)
     except memory.MemoryBudgetError as err:
@@ -129,15 +146,19 @@ def _check_finite(rt, losses: dict[str, float], where: str) -> None:
 class Trainer:
     """Runs epochs, writes ``metrics.jsonl`` and ``checkpoint.pt`` into ``out`` after each epoch."""
 
-    def __init__(self, model: Model, data: Dataset, cfg: TrainConfig, out: Path, rule: str = "bsd",
+    def __init__(self, model: Model | Program, data: Dataset, cfg: TrainConfig, out: Path, rule: str = "bsd",
                  backend: str | None = None, log: Callable[[dict], None] = lambda rec: None,
                  progress: Callable | None = None):
-        self.model, self.data, self.cfg, self.out, self.rule = model, data, cfg, Path(out), rule
+        """``model``: a compiled ``Program`` (its rule wins), or a ``Model`` compiled here for ``rule``."""
+        self.program = model if isinstance(model, Program) else compile_model(model, rule)
+        self.model, self.rule = self.program.model, self.program.rule
+        self.graph = self.program.graph
+        self.data, self.cfg, self.out = data, cfg, Path(out)
         self.backend = backend or default_backend()
         self.log, self.progress = log, progress
         if cfg.augment and len(data.sample_shape) != 3:
             raise TrainingError(f"--augment shifts and flips images, but samples have shape {data.sample_shape}")
-        self.rt, self.graph = self._runtime()
+        self.rt = self._runtime()
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.epoch, self.history = 0, []
         self.checkpoint_path = self.out / "checkpoint.pt"
@@ -150,12 +171,12 @@ class Trainer:
         params = init_params(self.graph, self.cfg.seed)
         idx = torch.randperm(self.data.n_train, generator=torch.Generator().manual_seed(self.cfg.seed))[:256]
         report = calibrate(self.graph, params, self.data.x_train[idx], self.data.y_train[idx], band=self.cfg.init_band)
-        self.rt, _ = self._runtime(params=params)
+        self.rt = self._runtime(params=params)
         return report
 
     def _runtime(self, params=None, state=None):
-        """(runtime, graph): the one place a trainer builds its runtime (train_parallel.py overrides it)."""
-        return make_runtime(self.model, self.rule, self.backend, self.cfg, params=params, state=state)
+        """The one place a trainer builds its runtime (parallel/train_parallel.py overrides it)."""
+        return make_runtime(self.program, self.backend, self.cfg, params=params, state=state)
 
     def resume(self) -> None:
         self._restore(require(load_checkpoint(self.checkpoint_path), self.checkpoint_path))
@@ -164,7 +185,7 @@ class Trainer:
         if not same_graph(ck.get("graph"), self.graph) or ck.get("rule") != self.rule:
             raise CheckpointError(f"{self.checkpoint_path}: was written for another graph or rule "
                                   f"({ck.get('rule')}); train into a fresh --out directory or fix the model")
-        self.rt, _ = self._runtime(params=ck["params"], state=ck["state"])
+        self.rt = self._runtime(params=ck["params"], state=ck["state"])
         try:  # require() checked its structure; what torch still refuses is named, not a traceback
             self.rt.optimizer.load_state_dict(ck["optimizer"])
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
@@ -284,13 +305,15 @@ def same_graph(saved: str | None, graph) -> bool:
         return False
 
 
-def load_for_eval(model: Model, checkpoint: Path, backend: str | None = None):
-    """A runtime holding a checkpoint's weights, checked against ``model``'s graph."""
+def load_for_eval(model: Model | Program, checkpoint: Path, backend: str | None = None):
+    """A runtime holding a checkpoint's weights, checked against ``model``'s graph (compiled for the checkpoint's
+    rule)."""
     ck = require(load_checkpoint(checkpoint), checkpoint, ("graph", "rule", "params", "state", "epoch"))
     cfg = TrainConfig.from_model(dict(ck.get("train", {})))  # require() checked it
-    rule = ck["rule"]
-    rt, graph = make_runtime(model, rule, backend or default_backend(), cfg, params=ck["params"], state=ck["state"],
-                             training=False)
-    if not same_graph(ck.get("graph"), graph):
-        raise CheckpointError(f"{checkpoint}: was trained on a different graph than {model.path}")
+    program = model if isinstance(model, Program) and model.rule == ck["rule"] else compile_model(
+        model.model if isinstance(model, Program) else model, ck["rule"])
+    if not same_graph(ck.get("graph"), program.graph):
+        raise CheckpointError(f"{checkpoint}: was trained on a different graph than {program.model.path}")
+    rt = make_runtime(program, backend or default_backend(), cfg, params=ck["params"], state=ck["state"],
+                      training=False)
     return rt, ck
