@@ -119,12 +119,11 @@ def _note_unused_lams(graph, cfg, bsd: dict) -> None:
     say so when a --bsd lam* setting reaches no layer, rather than let an ablation silently change nothing."""
     import sys
 
-    from bsdgraph.compiler.feedback import derive_feedback
-    from bsdgraph.ir.graph import Op
+    from bsdgraph.compiler.feedback import frequency_split
     from bsdgraph.ir.diagnostics import GraphError
 
     try:
-        split = [n.attrs["freq"] for n in derive_feedback(graph, cfg).nodes if n.op == Op.RECO]
+        split = list(frequency_split(graph, cfg).values())  # from F alone: B is derived once, by compile_model
     except GraphError:  # an invalid graph is reported with its diagnostics where it is used
         return
     unused = {"lam": all(split), "lam_low": not any(split), "lam_high": not any(split)}

@@ -301,16 +301,15 @@ def _losses(f: Graph, layers: list[Layer], vhat, bneuron, cfg: BSDConfig) -> tup
     reco = dict(lam=cfg.lam, negatives=cfg.negatives, eps=cfg.eps, freq_r=cfg.freq_r, lam_low=cfg.lam_low,
                 lam_high=cfg.lam_high)
     x = f.by_op(Op.INPUT)[0]
+    split = frequency_split(f, cfg, layers)
     if cfg.recall and cfg.recall_loss == "mse":
         add("mse0", Op.MSE, [x.name, vhat[0]], layer=0)
     elif cfg.recall:
-        add("reco0", Op.RECO, [x.name, vhat[0]], layer=0, distill_on="current", freq=cfg.freq and _spatial(x.shape),
-            **reco)
+        add("reco0", Op.RECO, [x.name, vhat[0]], layer=0, distill_on="current", freq=split[0], **reco)
     for layer in layers[:-1]:
         l, membrane = layer.index, cfg.distill_on == "membrane"
         srcs = [layer.neuron, bneuron[l]] if membrane else [layer.current, vhat[l]]
-        add(f"reco{l}", Op.RECO, srcs, layer=l, distill_on=cfg.distill_on,
-            freq=cfg.freq and _spatial(f[layer.current].shape), **reco)
+        add(f"reco{l}", Op.RECO, srcs, layer=l, distill_on=cfg.distill_on, freq=split[l], **reco)
     out = f.by_op(Op.OUTPUT)[0]
     top = len(layers)
     if out.attrs["task"] == "classification":
@@ -330,6 +329,15 @@ def _reaching_a_loss(nodes: list[Node], edges: list[Edge], loss_edges: list[Edge
             break
         used |= more
     return [n for n in nodes if n.name in used], [e for e in edges if e.dst in used]
+
+
+def frequency_split(f: Graph, cfg: BSDConfig, layers: list[Layer] | None = None) -> dict[int, bool]:
+    """Layer -> whether its ReCo loss (derived from F with ``cfg``) splits its operands into frequency bands."""
+    layers = segment(f) if layers is None else layers
+    split = {layer.index: cfg.freq and _spatial(f[layer.current].shape) for layer in layers[:-1]}
+    if cfg.recall and cfg.recall_loss != "mse":
+        split[0] = cfg.freq and _spatial(f.by_op(Op.INPUT)[0].shape)
+    return split
 
 
 def _spatial(shape: tuple[int, ...]) -> bool:
