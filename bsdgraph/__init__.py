@@ -14,6 +14,7 @@ from bsdgraph.ir.validate import validate
 from bsdgraph.version import __version__
 
 __all__ = [
+    "__version__",
     "BSDConfig", "Diagnostic", "Edge", "Graph", "GraphBuilder", "GraphError", "GroupOp", "Node", "Op", "Stream",
     "derive_feedback", "format_graph", "from_json", "pairing", "segment", "to_json", "validate",
 ]

@@ -13,6 +13,7 @@ import enum
 import json
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class Kind(enum.Enum):
@@ -36,6 +37,9 @@ class Kind(enum.Enum):
     def persistent(self) -> bool:
         return self in (Kind.PARAM, Kind.STATE)
 
+    # members are singletons: hash by identity (C) instead of Enum's Python-level hash of the name
+    __hash__ = object.__hash__
+
 
 # how a ref prints in plans and generated code: kind -> (text format, identifier prefix)
 SPELLING = {
@@ -47,9 +51,12 @@ SPELLING = {
 }
 
 
-@dataclass(frozen=True)
-class Ref:
-    """A typed reference to one buffer: ``Ref(Kind.GRAD, "h1")`` is dLoss/d(h1)."""
+class Ref(NamedTuple):
+    """A typed reference to one buffer: ``Ref(Kind.GRAD, "h1")`` is dLoss/d(h1).
+
+    A named tuple (hashed and compared in C, with ``Kind`` hashed by identity): a step looks refs up and builds
+    them a few hundred times, and as a frozen dataclass that cost 0.7 ms of a 5 ms step of a tiny network
+    (measured with cProfile)."""
 
     kind: Kind
     node: str

@@ -40,6 +40,18 @@ class Ctx:
     training: bool = True
     owned: Mapping[str, Any] = field(default_factory=dict)  # e.g. "optimizer", "opt_cfg", "comm"
 
+    def __post_init__(self):
+        # what kernels ask about their buffers, answered once per launch (not once per step)
+        refs = (*self.launch.reads, *self.launch.writes)
+        shapes = {r: self.plan.buffer(r).shape for r in refs}
+        object.__setattr__(self, "_steady", {r: "T" not in s and r.kind not in (Kind.PARAM, Kind.STATE)
+                                             for r, s in shapes.items()})
+        object.__setattr__(self, "_per_class", {r: "R" in s for r, s in shapes.items()})
+        n_in = len(self.graph.in_edges(self.launch.nodes[0])) if self.launch.nodes else 0
+        object.__setattr__(self, "_operands", self.launch.reads[:n_in])
+        object.__setattr__(self, "_writes", frozenset(self.launch.writes))
+        object.__setattr__(self, "_inputs", {})
+
     @property
     def T(self) -> int:
         return self.plan.T
@@ -52,22 +64,37 @@ class Ctx:
     def nodes(self) -> list[Node]:
         return [self.graph[n] for n in self.launch.nodes]
 
+    def inputs_of(self, node: str) -> list[Node]:
+        """``node``'s operand nodes, in port order (looked up in the graph once per launch)."""
+        if node not in self._inputs:
+            self._inputs[node] = self.graph.inputs(node)
+        return self._inputs[node]
+
     def in_shape(self, node: str) -> tuple[int, ...]:
-        return self.graph.inputs(node)[0].shape
+        return self.inputs_of(node)[0].shape
+
+    def delay(self, node: str) -> int:
+        """The delay of ``node``'s first operand edge (1: a recurrent synapse reads s[t-1])."""
+        return self.graph.in_edges(node)[0].delay
 
     def time_invariant(self, ref: Ref) -> bool:
         """Stored once as [rows, ...] and read at every step (the direct stimulus, the current it drives)."""
-        return "T" not in self.plan.buffer(ref).shape and ref.kind not in (Kind.PARAM, Kind.STATE)
+        steady = self._steady.get(ref)
+        if steady is None:  # a buffer the launch does not touch
+            return "T" not in self.plan.buffer(ref).shape and ref.kind not in (Kind.PARAM, Kind.STATE)
+        return steady
 
     def per_class(self, ref: Ref) -> bool:
-        return "R" in self.plan.buffer(ref).shape
+        """One row per class of the batch (B's buffers when the plan deduplicates them)."""
+        rows = self._per_class.get(ref)
+        return "R" in self.plan.buffer(ref).shape if rows is None else rows
 
     def operands(self) -> tuple[Ref, ...]:
         """The buffers holding the values of the launch's node's inputs (a loss's operands): the first reads."""
-        return self.launch.reads[:len(self.graph.in_edges(self.launch.nodes[0]))]
+        return self._operands
 
     def wants(self, ref: Ref) -> bool:
-        return ref in self.launch.writes
+        return ref in self._writes
 
     def args(self, ins) -> dict[Ref, Any]:
         """The launch's inputs by ref."""

@@ -364,7 +364,7 @@ def loss_operands(ctx: Ctx, ins) -> tuple[list[torch.Tensor], dict[Ref, torch.Te
     operands = ctx.operands()
     grouping = args.get(GROUPING)
     vals = [to_samples(ctx, r, steps(ctx, r, args[r], n.shape), grouping)
-            for r, n in zip(operands, ctx.graph.inputs(name))]
+            for r, n in zip(operands, ctx.inputs_of(name))]
     return vals, args
 
 
@@ -398,7 +398,7 @@ def reco_dedup(ctx: Ctx, *ins):
     n = ctx.node
     args = ctx.args(ins)
     f_ref, b_ref = ctx.launch.reads[:2]
-    f_node, b_node = ctx.graph.inputs(n.name)
+    f_node, b_node = ctx.inputs_of(n.name)
     grouping = args[GROUPING]
     if ctx.time_invariant(f_ref):  # the direct stimulus: no T copies, and it has no gradient to take
         a = args[f_ref].to(torch.float32).reshape(args[f_ref].shape[0], -1)
@@ -438,7 +438,7 @@ def mse_recall_per_class(ctx: Ctx, *ins):
     -> 0.6 ms."""
     args = ctx.args(ins)
     a_ref, u_ref = ctx.launch.reads[:2]
-    a_node, u_node = ctx.graph.inputs(ctx.launch.nodes[0])
+    a_node, u_node = ctx.inputs_of(ctx.launch.nodes[0])
     inverse = args[GROUPING].inverse
     d = math.prod(u_node.shape)
     u = steps(ctx, u_ref, args[u_ref], u_node.shape).reshape(ctx.T, -1, d)
@@ -531,7 +531,7 @@ def linear_weight_grad(ctx: Ctx, grad, src):
     (node,) = ctx.launch.nodes
     n = ctx.graph[node]
     grad_ref, src_ref = ctx.launch.reads[:2]
-    delay = ctx.graph.in_edges(node)[0].delay
+    delay = ctx.delay(node)
     if ctx.time_invariant(src_ref):  # same input every step: dW = (sum_t dV[t])^T x, T times fewer FLOPs
         # a time-invariant current's gradient is stored already summed over t (lower.py)
         grad = grad if ctx.time_invariant(grad_ref) else steps(ctx, grad_ref, grad).sum(0)
