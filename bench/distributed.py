@@ -94,7 +94,7 @@ def _worker(rank: int, world: int, port: int, mode: str, args: dict, out: str) -
 def _pipeline(graph, data, warmup: int, steps: int) -> dict:
     from bsdgraph.parallel.distributed import Comm
     from bsdgraph.parallel.layer_parallel import DistLinks, PipelineStage, run_stage
-    from bsdgraph.runtime.cpu import cpu_backend, cpu_runtime
+    from bsdgraph.runtime.cpu import cpu_backend
 
     comm = Comm.from_env()
     stage = PipelineStage(graph, cpu_backend(), stage=comm.rank, n_stages=comm.world, seed=0)
@@ -105,8 +105,8 @@ def _pipeline(graph, data, warmup: int, steps: int) -> dict:
     run_stage(stage, links, data[warmup:])
     return {"seconds": time.perf_counter() - start, "bytes_per_step": {k: v / steps for k, v in links.traffic.items()},
             "ms_blocked_in_messages_per_step": round(1000 * comm.blocked_s / steps, 1),
-            "layers": sorted({la.nodes[0] for la in stage.own if la.phase == "forward-F"}),
-            "receives": {"F": stage.recv_f, "B": stage.recv_b}}
+            "layers": sorted({la.nodes[0] for la in stage.part.launches if la.phase == "forward-F"}),
+            "receives": {"F": [str(r) for r in stage.part.recv_f], "B": [str(r) for r in stage.part.recv_b]}}
 
 
 def _free_port() -> int:

@@ -233,23 +233,6 @@ class PipelineStage(Executor):
         self.env: dict[Ref, object] = {}
         self.last: dict[Ref, object] = {}
 
-    # the names the schedule below uses
-    @property
-    def recv_f(self):
-        return self.part.recv_f
-
-    @property
-    def recv_b(self):
-        return self.part.recv_b
-
-    @property
-    def send_f(self):
-        return self.part.send_f
-
-    @property
-    def send_b(self):
-        return self.part.send_b
-
     def _run_code(self, name: str, training: bool) -> dict[Ref, object]:
         if name not in self._bound:
             self._bound[name] = self.bind(self.codes[name], training)
@@ -277,7 +260,7 @@ class PipelineStage(Executor):
         self.env.update(received)
         out = self._run_code("b", True)
         self.last.update((r, v) for r, v in out.items() if r.kind in (Kind.LOSS, Kind.RATE))
-        return {k: out[k] for k in self.send_b}
+        return {k: out[k] for k in self.part.send_b}
 
     def run_f(self, received: dict[Ref, torch.Tensor]) -> dict[Ref, torch.Tensor]:
         """F's layers, losses and updates; returns the spikes for the stage above."""
@@ -285,7 +268,7 @@ class PipelineStage(Executor):
         out = self._run_code("f", True)
         self.last.update((r, v) for r, v in out.items() if r.kind in (Kind.LOSS, Kind.RATE))
         self.steps += 1
-        return {k: out[k] for k in self.send_f}
+        return {k: out[k] for k in self.part.send_f}
 
     def result(self) -> StepResult:
         """The losses and firing rates of this stage's launches on the last micro-batch."""
@@ -297,7 +280,7 @@ class PipelineStage(Executor):
         self.env = {**self.given(x, None), **received}
         out = self._run_code("predict", False)
         if self.stage < self.n_stages - 1:
-            return {k: out[k] for k in self.send_f}
+            return {k: out[k] for k in self.part.send_f}
         node = self.graph.by_op(Op.OUTPUT)[0]
         (v,) = out.values()
         return readout(node, v.to(torch.float32))
@@ -405,17 +388,17 @@ def run_stage(stage: PipelineStage, links: Links, batches: list, on_step: Callab
     """Stage ``stage.stage``'s part of the schedule of the module docstring over ``batches`` [(x, y), ...]."""
     r, last, M = stage.stage, stage.n_stages - 1, len(batches)
     stage.begin(None, None)
-    initial = links.recv(r + 1, stage.specs(stage.recv_b, 0)) if r < last else {}
+    initial = links.recv(r + 1, stage.specs(stage.part.recv_b, 0)) if r < last else {}
     table = stage.run_b(initial)  # the initial weights' table, sent down once (the pipeline fill of B)
     if r > 0:
         links.send(r - 1, table)
     for m, (x, y) in enumerate(batches):
         stage.begin(x if r == 0 else None, y)
-        above = links.recv(r + 1, stage.specs(stage.recv_b, 0)) if r < last and m >= 2 else initial
+        above = links.recv(r + 1, stage.specs(stage.part.recv_b, 0)) if r < last and m >= 2 else initial
         table = stage.run_b(above)
         if r > 0 and m + 2 < M:
             links.send(r - 1, table)
-        below = links.recv(r - 1, stage.specs(stage.recv_f, len(y))) if r > 0 else {}
+        below = links.recv(r - 1, stage.specs(stage.part.recv_f, len(y))) if r > 0 else {}
         up = stage.run_f(below)
         if r < last:
             links.send(r + 1, up)
@@ -428,7 +411,7 @@ def predict_stage(stage: PipelineStage, links: Links, xs: list[torch.Tensor]) ->
     """Inference of F through the pipeline, batch after batch; the top stage returns the readouts."""
     r, last, outs = stage.stage, stage.n_stages - 1, []
     for x in xs:
-        below = links.recv(r - 1, stage.specs(stage.recv_f, len(x))) if r > 0 else {}
+        below = links.recv(r - 1, stage.specs(stage.part.recv_f, len(x))) if r > 0 else {}
         out = stage.forward_f(x if r == 0 else None, below)
         if r < last:
             links.send(r + 1, out)
