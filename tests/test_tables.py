@@ -36,6 +36,32 @@ def test_parametric_ops_lower_to_an_update_kernel():
     assert all(LOWERING[op].update for op in GroupOp.PARAMETRIC)
 
 
+def lowered_kernels() -> set[str]:
+    """Every kernel name the lowering can put in a plan, and what the plan transforms rename them to."""
+    from bsdgraph.compiler import lower
+
+    names = {k for row in LOWERING.values() for k in (row.forward, row.grad, row.update) if k not in (None, "view")}
+    names |= set(lower.FUSIONS.values()) | {lower.RECURRENT_FUSION, lower.OPTIMIZER_KERNEL, lower.GROUP_KERNEL,
+                                             "poisson_encode", "group_all_classes"}
+    return names
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_every_backend_implements_every_kernel_a_plan_can_launch(backend):
+    from bsdgraph.runtime.cpu import cpu_backend
+    from bsdgraph.runtime.triton import triton_backend
+
+    table = {"cpu": cpu_backend, "triton": triton_backend}[backend]().kernels
+    missing = sorted(lowered_kernels() - set(table))
+    assert not missing, f"the {backend} backend has no kernel {missing}"
+
+
+def test_every_data_parallel_kernel_wraps_a_kernel_the_plan_launches():
+    from bsdgraph.parallel.distributed import DP_KERNELS
+
+    assert set(DP_KERNELS) <= lowered_kernels(), sorted(set(DP_KERNELS) - lowered_kernels())
+
+
 # ---------------------------------------------------------------------------------------------------- registrar
 
 

@@ -43,8 +43,9 @@ LOWERING: dict[Op, Lowering] = {
     Op.FLATTEN: Lowering("view", grad="view"),
     Op.UNFLATTEN: Lowering("view", grad="view"),
     Op.BATCHNORM: Lowering("torch.batch_norm", grad="torch.batch_norm_backward", update="torch.batch_norm_backward"),
-    # a sum passes its gradient unchanged to both operands; it only ever runs inside RECURRENT_FUSION
-    Op.ADD: Lowering("torch.add", grad="view"),
+    # a sum passes its gradient unchanged to both operands; it only ever runs inside RECURRENT_FUSION (validation
+    # admits a sum only as a recurrent layer's), so that is its kernel
+    Op.ADD: Lowering("linear_lif_rec_forward", grad="view"),
     Op.LIF: Lowering("lif_forward", grad="lif_backward"),
     Op.OUTPUT: Lowering("view", grad="view"),
     Op.RECO: Lowering("reco_loss_grad"),
