@@ -1,10 +1,11 @@
 """bsdgraph: a compiler-style graph engine for spiking networks trained with Bidirectional Spike-based Distillation.
 
-Pipeline: ``models/*.py build()`` -> ``Graph`` (F) -> ``validate`` -> ``derive_feedback`` (F + B + local losses)
--> ``lower`` (Plan) -> a runtime backend (reference | cpu | triton).
+Pipeline (``compile_model``): ``models/*.py build()`` -> ``Graph`` (F) -> ``validate`` -> ``derive_feedback``
+(F + B + local losses) -> ``lower`` (a typed Plan) -> generated step code -> a runtime (reference | cpu | triton).
 """
 
 from bsdgraph.compiler.feedback import BSDConfig, derive_feedback, pairing, segment
+from bsdgraph.compiler.program import Program, compile_model
 from bsdgraph.ir.graph import Edge, Graph, GroupOp, Node, Op, Stream
 from bsdgraph.ir.builder import GraphBuilder
 from bsdgraph.ir.printer import format_graph, from_json, to_json
@@ -14,7 +15,7 @@ from bsdgraph.ir.validate import validate
 from bsdgraph.version import __version__
 
 __all__ = [
-    "__version__",
-    "BSDConfig", "Diagnostic", "Edge", "Graph", "GraphBuilder", "GraphError", "GroupOp", "Node", "Op", "Stream",
-    "derive_feedback", "format_graph", "from_json", "pairing", "segment", "to_json", "validate",
+    "__version__", "BSDConfig", "Diagnostic", "Edge", "Graph", "GraphBuilder", "GraphError", "GroupOp", "Node", "Op",
+    "Program", "Stream", "compile_model", "derive_feedback", "format_graph", "from_json", "pairing", "segment",
+    "to_json", "validate",
 ]

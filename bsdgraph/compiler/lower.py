@@ -133,7 +133,11 @@ class _Lowerer:
         inp = g.by_op(Op.INPUT)[0]
         steps = ("T",) if inp.attrs["encoding"] == "sequence" else ()
         self.declare(STIMULUS, "f32", ("B", *steps, *inp.shape))
-        self.declare(LABELS, "i64", ("B",))
+        out = g.by_op(Op.OUTPUT)[0]
+        if out.attrs["task"] == "classification":
+            self.declare(LABELS, "i64", ("B",))
+        else:  # regression targets: a value per sample, or per step of a sequence
+            self.declare(LABELS, "f32", ("B", *(("T",) if out.attrs["target"] == "sequence" else ()), *out.shape))
         self.declare(SEED, "obj", ())
         for n in g.nodes:
             for part, shape in param_shapes(n).items():
