@@ -17,7 +17,7 @@ from bsdgraph.compiler.lower import lower
 from bsdgraph.compiler.plan import GROUPING, Kind, Launch, Ref, finish, value
 from bsdgraph.compiler.program import compile_graph, compile_model
 from bsdgraph.parallel.distributed import FINISH, REDUCE, SHARD, data_parallel_plan
-from bsdgraph.parallel.layer_parallel import LayerParallelError, all_classes_plan, partition
+from bsdgraph.parallel.layer_parallel import LayerParallelError, partition
 from bsdgraph.runtime.cpu import cpu_backend, cpu_runtime
 from bsdgraph.runtime.executor import Executor
 from bsdgraph.runtime.validate import ShadowValidator, ValidationError
@@ -191,7 +191,7 @@ def test_the_data_parallel_plan_is_a_pure_transform():
 
 
 def test_partition_cuts_a_plan_into_stages_that_exchange_only_spikes():
-    plan = all_classes_plan(lower(derive_feedback(mlp((24, 20, 16, 12))), dedup=True))
+    plan = lower(derive_feedback(mlp((24, 20, 16, 12))), dedup=True)
     g = derive_feedback(mlp((24, 20, 16, 12)))
     for n in (1, 2, 3):
         stages = partition(plan, g, n)

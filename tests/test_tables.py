@@ -42,7 +42,7 @@ def lowered_kernels() -> set[str]:
 
     names = {k for row in LOWERING.values() for k in (row.forward, row.grad, row.update) if k not in (None, "view")}
     names |= set(lower.FUSIONS.values()) | {lower.RECURRENT_FUSION, lower.OPTIMIZER_KERNEL, lower.GROUP_KERNEL,
-                                             "poisson_encode", "group_all_classes"}
+                                             "poisson_encode"}
     return names
 
 

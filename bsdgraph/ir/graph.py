@@ -254,6 +254,8 @@ class Graph:
         self._g = nx.freeze(g)
         self.name, self.T, self.dt = name, T, dt
         self._order = list(nodes)
+        # a plain dict for the lookup kernels make while a step runs (and torch.compile traces)
+        self._by_name = {n.name: n for n in nodes}
 
     # -- access
     @property
@@ -271,7 +273,7 @@ class Graph:
         return [d["edge"] for _, _, d in self._g.edges(data=True)]
 
     def __getitem__(self, name: str) -> Node:
-        return self._g.nodes[name]["node"]
+        return self._by_name[name]
 
     def __contains__(self, name: str) -> bool:
         return name in self._g

@@ -41,7 +41,6 @@ from bsdgraph.compiler.plan import Kind, Launch, Plan, Ref, value
 from bsdgraph.compiler.program import Program, as_program, transformed
 from bsdgraph.registry import registrar
 from bsdgraph.runtime.common import ExecutionError, StepResult
-from bsdgraph.runtime.context import Grouping
 from bsdgraph.runtime.executor import Backend, Executor
 from bsdgraph.runtime.philox import philox_uniform
 from bsdgraph.runtime.torch_kernels import _reco_terms, loss_operands, loss_outputs, steps
@@ -305,10 +304,10 @@ def _scaled(outs: tuple, share: float) -> tuple:
 
 @dp_kernel("group_classes")
 def _group(base, ctx, y, shard: Shard):
-    """B's rows: the classes of the *full* batch (labels are known everywhere), this rank's samples mapped to
-    them, and the full batch's counts."""
-    classes, inverse, counts = torch.unique(shard.labels, return_inverse=True, return_counts=True)
-    return (Grouping(classes, inverse[shard.lo:shard.hi], counts),)
+    """B's rows for every class with the *full* batch's counts (labels are known everywhere), this rank's samples
+    mapped to them."""
+    (full,) = base(ctx, shard.labels)
+    return (full._replace(inverse=full.inverse[shard.lo:shard.hi]),)
 
 
 @dp_kernel("torch.cross_entropy_grad", "torch.mse_grad")

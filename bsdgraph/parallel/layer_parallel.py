@@ -34,7 +34,7 @@ whose statistics depend on the batch's class counts), since a table per class is
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 import math
 import queue
 import threading
@@ -45,9 +45,9 @@ import torch
 
 from bsdgraph.compiler.codegen import generate
 from bsdgraph.compiler.cost import launch_flops
-from bsdgraph.compiler.lower import GROUP_KERNEL, can_dedup
+from bsdgraph.compiler.lower import can_dedup
 from bsdgraph.compiler.plan import GROUPING, Kind, Launch, Plan, Ref, value
-from bsdgraph.compiler.program import as_program, transformed
+from bsdgraph.compiler.program import as_program
 from bsdgraph.ir.graph import Graph, GroupOp, Op, Stream
 from bsdgraph.ir.params import param_shapes
 from bsdgraph.runtime.common import StepResult, make_optimizer, readout
@@ -143,13 +143,6 @@ class Stage:
         return {r.key for la in self.launches for r in la.reads if r.kind == Kind.PARAM}
 
 
-def all_classes_plan(plan: Plan) -> Plan:
-    """B's rows for every class instead of the classes of the batch: one table per class serves every
-    micro-batch, so it can travel down the pipeline a slot ahead (pure)."""
-    return plan.replace([replace(la, kernel="group_all_classes") if la.kernel == GROUP_KERNEL else la
-                         for la in plan.launches])
-
-
 def partition(plan: Plan, g: Graph, n_stages: int) -> tuple[Stage, ...]:
     """Cut ``plan`` into ``n_stages`` pipeline stages by layer (``split``); pure. Refuses a plan whose launches
     span stages or whose buffers would have to skip a stage."""
@@ -198,7 +191,7 @@ class PipelineStage(Executor):
     optimiser), and the buffers it exchanges."""
 
     def __init__(self, program, backend: Backend, *, stage: int, n_stages: int, **kwargs):
-        program = transformed(as_program(program, dedup=True), all_classes_plan)
+        program = as_program(program, dedup=True)
         g = program.graph
         # B's batchnorm takes the statistics of the batch's class counts, so a table computed for one
         # micro-batch would not serve another: B must be a function of the class alone

@@ -50,7 +50,10 @@ class Ctx:
         n_in = len(self.graph.in_edges(self.launch.nodes[0])) if self.launch.nodes else 0
         object.__setattr__(self, "_operands", self.launch.reads[:n_in])
         object.__setattr__(self, "_writes", frozenset(self.launch.writes))
-        object.__setattr__(self, "_inputs", {})
+        # the graph's edges are networkx's: read them now, not while a step runs (or is traced by torch.compile)
+        object.__setattr__(self, "_inputs", {n: self.graph.inputs(n) for n in self.launch.nodes})
+        object.__setattr__(self, "_delay", {n: self.graph.in_edges(n)[0].delay for n in self.launch.nodes
+                                            if self.graph.in_edges(n)})
 
     @property
     def T(self) -> int:
@@ -65,9 +68,7 @@ class Ctx:
         return [self.graph[n] for n in self.launch.nodes]
 
     def inputs_of(self, node: str) -> list[Node]:
-        """``node``'s operand nodes, in port order (looked up in the graph once per launch)."""
-        if node not in self._inputs:
-            self._inputs[node] = self.graph.inputs(node)
+        """``node``'s operand nodes, in port order (one of the launch's nodes)."""
         return self._inputs[node]
 
     def in_shape(self, node: str) -> tuple[int, ...]:
@@ -75,7 +76,7 @@ class Ctx:
 
     def delay(self, node: str) -> int:
         """The delay of ``node``'s first operand edge (1: a recurrent synapse reads s[t-1])."""
-        return self.graph.in_edges(node)[0].delay
+        return self._delay[node]
 
     def time_invariant(self, ref: Ref) -> bool:
         """Stored once as [rows, ...] and read at every step (the direct stimulus, the current it drives)."""

@@ -61,11 +61,12 @@ def step_per_node(optimizer: torch.optim.Optimizer, owned: dict[str, torch.nn.Pa
 
 
 def _inverse_clip(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor | None:
-    """1 / torch's clip coefficient max_norm / (|g| + 1e-6) when it is below 1 (the gradient is clipped)."""
+    """1 / torch's clip coefficient max_norm / (|g| + 1e-6), or 1 where the gradient is not clipped (the kernel's
+    division by 1.0 is exact). A clamp, not a comparison: nothing is read back to the host."""
     if max_norm <= 0:
         return None
-    scale = (grad_norm(grads) + 1e-6) / max_norm
-    return scale.reshape(()) if scale > 1 else None
+    return ((grad_norm(grads) + 1e-6) / max_norm).clamp(min=1.0).reshape(())
+
 
 
 def _applies(optimizer: torch.optim.Optimizer, owned: dict[str, torch.nn.Parameter]) -> bool:

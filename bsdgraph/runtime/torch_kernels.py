@@ -74,16 +74,18 @@ def to_rows(ctx: Ctx, ref: Ref, g: torch.Tensor, grouping: Grouping | None) -> t
 
 
 def row_mean(ctx: Ctx, ref: Ref, v: torch.Tensor, grouping: Grouping | None):
-    """Mean over samples of a [T, rows, ...] buffer (per-class rows weighted by their sample counts). On the CPU
-    a float; elsewhere a 0-d tensor, read back only when the step's results are."""
+    """Mean over samples of a [T, rows, ...] buffer (per-class rows weighted by their sample counts). Eager on the
+    CPU a float (counting spikes with numpy: 59 vs 252 us, measured); otherwise a 0-d tensor, read back only
+    where the results are (a compiled step makes no host read)."""
+    host = v.device.type == "cpu" and not torch.compiler.is_compiling()
     if not ctx.per_class(ref):
-        if v.dtype == torch.uint8 and v.device.type == "cpu":  # 0/1 spikes: count them (59 vs 252 us, measured)
+        if host and v.dtype == torch.uint8:  # 0/1 spikes: count them
             return int(np.count_nonzero(v.numpy())) / max(v.numel(), 1)
         mean = v.float().mean()
-        return float(mean) if v.device.type == "cpu" else mean
+        return float(mean) if host else mean
     per_row = v.float().transpose(0, 1).reshape(v.shape[1], -1).mean(1)
     mean = (per_row * grouping.counts).sum() / grouping.counts.sum()
-    return float(mean) if v.device.type == "cpu" else mean
+    return float(mean) if host else mean
 
 
 def _wb(args, node: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -112,20 +114,20 @@ def _per_rows(ctx: Ctx, ref: Ref, v: torch.Tensor, in_shape, fn) -> torch.Tensor
 
 @kernel("group_classes")
 def group_classes(ctx: Ctx, y):
-    """B's rows: the distinct classes of the batch; ``inverse`` maps each sample to its class's row."""
-    classes, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
-    return (Grouping(classes, inverse, counts),)
-
-
-@kernel("group_all_classes")
-def group_all_classes(ctx: Ctx, y):
-    """B's rows for every class, present in the batch or not (a table that serves any batch: the layer-parallel
-    pipeline sends it down); without labels (the pipeline's fill) every class counts once."""
+    """B's rows: one per class, present in the batch or not, each sample's row its label, and the counts (0 for a
+    class the batch lacks, whose row then weighs nothing: results are those of the classes present). No value is
+    read back to the host and the shapes do not depend on the batch (``torch.unique`` did both). Without labels (a
+    layer-parallel pipeline's fill) every class counts once."""
     n = ctx.graph.by_op(Op.TARGET)[0].attrs["n_classes"]
     classes = torch.arange(n, device=ctx.device)
     if y is None:
         return (Grouping(classes, classes, torch.ones(n, dtype=torch.int64, device=ctx.device)),)
-    return (Grouping(classes, y, torch.bincount(y, minlength=n)),)
+    return (Grouping(classes, y, class_counts(y, n)),)
+
+
+def class_counts(y: torch.Tensor, n: int) -> torch.Tensor:
+    """Samples per class, int64 [n] (a scatter: static shape, no host read, unlike bincount)."""
+    return torch.zeros(n, dtype=torch.int64, device=y.device).scatter_add_(0, y, torch.ones_like(y))
 
 
 @kernel("torch.one_hot")
@@ -445,7 +447,7 @@ def mse_recall_per_class(ctx: Ctx, *ins):
     steady = ctx.time_invariant(a_ref)
     a = args[a_ref].to(u.dtype).reshape(1, -1, d) if steady else steps(ctx, a_ref, args[a_ref],
                                                                          a_node.shape).reshape(ctx.T, -1, d)
-    counts = torch.bincount(inverse, minlength=u.shape[1]).to(u.dtype)[None, :, None]
+    counts = class_counts(inverse, u.shape[1]).to(u.dtype)[None, :, None]
     sums = torch.zeros((a.shape[0], u.shape[1], d), dtype=u.dtype, device=u.device).index_add_(1, inverse, a)
     means = sums / counts.clamp(min=1)
     spread = (a - means.index_select(1, inverse)).pow(2).sum() * (ctx.T if steady else 1)
