@@ -114,6 +114,20 @@ def test_nan_stops_training_naming_the_layer_and_keeps_the_last_checkpoint(tmp_p
     assert load_checkpoint(ck)["epoch"] == 1
 
 
+def test_nan_checked_every_few_steps_still_stops_before_the_checkpoint(tmp_path, model_file, synthetic):
+    """On a GPU the guard reads the losses summed over several steps (a read drains the device's queue): a NaN is
+    then named at the next check, and the epoch's checkpoint is still never written over with it."""
+    model = load_model(model_file())
+    trainer = Trainer(model, synthetic, TrainConfig.from_model(model.train, epochs=1), tmp_path)
+    trainer.run()
+    digest = hashlib.sha256(trainer.checkpoint_path.read_bytes()).hexdigest()
+    trainer.cfg, trainer.check_every = TrainConfig.from_model(model.train, epochs=2), 4
+    trainer.rt.params["fc1.weight"][0, 0] = float("nan")
+    with pytest.raises(TrainingError, match=r"at epoch 2, step 4 \(losses checked every 4 steps\)"):
+        trainer.run()
+    assert hashlib.sha256(trainer.checkpoint_path.read_bytes()).hexdigest() == digest
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "c.pt"
     save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})

@@ -31,7 +31,7 @@ def cmd_bench(args) -> int:
     if args.sweep:
         return _sweep(args, model)
     rep = run_bench(model, args.backend or default_backend(), args.batch_size, args.steps, args.warmup,
-                    args.compare)
+                    args.compare, args.compile)
     print(json.dumps(rep) if args.json else format_report(rep))
     return 0
 
@@ -99,6 +99,9 @@ def register(sub) -> None:
                                    "interleaved in the same process.")
     b.add_argument("model", metavar="MODEL.py")
     b.add_argument("--backend", choices=BACKENDS, help="runtime (default: triton with a CUDA GPU, else cpu)")
+    b.add_argument("--compile", choices=["off", "auto", "inductor", "aot_eager"], default="off",
+                   help="also time the step compiled by torch.compile (cpu backend), after compiling it once; "
+                        "reports the compile seconds")
     b.add_argument("--batch-size", type=count(1), default=128, help="samples per step (default 128)")
     b.add_argument("--steps", type=count(1), default=20, help="timed steps per candidate (default 20)")
     b.add_argument("--warmup", type=count(0), default=3, help="untimed steps first (default 3)")

@@ -54,6 +54,9 @@ def _train(args, model, data, cfg, out: Path, as_json: bool) -> int:
     else:
         for syn, (factor, rate) in trainer.initialise().items():
             say(f"calibrated {syn}: weights x{factor:.3g}, firing {100 * rate:.1f} %")
+    why = getattr(trainer.rt, "compile_why", None)
+    if args.compile != "off" and why:
+        say(f"compile: {trainer.rt.compile_mode} ({why}); the first step pays for it")
     say(f"training {model.path} ({args.rule}, {trainer.backend} backend{_processes(trainer)}) on {data.name}: "
         f"{data.n_train} train / {data.n_test} test samples, epochs {trainer.epoch + 1}..{cfg.epochs}")
     history = trainer.run()
@@ -79,7 +82,9 @@ def _make_trainer(args, model, data, cfg, out, as_json):
             raise UsageError("--layer-parallel runs one pipeline stage per process: start it with torchrun "
                              "--nproc-per-node K -m bsdgraph train ... --layer-parallel")
         return Trainer(model, data, cfg, out, rule=args.rule, backend=args.backend, log=report,
-                       progress=None if as_json else tqdm_progress()), True
+                       progress=None if as_json else tqdm_progress(), compile=args.compile), True
+    if args.compile != "off":
+        raise UsageError("--compile runs on one process only for now")
     from bsdgraph.parallel.train_parallel import parallel_trainer, world_rank
 
     lead = world_rank()[0] == 0
@@ -232,6 +237,10 @@ def _train_parser(sub) -> None:
     t.add_argument("--lr", type=number(0, 10), help="AdamW learning rate (default: the model's TRAIN, else 1e-3)")
     t.add_argument("--seed", type=seed, help="seed of weights, shuffling and Poisson spikes (default: TRAIN, else 0)")
     t.add_argument("--backend", choices=BACKENDS, help="runtime (default: triton with a CUDA GPU, else cpu)")
+    t.add_argument("--compile", choices=["off", "auto", "inductor", "aot_eager"], default="off",
+                   help="run the step as one torch.compile graph (cpu backend, one process): inductor generates "
+                        "code (about a minute to compile on 2 cores, cached across runs), aot_eager only traces, "
+                        "auto decides per device and says what it picked (default off)")
     t.add_argument("--rule", choices=["bsd", "bptt"], default="bsd",
                    help="bsd (local learning, default) or bptt (surrogate-gradient backprop baseline)")
     t.add_argument("--init", choices=["default", "calibrated"], help="weight initialisation")

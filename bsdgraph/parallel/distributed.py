@@ -40,7 +40,7 @@ from bsdgraph import env
 from bsdgraph.compiler.plan import Kind, Launch, Plan, Ref, value
 from bsdgraph.compiler.program import Program, as_program, transformed
 from bsdgraph.registry import registrar
-from bsdgraph.runtime.common import ExecutionError, StepResult
+from bsdgraph.runtime.common import ExecutionError
 from bsdgraph.runtime.executor import Backend, Executor
 from bsdgraph.runtime.philox import philox_uniform
 from bsdgraph.runtime.torch_kernels import _reco_terms, loss_operands, loss_outputs, steps
@@ -280,12 +280,12 @@ class DataParallelExecutor(Executor):
         self.shard = Shard(lo, hi, len(x), labels)
         return x[lo:hi], None if labels is None else labels[lo:hi]
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+    def _step(self, x: torch.Tensor, y: torch.Tensor):
         if len(y) < self.comm.world:
             raise DistributedError(f"a batch of {len(y)} samples cannot be split over {self.comm.world} ranks: "
                                    "every rank needs at least one sample (use a larger batch or fewer processes)")
         with unwrap_distributed_errors():
-            return super().step(*self._shard(x, y))
+            return super()._step(*self._shard(x, y))
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

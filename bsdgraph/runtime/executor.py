@@ -11,6 +11,7 @@ validation of ``BSDGRAPH_VALIDATE=1``, ``runtime/validate.py``), without changin
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -61,12 +62,39 @@ class MemoryProbe:
         self.live = {r: v for r, v in self.live.items() if self.plan.buffer(r).last > la.index}
 
 
+# --compile: "off" runs the generated code eagerly; "inductor" compiles each entry point into one graph with
+# torch.compile(fullgraph=True) (the proof that a step makes no host read and has no graph break); "aot_eager"
+# traces the same graph without generating code (tests: seconds instead of minutes); "auto" picks per device.
+COMPILE_MODES = ("off", "auto", "inductor", "aot_eager")
+
+
+def resolve_compile(mode: str, device: torch.device) -> tuple[str, str]:
+    """(the mode to use, why). Measured on this project's 2-core CPU (bench/RESULTS.md): Inductor compiles the
+    fmnist_mlp step in 67 s and runs it in 22.16 ms against 22.69 ms eager (the step is GEMM-bound and the
+    eager kernels are already fused), so "auto" does not compile on a CPU."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode, "as asked"
+    return "off", (f"auto on {device.type}: eager (Inductor measured no faster on a GEMM-bound CPU step, after "
+                   "a compile of about a minute)")
+
+
+def traceable_prims() -> dict[str, Callable]:
+    """Primitives torch.compile can trace on the CPU: the torch twins (the native LIF is a ctypes call) and the
+    Poisson encoder with a tensor seed."""
+    from bsdgraph.runtime.philox import poisson_encode_traced
+    from bsdgraph.runtime.torch_kernels import TWIN_PRIMS
+
+    return {**TWIN_PRIMS, "poisson_encode": poisson_encode_traced}
+
+
 class Executor:
     """Runs a program's generated steps with explicit local gradients; ``backend`` chooses the kernels."""
 
     def __init__(self, program: Program, backend: Backend, params: Params | None = None,
                  opt: OptimConfig | None = None, seed: int = 0, state: dict[str, torch.Tensor] | None = None,
-                 dedup: bool | None = None, time_invariant: bool | None = None):
+                 dedup: bool | None = None, time_invariant: bool | None = None, compile: str = "off"):
         program = as_program(program, dedup=dedup, time_invariant=time_invariant)
         if program.plan is None:
             raise ValueError("the plan executor runs BSD programs; BPTT runs on the reference runtime")
@@ -81,6 +109,17 @@ class Executor:
         self.state = {k: v.to(self.device).clone() for k, v in (state or init_state(self.graph)).items()}
         self.optimizer = make_optimizer(self.params, self.opt_cfg)
         self.steps = 0
+        self.compile_mode, self.compile_why = resolve_compile(compile, self.device)
+        if self.compile_mode != "off":
+            if "lif_backward" in self.plan.kernels():
+                raise ValueError(f"--compile {compile} does not cover distill_on=membrane yet: the LIF's surrogate "
+                                 "backward runs autograd inside the step, which torch.compile cannot put in one graph")
+            if self.device.type != "cpu":
+                raise ValueError(f"--compile {compile} runs on the CPU only for now: the Triton kernels are not "
+                                 "registered with torch.library yet, so Dynamo cannot trace them")
+            backend = self.backend = Backend(backend.name, backend.kernels, {**backend.prims, **traceable_prims()},
+                                             backend.device)
+        self.compile_seconds = 0.0  # what compiling the entry points cost so far (their first calls)
         self.observers: list[Observer] = []
         self._bound: dict[str, Callable] = {}
         if validate_launches():
@@ -124,7 +163,30 @@ class Executor:
             C[i], K[i] = self.context(la, training), self._guarded(la, self.kernels[la.kernel])
         values = lambda: [self.params[r.key] if r.kind == Kind.PARAM else self.state[r.key]  # noqa: E731
                           for r in code.params]
-        return lambda inputs: fn(inputs, values(), K, C)
+        if self.compile_mode == "off":
+            return lambda inputs: fn(inputs, values(), K, C)
+        return self._compiled(code, fn, values, training)
+
+    def _compiled(self, code: StepCode, fn: Callable, values: Callable, training: bool) -> Callable:
+        """``fn`` as one graph (fullgraph: a graph break or a host read is an error, not a slow path), with the raw
+        kernels: no error wrapping and no observers inside a compiled step."""
+        K = {i: self.kernels[self.plan.launches[i].kernel] for i in code.launches}
+        C = {i: self.context(self.plan.launches[i], training) for i in code.launches}
+        # ``fn`` itself, not a wrapper: Dynamo caches per code object, and every bind compiles the generated source
+        # afresh (a shared wrapper's code would recompile per executor and hit Dynamo's recompile limit of 8)
+        graph = torch.compile(fn, fullgraph=True, dynamic=False, backend=self.compile_mode)
+        first = [True]
+
+        def run(inputs):
+            if not first[0]:
+                return graph(inputs, values(), K, C)
+            start = time.perf_counter()
+            out = graph(inputs, values(), K, C)
+            self.compile_seconds += time.perf_counter() - start
+            first[0] = False
+            return out
+
+        return run
 
     def _guarded(self, la: Launch, kernel: Kernel) -> Kernel:
         """The kernel, reporting a failure as its node's (and telling the observers what it did)."""
@@ -155,8 +217,10 @@ class Executor:
     # -- running
     def given(self, x: torch.Tensor | None, y: torch.Tensor | None) -> dict[Ref, object]:
         """The step's inputs by ref (``inputs`` of the generated code are picked from these)."""
-        return {STIMULUS: self._stimulus(x), LABELS: None if y is None else y.to(self.device),
-                SEED: step_seed(self.seed, self.steps)}
+        seed = step_seed(self.seed, self.steps)
+        if self.compile_mode != "off":  # a value of the compiled graph, not a constant baked into it
+            seed = torch.tensor(seed, dtype=torch.int64, device=self.device)
+        return {STIMULUS: self._stimulus(x), LABELS: None if y is None else y.to(self.device), SEED: seed}
 
     def _stimulus(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """Direct encoding reads the stimulus as float32 [B, ...] (no launch: a view of the plan)."""
@@ -178,9 +242,18 @@ class Executor:
                           {r.node: float(v) for r, v in out.items() if r.kind == Kind.RATE})
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> StepResult:
+        return self.results_of(self._step(x, y))
+
+    def step_values(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, object], dict[str, object]]:
+        """A step's (losses, rates) as the kernels left them: off the CPU 0-d device tensors, nothing read back."""
+        out = self._step(x, y)
+        return ({r.node: v for r, v in out.items() if r.kind == Kind.LOSS},
+                {r.node: v for r, v in out.items() if r.kind == Kind.RATE})
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> dict[Ref, object]:
         out = self.run("step", x, y, True)
         self.steps += 1
-        return self.results_of(out)
+        return out
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Per-parameter gradients of one step, without applying them (for tests against the reference)."""

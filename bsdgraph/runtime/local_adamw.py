@@ -28,7 +28,11 @@ _FUSED = getattr(torch, "_fused_adamw_", None)
 def adamw_step(optimizer: torch.optim.Optimizer, owned: dict[str, torch.nn.Parameter],
                grads: dict[str, torch.Tensor], max_norm: float) -> None:
     """Clip each node's gradients to ``max_norm`` and step AdamW on ``owned``: per node through the fused kernel
-    when ``step_per_node`` applies, else ``clip_per_node`` + ``optimizer.step()``."""
+    when ``step_per_node`` applies, else ``clip_per_node`` + ``optimizer.step()``; while torch.compile traces a
+    step, as tensor operations it can fuse (``traced_step``)."""
+    if torch.compiler.is_compiling():
+        traced_step(optimizer, owned, grads, max_norm)
+        return
     if step_per_node(optimizer, owned, grads, max_norm):
         return
     for k, p in owned.items():
@@ -58,6 +62,33 @@ def step_per_node(optimizer: torch.optim.Optimizer, owned: dict[str, torch.nn.Pa
                amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                eps=group["eps"], maximize=False, grad_scale=_inverse_clip(gs, max_norm), found_inf=None)
     return True
+
+
+def traced_step(optimizer: torch.optim.Optimizer, owned: dict[str, torch.nn.Parameter],
+                grads: dict[str, torch.Tensor], max_norm: float) -> None:
+    """AdamW (torch's single-tensor algorithm, decoupled weight decay) per node, written as tensor operations so
+    that a compiled step contains it: Inductor cannot functionalise ``_fused_adamw_`` on the optimizer's state
+    (measured: "mutating a non-functional tensor with a functional tensor"). The same update up to float
+    rounding of the fused kernel's order of operations; ``lr`` is read from the optimizer's group (a new value
+    recompiles the step: once per epoch under a schedule)."""
+    group = optimizer.param_groups[0]
+    beta1, beta2 = group["betas"]
+    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    nodes: dict[str, list[str]] = {}
+    for name in owned:
+        nodes.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    for names in nodes.values():
+        scale = _inverse_clip([grads[k] for k in names], max_norm)
+        for k in names:
+            p, state = owned[k], optimizer.state[owned[k]]
+            g = grads[k] if scale is None else grads[k] / scale
+            state["step"].add_(1)
+            p.mul_(1 - lr * wd)
+            state["exp_avg"].lerp_(g, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            correction1, correction2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+            denom = (state["exp_avg_sq"].sqrt() / correction2.sqrt()).add_(eps)
+            p.sub_(state["exp_avg"] / denom * (lr / correction1))
 
 
 def _inverse_clip(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor | None:

@@ -31,3 +31,12 @@ def poisson_encode(x: torch.Tensor, T: int, seed: int) -> torch.Tensor:
     check_encode_args("poisson_encode", T, seed)
     offset = torch.arange(T * x.numel(), dtype=torch.int64, device=x.device).reshape(T, *x.shape)
     return (philox_uniform(seed, offset) < x.to(torch.float32)).to(torch.uint8)
+
+
+def poisson_encode_traced(x: torch.Tensor, T: int, seed: torch.Tensor) -> torch.Tensor:
+    """``poisson_encode`` with the seed as a 0-d int64 tensor: what a compiled step is given, so that a new seed
+    each step is a new value, not a new program (a Python int would be a constant of the compiled graph). The
+    products are the twin's 16-bit halves: the one-multiply form relies on int64 wrapping, which Inductor's C++
+    is free to assume never happens (measured: other spikes than eager)."""
+    offset = torch.arange(T * x.numel(), dtype=torch.int64, device=x.device).reshape(T, *x.shape)
+    return (twin_philox_uniform(seed, offset) < x.to(torch.float32)).to(torch.uint8)

@@ -18,6 +18,7 @@ Cost: three [B, F] x [F, R] products instead of [B, F] x [F, B] (12.8x fewer FLO
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kernels.ref.reco import reco_coefficients
 
@@ -50,17 +51,26 @@ def reco_loss_grad_dedup(a: torch.Tensor, u: torch.Tensor, inverse: torch.Tensor
     d = torch.outer(na, nu).add_(eps)
     cos = gram.div_(d)
     at_own = inverse[:, None]  # [B, 1]: column r_k of row k
-    mult = counts.to(a.dtype).expand(B, -1).clone()  # M_kr: negatives of k equal to u_r
-    if negatives == "all":
-        mult.scatter_add_(1, at_own, torch.full((B, 1), -1.0, dtype=a.dtype, device=a.device))
+    # under torch.compile the [B, R] bookkeeping is a one-hot mask: Inductor (torch 2.13, CPU) computed a wrong G
+    # from the scatter_add below (7 % off in float64, tests/test_compile.py), the mask form it gets right
+    own = (F.one_hot(inverse, cos.shape[1]).to(a.dtype) if torch.compiler.is_compiling() else None)
+    if own is not None:
+        mult = counts.to(a.dtype)[None, :] - own if negatives == "all" else counts.to(a.dtype)[None, :] * (1 - own)
     else:
-        mult.scatter_(1, at_own, 0.0)
+        mult = counts.to(a.dtype).expand(B, -1).clone()  # M_kr: negatives of k equal to u_r
+        if negatives == "all":
+            mult.scatter_add_(1, at_own, torch.full((B, 1), -1.0, dtype=a.dtype, device=a.device))
+        else:
+            mult.scatter_(1, at_own, 0.0)
     excess = cos.clamp(min=0)
     miss = 1 - cos.gather(1, at_own)  # [B, 1]: 1 - C_k,r_k
     g = excess * mult  # max(0, C) M: the negatives' loss terms and, scaled, their part of G
     loss = ((miss * miss).sum() + lam * (g * excess).sum()) / B
-    g.mul_(2 * lam / B).scatter_add_(1, at_own, miss * (-2 / B))
-    h = g.div_(d)
+    if own is not None:
+        h = (g * (2 * lam / B) + own * (miss * (-2 / B))) / d
+    else:
+        g.mul_(2 * lam / B).scatter_add_(1, at_own, miss * (-2 / B))
+        h = g.div_(d)
     coef_u = (h * cos * na[:, None]).sum(0) * _inv(nu)
     du = torch.matmul(h.T, a) - coef_u[None, :, None] * u  # a [B, D] broadcasts over t
     da = None

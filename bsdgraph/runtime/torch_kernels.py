@@ -243,7 +243,7 @@ def _class_layout(v: torch.Tensor, counts: torch.Tensor):
     per channel of the full batch they stand for (T * B * spatial), the broadcast shape of a per-channel vector,
     and the dimensions a per-channel sum runs over."""
     wts = counts.to(v.dtype).view(1, -1, *[1] * (v.dim() - 2))
-    n = float(v.shape[0] * int(counts.sum()) * math.prod(v.shape[3:]))
+    n = (counts.sum() * (v.shape[0] * math.prod(v.shape[3:]))).to(v.dtype)  # a tensor: no host read
     return wts, n, (1, 1, v.shape[2], *[1] * (v.dim() - 3)), [d for d in range(v.dim()) if d != 2]
 
 
@@ -266,7 +266,7 @@ def class_weighted_batch_norm(v, counts, w, b, rm, rv, training, momentum, eps):
         invstd = (var + eps).rsqrt()
         if rm is not None:  # running statistics as F.batch_norm keeps them: the unbiased variance
             rm.mul_(1 - momentum).add_(momentum * mean)
-            rv.mul_(1 - momentum).add_(momentum * var * (n / max(n - 1, 1)))
+            rv.mul_(1 - momentum).add_(momentum * var * (n / (n - 1).clamp(min=1)))
     out = (v - mean.view(shape)) * (invstd * (w if w is not None else 1)).view(shape)
     return (out + b.view(shape) if b is not None else out), mean, invstd
 

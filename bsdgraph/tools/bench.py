@@ -221,7 +221,7 @@ def baselines(model, g: Graph, bsd: Graph, x, y, device: torch.device | str = "c
     return fns, flops, notes
 
 
-def run_bench(model, backend: str, batch: int, steps: int, warmup: int, compare: bool) -> dict:
+def run_bench(model, backend: str, batch: int, steps: int, warmup: int, compare: bool, compile: str = "off") -> dict:
     from bsdgraph.compiler.program import compile_model
     from bsdgraph.train.config import TrainConfig
     from bsdgraph.train.trainer import make_runtime
@@ -235,8 +235,21 @@ def run_bench(model, backend: str, batch: int, steps: int, warmup: int, compare:
     fns = {name: lambda: engine.step(x, y)}
     flops = {name: plan_flops(engine.plan, bsd, batch) if hasattr(engine, "plan") else None}
     notes: list[str] = []
+    compile_s = None
+    if compile != "off":  # the compiled step as one more candidate, its compile (its first call) timed apart
+        compiled = make_runtime(program, backend, TrainConfig.from_model(model.train), batch=batch, compile=compile)
+        if compiled.compile_mode == "off":
+            notes.append(f"--compile {compile}: {compiled.compile_why}")
+        else:
+            compiled.step(x, y)
+            compile_s = round(compiled.compile_seconds, 1)
+            label = f"{name} ({compiled.compile_mode})"
+            fns[label] = lambda: compiled.step(x, y)
+            flops[label] = flops[name]
+            notes.append(f"{label}: compiled in {compile_s} s ({compiled.compile_why})")
     if compare:
-        more, more_flops, notes = baselines(model, g, bsd, x, y, device)
+        more, more_flops, skipped = baselines(model, g, bsd, x, y, device)
+        notes += skipped
         fns.update(more)
         flops.update(more_flops)
     probe, probe_flop = roofline_probe()
@@ -249,7 +262,7 @@ def run_bench(model, backend: str, batch: int, steps: int, warmup: int, compare:
     return {"model": str(model.path), "batch": batch, "T": g.T, "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "roofline_gflops": round(roofline, 1), "results": as_dicts(results),
-            "speedup_vs": ratios, "notes": notes}
+            "speedup_vs": ratios, "compile_seconds": compile_s, "notes": notes}
 
 
 def format_report(rep: dict) -> str:

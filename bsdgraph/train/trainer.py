@@ -32,6 +32,9 @@ from bsdgraph.ir.printer import to_json
 from bsdgraph.train.config import TrainConfig, TrainingError
 
 SILENT, SATURATED = 0.001, 0.90  # firing-rate bounds of a healthy layer (spec: warn below 0.1 %, above 90 %)
+# On a GPU reading a loss back drains the queue: the NaN guard reads the losses summed over this many steps (and at
+# every epoch's end, before the checkpoint is written); on the CPU it reads them after every step, which is free.
+CHECK_EVERY_ON_A_GPU = 50
 
 
 def backends() -> dict[str, Callable]:
@@ -73,7 +76,7 @@ def require_backend(backend: str) -> None:
 
 
 def make_runtime(program: Program, backend: str, cfg: TrainConfig, params=None, state=None, training: bool = True,
-                 batch: int | None = None):
+                 batch: int | None = None, compile: str = "off"):
     """The runtime of ``program`` (its rule: bsd | bptt) on ``backend``. Refuses, before anything is allocated,
     a model whose estimated memory (training at ``batch``, default the config's, and evaluating at its eval
     batch; or evaluating only) exceeds what the device has free."""
@@ -82,9 +85,19 @@ def make_runtime(program: Program, backend: str, cfg: TrainConfig, params=None, 
     if program.rule == "bptt":
         from bsdgraph.runtime.bptt import BPTTRuntime
 
+        if compile != "off":
+            raise TrainingError(f"--compile {compile} compiles the BSD step; --rule bptt runs eagerly")
+
         return BPTTRuntime(program.forward, params, cfg.optim(), cfg.seed, state, device=device)
     require_backend(backend)
-    return backends()[backend](program, params=params, opt=cfg.optim(), seed=cfg.seed, state=state)
+    if compile != "off" and backend != "cpu":
+        raise TrainingError(f"--compile {compile} runs with --backend cpu only for now (the {backend} backend's "
+                            "kernels are not traceable by torch.compile yet)")
+    extra = {"compile": compile} if backend == "cpu" else {}
+    try:
+        return backends()[backend](program, params=params, opt=cfg.optim(), seed=cfg.seed, state=state, **extra)
+    except ValueError as err:  # a compile mode this program cannot use: say why, one line
+        raise TrainingError(str(err)) from None
 
 
 def check_memory(program: Program, device: str, batch: int, eval_batch: int, training: bool = True) -> None:
@@ -148,12 +161,14 @@ class Trainer:
 
     def __init__(self, model: Model | Program, data: Dataset, cfg: TrainConfig, out: Path, rule: str = "bsd",
                  backend: str | None = None, log: Callable[[dict], None] = lambda rec: None,
-                 progress: Callable | None = None):
+                 progress: Callable | None = None, compile: str = "off"):
         """``model``: a compiled ``Program`` (its rule wins), or a ``Model`` compiled here for ``rule``."""
         self.program = model if isinstance(model, Program) else compile_model(model, rule)
         self.model, self.rule = self.program.model, self.program.rule
         self.graph = self.program.graph
         self.data, self.cfg, self.out = data, cfg, Path(out)
+        self.compile = compile  # torch.compile of the step (runtime/executor.py): off | auto | inductor | aot_eager
+        self.check_every: int | None = None  # steps between NaN checks (None: 1 on the CPU, CHECK_EVERY_ON_A_GPU)
         self.backend = backend or default_backend()
         self.log, self.progress = log, progress
         if cfg.augment and len(data.sample_shape) != 3:
@@ -176,7 +191,7 @@ class Trainer:
 
     def _runtime(self, params=None, state=None):
         """The one place a trainer builds its runtime (parallel/train_parallel.py overrides it)."""
-        return make_runtime(self.program, self.backend, self.cfg, params=params, state=state)
+        return make_runtime(self.program, self.backend, self.cfg, params=params, state=state, compile=self.compile)
 
     def resume(self) -> None:
         self._restore(require(load_checkpoint(self.checkpoint_path), self.checkpoint_path))
@@ -254,8 +269,11 @@ class Trainer:
         lr = self.cfg.lr_at(self.epoch)
         for group in self.rt.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum: dict[str, float] = {}
-        rate_sum: dict[str, float] = {}
+        loss_sum: dict[str, Any] = {}
+        rate_sum: dict[str, Any] = {}
+        window: dict[str, Any] = {}  # losses since the last check (on the device: adding them reads nothing back)
+        every = self.check_every or (1 if getattr(self.rt, "device", torch.device("cpu")).type == "cpu"
+                                     else CHECK_EVERY_ON_A_GPU)
         n_batches, start = 0, time.perf_counter()
         it = batches(self.data.x_train, self.data.y_train, self.cfg.batch_size, shuffle=True, generator=self.gen)
         total = math.ceil(self.data.n_train / self.cfg.batch_size)
@@ -266,22 +284,34 @@ class Trainer:
                 stimulus = self.graph.by_op(Op.INPUT)[0].name
                 raise TrainingError(f"the input batch of epoch {self.epoch + 1}, step {n_batches + 1} holds NaN or "
                                     f"Inf values (layer 0, the stimulus {stimulus!r}); training stopped")
-            result = self.rt.step(xb, yb)
-            _check_finite(self.rt, result.losses, f"at epoch {self.epoch + 1}, step {n_batches + 1}")
-            for k, v in result.losses.items():
-                loss_sum[k] = loss_sum.get(k, 0.0) + v
-            for k, v in result.rates.items():
-                rate_sum[k] = rate_sum.get(k, 0.0) + v
+            losses, rates = step_values(self.rt, xb, yb)
             n_batches += 1
+            for acc, values in ((loss_sum, losses), (rate_sum, rates), (window, losses)):
+                for k, v in values.items():
+                    acc[k] = acc.get(k, 0.0) + v
+            if n_batches % every == 0 or n_batches == total:
+                where = f"at epoch {self.epoch + 1}, step {n_batches}"
+                _check_finite(self.rt, {k: float(v) for k, v in window.items()},
+                              where + (f" (losses checked every {every} steps)" if every > 1 else ""))
+                window = {}
         seconds = time.perf_counter() - start
-        rates = {k: v / n_batches for k, v in rate_sum.items()}
+        rates = {k: float(v) / n_batches for k, v in rate_sum.items()}
         test = evaluate(self.rt, self.data.x_test, self.data.y_test, self.cfg.eval_batch_size)
         return {
             "epoch": self.epoch + 1, "lr": lr, **{f"test_{k}": v for k, v in test.items()},
-            "losses": {k: v / n_batches for k, v in loss_sum.items()}, "rates": rates,
+            "losses": {k: float(v) / n_batches for k, v in loss_sum.items()}, "rates": rates,
             "warnings": health_warnings(rates), "seconds": round(seconds, 3),
             "samples_per_s": round(self.data.n_train / seconds, 1), "rule": self.rule, "backend": self.backend,
         }
+
+
+def step_values(rt, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One training step's losses and firing rates as the runtime leaves them: on a GPU 0-d device tensors, read
+    back only where the trainer checks them (every ``CHECK_EVERY_ON_A_GPU`` steps and at the epoch's end)."""
+    if hasattr(rt, "step_values"):
+        return rt.step_values(x, y)
+    result = rt.step(x, y)
+    return result.losses, result.rates
 
 
 def tqdm_progress(stream=sys.stderr):
