@@ -173,3 +173,13 @@ def test_floor_script_measures_every_part_and_the_floor_is_their_sum():
     gemm, adamw, fixed, floor = (float(re.search(p, out).group(1)) for p in patterns)
     assert min(gemm, adamw, fixed) > 0, out
     assert abs(floor - (gemm + adamw + fixed)) <= 0.02, out  # printed with 2 decimals
+
+
+def test_bench_times_the_compiled_step_beside_the_eager_one(capsys):
+    code = main(["bench", "models/fmnist_mlp.py", "--batch-size", "8", "--steps", "1", "--warmup", "0", "--json",
+                 "--threads", "1", "--compile", "aot_eager"])
+    rep = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert [r["name"] for r in rep["results"]] == ["bsdgraph-cpu", "bsdgraph-cpu (aot_eager)"]
+    assert rep["compile_seconds"] > 0 and rep["launches_per_step"] == 28
+    assert any("pays for its compile after" in n for n in rep["notes"])

@@ -259,10 +259,19 @@ def run_bench(model, backend: str, batch: int, steps: int, warmup: int, compare:
     results = [summarise(k, times[k], infer if k == name else None, batch, peak_memory(fns[k]), flops[k], roofline)
                for k in fns]
     ratios = {k: round(r.ms_step / results[0].ms_step, 2) for k, r in zip(fns, results) if k != name}
+    by_name = {r.name: r for r in results}
+    compiled_label = next((k for k in fns if k.startswith(f"{name} (")), None)
+    if compiled_label is not None and compile_s is not None:
+        saved = by_name[name].ms_step - by_name[compiled_label].ms_step
+        # steps after which compiling has paid for itself (None: the compiled step is not faster)
+        break_even = round(compile_s * 1e3 / saved) if saved > 0 else None
+        notes.append(f"{compiled_label}: pays for its compile after "
+                     + (f"{break_even} steps" if break_even is not None else "no number of steps (not faster)"))
     return {"model": str(model.path), "batch": batch, "T": g.T, "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "roofline_gflops": round(roofline, 1), "results": as_dicts(results),
-            "speedup_vs": ratios, "compile_seconds": compile_s, "notes": notes}
+            "speedup_vs": ratios, "compile_seconds": compile_s, "launches_per_step": len(program.plan.launches),
+            "notes": notes}
 
 
 def format_report(rep: dict) -> str:
