@@ -91,6 +91,23 @@ def test_inductor_computes_the_per_class_reco_gradients_right(negatives):
         assert torch.allclose(want, got, rtol=1e-12, atol=1e-14)
 
 
+def test_a_new_learning_rate_or_seed_is_a_value_of_the_graph_not_a_recompile():
+    """A schedule changes the learning rate every epoch and Poisson encoding the seed every step: both are read
+    from tensors the compiled step takes, so the step compiles once and still follows them."""
+    from torch._dynamo.utils import counters
+
+    bsd = derive_feedback(mlp("poisson"))
+    x, y = batch(bsd, B=6, scale=2.0)
+    eager, compiled = cpu_runtime(bsd, seed=1), cpu_runtime(bsd, seed=1, compile="aot_eager")
+    counters.clear()
+    for lr in (1e-3, 5e-3, 2e-4):
+        eager.set_lr(lr)
+        compiled.set_lr(lr)
+        assert compiled.step(x, y).losses == pytest.approx(eager.step(x, y).losses, rel=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert_close_params(bsd, eager.params, compiled.params)
+
+
 def test_auto_does_not_compile_on_a_cpu_and_says_why():
     mode, why = resolve_compile("auto", torch.device("cpu"))
     assert mode == "off" and "measured" in why

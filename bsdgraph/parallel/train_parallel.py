@@ -107,8 +107,7 @@ class PipelineTrainer(_RankZeroWrites, Trainer):
     # -- an epoch
     def _epoch(self) -> dict:
         lr = self.cfg.lr_at(self.epoch)
-        for group in self.rt.optimizer.param_groups:
-            group["lr"] = lr
+        self.rt.set_lr(lr)
         todo = []
         for xb, yb in batches(self.data.x_train, self.data.y_train, self.cfg.batch_size, shuffle=True,
                               generator=self.gen):

@@ -120,6 +120,9 @@ class Executor:
             backend = self.backend = Backend(backend.name, backend.kernels, {**backend.prims, **traceable_prims()},
                                              backend.device)
         self.compile_seconds = 0.0  # what compiling the entry points cost so far (their first calls)
+        # what changes between steps lives in tensors a compiled step reads, filled in place (no recompile)
+        self._seed = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._lr = torch.tensor(self.opt_cfg.lr, dtype=torch.float32, device=self.device)
         self.observers: list[Observer] = []
         self._bound: dict[str, Callable] = {}
         if validate_launches():
@@ -142,7 +145,16 @@ class Executor:
     # -- binding
     def owned(self) -> dict:
         """The objects kernels keep across steps (the optimiser's launches update it in place)."""
-        return {"optimizer": self.optimizer, "clip": self.opt_cfg.clip}
+        cfg = self.opt_cfg
+        return {"optimizer": self.optimizer, "clip": cfg.clip, "lr": self._lr if self.compile_mode != "off" else None,
+                "hyper": {"betas": cfg.betas, "weight_decay": cfg.weight_decay, "eps": cfg.eps}}
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate from now on: the optimizer's group (its state_dict), and the tensor a compiled step
+        reads (a Python float would be a constant of the graph: a new value, a new compile)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self._lr.fill_(lr)
 
     def context(self, la: Launch, training: bool) -> Ctx:
         return Ctx(la, self.graph, self.plan, SimpleNamespace(**self.backend.prims), self.device, training,
@@ -219,7 +231,7 @@ class Executor:
         """The step's inputs by ref (``inputs`` of the generated code are picked from these)."""
         seed = step_seed(self.seed, self.steps)
         if self.compile_mode != "off":  # a value of the compiled graph, not a constant baked into it
-            seed = torch.tensor(seed, dtype=torch.int64, device=self.device)
+            seed = self._seed.fill_(seed)
         return {STIMULUS: self._stimulus(x), LABELS: None if y is None else y.to(self.device), SEED: seed}
 
     def _stimulus(self, x: torch.Tensor | None) -> torch.Tensor | None:

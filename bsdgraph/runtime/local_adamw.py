@@ -26,12 +26,15 @@ _FUSED = getattr(torch, "_fused_adamw_", None)
 
 
 def adamw_step(optimizer: torch.optim.Optimizer, owned: dict[str, torch.nn.Parameter],
-               grads: dict[str, torch.Tensor], max_norm: float) -> None:
+               grads: dict[str, torch.Tensor], max_norm: float, lr: torch.Tensor | None = None,
+               hyper: dict | None = None) -> None:
     """Clip each node's gradients to ``max_norm`` and step AdamW on ``owned``: per node through the fused kernel
     when ``step_per_node`` applies, else ``clip_per_node`` + ``optimizer.step()``; while torch.compile traces a
     step, as tensor operations it can fuse (``traced_step``)."""
     if torch.compiler.is_compiling():
-        traced_step(optimizer, owned, grads, max_norm)
+        if lr is None or hyper is None:
+            raise ValueError("a compiled AdamW step needs the learning rate as a tensor and the optimizer settings")
+        traced_step(optimizer, owned, grads, max_norm, lr, hyper)
         return
     if step_per_node(optimizer, owned, grads, max_norm):
         return
@@ -65,15 +68,16 @@ def step_per_node(optimizer: torch.optim.Optimizer, owned: dict[str, torch.nn.Pa
 
 
 def traced_step(optimizer: torch.optim.Optimizer, owned: dict[str, torch.nn.Parameter],
-                grads: dict[str, torch.Tensor], max_norm: float) -> None:
+                grads: dict[str, torch.Tensor], max_norm: float, lr_tensor: torch.Tensor, hyper: dict) -> None:
     """AdamW (torch's single-tensor algorithm, decoupled weight decay) per node, written as tensor operations so
     that a compiled step contains it: Inductor cannot functionalise ``_fused_adamw_`` on the optimizer's state
     (measured: "mutating a non-functional tensor with a functional tensor"). The same update up to float
-    rounding of the fused kernel's order of operations; ``lr`` is read from the optimizer's group (a new value
-    recompiles the step: once per epoch under a schedule)."""
-    group = optimizer.param_groups[0]
-    beta1, beta2 = group["betas"]
-    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    rounding of the fused kernel's order of operations. ``lr_tensor`` (``Executor.set_lr`` fills it) keeps a new
+    learning rate from being a new constant, i.e. a recompile; the other settings come from ``hyper`` (the
+    runtime's ``OptimConfig``), not from the optimizer's param group: torch.compile guards on the version of
+    every dict it reads, and setting the group's lr would then recompile the step."""
+    beta1, beta2 = hyper["betas"]
+    lr, wd, eps = lr_tensor, hyper["weight_decay"], hyper["eps"]
     nodes: dict[str, list[str]] = {}
     for name in owned:
         nodes.setdefault(name.rsplit(".", 1)[0], []).append(name)

@@ -578,5 +578,5 @@ def adamw(ctx: Ctx, *ins):
     args = ctx.args(ins)
     owned = {r.key: args[r] for r in ctx.launch.writes}
     grads = {r.key: args[Ref(Kind.PARAM_GRAD, r.node, r.part)] for r in ctx.launch.writes}
-    adamw_step(ctx.owned["optimizer"], owned, grads, ctx.owned["clip"])
+    adamw_step(ctx.owned["optimizer"], owned, grads, ctx.owned["clip"], ctx.owned.get("lr"), ctx.owned.get("hyper"))
     return tuple(owned[r.key] for r in ctx.launch.writes)

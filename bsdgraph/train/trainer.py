@@ -267,8 +267,7 @@ class Trainer:
 
     def _epoch(self) -> dict:
         lr = self.cfg.lr_at(self.epoch)
-        for group in self.rt.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.rt, lr)
         loss_sum: dict[str, Any] = {}
         rate_sum: dict[str, Any] = {}
         window: dict[str, Any] = {}  # losses since the last check (on the device: adding them reads nothing back)
@@ -303,6 +302,15 @@ class Trainer:
             "warnings": health_warnings(rates), "seconds": round(seconds, 3),
             "samples_per_s": round(self.data.n_train / seconds, 1), "rule": self.rule, "backend": self.backend,
         }
+
+
+def set_lr(rt, lr: float) -> None:
+    """The learning rate of ``rt`` from now on (a compiled runtime also keeps it in a tensor its step reads)."""
+    if hasattr(rt, "set_lr"):
+        rt.set_lr(lr)
+        return
+    for group in rt.optimizer.param_groups:
+        group["lr"] = lr
 
 
 def step_values(rt, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
