@@ -82,16 +82,19 @@ def test_plot_errors(capsys, tmp_path):
     assert code == 1 and "line 1 is not JSON" in err
 
 
-@pytest.mark.parametrize("enc", ["direct", "poisson"])
-def test_resume_is_exact(tmp_path, model_file, synthetic, enc):
+@pytest.mark.parametrize("enc, compile", [("direct", "off"), ("poisson", "off"), ("poisson", "aot_eager")])
+def test_resume_is_exact(tmp_path, model_file, synthetic, enc, compile):
+    """Also for a compiled step (traced: the same graph Inductor would generate code for), whose learning-rate
+    schedule and Poisson seeds are tensors and whose resumed runtime compiles afresh."""
     model = load_model(model_file(enc))
     cfg = TrainConfig.from_model(model.train, epochs=2, schedule="cosine")
-    straight = Trainer(model, synthetic, cfg, tmp_path / "a")
+    straight = Trainer(model, synthetic, cfg, tmp_path / "a", compile=compile)
     straight.run()
-    first = Trainer(model, synthetic, TrainConfig.from_model(model.train, epochs=1, schedule="cosine"), tmp_path / "b")
+    first = Trainer(model, synthetic, TrainConfig.from_model(model.train, epochs=1, schedule="cosine"), tmp_path / "b",
+                    compile=compile)
     first.run()
     # a new process would start here: only the checkpoint carries state across
-    resumed = Trainer(model, synthetic, cfg, tmp_path / "b")
+    resumed = Trainer(model, synthetic, cfg, tmp_path / "b", compile=compile)
     resumed.resume()
     resumed.run()
     for k, p in straight.rt.params.items():
