@@ -128,3 +128,9 @@ def test_many_runtimes_compile_in_one_process():
     x, y = batch(bsd, B=4, scale=2.0)
     for seed in range(10):
         cpu_runtime(bsd, seed=seed, compile="aot_eager").gradients(x, y)
+
+
+def test_shadow_validation_and_a_compiled_step_are_refused_together(monkeypatch):
+    monkeypatch.setenv("BSDGRAPH_VALIDATE", "1")
+    with pytest.raises(ValueError, match="validate with --compile off"):
+        cpu_runtime(derive_feedback(mlp()), seed=1, compile="aot_eager")

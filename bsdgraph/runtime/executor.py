@@ -70,8 +70,8 @@ COMPILE_MODES = ("off", "auto", "inductor", "aot_eager")
 
 def resolve_compile(mode: str, device: torch.device) -> tuple[str, str]:
     """(the mode to use, why). Measured on this project's 2-core CPU (bench/RESULTS.md): Inductor compiles the
-    fmnist_mlp step in 67 s and runs it in 22.16 ms against 22.69 ms eager (the step is GEMM-bound and the
-    eager kernels are already fused), so "auto" does not compile on a CPU."""
+    fmnist_mlp step in 72.5 s (7.8 s from its cache) and runs it in 0.92-0.99x the eager step's time (the step
+    is GEMM-bound and the eager kernels are already fused), so "auto" does not compile on a CPU."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if mode != "auto":
@@ -117,8 +117,11 @@ class Executor:
             if self.device.type != "cpu":
                 raise ValueError(f"--compile {compile} runs on the CPU only for now: the Triton kernels are not "
                                  "registered with torch.library yet, so Dynamo cannot trace them")
-            backend = self.backend = Backend(backend.name, backend.kernels, {**backend.prims, **traceable_prims()},
-                                             backend.device)
+            if validate_launches():
+                raise ValueError("BSDGRAPH_VALIDATE=1 checks launches one by one, which a compiled step does not "
+                                 "expose: validate with --compile off")
+            self.backend = Backend(backend.name, backend.kernels, {**backend.prims, **traceable_prims()},
+                                   backend.device)
         self.compile_seconds = 0.0  # what compiling the entry points cost so far (their first calls)
         # what changes between steps lives in tensors a compiled step reads, filled in place (no recompile)
         self._seed = torch.zeros((), dtype=torch.int64, device=self.device)
