@@ -6,6 +6,9 @@ signature; the twin is the specification the tests compare against).
     reco.py          reco_loss_grad                     ReCo loss and both gradients in closed form
     local_update.py  weight_grad                        dW = grad_outᵀ inp, db = Σ grad_out of a Linear synapse
     encode.py        poisson_encode                     Bernoulli spikes from Triton's Philox stream
+    split_gemm.py    spike_linear_split                 spikes x fp32 weights on bf16 tensor cores, the weight
+                                                        split in 2-3 bf16 parts (fp32-level error; not yet used
+                                                        by a backend, never run on a GPU)
     ops.py           torch.ops.bsdgraph.*               the same as torch custom ops, for torch.compile
                                                         (import ``kernels.ops`` explicitly to register them)
 
@@ -27,6 +30,7 @@ _EXPORTS = {
     "linear_lif_forward": "kernels.linear_lif",
     "poisson_encode": "kernels.encode",
     "reco_loss_grad": "kernels.reco",
+    "spike_linear_split": "kernels.split_gemm",
     "weight_grad": "kernels.local_update",
 }
 __all__ = sorted(_EXPORTS)
