@@ -14,6 +14,7 @@ from bsdgraph.runtime.executor import resolve_compile
 from bsdgraph.runtime.reco_dedup import reco_loss_grad_dedup
 from tests import test_recurrent as rec
 from tests.test_cpu_backend import assert_close_grads, assert_close_params, batch
+from tests.test_program import cnn
 
 
 def mlp(encoding="direct"):
@@ -23,12 +24,6 @@ def mlp(encoding="direct"):
     return g.build()
 
 
-def cnn():
-    g = GraphBuilder("c", T=2)
-    h = g.lif(g.batchnorm(g.conv2d(g.input((1, 6, 6)), 3, kernel=3, padding=1)))
-    h = g.lif(g.linear(g.flatten(g.maxpool2d(h, 2)), 12))
-    g.output(g.linear(h, 3))
-    return g.build()
 
 
 CASES = {

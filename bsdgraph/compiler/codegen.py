@@ -120,21 +120,21 @@ def generate(plan: Plan, nodes: Sequence[str], launches: Sequence[Launch], name:
 # ---------------------------------------------------------------------------------------------------- entries
 
 
-def results(plan: Plan, launches: Sequence[Launch]) -> list[Ref]:
+def results(launches: Sequence[Launch]) -> list[Ref]:
     """What a training step reports: its losses and firing rates."""
     return [w for la in launches for w in la.writes if w.kind in (Kind.LOSS, Kind.RATE)]
 
 
 def training_step(plan: Plan, nodes: Sequence[str]) -> StepCode:
     """One BSD step: every launch, the optimizer's included; returns losses and rates."""
-    return generate(plan, nodes, plan.launches, "step", results(plan, plan.launches))
+    return generate(plan, nodes, plan.launches, "step", results(plan.launches))
 
 
 def gradient_step(plan: Plan, nodes: Sequence[str]) -> StepCode:
     """A step without its optimizer launches; returns losses, rates and every parameter gradient."""
     launches = [la for la in plan.launches if la.phase != "optimizer"]
     grads = [w for la in launches for w in la.writes if w.kind == Kind.PARAM_GRAD]
-    return generate(plan, nodes, launches, "gradients", results(plan, launches) + grads)
+    return generate(plan, nodes, launches, "gradients", results(launches) + grads)
 
 
 def predict_step(plan: Plan, nodes: Sequence[str], output: Ref) -> StepCode:

@@ -105,10 +105,6 @@ class Buffer:
         return math.prod(dims) * {"u8": 1, "i64": 8}.get(self.dtype, 4)
 
 
-# Phases, in schedule order within a layer; a transform may add its own (e.g. "collective").
-PHASES = ("prepare", "forward-B", "forward-F", "loss", "grad", "update", "optimizer")
-
-
 @dataclass(frozen=True)
 class Launch:
     index: int
@@ -133,9 +129,6 @@ class Plan:
 
     def buffer(self, ref: Ref) -> Buffer:
         return self._by_ref[ref]
-
-    def has(self, ref: Ref) -> bool:
-        return ref in self._by_ref
 
     def kernels(self) -> list[str]:
         return sorted({la.kernel for la in self.launches})

@@ -64,9 +64,6 @@ class Ctx:
         """The node the launch is named after (the last of a fused group: the neuron)."""
         return self.graph[self.launch.nodes[-1]]
 
-    def nodes(self) -> list[Node]:
-        return [self.graph[n] for n in self.launch.nodes]
-
     def inputs_of(self, node: str) -> list[Node]:
         """``node``'s operand nodes, in port order (one of the launch's nodes)."""
         return self._inputs[node]
