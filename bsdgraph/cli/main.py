@@ -64,9 +64,10 @@ def cmd_compile(args) -> int:
 
 def _energy_bound(graph) -> str:
     from bsdgraph.tools.energy import estimate, format_energy
-    from bsdgraph.ir.graph import Op
+    from bsdgraph.ir.graph import GroupOp
+    from bsdgraph.ir.neurons import is_spiking
 
-    rates = {n.name: 1.0 for n in graph.by_op(Op.LIF)}
+    rates = {n.name: 1.0 for n in graph.by_op(*GroupOp.NEURON) if is_spiking(n)}
     return format_energy(estimate(graph, rates, input_rate=1.0), "assumed 100 % (an upper bound; "
                          "`bsdgraph bench --energy` measures them)")
 

@@ -220,7 +220,7 @@ def _mirror_unflatten(n: Node, in_shape):
     return Op.FLATTEN, {}
 
 
-@mirror(Op.BATCHNORM, Op.LIF, Op.ADD)
+@mirror(Op.BATCHNORM, Op.LIF, Op.NEURON, Op.ADD)
 def _mirror_copy(n: Node, in_shape):
     return n.op, dict(n.attrs)  # own parameters, hyper-parameters copied (C1: independent weights)
 

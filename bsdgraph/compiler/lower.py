@@ -20,6 +20,7 @@ from bsdgraph.compiler.plan import (
     GROUPING, LABELS, SEED, STIMULUS, Kind, Launch, Plan, Ref, finish, param, value,
 )
 from bsdgraph.ir.graph import GroupOp, Graph, Node, Op, Stream
+from bsdgraph.ir.neurons import is_spiking
 from bsdgraph.ir.params import param_shapes
 
 
@@ -47,6 +48,8 @@ LOWERING: dict[Op, Lowering] = {
     # admits a sum only as a recurrent layer's), so that is its kernel
     Op.ADD: Lowering("linear_lif_rec_forward", grad="view"),
     Op.LIF: Lowering("lif_forward", grad="lif_backward"),
+    # a declared neuron's backward recomputes its states from the input current (compiler/neuron_gen.py)
+    Op.NEURON: Lowering("neuron_forward", grad="neuron_backward"),
     Op.OUTPUT: Lowering("view", grad="view"),
     Op.RECO: Lowering("reco_loss_grad"),
     Op.CE: Lowering("torch.cross_entropy_grad"),
@@ -59,6 +62,7 @@ FUSIONS: dict[tuple[Op, Op], str] = {(Op.LINEAR, Op.LIF): "linear_lif_forward"}
 # A recurrent layer (feedforward linear, recurrent linear, their sum, the LIF) is one launch that loops over T:
 # step t needs the layer's own spikes of step t-1, so the recurrent GEMM cannot be hoisted out of the time loop.
 RECURRENT_FUSION = "linear_lif_rec_forward"
+RECURRENT_NEURON = "neuron_rec_forward"   # the same for a declared neuron (its generated twin step in the loop)
 
 OPTIMIZER_KERNEL = "torch.adamw_step"
 
@@ -94,7 +98,7 @@ def _recurrent_group(g: Graph, add: Node) -> tuple[str, ...]:
 
 def _forward_kernel(g: Graph, group: tuple[str, ...], time_invariant: bool) -> str:
     if len(group) == 4:
-        return RECURRENT_FUSION
+        return RECURRENT_FUSION if g[group[3]].op == Op.LIF else RECURRENT_NEURON
     if len(group) == 2:
         return FUSIONS[(g[group[0]].op, g[group[1]].op)]
     n = g[group[0]]
@@ -202,14 +206,15 @@ class _Lowerer:
         writes = [out]
         # a synapse of a time-invariant input (the direct stimulus) has the same current at every step: stored once
         steady = len(group) == 2 and all(self.time_invariant_ref(self.buf(e.src)) for e in outside)
-        for n in group[:-1]:  # a fused producer's value is stored only when a loss reads it
-            if any(c.op in GroupOp.LOSS for c in self.g.consumers(n)):
+        for n in group[:-1]:  # a fused producer's value is stored only when a loss (or a backward) reads it
+            if any(c.op in GroupOp.LOSS for c in self.g.consumers(n)) or self._saved_current(n, last):
                 writes.append(self.declare(value(n), "f32", (() if steady else ("T",)) + (self.rows(n),
                                                                                          *self.g[n].shape)))
         if last.op in GroupOp.NEURON:
             if last.name in self.membrane_losses:
                 writes.append(self.declare(Ref(Kind.MEMBRANE, last.name), "f32", ("T", rows, *last.shape)))
-            writes.append(self.declare(Ref(Kind.RATE, last.name), "f32", ()))
+            if is_spiking(last):  # a firing rate; a leaky integrator's value is not one
+                writes.append(self.declare(Ref(Kind.RATE, last.name), "f32", ()))
         if last.op == Op.INPUT:
             reads = [STIMULUS, SEED] if kernel == "poisson_encode" else [STIMULUS]
         elif last.op == Op.TARGET:
@@ -222,10 +227,15 @@ class _Lowerer:
         phase = "forward-B" if last.stream == Stream.B else "forward-F"
         self.emit(kernel, phase, group, reads, writes)
 
+    def _saved_current(self, n: str, neuron: Node) -> bool:
+        """Whether ``n`` is the input current a declared neuron's backward recomputes from (membrane losses)."""
+        return (neuron.op == Op.NEURON and neuron.name in self.membrane_losses
+                and self.g.in_edges(neuron.name)[0].src == n)
+
     def _spikes(self, node: Node, inputs) -> bool:
         """Whether ``node``'s value is 0/1 spikes (stored as uint8): a neuron's, or the max-pool of spikes."""
         if node.op in GroupOp.NEURON:
-            return True
+            return is_spiking(node)
         return node.op == Op.MAXPOOL2D and all(self.declared[self.buf(e.src)][0] == "u8" for e in inputs)
 
     # -- losses and the gradient paths to the parameters each owns
@@ -276,7 +286,7 @@ class _Lowerer:
         elif LOWERING[n.op].grad not in (None, "view"):
             src = ins[0].src
             out = self.declare(Ref(Kind.GRAD, self.buf(src).node), "f32", ("T", self.rows(src), *self.g[src].shape))
-            saved = Ref(Kind.MEMBRANE, name) if n.op in GroupOp.NEURON else self.buf(src)
+            saved = Ref(Kind.MEMBRANE, name) if n.op == Op.LIF else self.buf(src)
             self.emit(LOWERING[n.op].grad, "grad", [name], [grad_in, saved], [out])
         for e in ins:  # a view or a sum hands its gradient on unchanged
             self._grad_path(e.src, grad_in if LOWERING[n.op].grad == "view" else None)

@@ -116,19 +116,34 @@ class GraphBuilder:
         return self.add(Op.LIF, [x], name=name or self._fresh("h"), tau=tau, v_th=v_th, v_reset=v_reset,
                         reset=reset, surrogate=surrogate, alpha=alpha)
 
+    def neuron(self, model: str, x: str, alpha: float = 2.0, name: str | None = None, **params: float) -> str:
+        """Neurons of a declared type (``if``, ``li``, ``lif``, ``lif_soft``, ``cuba_lif``, ``cuba_li``, ``alif``, or
+        one declared with ``bsdgraph.declare_neuron``); ``params`` override the declaration's defaults."""
+        return self.add(Op.NEURON, [x], name=name or self._fresh("h"), model=model, params=params, alpha=alpha)
+
     def recurrent_lif(self, current: str, tau: float = 2.0, v_th: float = 0.3, v_reset: float = 0.0,
                       reset: str = "hard", alpha: float = 2.0, name: str | None = None) -> str:
         """A recurrent layer's neurons: ``lif(current + rec(s[t-1]))``, where ``rec`` is a Linear (no bias) from the
         layer's own spikes through a delay-1 edge. Returns the LIF node; ``rec``'s weight is learned like any other.
         """
+        return self._recurrent(current, name, lambda total, lif: self.lif(
+            total, tau=tau, v_th=v_th, v_reset=v_reset, reset=reset, alpha=alpha, name=lif))
+
+    def recurrent_neuron(self, model: str, current: str, alpha: float = 2.0, name: str | None = None,
+                         **params: float) -> str:
+        """``recurrent_lif`` for any declared neuron: ``neuron(current + rec(value[t-1]))``."""
+        return self._recurrent(current, name, lambda total, lif: self.neuron(model, total, alpha=alpha, name=lif,
+                                                                            **params))
+
+    def _recurrent(self, current: str, name: str | None, neurons) -> str:
         (width,) = self._nodes[current].shape or (0,)
         lif = name or self._fresh("h")
         rec = f"{lif}_rec"
-        # rec reads the LIF that does not exist yet: declare it with its known shape, wire its delayed edge last
+        # rec reads the neurons that do not exist yet: declare it with its known shape, wire its delayed edge last
         self._nodes[rec] = Node(rec, Op.LINEAR, FrozenAttrs(default_attrs(Op.LINEAR, in_features=width,
                                                                           out_features=width, bias=False)), (width,))
         total = self.add(Op.ADD, [current, rec], name=f"{lif}_in")
-        self.lif(total, tau=tau, v_th=v_th, v_reset=v_reset, reset=reset, alpha=alpha, name=lif)
+        neurons(total, lif)
         self.connect(lif, rec, 0, delay=1)
         return lif
 

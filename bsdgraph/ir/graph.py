@@ -30,6 +30,7 @@ class Op(enum.Enum):
     BATCHNORM = "batchnorm"
     ADD = "add"                # sum of two currents: a recurrent layer's feedforward + recurrent synapse
     LIF = "lif"
+    NEURON = "neuron"          # a declared neuron type (ir/neurons.py): if, li, cuba_lif, alif, a user's own...
     OUTPUT = "output"          # F's concept: the top synapse's current, read out as mean_t
     RECO = "reco"              # ReCo local loss between an F layer and its paired B layer
     CE = "ce"                  # top classification loss
@@ -43,13 +44,13 @@ class GroupOp:
     SYNAPSE = frozenset({Op.LINEAR, Op.CONV2D, Op.CONV_T2D})
     POOL = frozenset({Op.AVGPOOL2D, Op.MAXPOOL2D})
     TRANSFORM = frozenset({Op.AVGPOOL2D, Op.MAXPOOL2D, Op.UPSAMPLE2D, Op.FLATTEN, Op.UNFLATTEN})
-    NEURON = frozenset({Op.LIF})
+    NEURON = frozenset({Op.LIF, Op.NEURON})
     LOSS = frozenset({Op.RECO, Op.CE, Op.MSE})
     PARAMETRIC = frozenset({Op.LINEAR, Op.CONV2D, Op.CONV_T2D, Op.BATCHNORM})
     # what a user may write in a forward network; the rest is produced by derive_feedback
     FORWARD = frozenset(
         {Op.INPUT, Op.LINEAR, Op.CONV2D, Op.CONV_T2D, Op.AVGPOOL2D, Op.MAXPOOL2D, Op.UPSAMPLE2D, Op.FLATTEN,
-         Op.BATCHNORM, Op.ADD, Op.LIF, Op.OUTPUT}
+         Op.BATCHNORM, Op.ADD, Op.LIF, Op.NEURON, Op.OUTPUT}
     )
 
 
@@ -57,86 +58,6 @@ class Stream(enum.Enum):
     F = "F"        # feedforward network (stimulus -> concept)
     B = "B"        # BSD's backward network (concept -> stimulus); never autodiff
     LOSS = "loss"  # layer-local losses
-
-
-# ---------------------------------------------------------------------------------------------------- attributes
-
-
-@dataclass(frozen=True)
-class Attr:
-    """One hyper-parameter of an op: its name, accepted types, default, and allowed values (if a choice)."""
-
-    name: str
-    types: tuple[type, ...]
-    default: Any = None
-    choices: tuple[Any, ...] | None = None
-    required: bool = False
-
-
-def _a(name: str, types: type | tuple[type, ...], default: Any = None, choices=None, required=False) -> Attr:
-    return Attr(name, types if isinstance(types, tuple) else (types,), default, choices, required)
-
-
-_NUM = (int, float)
-_SHAPE = (tuple,)
-
-# Attribute schemas, in printing order. A node's attrs are exactly these keys (validate checks it).
-ATTRS: dict[Op, tuple[Attr, ...]] = {
-    # sequence: the stimulus is [T, *shape] per sample, step t's slice is the current of step t (time series)
-    Op.INPUT: (_a("encoding", str, "direct", ("direct", "poisson", "sequence")),),
-    Op.TARGET: (
-        _a("encoding", str, "onehot", ("onehot", "population", "analog", "sequence")),
-        _a("n_classes", int, 0),
-        _a("population", int, 1),
-    ),
-    Op.LINEAR: (_a("in_features", int, required=True), _a("out_features", int, required=True), _a("bias", bool, True)),
-    Op.CONV2D: (
-        _a("in_channels", int, required=True), _a("out_channels", int, required=True),
-        _a("kernel", _SHAPE, required=True), _a("stride", _SHAPE, (1, 1)), _a("padding", _SHAPE, (0, 0)),
-        _a("bias", bool, True),
-    ),
-    Op.CONV_T2D: (
-        _a("in_channels", int, required=True), _a("out_channels", int, required=True),
-        _a("kernel", _SHAPE, required=True), _a("stride", _SHAPE, (1, 1)), _a("padding", _SHAPE, (0, 0)),
-        _a("output_padding", _SHAPE, (0, 0)), _a("bias", bool, True),
-    ),
-    Op.AVGPOOL2D: (_a("kernel", _SHAPE, required=True), _a("stride", _SHAPE, None)),
-    Op.MAXPOOL2D: (_a("kernel", _SHAPE, required=True), _a("stride", _SHAPE, None)),
-    Op.UPSAMPLE2D: (_a("size", _SHAPE, required=True),),
-    Op.FLATTEN: (),
-    Op.UNFLATTEN: (_a("shape", _SHAPE, required=True),),
-    Op.BATCHNORM: (_a("num_features", int, required=True), _a("eps", _NUM, 1e-5), _a("momentum", _NUM, 0.1)),
-    Op.ADD: (),
-    Op.LIF: (
-        _a("tau", _NUM, 2.0), _a("v_th", _NUM, 0.3), _a("v_reset", _NUM, 0.0),
-        _a("reset", str, "hard", ("hard", "soft")), _a("surrogate", str, "atan", ("atan",)), _a("alpha", _NUM, 2.0),
-    ),
-    Op.OUTPUT: (
-        _a("task", str, "classification", ("classification", "regression")),
-        # regression: analog = one target per sample, read as mean_t of the top current; sequence = one per step,
-        # V_L[t] predicts y[:, t] (sequence-to-sequence, e.g. next-step prediction of a time series)
-        _a("target", str, "onehot", ("onehot", "population", "analog", "sequence")),
-        _a("n_classes", int, 0),
-        _a("population", int, 1),
-    ),
-    Op.RECO: (
-        _a("layer", int, required=True), _a("lam", _NUM, 0.6), _a("negatives", str, "all", ("all", "other_class")),
-        _a("eps", _NUM, 1e-8), _a("distill_on", str, "current", ("current", "membrane")),
-        _a("freq", bool, False), _a("freq_r", _NUM, 0.25), _a("lam_low", _NUM, 0.3), _a("lam_high", _NUM, 0.9),
-    ),
-    Op.CE: (_a("layer", int, required=True), _a("population", int, 1)),
-    Op.MSE: (_a("layer", int, required=True), _a("per_step", bool, False)),
-}
-
-
-def default_attrs(op: Op, /, **given: Any) -> dict[str, Any]:
-    """The full attribute dict of ``op``: defaults overridden by ``given`` (unknown keys are kept for validate).
-
-    ``op`` is positional-only so that an attribute named ``op`` (invalid, but a JSON file can hold one) reaches
-    validate as an unknown attribute instead of a TypeError here."""
-    out = {a.name: a.default for a in ATTRS[op] if not a.required}
-    out.update(given)
-    return out
 
 
 class FrozenAttrs(Mapping):
@@ -212,6 +133,91 @@ def _hash_key(v: Any) -> Any:
     except TypeError:
         return _UNHASHABLE
     return v
+
+
+# ---------------------------------------------------------------------------------------------------- attributes
+
+
+@dataclass(frozen=True)
+class Attr:
+    """One hyper-parameter of an op: its name, accepted types, default, and allowed values (if a choice)."""
+
+    name: str
+    types: tuple[type, ...]
+    default: Any = None
+    choices: tuple[Any, ...] | None = None
+    required: bool = False
+
+
+def _a(name: str, types: type | tuple[type, ...], default: Any = None, choices=None, required=False) -> Attr:
+    return Attr(name, types if isinstance(types, tuple) else (types,), default, choices, required)
+
+
+_NUM = (int, float)
+_SHAPE = (tuple,)
+
+# Attribute schemas, in printing order. A node's attrs are exactly these keys (validate checks it).
+ATTRS: dict[Op, tuple[Attr, ...]] = {
+    # sequence: the stimulus is [T, *shape] per sample, step t's slice is the current of step t (time series)
+    Op.INPUT: (_a("encoding", str, "direct", ("direct", "poisson", "sequence")),),
+    Op.TARGET: (
+        _a("encoding", str, "onehot", ("onehot", "population", "analog", "sequence")),
+        _a("n_classes", int, 0),
+        _a("population", int, 1),
+    ),
+    Op.LINEAR: (_a("in_features", int, required=True), _a("out_features", int, required=True), _a("bias", bool, True)),
+    Op.CONV2D: (
+        _a("in_channels", int, required=True), _a("out_channels", int, required=True),
+        _a("kernel", _SHAPE, required=True), _a("stride", _SHAPE, (1, 1)), _a("padding", _SHAPE, (0, 0)),
+        _a("bias", bool, True),
+    ),
+    Op.CONV_T2D: (
+        _a("in_channels", int, required=True), _a("out_channels", int, required=True),
+        _a("kernel", _SHAPE, required=True), _a("stride", _SHAPE, (1, 1)), _a("padding", _SHAPE, (0, 0)),
+        _a("output_padding", _SHAPE, (0, 0)), _a("bias", bool, True),
+    ),
+    Op.AVGPOOL2D: (_a("kernel", _SHAPE, required=True), _a("stride", _SHAPE, None)),
+    Op.MAXPOOL2D: (_a("kernel", _SHAPE, required=True), _a("stride", _SHAPE, None)),
+    Op.UPSAMPLE2D: (_a("size", _SHAPE, required=True),),
+    Op.FLATTEN: (),
+    Op.UNFLATTEN: (_a("shape", _SHAPE, required=True),),
+    Op.BATCHNORM: (_a("num_features", int, required=True), _a("eps", _NUM, 1e-5), _a("momentum", _NUM, 0.1)),
+    Op.ADD: (),
+    Op.LIF: (
+        _a("tau", _NUM, 2.0), _a("v_th", _NUM, 0.3), _a("v_reset", _NUM, 0.0),
+        _a("reset", str, "hard", ("hard", "soft")), _a("surrogate", str, "atan", ("atan",)), _a("alpha", _NUM, 2.0),
+    ),
+    # model: the declaration's name; params: its parameter values (the declaration's defaults fill the rest)
+    Op.NEURON: (
+        _a("model", str, required=True), _a("params", (Mapping,), FrozenAttrs()),
+        _a("surrogate", str, "atan", ("atan",)), _a("alpha", _NUM, 2.0),
+    ),
+    Op.OUTPUT: (
+        _a("task", str, "classification", ("classification", "regression")),
+        # regression: analog = one target per sample, read as mean_t of the top current; sequence = one per step,
+        # V_L[t] predicts y[:, t] (sequence-to-sequence, e.g. next-step prediction of a time series)
+        _a("target", str, "onehot", ("onehot", "population", "analog", "sequence")),
+        _a("n_classes", int, 0),
+        _a("population", int, 1),
+    ),
+    Op.RECO: (
+        _a("layer", int, required=True), _a("lam", _NUM, 0.6), _a("negatives", str, "all", ("all", "other_class")),
+        _a("eps", _NUM, 1e-8), _a("distill_on", str, "current", ("current", "membrane")),
+        _a("freq", bool, False), _a("freq_r", _NUM, 0.25), _a("lam_low", _NUM, 0.3), _a("lam_high", _NUM, 0.9),
+    ),
+    Op.CE: (_a("layer", int, required=True), _a("population", int, 1)),
+    Op.MSE: (_a("layer", int, required=True), _a("per_step", bool, False)),
+}
+
+
+def default_attrs(op: Op, /, **given: Any) -> dict[str, Any]:
+    """The full attribute dict of ``op``: defaults overridden by ``given`` (unknown keys are kept for validate).
+
+    ``op`` is positional-only so that an attribute named ``op`` (invalid, but a JSON file can hold one) reaches
+    validate as an unknown attribute instead of a TypeError here."""
+    out = {a.name: a.default for a in ATTRS[op] if not a.required}
+    out.update(given)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- node, graph

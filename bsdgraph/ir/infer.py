@@ -28,7 +28,7 @@ SHAPE_RULES: dict[Op, Callable[[Node, list[Shape]], Shape]] = {}
 ARITY: dict[Op, tuple[int, ...]] = {
     Op.INPUT: (0,), Op.TARGET: (0,), Op.LINEAR: (1,), Op.CONV2D: (1,), Op.CONV_T2D: (1,), Op.AVGPOOL2D: (1,),
     Op.MAXPOOL2D: (1,), Op.UPSAMPLE2D: (1,), Op.FLATTEN: (1,), Op.UNFLATTEN: (1,), Op.BATCHNORM: (1,), Op.ADD: (2,),
-    Op.LIF: (1,), Op.OUTPUT: (1,), Op.RECO: (2,), Op.CE: (1,), Op.MSE: (1, 2),
+    Op.LIF: (1,), Op.NEURON: (1,), Op.OUTPUT: (1,), Op.RECO: (2,), Op.CE: (1,), Op.MSE: (1, 2),
 }
 
 
@@ -155,7 +155,7 @@ def _add(node: Node, shapes: list[Shape]) -> Shape:
     return shapes[0]
 
 
-@rule(Op.LIF, Op.OUTPUT)
+@rule(Op.LIF, Op.NEURON, Op.OUTPUT)
 def _same(node: Node, shapes: list[Shape]) -> Shape:
     return shapes[0]
 

@@ -23,6 +23,8 @@ _SECTION = {
 
 
 def _fmt_value(v: Any) -> str:
+    if isinstance(v, FrozenAttrs):
+        return "{" + ",".join(f"{k}={_fmt_value(x)}" for k, x in v.items()) + "}"
     if isinstance(v, tuple):
         return "(" + ",".join(_fmt_value(x) for x in v) + ")"
     return str(v)

@@ -14,6 +14,7 @@ import networkx as nx
 
 from bsdgraph.ir.diagnostics import Diagnostic, GraphError
 from bsdgraph.ir.infer import ARITY, SHAPE_RULES, ShapeError
+from bsdgraph.ir.neurons import NEURONS
 from bsdgraph.ir.graph import ATTRS, GroupOp, Graph, Node, Op, Stream
 from bsdgraph.registry import registrar
 
@@ -267,6 +268,28 @@ def _lif(n: Node, g: Graph):
     if a["v_th"] <= a["v_reset"]:
         yield (f"v_th={a['v_th']!r} must be above v_reset={a['v_reset']!r}",
                "a threshold at or below the reset potential fires every step; e.g. v_th=0.3, v_reset=0")
+    yield from _positive(n, "alpha")
+
+
+@check(Op.NEURON)
+def _neuron(n: Node, g: Graph):
+    a = n.attrs
+    neuron = NEURONS.get(a["model"])
+    if neuron is None:
+        yield (f"no neuron called {a['model']!r}", f"declared: {', '.join(sorted(NEURONS))}; declare a new one with "
+               "bsdgraph.declare_neuron(...) in the model file before build()")
+        return
+    known = dict(neuron.params)
+    ok = True
+    for k, v in a["params"].items():
+        if k not in known:
+            ok = False
+            yield f"{neuron.name} has no parameter {k!r}", f"its parameters: {', '.join(known) or 'none'}"
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            ok = False
+            yield f"parameter {k} must be a finite number, got {v!r}", ""
+    if ok:
+        yield from neuron.check_params(neuron.param_values(a["params"]))
     yield from _positive(n, "alpha")
 
 

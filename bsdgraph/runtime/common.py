@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from bsdgraph.errors import UserError
-from bsdgraph.ir.graph import Graph, Node, Op
+from bsdgraph.ir.graph import Graph, GroupOp, Node, Op
+from bsdgraph.ir.neurons import is_spiking
 from bsdgraph.runtime.losses import class_scores, regression_prediction
 from bsdgraph.ir.params import Params
 
@@ -135,4 +136,5 @@ def clip_per_node(params: Params, max_norm: float) -> None:
 
 
 def rates_of(g: Graph, env: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {n.name: float(env[n.name].detach().float().mean()) for n in g.by_op(Op.LIF) if n.name in env}
+    return {n.name: float(env[n.name].detach().float().mean()) for n in g.by_op(*GroupOp.NEURON)
+            if n.name in env and is_spiking(n)}

@@ -111,9 +111,10 @@ class Executor:
         self.steps = 0
         self.compile_mode, self.compile_why = resolve_compile(compile, self.device)
         if self.compile_mode != "off":
-            if "lif_backward" in self.plan.kernels():
-                raise ValueError(f"--compile {compile} does not cover distill_on=membrane yet: the LIF's surrogate "
-                                 "backward runs autograd inside the step, which torch.compile cannot put in one graph")
+            if {"lif_backward", "neuron_backward"} & set(self.plan.kernels()):
+                raise ValueError(f"--compile {compile} does not cover distill_on=membrane yet: the neuron's "
+                                 "surrogate backward runs autograd inside the step, which torch.compile cannot put "
+                                 "in one graph")
             if self.device.type != "cpu":
                 raise ValueError(f"--compile {compile} runs on the CPU only for now: the Triton kernels are not "
                                  "registered with torch.library yet, so Dynamo cannot trace them")

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from bsdgraph.registry import registrar
 from bsdgraph.ir.graph import Graph, GroupOp, Node, Op, Stream
 from bsdgraph.runtime.losses import LOSS_IMPLS
-from bsdgraph.ir.neuron import lif_scan
+from bsdgraph.ir.neurons import neuron_of
+from bsdgraph.runtime.neurons import twin_scan, twin_step_fn
 from bsdgraph.ir.params import Params, init_params, init_state
 from bsdgraph.runtime.common import (
     ExecutionError, OptimConfig, StepResult, clip_per_node, encode_input, encode_target, make_optimizer, rates_of,
     readout, step_seed,
 )
-from kernels.ref.lif import SpikeFn, lif_step
 
 
 @dataclass
@@ -118,12 +118,14 @@ def _batchnorm(n: Node, args, ctx: Ctx):
                                             a["momentum"], a["eps"]), args[0])
 
 
-@impl(Op.LIF)
-def _lif(n: Node, args, ctx: Ctx):
-    a = n.attrs
-    spikes, h = lif_scan(args[0], a["tau"], a["v_th"], a["v_reset"], a["reset"] == "soft", a["alpha"])
+@impl(Op.LIF, Op.NEURON)
+def _neuron(n: Node, args, ctx: Ctx):
+    # every neuron runs its declaration's generated twin; for the lif op that twin is bitwise kernels/ref/lif.py's
+    # recurrence (tests/test_neurons.py), so the specification of the LIF did not change
+    neuron, values = neuron_of(n)
+    out, h = twin_scan(neuron, values, args[0], n.attrs["alpha"])
     ctx.membrane[n.name] = h
-    return spikes
+    return out
 
 
 @impl(Op.OUTPUT)
@@ -147,7 +149,7 @@ def run_graph(g: Graph, ctx: Ctx, streams: frozenset[Stream] = frozenset(Stream)
 
     Nodes outside recurrent loops run once over all T steps, in topological order. A recurrent loop (a strongly
     connected component closed by delay edges) runs step by step: at step t each member reads its in-loop
-    operands at t - delay (zero before the first step) and its LIF neurons carry their membrane to the next step.
+    operands at t - delay (zero before the first step) and its neurons carry their states to the next step.
     """
     env: dict[str, torch.Tensor] = {}
     for group in _schedule(g):
@@ -181,7 +183,7 @@ def _eval(g: Graph, n: Node, env, ctx: Ctx) -> torch.Tensor:
     args = []
     membrane = n.op in GroupOp.LOSS and n.attrs.get("distill_on") == "membrane"
     for e in g.in_edges(n.name):
-        v = ctx.membrane[e.src] if membrane and g[e.src].op == Op.LIF else env[e.src]
+        v = ctx.membrane[e.src] if membrane and g[e.src].op in GroupOp.NEURON else env[e.src]
         v = _shift(v, e.delay)
         args.append(v.detach() if e.detach else v)
     return IMPLS[n.op](n, args, ctx)
@@ -198,9 +200,10 @@ def _run_loop(g: Graph, nodes: list[Node], env, ctx: Ctx) -> dict[str, torch.Ten
     """One recurrent loop, step by step. Non-neuron members run their usual impl on a one-step slice."""
     members = {n.name for n in nodes}
     steps: dict[str, list[torch.Tensor]] = {n.name: [] for n in nodes}
-    hs: dict[str, list[torch.Tensor]] = {n.name: [] for n in nodes if n.op == Op.LIF}
-    v: dict[str, torch.Tensor | None] = {name: None for name in hs}
+    hs: dict[str, list[torch.Tensor]] = {n.name: [] for n in nodes if n.op in GroupOp.NEURON}
+    states: dict[str, tuple | None] = {name: None for name in hs}
     outside = next(env[e.src] for n in nodes for e in g.in_edges(n.name) if e.src not in members)
+    step = {name: _step_fn(g[name], outside) for name in hs}
     zero = {n.name: outside.new_zeros(outside.shape[1], *n.shape) for n in nodes}  # s[-1] = 0 for every member
     for t in range(ctx.T):
         for n in nodes:
@@ -212,9 +215,10 @@ def _run_loop(g: Graph, nodes: list[Node], env, ctx: Ctx) -> dict[str, torch.Ten
                 else:
                     a = env[e.src][t - e.delay: t - e.delay + 1] if t >= e.delay else torch.zeros_like(env[e.src][:1])
                 args.append(a.detach() if e.detach else a)
-            if n.op == Op.LIF:
-                out, h, v[n.name] = _lif_step(n, args[0], v[n.name])
-                hs[n.name].append(h[0])
+            if n.name in step:
+                out, h, states[n.name] = step[n.name](args[0][0], states[n.name])
+                out = out.unsqueeze(0)
+                hs[n.name].append(h)
             else:
                 out = IMPLS[n.op](n, args, ctx)
             steps[n.name].append(out[0])
@@ -223,13 +227,10 @@ def _run_loop(g: Graph, nodes: list[Node], env, ctx: Ctx) -> dict[str, torch.Ten
     return {name: torch.stack(vals) for name, vals in steps.items()}
 
 
-def _lif_step(n: Node, current: torch.Tensor, v: torch.Tensor | None):
-    """One step of the spec's neuron from membrane ``v``: (spikes, h, v after the reset)."""
-    a = n.attrs
-    v = torch.zeros_like(current[0]) if v is None else v
-    s, h, v = lif_step(v, current[0], a["tau"], a["v_th"], a["v_reset"], a["reset"] == "soft",
-                       lambda x: SpikeFn.apply(x, a["v_th"], a["alpha"]))
-    return s.unsqueeze(0), h.unsqueeze(0), v
+def _step_fn(n: Node, like: torch.Tensor):
+    """One step of a neuron node's twin: (x[t], states | None) -> (value, h, states)."""
+    neuron, values = neuron_of(n)
+    return twin_step_fn(neuron, values, like, n.attrs["alpha"], grad=True)
 
 
 class ReferenceRuntime:

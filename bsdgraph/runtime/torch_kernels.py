@@ -28,6 +28,8 @@ from bsdgraph.runtime.local_adamw import adamw_step
 from bsdgraph.runtime.losses import band_split, class_scores, per_sample
 from bsdgraph.runtime.reco_dedup import reco_loss_grad_dedup
 from kernels.ref.encode import poisson_encode
+from bsdgraph.ir.neurons import neuron_of
+from bsdgraph.runtime.neurons import twin_backward, twin_forward, twin_step_fn
 from kernels.ref.lif import lif_backward, lif_forward
 from kernels.ref.linear_lif import rec_lif_forward
 from kernels.ref.local_update import weight_grad
@@ -36,6 +38,7 @@ from kernels.ref.reco import reco_loss_grad
 # The primitives a backend plugs in (same signatures as the launchers in kernels/): the torch twins here, the
 # Triton launchers in the triton backend. Kernels call them as ``ctx.prims.<name>``.
 TWIN_PRIMS = dict(lif_forward=lif_forward, lif_backward=lif_backward, weight_grad=weight_grad,
+                  neuron_forward=twin_forward, neuron_backward=twin_backward,
                   reco_loss_grad=reco_loss_grad, poisson_encode=poisson_encode, rec_lif_forward=rec_lif_forward)
 
 KERNELS: dict = {}
@@ -169,8 +172,9 @@ def neuron_outputs(ctx: Ctx, lif: str, spikes, h=None, current_node: str | None 
                    grouping=None) -> tuple:
     """A neuron launch's outputs: its spikes and firing rate, h and the current V when a loss reads them (a
     time-invariant current, identical over T, is stored once)."""
-    out = {value(lif): spikes, Ref(Kind.MEMBRANE, lif): h,
-           Ref(Kind.RATE, lif): row_mean(ctx, value(lif), spikes, grouping)}
+    out = {value(lif): spikes, Ref(Kind.MEMBRANE, lif): h}
+    if ctx.wants(Ref(Kind.RATE, lif)):
+        out[Ref(Kind.RATE, lif)] = row_mean(ctx, value(lif), spikes, grouping)
     if current is not None and current_node is not None and ctx.wants(value(current_node)):
         out[value(current_node)] = current[0] if ctx.time_invariant(value(current_node)) else current
     return ctx.outputs(out)
@@ -214,6 +218,41 @@ def linear_lif_rec(ctx: Ctx, src, *rest):
     spikes, v, h = ctx.prims.rec_lif_forward(current, *_wb(args, rec), *_lif_attrs(ctx, name),
                                              ctx.wants(value(add)), ctx.wants(Ref(Kind.MEMBRANE, name)))
     return neuron_outputs(ctx, name, spikes, h, add, v, _grouping(rest))
+
+
+@kernel("neuron_forward")
+def neuron(ctx: Ctx, current, *rest):
+    """A declared neuron over T (ir/neurons.py): the generated twin on the cpu, the generated kernel on Triton."""
+    (name,) = ctx.launch.nodes
+    cur = steps(ctx, ctx.launch.reads[0], current, ctx.graph[name].shape)
+    decl, values = neuron_of(ctx.graph[name])
+    out, h = ctx.prims.neuron_forward(decl, values, cur.contiguous(), ctx.wants(Ref(Kind.MEMBRANE, name)))
+    return neuron_outputs(ctx, name, out, h, grouping=_grouping(rest))
+
+
+@kernel("neuron_rec_forward")
+def neuron_rec(ctx: Ctx, src, *rest):
+    """A recurrent layer of a declared neuron: the feedforward GEMM over all rows at once, then the time loop of
+    the generated twin step, where step t adds value[t-1] Uᵀ (the reference's expression, in its order)."""
+    ff, rec, add, name = ctx.launch.nodes
+    args = ctx.args((src, *rest))
+    current = synapse(ctx, ff, ctx.launch.reads[0], src, *_wb(args, ff)).contiguous()
+    w, b = _wb(args, rec)
+    decl, values = neuron_of(ctx.graph[name])
+    step = twin_step_fn(decl, values, current, 2.0, grad=False)
+    prev, states, outs, hs, currents = torch.zeros_like(current[0]), None, [], [], []
+    with torch.no_grad():
+        for t in range(ctx.T):
+            i = current[t] + torch.nn.functional.linear(prev, w, b)
+            prev, h, states = step(i, states)
+            outs.append(prev)
+            hs.append(h)
+            currents.append(i)
+    out = torch.stack(outs)
+    out = out.to(torch.uint8) if decl.spiking else out
+    want_h = ctx.wants(Ref(Kind.MEMBRANE, name))
+    return neuron_outputs(ctx, name, out, torch.stack(hs) if want_h else None, add,
+                          torch.stack(currents) if ctx.wants(value(add)) else None, _grouping(rest))
 
 
 @kernel("torch.batch_norm")
@@ -487,6 +526,17 @@ def lif_back(ctx: Ctx, grad_h, h):
     grad_h, h = steps(ctx, ctx.launch.reads[0], grad_h, n.shape), steps(ctx, ctx.launch.reads[1], h, n.shape)
     return (ctx.prims.lif_backward(grad_h.contiguous(), h.contiguous(), *_lif_attrs(ctx, n.name),
                                    n.attrs["alpha"]),)
+
+
+@kernel("neuron_backward")
+def neuron_back(ctx: Ctx, grad_h, current):
+    """dL/d current of a declared neuron from dL/dh, recomputing its forward from the saved input current."""
+    n = ctx.node
+    grad_h = steps(ctx, ctx.launch.reads[0], grad_h, n.shape)
+    current = steps(ctx, ctx.launch.reads[1], current, n.shape)
+    decl, values = neuron_of(n)
+    return (ctx.prims.neuron_backward(decl, values, n.attrs["alpha"], current.contiguous(), None,
+                                      grad_h.contiguous()),)
 
 
 @kernel("torch.avg_pool2d_backward", "torch.max_pool2d_backward", "torch.upsample_nearest2d_backward")

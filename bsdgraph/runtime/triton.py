@@ -28,12 +28,30 @@ def available() -> tuple[bool, str]:
 
 def _prims() -> dict:
     from kernels.encode import poisson_encode
-    from kernels.lif import lif_backward, lif_forward
+    from kernels.lif import lif_backward
     from kernels.local_update import weight_grad
     from kernels.reco import reco_loss_grad
 
-    return dict(lif_forward=lif_forward, lif_backward=lif_backward, weight_grad=weight_grad,
-                reco_loss_grad=reco_loss_grad, poisson_encode=poisson_encode)
+    from bsdgraph.runtime.neurons import triton_backward, triton_forward
+
+    return dict(lif_forward=_generated_lif, lif_backward=lif_backward, weight_grad=weight_grad,
+                reco_loss_grad=reco_loss_grad, poisson_encode=poisson_encode, neuron_forward=triton_forward,
+                neuron_backward=triton_backward)
+
+
+def _generated_lif(current, tau, v_th, v_reset, soft_reset, v_init=None, return_h=False):
+    """The LIF forward from the ``lif``/``lif_soft`` declaration's generated kernel (compiler/neuron_gen.py), which
+    replaced the hand-written kernels/lif.py forward (kept as the test oracle; spikes and h are bitwise equal,
+    tests/test_neurons.py). ``v_init`` is not part of the generated contract: no engine launch passes one."""
+    from bsdgraph.ir.neurons import NEURONS
+    from bsdgraph.runtime.neurons import triton_forward
+
+    if v_init is not None:
+        raise ValueError("lif_forward: the generated LIF kernel starts from v = 0; v_init is not supported")
+    out, h = triton_forward(NEURONS["lif_soft" if soft_reset else "lif"], {"tau": tau, "v_th": v_th,
+                                                                           "v_reset": v_reset},
+                            current, return_h)
+    return out, h
 
 
 def _spikes_in(ctx, src, in_features: int) -> torch.Tensor:

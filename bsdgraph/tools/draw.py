@@ -20,7 +20,7 @@ STYLE: dict[Op, tuple[str, str]] = {
     Op.LINEAR: ("#cfe2f3", "box"), Op.CONV2D: ("#cfe2f3", "box"), Op.CONV_T2D: ("#cfe2f3", "box"),
     Op.AVGPOOL2D: ("#eeeeee", "box"), Op.MAXPOOL2D: ("#eeeeee", "box"), Op.UPSAMPLE2D: ("#eeeeee", "box"),
     Op.FLATTEN: ("#eeeeee", "box"), Op.UNFLATTEN: ("#eeeeee", "box"),
-    Op.BATCHNORM: ("#d9ead3", "box"), Op.ADD: ("#eeeeee", "circle"), Op.LIF: ("#fce5cd", "box"),
+    Op.BATCHNORM: ("#d9ead3", "box"), Op.ADD: ("#eeeeee", "circle"), Op.LIF: ("#fce5cd", "box"), Op.NEURON: ("#fce5cd", "box"),
     Op.RECO: ("#f4cccc", "diamond"), Op.CE: ("#f4cccc", "diamond"), Op.MSE: ("#f4cccc", "diamond"),
 }
 COLUMN = {Stream.F: 0.0, Stream.LOSS: 1.0, Stream.B: 2.0}

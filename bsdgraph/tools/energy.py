@@ -24,6 +24,7 @@ import torch
 
 from bsdgraph.compiler.feedback import segment
 from bsdgraph.ir.graph import Graph, GroupOp, Op
+from bsdgraph.ir.neurons import is_spiking
 
 E_AC_PJ, E_MAC_PJ = 0.9, 4.6
 ANALOG = ("direct", "sequence")  # stimulus encodings that feed analog values (MACs), not spikes
@@ -51,13 +52,14 @@ def _fan_out(g: Graph, syn: str) -> float:
 
 
 def _input_rate(g: Graph, syn: str, rates: dict[str, float]) -> float | None:
-    """Firing rate of the spikes a synapse reads (through pooling/flatten), None for the analog stimulus."""
+    """Firing rate of the spikes a synapse reads (through pooling/flatten), None for an analog input (the
+    stimulus, or a non-spiking neuron such as a leaky integrator): those cost a MAC per weight."""
     src = g.inputs(syn)[0]
     while src.op in GroupOp.TRANSFORM:
         src = g.inputs(src.name)[0]
     if src.op == Op.INPUT:
         return None if src.attrs["encoding"] in ANALOG else rates.get(src.name, 0.0)
-    return rates[src.name]
+    return rates[src.name] if is_spiking(src) else None
 
 
 def estimate(g: Graph, rates: dict[str, float], e_ac: float = E_AC_PJ, e_mac: float = E_MAC_PJ,
@@ -99,8 +101,8 @@ def measured_rates(rt, x: torch.Tensor, batch_size: int = 500) -> dict[str, floa
     for i in range(0, len(x), batch_size):
         xb = x[i:i + batch_size]
         env = run_graph(g, Ctx(rt.params, rt.state, g.T, xb, None, False, 0), frozenset({Stream.F}))
-        for lif in g.by_op(Op.LIF):
-            if lif.stream == Stream.F:
+        for lif in g.by_op(*GroupOp.NEURON):
+            if lif.stream == Stream.F and is_spiking(lif):
                 sums[lif.name] = sums.get(lif.name, 0.0) + float(env[lif.name].float().mean()) * len(xb)
         n += len(xb)
     return {k: v / n for k, v in sums.items()}

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from bsdgraph.train.checkpoint import CheckpointError
-from bsdgraph.ir.graph import Graph, Op, Stream
+from bsdgraph.ir.graph import Graph, GroupOp, Op, Stream
 
 
 class FrechetError(CheckpointError):
@@ -91,7 +91,7 @@ def load_feature_net(checkpoint: str | Path, stimulus_shape: tuple[int, ...]) ->
     if math.prod(shape) != math.prod(stimulus_shape):
         raise FrechetError(f"{path}: the classifier takes {list(shape)} inputs but the images are "
                            f"{list(stimulus_shape)}; use a classifier trained on the same data")
-    lifs = [n for n in graph.topo_order() if n.op == Op.LIF and n.stream == Stream.F]
+    lifs = [n for n in graph.topo_order() if n.op in GroupOp.NEURON and n.stream == Stream.F]
     if not lifs:
         raise FrechetError(f"{path}: the classifier has no hidden LIF layer whose features could be compared; {fix}")
     layer = graph.inputs(lifs[-1].name)[0].name

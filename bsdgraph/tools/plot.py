@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from bsdgraph.errors import UserError
-from bsdgraph.ir.graph import Op, Stream
+from bsdgraph.ir.graph import GroupOp, Op, Stream
+from bsdgraph.ir.neurons import is_spiking
 from bsdgraph.train.records import is_epoch_record
 
 
@@ -79,7 +80,7 @@ def plot_raster(graph, params, state, x: torch.Tensor, y: torch.Tensor, out: Pat
     from bsdgraph.runtime.reference import Ctx, run_graph
 
     env = run_graph(graph, Ctx(params, state, graph.T, x, y, False, 0))
-    lifs = graph.by_op(Op.LIF)
+    lifs = [n for n in graph.by_op(*GroupOp.NEURON) if is_spiking(n)]
     fig, axes = _plt().subplots(1, len(lifs), figsize=(2.2 * len(lifs), 5), squeeze=False)
     for ax, n in zip(axes[0], lifs):
         s = env[n.name][:, 0].reshape(graph.T, -1).T  # [neurons, T]

@@ -13,7 +13,8 @@ import math
 
 import torch
 
-from bsdgraph.ir.graph import GroupOp, Graph, Op, Stream
+from bsdgraph.ir.graph import GroupOp, Graph, Stream
+from bsdgraph.ir.neurons import is_spiking
 from bsdgraph.ir.params import Params, init_state
 from bsdgraph.runtime.reference import Ctx, run_graph
 
@@ -32,7 +33,7 @@ def _calibrated_layers(g: Graph) -> list[tuple[str, str, Stream]]:
     for n in g.topo_order():
         if n.op in GroupOp.SYNAPSE:
             nxt = [c for c in g.consumers(n.name) if c.op not in GroupOp.LOSS]
-            if len(nxt) == 1 and nxt[0].op == Op.LIF:
+            if len(nxt) == 1 and is_spiking(nxt[0]):
                 out.append((n.name, nxt[0].name, n.stream))
     return out
 
