@@ -10,12 +10,14 @@ from bsdgraph.ir.graph import Edge, Graph, GroupOp, Node, Op, Stream
 from bsdgraph.ir.builder import GraphBuilder
 from bsdgraph.ir.printer import format_graph, from_json, to_json
 from bsdgraph.ir.diagnostics import Diagnostic, GraphError
+from bsdgraph.ir.neurons import NEURONS, Neuron, NeuronError, declare_neuron
 from bsdgraph.ir.validate import validate
 
 from bsdgraph.version import __version__
 
 __all__ = [
-    "__version__", "BSDConfig", "Diagnostic", "Edge", "Graph", "GraphBuilder", "GraphError", "GroupOp", "Node", "Op",
+    "__version__", "BSDConfig", "Diagnostic", "Edge", "Graph", "GraphBuilder", "GraphError", "GroupOp", "NEURONS",
+    "Neuron", "NeuronError", "Node", "Op", "declare_neuron",
     "Program", "Stream", "compile_model", "derive_feedback", "format_graph", "from_json", "pairing", "segment",
     "to_json", "validate",
 ]

@@ -41,8 +41,11 @@ def test_compile_cnn_backward_shows_exact_transposed_convolutions(capsys):
 def test_every_model_file_compiles_to_json(capsys, model):
     code, out, _ = run(capsys, "compile", str(ROOT / "models" / model), "--json")
     doc = json.loads(out)
-    assert code == 0 and set(doc) == {"model", "ir", "backward", "pairing", "plan", "step"}
+    assert code == 0 and set(doc) == {"model", "ir", "backward", "pairing", "plan", "step", "kernels"}
     assert doc["plan"]["kernels"]
+    # each neuron type's generated twin and Triton source, listing the nodes of that type (F's and B's)
+    assert doc["kernels"]["lif"]["nodes"] and "def forward_kernel(" in doc["kernels"]["lif"]["triton"]
+    ast.parse(doc["kernels"]["lif"]["twin"])
     # the generated step: one statement per launch of the plan, and source Python accepts
     step = doc["step"]["step"]
     ast.parse(step)

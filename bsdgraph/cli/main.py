@@ -20,6 +20,7 @@ from bsdgraph.errors import UsageError, UserError
 from bsdgraph.compiler.feedback import pairing
 from bsdgraph.compiler.program import compile_model
 from bsdgraph.compiler.model_file import load_model
+from bsdgraph.compiler.neuron_gen import triton_source, twin_source
 from bsdgraph.ir.printer import format_graph, to_dict
 
 
@@ -31,10 +32,30 @@ def _pairing_table(bsd) -> str:
     return "\n".join(lines)
 
 
+def _neurons(bsd) -> dict:
+    """Each neuron declaration the BSD graph uses -> the nodes using it."""
+    from bsdgraph.ir.graph import GroupOp
+    from bsdgraph.ir.neurons import neuron_of
+
+    out: dict = {}
+    for n in bsd.by_op(*GroupOp.NEURON):
+        out.setdefault(neuron_of(n)[0], []).append(n.name)
+    return out
+
+
+def _kernels_text(bsd) -> str:
+    parts = []
+    for decl, nodes in _neurons(bsd).items():
+        parts.append(f"== neuron {decl.name!r} (nodes {', '.join(nodes)}): generated torch twin\n{twin_source(decl)}"
+                     f"\n== neuron {decl.name!r}: generated Triton kernels (forward over T; backward)\n"
+                     f"{triton_source(decl)}")
+    return "\n".join(parts)
+
+
 def cmd_compile(args) -> int:
     program = compile_model(load_model(args.model))
     bsd, plan = program.graph, program.plan
-    stages = ["ir", "backward", "plan", "step"] if args.emit == "all" else [args.emit]
+    stages = ["ir", "backward", "plan", "step", "kernels"] if args.emit == "all" else [args.emit]
     if args.emit == "dot":  # Graphviz text; --json does not apply
         from bsdgraph.tools.draw import to_dot
 
@@ -47,6 +68,8 @@ def cmd_compile(args) -> int:
                    if "backward" in stages else {})
         doc.update({"plan": plan.to_dict()} if "plan" in stages else {})
         doc.update({"step": {name: code.source for name, code in program.code.items()}} if "step" in stages else {})
+        doc.update({"kernels": {d.name: {"nodes": nodes, "twin": twin_source(d), "triton": triton_source(d)}
+                                for d, nodes in _neurons(bsd).items()}} if "kernels" in stages else {})
         text = json.dumps(doc, indent=1)
     else:
         parts = {
@@ -56,6 +79,7 @@ def cmd_compile(args) -> int:
             "plan": lambda: "== plan\n" + str(plan) + "\n\n" + _energy_bound(program.forward),
             "step": lambda: "== generated step (one statement per launch; K[i], C[i]: launch i's kernel and "
                             "context)\n" + program.code["step"].source,
+            "kernels": lambda: _kernels_text(bsd),
         }
         text = "\n\n".join(parts[s]() for s in stages)
     _write(text, args.output, args.force)
@@ -89,9 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "local losses, lower to a kernel plan, generate its step function, and print "
                                    "the requested stages.")
     c.add_argument("model", metavar="MODEL.py")
-    c.add_argument("--emit", choices=["ir", "backward", "plan", "step", "dot", "all"], default="all",
+    c.add_argument("--emit", choices=["ir", "backward", "plan", "step", "kernels", "dot", "all"], default="all",
                    help="stage to show: ir (F), backward (F + derived B + losses + pairing), plan, step (the "
-                        "generated step function), all (default), or dot (the BSD graph for Graphviz)")
+                        "generated step function), kernels (each neuron's generated twin and Triton kernels), "
+                        "all (default), or dot (the BSD graph for Graphviz)")
     c.add_argument("--json", action="store_true", help="machine-readable JSON instead of text")
     c.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     c.add_argument("--force", action="store_true", help="replace FILE even if bsdgraph did not write it")

@@ -27,6 +27,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from bsdgraph import env
 from bsdgraph.ir.neurons import INPUT, SPIKE, Neuron, names_in
 
@@ -268,8 +270,10 @@ def twin_source(neuron: Neuron) -> str:
     if ir.n_params:
         lines.append(f"    {', '.join(f'P{i}' for i in range(ir.n_params))}, = P")
     lines.append(f"    {', '.join(f'S{j}_0' for j in range(k))}, = states")
-    lines.append(f"    {ZERO} = x * 0")
-    lines += [f"    {_statement(ir, t, e, False)}" for t, e in ir.assigns]
+    body = [f"    {_statement(ir, t, e, False)}" for t, e in ir.assigns]
+    if any(f"{ZERO} +" in line for line in body):
+        lines.append(f"    {ZERO} = zeros_like(x)")
+    lines += body
     lines.append(f"    return {ir.out}, {ir.h}, ({', '.join(ir.post)},)")
     return "\n".join(lines) + "\n"
 
@@ -395,7 +399,7 @@ def _load(source: str, stem: str, namespace: str):
 @functools.lru_cache(maxsize=None)
 def twin_step(neuron: Neuron):
     """The compiled twin ``step`` function of ``neuron`` (see ``twin_source``)."""
-    namespace: dict = {}
+    namespace: dict = {"zeros_like": torch.zeros_like}
     exec(compile(twin_source(neuron), f"<bsdgraph neuron {neuron.name}>", "exec"), namespace)  # noqa: S102
     return namespace["step"]
 
