@@ -24,6 +24,12 @@ def mlp(encoding="direct"):
     return g.build()
 
 
+def declared():
+    """Declared neurons (two states, an adaptive threshold) in a feedforward and a recurrent layer."""
+    g = GraphBuilder("d", T=3)
+    h = g.neuron("cuba_lif", g.linear(g.flatten(g.input((1, 4, 5))), 12), tau_syn=1.5)
+    g.output(g.linear(g.recurrent_neuron("alif", g.linear(h, 10), beta=0.5), 3))
+    return g.build()
 
 
 CASES = {
@@ -32,6 +38,7 @@ CASES = {
     "mlp-poisson": (lambda: mlp("poisson"), BSDConfig(), lambda f: batch(f, B=6, scale=2.0)),
     "cnn-batchnorm": (cnn, BSDConfig(), lambda f: batch(f, B=6, scale=2.0)),
     "rnn": (lambda: rec.rnn(encoding="sequence", task="classification"), BSDConfig(), rec.data),
+    "declared-neurons": (declared, BSDConfig(), lambda f: batch(f, B=6, scale=2.0)),
 }
 
 

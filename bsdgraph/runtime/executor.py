@@ -26,6 +26,7 @@ from bsdgraph.ir.graph import Op
 from bsdgraph.ir.params import Params, init_params, init_state
 from bsdgraph.runtime.common import ExecutionError, OptimConfig, StepResult, make_optimizer, readout, step_seed
 from bsdgraph.runtime.context import Ctx, Kernel
+from bsdgraph.runtime.neurons import prepare as prepare_neurons
 
 Observer = Callable[[Launch, tuple, tuple], None]
 
@@ -111,6 +112,7 @@ class Executor:
         self.steps = 0
         self.compile_mode, self.compile_why = resolve_compile(compile, self.device)
         if self.compile_mode != "off":
+            prepare_neurons(self.graph, self.device)
             if {"lif_backward", "neuron_backward"} & set(self.plan.kernels()):
                 raise ValueError(f"--compile {compile} does not cover distill_on=membrane yet: the neuron's "
                                  "surrogate backward runs autograd inside the step, which torch.compile cannot put "

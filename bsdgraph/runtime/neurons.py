@@ -51,9 +51,33 @@ def _zeros(neuron: Neuron, x0: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(torch.zeros_like(x0) for _ in neuron.states)
 
 
+# (name, parameter values, dtype, device) -> (declaration, twin step, parameter tensors). A plain dict with a
+# constant key, filled by prepare() before torch.compile traces a step: Dynamo reads a hit as a constant, while it
+# would trace into the code generation (and exec) behind a functools cache.
+_PREPARED: dict[tuple, tuple] = {}
+
+
+def _prepared(neuron: Neuron, values: Mapping[str, float], like: torch.Tensor):
+    key = (neuron.name, tuple(sorted(values.items())), like.dtype, str(like.device))
+    hit = _PREPARED.get(key)
+    if hit is None or hit[0] is not neuron:
+        hit = _PREPARED[key] = (neuron, twin_step(neuron), _params(neuron, values, like))
+    return hit[1], hit[2]
+
+
+def prepare(graph, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    """Generate (once) the twin of every declared neuron of ``graph``, ahead of a traced step."""
+    from bsdgraph.ir.graph import Op
+    from bsdgraph.ir.neurons import neuron_of
+
+    like = torch.empty(0, dtype=dtype, device=device)
+    for n in graph.by_op(Op.NEURON):
+        _prepared(*neuron_of(n), like)
+
+
 def twin_step_fn(neuron: Neuron, values: Mapping[str, float], like: torch.Tensor, alpha: float, grad: bool):
     """``step(x_t, states) -> (out, h, states)`` for one time step (the reference's recurrent loop uses it)."""
-    fn, P = twin_step(neuron), _params(neuron, values, like)
+    fn, P = _prepared(neuron, values, like)
     spike = (lambda lhs, rhs: Heaviside.apply(lhs, rhs, alpha)) if grad else (
         lambda lhs, rhs: (lhs >= rhs).to(lhs.dtype))
     return lambda x, states: fn(x, states if states is not None else _zeros(neuron, x), P, spike)
