@@ -62,8 +62,11 @@ def _array_values(v: np.ndarray, field: str):
 
 
 SCALARS = [0, -1, 2.5, np.nan, np.inf, "same", "weird", (1, 2, 3), None, 10 ** 12]
-SWAPS = {"LIF": lambda n: nir.IF(r=n.r, v_threshold=n.v_threshold), "Affine": lambda n: nir.Scale(n.bias),
-         "Conv2d": lambda n: nir.Delay(np.ones(1)), "Flatten": lambda n: nir.Threshold(np.ones(1))}
+# node type -> (its replacement, verdict). An IF in place of a LIF is a valid network since IF imports: it imports
+# after an Affine (its dt·r folds into it) and is refused after a batchnorm, which cannot take that factor.
+SWAPS = {"LIF": (lambda n: nir.IF(r=n.r, v_threshold=n.v_threshold), None),
+         "Affine": (lambda n: nir.Scale(n.bias), True), "Conv2d": (lambda n: nir.Delay(np.ones(1)), True),
+         "Flatten": (lambda n: nir.Threshold(np.ones(1)), True)}
 META = {  # node metadata["bsdgraph"] edits no import may accept: key -> (value, the NIR type whose rule reads it)
     "encoding": ("morse", "Input"), "surrogate": (5, "LIF"), "alpha": ("x", "LIF"), "task": ("bogus", "Output"),
     "population": (0, "Output"), "op": ("target", "Input"),
@@ -123,8 +126,9 @@ def _swap_type(draw, g, name):
     kind = type(g.nodes[name]).__name__
     if kind not in SWAPS:
         reject()
-    g.nodes[name] = SWAPS[kind](g.nodes[name])
-    return True, f"{name}: {kind} -> {type(g.nodes[name]).__name__}"
+    make, verdict = SWAPS[kind]
+    g.nodes[name] = make(g.nodes[name])
+    return verdict, f"{name}: {kind} -> {type(g.nodes[name]).__name__}"
 
 
 def _rename(draw, g, name):

@@ -13,6 +13,7 @@ model file), else ``init_params(graph, seed=0)`` with a note on stderr.
 from __future__ import annotations
 
 import ast
+from collections.abc import Mapping
 import sys
 import zipfile
 import zlib
@@ -175,21 +176,39 @@ def model_source(imp, weights_name: str, source: str) -> str:
                       "READOUT is the LIF that `bsdgraph run` applies to the output current (None: none).", ""])
     build = [ast.Assign([ast.Name("g", ast.Store())], py.call(py.name("GraphBuilder"), [py.literal(g.name)],
                                                              T=py.literal(g.T), dt=py.literal(g.dt)))]
+    delayed = [e for e in g.edges if e.delay]
     for n in g.nodes:
-        kwargs = {"name": py.literal(n.name), **({"shape": py.literal(tuple(n.shape))} if n.op == Op.INPUT else {}),
-                  **{k: py.literal(v) for k, v in n.attrs.items()}}
-        srcs = [e.src for e in g.in_edges(n.name)]
+        # a node read through a delay (a recurrent layer's rec synapse reads the neurons defined after it) is added
+        # with its shape and no operands; its delayed edges are connected once every node exists
+        late = any(e.delay for e in g.in_edges(n.name))
+        kwargs = {"name": py.literal(n.name),
+                  **({"shape": py.literal(tuple(n.shape))} if n.op == Op.INPUT or late else {}),
+                  **{k: py.literal(_plain(v)) for k, v in n.attrs.items()}}
+        srcs = [e.src for e in g.in_edges(n.name) if not e.delay]
         build.append(ast.Expr(py.call(py.attr("g", "add"), [py.attr("Op", n.op.name), py.literal(srcs)], **kwargs)))
+    for e in delayed:
+        build.append(ast.Expr(py.call(py.attr("g", "connect"), [py.literal(e.src), py.literal(e.dst),
+                                                                py.literal(e.port)], delay=py.literal(e.delay))))
     build.append(ast.Return(py.call(py.attr("g", "build"), [])))
     tree = ast.Module([
         ast.Expr(ast.Constant(doc)),
         ast.ImportFrom("bsdgraph", [ast.alias("GraphBuilder"), ast.alias("Op")], 0),
         ast.Assign([ast.Name("WEIGHTS", ast.Store())], py.literal(weights_name)),
-        ast.Assign([ast.Name("READOUT", ast.Store())], py.literal(imp.readout)),
+        ast.Assign([ast.Name("READOUT", ast.Store())], py.literal(_plain(imp.readout))),
         py.function("build", build),
     ], [])
-    shape = py.Shape(frozenset({"bsdgraph"}), frozenset({"GraphBuilder", "g.add", "g.build"}), frozenset({"Op"}))
+    shape = py.Shape(frozenset({"bsdgraph"}), frozenset({"GraphBuilder", "g.add", "g.connect", "g.build"}),
+                     frozenset({"Op"}))
     return py.checked_source(tree, shape)
+
+
+def _plain(value):
+    """Mappings (a neuron's parameters) as dicts, recursively: what ``pysource.literal`` writes."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------- run

@@ -11,7 +11,13 @@ Non-obvious mappings (docs/nir.md):
   diagonal ``Affine`` on [D]; the exact statistics ride along in metadata.
 - maxpool2d -> ``SumPool2d`` + ``Threshold(0.5)``: on 0/1 spikes, max = (sum > 0.5). Exact on spikes only, so a
   max-pool of anything but spikes is refused (NIR 1.0 has no MaxPool2d).
-- LIF -> ``LIF(tau = τ·dt, r = 1, v_leak = v_reset, v_threshold = v_th, v_reset)``; soft reset is refused.
+- LIF -> ``LIF(tau = τ·dt, r = 1, v_leak = v_reset, v_threshold = v_th, v_reset)``; the other built-in neurons NIR
+  has (if, li, cuba_lif, cuba_li) likewise (``nir.NEURONS_TO_NIR``); soft reset, alif and user-declared neurons are
+  refused.
+- a recurrent layer (``add(current, rec(value[t-1])) -> neuron``) -> a subgraph named after the neuron: Input ->
+  neuron <-> ``w_rec`` (a Linear) and neuron -> Output, the shape snnTorch writes for RLeaky/RSynaptic and the one its
+  ``import_from_nir`` runs as written (a loop at the top level it rewires; docs/nir.md). The add node and rec have no
+  NIR node of their own: NIR sums the neuron's two inputs, and the loop's delay is the one NIR's loop contract gives.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import numpy as np
 import torch
 
 from bsdgraph.ir.graph import GroupOp, Graph, Node, Op, Stream
-from bsdgraph.interop.nir import META, SCHEME, MappingError, check_dt, lif_to_nir, nir_module
+from bsdgraph.ir.neurons import is_spiking, neuron_of
+from bsdgraph.interop.nir import META, SCHEME, MappingError, check_dt, neuron_to_nir, nir_module, readout_neuron
 from bsdgraph.ir.params import param_shapes
 from bsdgraph.ir.diagnostics import Diagnostic, GraphError
 from bsdgraph.registry import registrar
@@ -86,6 +93,13 @@ def _input(ex: _Export, n: Node):
 @export_rule(Op.LINEAR)
 def _linear(ex: _Export, n: Node):
     nir = nir_module()
+    if any(e.delay for e in ex.graph.in_edges(n.name)):
+        layer = _layer_of_rec(ex.graph, n)
+        if layer is None:
+            raise MappingError("reads its input through a delayed edge outside a recurrent layer; NIR export writes a "
+                               "delay only as a recurrent layer's loop (neuron -> bias-free linear -> add -> the same "
+                               "neuron, delay 1)", "build the loop with g.recurrent_lif / g.recurrent_neuron")
+        return []  # written inside its layer's subgraph (the neuron's rule)
     w = ex.tensor(n, "weight")
     if n.attrs["bias"]:
         return [(n.name, nir.Affine(weight=w, bias=ex.tensor(n, "bias")))]
@@ -111,11 +125,12 @@ def _avgpool(ex: _Export, n: Node):
 
 
 def _binary(g: Graph, name: str) -> bool:
-    """Whether ``name`` carries 0/1 values: a LIF's spikes, Poisson input, or a transform of those."""
+    """Whether ``name`` carries 0/1 values: spiking neurons, Poisson input, or a max-pool or flatten of those (an
+    average pool of spikes is a fraction)."""
     n = g[name]
-    if n.op == Op.LIF or (n.op == Op.INPUT and n.attrs["encoding"] == "poisson"):
+    if (n.op in GroupOp.NEURON and is_spiking(n)) or (n.op == Op.INPUT and n.attrs["encoding"] == "poisson"):
         return True
-    return n.op in GroupOp.TRANSFORM and _binary(g, g.inputs(name)[0].name)
+    return n.op in (Op.MAXPOOL2D, Op.FLATTEN) and _binary(g, g.inputs(name)[0].name)
 
 
 @export_rule(Op.MAXPOOL2D)
@@ -162,14 +177,60 @@ def _batchnorm(ex: _Export, n: Node):
     return [(n.name, node)]
 
 
-@export_rule(Op.LIF)
-def _lif(ex: _Export, n: Node):
-    if n.attrs["reset"] == "soft":
-        raise MappingError("reset='soft' (v = h - v_th·s) cannot be expressed by NIR's LIF, which sets v to "
-                           "v_reset after a spike", "export a model with reset='hard' (train with --lif reset=hard)")
-    lif = nir_module().LIF(**lif_to_nir(n.attrs, n.shape, ex.dt),
-                           **_meta(surrogate=n.attrs["surrogate"], alpha=n.attrs["alpha"]))
-    return [(n.name, lif)]
+def _neuron_node(neuron, values, shape: tuple[int, ...], dt: float, **meta):
+    """The NIR node of bsdgraph neurons of declaration ``neuron``; ``MappingError`` when NIR has none."""
+    nir_type, kwargs = neuron_to_nir(neuron, values, shape, dt)
+    return getattr(nir_module(), nir_type)(**kwargs, **(_meta(**meta) if meta else {}))
+
+
+@export_rule(Op.LIF, Op.NEURON)
+def _neuron(ex: _Export, n: Node):
+    neuron, values = neuron_of(n)
+    meta = {"surrogate": n.attrs["surrogate"], "alpha": n.attrs["alpha"]}
+    if n.op == Op.NEURON:  # import restores a neuron node (not the lif op) with the parameters the model gave
+        meta.update(op="neuron", model=neuron.name, params=",".join(n.attrs["params"]))
+    node = _neuron_node(neuron, values, n.shape, ex.dt, **meta)
+    parts = _recurrent_parts(ex.graph, n)
+    return [(n.name, node if parts is None else _layer_subgraph(ex, n, node, parts[1]))]
+
+
+def _recurrent_parts(g: Graph, n: Node) -> tuple[Node, Node] | None:
+    """(add, rec) when ``n`` is the neurons of a recurrent layer, ``add(current, rec) -> n`` with ``rec`` a bias-free
+    linear reading ``n`` through one delay-1 edge and feeding only the add; else None."""
+    ins = g.inputs(n.name)
+    if len(ins) != 1 or ins[0].op != Op.ADD:
+        return None
+    add = ins[0]
+    rec = g.inputs(add.name)[1]
+    edges = g.in_edges(rec.name)
+    if (rec.op != Op.LINEAR or rec.attrs["bias"] or len(edges) != 1 or edges[0].src != n.name
+            or edges[0].delay != 1 or _users(g, rec) != [add.name] or _users(g, add) != [n.name]):
+        return None
+    return add, rec
+
+
+def _users(g: Graph, n: Node) -> list[str]:
+    # local losses read a layer's current too (BSD's B graph): they are no NIR node, so they do not count
+    return [c.name for c in g.consumers(n.name) if c.op not in GroupOp.LOSS]
+
+
+def _layer_of_rec(g: Graph, rec: Node) -> Node | None:
+    """The neurons whose recurrent synapse ``rec`` is (``_recurrent_parts``), else None."""
+    src = g.inputs(rec.name)[0]
+    parts = _recurrent_parts(g, src) if src.op in GroupOp.NEURON else None
+    return src if parts is not None and parts[1].name == rec.name else None
+
+
+def _layer_subgraph(ex: _Export, n: Node, neuron, rec: Node):
+    """A recurrent layer as the subgraph snnTorch writes: Input -> neuron <-> w_rec, neuron -> Output. NIR sums the
+    neuron's two inputs (bsdgraph's add); the loop carries w_rec's value of the previous step, which for a
+    bias-free w_rec is rec(value[t-1]) with 0 before the first step, as bsdgraph's delay-1 edge gives."""
+    nir = nir_module()
+    width = np.array(n.shape)
+    nodes = {"input": nir.Input(input_type={"input": width}), "neuron": neuron,
+             "w_rec": nir.Linear(weight=ex.tensor(rec, "weight")), "output": nir.Output(output_type={"output": width})}
+    edges = [("input", "neuron"), ("neuron", "w_rec"), ("w_rec", "neuron"), ("neuron", "output")]
+    return nir.NIRGraph(nodes=nodes, edges=edges, type_check=False)
 
 
 @export_rule(Op.OUTPUT)
@@ -179,10 +240,11 @@ def _output(ex: _Export, n: Node):
                      **_meta(**{k: n.attrs[k] for k in ("task", "target", "n_classes", "population")}))
     if not ex.readout:
         return [(n.name, out)]
-    # an imported model keeps the NIR graph's last LIF as its readout (READOUT): write it back where it was
-    r = ex.readout
-    attrs = dict(tau=r["tau"], v_th=r["v_th"], v_reset=r.get("v_reset", 0.0))
-    return [(ex.fresh(r["name"]), nir.LIF(**lif_to_nir(attrs, n.shape, ex.dt))), (n.name, out)]
+    # an imported model keeps the NIR graph's last neuron as its readout (READOUT): write it back where it was
+    neuron, values = readout_neuron(ex.readout)
+    meta = {"op": "neuron", "model": neuron.name, "params": ",".join(ex.readout["params"])} if (
+        "model" in ex.readout) else {}
+    return [(ex.fresh(ex.readout["name"]), _neuron_node(neuron, values, n.shape, ex.dt, **meta)), (n.name, out)]
 
 
 @export_rule(Op.UNFLATTEN)
@@ -204,10 +266,15 @@ def _no_nir_node(ex: _Export, n: Node):
 
 
 @export_rule(Op.ADD)
-def _recurrent(ex: _Export, n: Node):
-    raise MappingError("is the sum of a recurrent layer; bsdgraph does not write recurrent layers as NIR yet "
-                       "(a NIR cycle with its one-step delay)", "train and run this model in bsdgraph; NIR "
-                       "export covers feed-forward models (docs/nir.md)")
+def _recurrent_sum(ex: _Export, n: Node):
+    consumers = _users(ex.graph, n)
+    parts = _recurrent_parts(ex.graph, ex.graph[consumers[0]]) if len(consumers) == 1 else None
+    if parts is None or parts[0].name != n.name:
+        raise MappingError("sums two currents outside a recurrent layer; NIR sums a node's inputs, but export writes "
+                           "a sum only as a recurrent layer's (add(current, rec(value[t-1])) -> neurons, rec a "
+                           "bias-free linear reading those neurons through one delay-1 edge)",
+                           "build the layer with g.recurrent_lif / g.recurrent_neuron")
+    return []  # NIR sums the neuron's inputs: the add is the edges into the layer's subgraph
 
 
 @export_rule(*GroupOp.LOSS)
@@ -241,6 +308,19 @@ def _emit(ex: _Export, nodes: list[Node]) -> list[tuple[str, str]]:
     if diags:
         raise GraphError(diags)
     return edges
+
+
+def _b_nir(ex: _Export, b_side: str | None) -> dict[str, Any]:
+    """Where a pairing row's B value lives in NIR: ``b_nir``, the node holding it; for a recurrent layer's sum, which
+    no NIR node holds (NIR forms it at the input of the layer's subgraph), ``b_nir`` is None and ``b_sum`` names the
+    two terms: the feedforward synapse and the subgraph's w_rec (its output of the previous step)."""
+    if b_side is None:
+        return {"b_nir": None, "b_sum": None}
+    n = ex.graph[b_side]
+    if n.op != Op.ADD:
+        return {"b_nir": ex.ends[b_side][1], "b_sum": None}
+    layer = next(c.name for c in ex.graph.consumers(b_side) if c.op in GroupOp.NEURON)
+    return {"b_nir": None, "b_sum": [ex.ends[b_side][1], f"{ex.ends[layer][1]}.w_rec"]}
 
 
 def _graph_meta(g: Graph, dt: float, network: str) -> dict[str, Any]:
@@ -283,7 +363,7 @@ def export_backward(bsd: Graph, params: dict[str, torch.Tensor], state: dict[str
     edges.append((ex.ends[last.name][1], out))
     losses = {n.name: n for n in bsd.nodes if n.op in GroupOp.LOSS}
     # b_nir: the NIR node of B holding b_side's value (B's bottom unflatten is dropped: its input holds it)
-    table = [{**asdict(p), "b_nir": ex.ends[p.b_side][1] if p.b_side else None, "op": losses[p.loss].op.value,
+    table = [{**asdict(p), **_b_nir(ex, p.b_side), "op": losses[p.loss].op.value,
               "attrs": dict(losses[p.loss].attrs)} for p in pairing(bsd)]
     meta = {**_graph_meta(bsd, dt, "backward"), "pairing": json.dumps(table)}
     return nir.NIRGraph(nodes=ex.nodes, edges=edges, metadata=meta)

@@ -1,14 +1,20 @@
 """Import a NIR graph into bsdgraph's IR: a validated forward network F with its weights.
 
-One rule per NIR node type in ``IMPORT_RULES`` (keyed by the type's name, as NIR files store it). A rule adds the
-bsdgraph node(s) for one NIR node and returns the name of the node that carries its output; a node bsdgraph
-cannot represent raises ``MappingError``, which becomes a ``Diagnostic`` naming the NIR node and its type. All of
-them are collected into one ``GraphError``; nodes downstream of a failed one are skipped (no cascade).
+Three passes. ``_flatten`` inlines nested subgraphs (a ``nir.NIRGraph`` node): inner node ``n`` of subgraph ``S``
+becomes ``S.n``, and the subgraph's own Input and Output become plain connections. ``_structure`` checks edges, the
+one Input and Output, fan-in and loops, and finds the recurrent layers: a neuron whose second input is an
+Affine/Linear that reads only that neuron (how snnTorch writes RLeaky and RSynaptic). Then one rule per NIR node
+type in ``IMPORT_RULES`` (keyed by the type's name, as NIR files store it) adds the bsdgraph node(s) for one NIR node
+and returns the name of the node that carries its output; a node bsdgraph cannot represent raises ``MappingError``,
+which becomes a ``Diagnostic`` naming the NIR node and its type. All of them are collected into one ``GraphError``;
+nodes downstream of a failed one are skipped (no cascade).
 
-Exact rewrites (docs/nir.md): a LIF's r and v_leak are folded into the synapse feeding it (W' = r W,
-b' = r b + v_leak - v_reset); SumPool2d + Threshold(t), 0 <= t < 1, on spikes is max-pooling; a LIF right after
-the last synapse and before the Output becomes the readout (``READOUT``): bsdgraph's output reads the top
-synapse's current, as BSD's top loss needs, and ``bsdgraph run`` applies the readout LIF to that current.
+Exact rewrites (docs/nir.md): each neuron's factor and shift on its input current (LIF: r and v_leak - v_reset; IF:
+dt·r; LI: r; CubaLI(F): r·w_in) are folded into the synapse feeding it, as is a Scale right after that synapse and
+a recurrent synapse's bias; a Scale right before a synapse is folded into its columns; SumPool2d is an average pool
+whose window size goes into the next synapse, and SumPool2d + Threshold(t), 0 <= t < 1, on spikes is max-pooling;
+a neuron right after the last synapse and before the Output becomes the readout (``READOUT``): bsdgraph's output
+reads the top synapse's current, as BSD's top loss needs, and ``bsdgraph run`` applies the readout to that current.
 """
 
 from __future__ import annotations
@@ -25,12 +31,23 @@ import torch
 
 from bsdgraph.ir.graph import GroupOp, Graph, Op
 from bsdgraph.ir.builder import GraphBuilder
-from bsdgraph.interop.nir import MappingError, NIRError, check_dt, lif_from_nir, nir_module, per_neuron, plain, read_nir
+from bsdgraph.ir.neurons import NEURONS
+from bsdgraph.interop.nir import (
+    NEURONS_FROM_NIR, MappingError, NeuronFromNIR, NIRError, check_dt, nir_module, per_neuron, plain, read_nir,
+    readout_of,
+)
 from bsdgraph.interop.nir import node_metadata as _meta
 from bsdgraph.ir.diagnostics import Diagnostic, GraphError
 from bsdgraph.registry import registrar
 
 DEFAULT_T = 4  # NIR graphs carry no number of steps per sample; bsdgraph's models use 4
+
+SYNAPSES = ("Affine", "Linear", "Conv2d")
+# node types that take (synapses) or pass on (pools, flatten, Scale) a factor a SumPool2d or a Scale left pending
+CARRIES_FACTOR = frozenset({*SYNAPSES, "AvgPool2d", "SumPool2d", "Flatten", "Scale"})
+# what a neuron's fold means, per NIR type, for the message when nothing can take it
+FOLDED = {"LIF": "r != 1 or v_leak != v_reset", "IF": "dt·r != 1 (Euler's step adds dt·r·I)", "LI": "r != 1",
+          "CubaLI": "r·w_in != 1", "CubaLIF": "r·w_in != 1"}   # a Threshold has nothing to fold
 
 
 @dataclass(frozen=True)
@@ -38,7 +55,7 @@ class Imported:
     graph: Graph
     params: dict[str, torch.Tensor]
     state: dict[str, torch.Tensor]
-    readout: dict[str, Any] | None = None   # the NIR graph's top LIF, applied to the output current by `run`
+    readout: dict[str, Any] | None = None   # the NIR graph's top neuron, applied to the output current by `run`
     notes: tuple[str, ...] = ()
 
 
@@ -47,20 +64,118 @@ def _ints(v, n: int = 2) -> tuple[int, ...]:
     return tuple(int(x) for x in (np.repeat(a, n) if a.size == 1 else a))
 
 
+def _kind(node) -> str:
+    return type(node).__name__
+
+
+def _is_synapse(node) -> bool:
+    return _kind(node) in SYNAPSES and _meta(node).get("op") != "batchnorm"
+
+
+# ---------------------------------------------------------------------------------------------------- subgraphs
+
+
+@dataclass
+class _Flat:
+    """A NIR graph with its subgraphs inlined: what the rules read."""
+
+    nodes: dict[str, Any]
+    edges: list[tuple[str, str]]
+    layers: dict[str, str] = field(default_factory=dict)   # neuron of a one-layer subgraph -> the subgraph's name
+
+
+def _flatten(g) -> tuple[_Flat, list[Diagnostic]]:
+    """``g`` with every nested subgraph inlined: inner node ``n`` of subgraph ``S`` becomes ``S.n``; an edge into
+    ``S`` goes to what its Input feeds, an edge out of ``S`` leaves from what feeds its Output (NIR sums a node's
+    inputs, so a port with several connections passes each of them on: the sums stay the same)."""
+    nodes, edges, layers, diags = {}, [], {}, []
+    ports: dict[str, tuple[str, str]] = {}   # subgraph -> its Input and Output, flattened names
+    for name, node in g.nodes.items():
+        if _kind(node) != "NIRGraph":
+            nodes[name] = node
+            continue
+        inner, inner_diags = _flatten(node)
+        diags += [Diagnostic(f"{name}.{d.node}" if d.node else name, d.op, d.message, d.hint) for d in inner_diags]
+        io = [[k for k, v in inner.nodes.items() if _kind(v) == t] for t in ("Input", "Output")]
+        if len(io[0]) != 1 or len(io[1]) != 1:
+            diags.append(Diagnostic(name, None, f"(NIR NIRGraph) is a subgraph with {len(io[0])} Input and "
+                                    f"{len(io[1])} Output nodes; NIR connects a subgraph through one of each",
+                                    "give the subgraph exactly one Input and one Output node"))
+            continue
+        for k, v in inner.nodes.items():
+            joined = f"{name}.{k}"
+            if joined in g.nodes or joined in nodes:
+                diags.append(Diagnostic(joined, None, f"(NIR {_kind(v)}) node {k!r} of subgraph {name!r} would be "
+                                        f"named {joined!r}, the name of another node", "rename one of them"))
+            nodes[joined] = v
+        ports[name] = (f"{name}.{io[0][0]}", f"{name}.{io[1][0]}")
+        edges += [(f"{name}.{a}", f"{name}.{b}") for a, b in inner.edges]
+        layers.update({f"{name}.{k}": f"{name}.{v}" for k, v in inner.layers.items()})
+        neuron = _one_layer(inner, *io[0], *io[1])
+        if neuron:
+            layers[f"{name}.{neuron}"] = name
+    edges += [(ports[a][1] if a in ports else a, ports[b][0] if b in ports else b) for a, b in g.edges]
+    for port in (p for pair in ports.values() for p in pair):
+        ins, outs = [a for a, b in edges if b == port], [b for a, b in edges if a == port]
+        edges = [e for e in edges if port not in e] + [(a, b) for a in ins for b in outs]
+        del nodes[port]
+    return _Flat(nodes, edges, layers), diags
+
+
+def _one_layer(g: _Flat, inp: str, out: str) -> str | None:
+    """The neuron of a subgraph that is exactly one recurrent layer (Input -> neuron <-> Affine/Linear, neuron ->
+    Output: snnTorch's RLeaky and RSynaptic, and bsdgraph's export), else None. Its layer takes the subgraph's
+    name, as a feed-forward neuron takes its node's name."""
+    inner = {k: v for k, v in g.nodes.items() if k not in (inp, out)}
+    neurons = [k for k, v in inner.items() if _kind(v) in NEURONS_FROM_NIR]
+    recs = [k for k, v in inner.items() if _is_synapse(v) and _kind(v) != "Conv2d"]
+    if len(inner) != 2 or len(neurons) != 1 or len(recs) != 1:
+        return None
+    n, r = neurons[0], recs[0]
+    return n if sorted(g.edges) == sorted([(inp, n), (n, r), (r, n), (n, out)]) else None
+
+
+# ---------------------------------------------------------------------------------------------------- context
+
+
+@dataclass(frozen=True)
+class _Fold:
+    """What a synapse absorbs, per output unit: out = scale * (post * (W (pre * x) + b) + extra) + shift."""
+
+    pre: Any = None                     # a factor on the input (Scale / SumPool2d before), shaped to broadcast
+    post: np.ndarray | None = None      # Scale nodes right after the synapse
+    extra: np.ndarray | None = None     # a recurrent synapse's bias, summed with this synapse's current
+    scale: np.ndarray | None = None     # the neuron's factor on its input current
+    shift: np.ndarray | None = None     # the neuron's constant input
+
+
+_NO = object()   # a per-neuron value a convolution cannot take (it varies within a channel)
+
+
+def _per_output(v: np.ndarray | None, per_channel: bool):
+    """``v`` per output unit: per channel for a convolution (which shares weights across positions), _NO when it
+    varies within a channel."""
+    if v is None or not per_channel:
+        return v
+    return v[:, 0, 0] if np.all(v == v[:, :1, :1]) else _NO
+
+
 @dataclass
 class _Import:
-    graph: Any                        # the nir.NIRGraph
+    graph: _Flat
     dt: float
     builder: GraphBuilder
     preds: dict[str, list[str]]
     succs: dict[str, list[str]]
+    loops: dict[str, str]                                 # recurrent neuron -> its recurrent synapse
     params: dict[str, torch.Tensor] = field(default_factory=dict)
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     out: dict[str, str] = field(default_factory=dict)     # NIR node -> bsdgraph node carrying its output
     ops: dict[str, Op] = field(default_factory=dict)      # bsdgraph node -> op
     binary: set[str] = field(default_factory=set)         # bsdgraph nodes carrying 0/1 values
-    folded: set[str] = field(default_factory=set)         # NIR LIFs whose r / v_leak went into their synapse
-    absorbed: set[str] = field(default_factory=set)       # NIR nodes already mapped with their predecessor
+    folded: set[str] = field(default_factory=set)         # NIR neurons whose fold went into their synapse
+    absorbed: set[str] = field(default_factory=set)       # NIR nodes already mapped with a neighbour
+    pending: dict[str, Any] = field(default_factory=dict)  # NIR node -> factor on its output a synapse must take
     readout: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -76,10 +191,15 @@ class _Import:
 
     def add(self, op: Op, name: str, inputs: list[str], **attrs) -> str:
         self.builder.add(op, inputs, name=name, **attrs)
-        self.ops[name] = op
-        if op == Op.LIF or (op in GroupOp.TRANSFORM and inputs[0] in self.binary):
-            self.binary.add(name)
+        self.record(name, op, attrs.get("model"), inputs[0] in self.binary if inputs else False)
         return name
+
+    def record(self, name: str, op: Op, model: str | None = None, binary_input: bool = False) -> None:
+        # spikes: a spiking neuron's value, and a max-pool or flatten of spikes (an average pool of spikes is not 0/1)
+        self.ops[name] = op
+        spiking = op == Op.LIF or (op == Op.NEURON and NEURONS[model].spiking)
+        if spiking or (op in (Op.MAXPOOL2D, Op.FLATTEN) and binary_input):
+            self.binary.add(name)
 
     def bind(self, name: str, **tensors: np.ndarray) -> None:
         for k, v in tensors.items():
@@ -89,34 +209,77 @@ class _Import:
                                    "after conversion to float32)", "fix the weights before exporting them")
             self.params[f"{name}.{k}"] = torch.from_numpy(v)
 
-    def fold(self, name: str, shape: tuple[int, ...], per_channel: bool):
-        """(scale, shift) per output unit of synapse ``name`` for the LIF right after it, or (None, None).
+    def pre(self, name: str, per_channel: bool):
+        """The factor a Scale or SumPool2d before synapse ``name`` left on its input, shaped to multiply its weight:
+        per input value of an Affine, per input channel of a Conv2d (which shares weights across positions)."""
+        v = self.pending.get(self.preds[name][0])
+        if v is None or np.ndim(v) == 0:
+            return v
+        if not per_channel:
+            return np.reshape(v, (1, -1))
+        if not np.all(v == v[:, :1, :1]):
+            raise MappingError("the Scale before it varies within a channel, and a convolution shares its weights "
+                               "across positions: it takes one factor per input channel",
+                               "scale each channel by one value, or put the Scale after the convolution")
+        return v[:, 0, 0].reshape(1, -1, 1, 1)
 
-        A LIF whose parameters cannot be mapped is left alone here: its own rule reports why."""
-        lif_name, lif = self.only_succ(name)
-        if type(lif).__name__ != "LIF":
-            return None, None
+    def fold(self, name: str, shape: tuple[int, ...], per_channel: bool) -> _Fold:
+        """What synapse ``name`` absorbs from the nodes after it: Scale nodes right after it, then the factor and
+        shift of the neuron they feed and, for a recurrent layer's neuron, the bias of its recurrent synapse. A
+        node it cannot absorb is left alone: its own rule reports why."""
+        post, (nxt_name, nxt) = None, self.only_succ(name)
+        while _kind(nxt) == "Scale":
+            try:
+                s = _per_output(per_neuron(nxt, "scale", shape), per_channel)
+            except MappingError:
+                s = _NO
+            if s is _NO:
+                return _Fold(self.pre(name, per_channel), post)
+            post = s if post is None else post * s
+            self.absorbed.add(nxt_name)
+            self.out[nxt_name] = name
+            nxt_name, nxt = self.only_succ(nxt_name)
+        if _kind(nxt) not in NEURONS_FROM_NIR:
+            return _Fold(self.pre(name, per_channel), post)
         try:
-            m = lif_from_nir(lif, shape, self.dt)
+            m = NEURONS_FROM_NIR[_kind(nxt)](nxt, shape, self.dt)
         except MappingError:
-            return None, None
-        scale, shift = m.scale, m.shift
-        if per_channel:  # a convolution shares its weights across positions: one factor per channel
-            if any(v is not None and not np.all(v == v[:, :1, :1]) for v in (scale, shift)):
-                return None, None
-            scale, shift = (None if v is None else v[:, 0, 0] for v in (scale, shift))
-        if scale is not None or shift is not None:
-            self.folded.add(lif_name)
-        return scale, shift
+            return _Fold(self.pre(name, per_channel), post)
+        scale, shift = _per_output(m.scale, per_channel), _per_output(m.shift, per_channel)
+        extra = self.rec_bias(nxt_name, shape)
+        if scale is _NO or shift is _NO or extra is _NO:
+            return _Fold(self.pre(name, per_channel), post)
+        if scale is not None or shift is not None or extra is not None:
+            self.folded.add(nxt_name)
+        return _Fold(self.pre(name, per_channel), post, extra, scale, shift)
+
+    def rec_bias(self, neuron: str, shape: tuple[int, ...]):
+        """The bias of ``neuron``'s recurrent synapse (None: none, or all zeros; _NO: not one per neuron)."""
+        if neuron not in self.loops:
+            return None
+        b = getattr(self.graph.nodes[self.loops[neuron]], "bias", None)
+        if b is None:
+            return None
+        b = np.asarray(b, np.float64).reshape(-1)
+        if len(shape) != 1 or b.shape != (shape[0],):
+            return _NO
+        return b if np.any(b) else None
 
 
-def _apply_fold(w: np.ndarray, b: np.ndarray | None, scale, shift):
+def _apply_fold(w: np.ndarray, b: np.ndarray | None, f: _Fold):
+    """The folded weight and bias (float64 arithmetic, rounded once to float32)."""
     w64, b64 = w.astype(np.float64), None if b is None else b.astype(np.float64)
-    if scale is not None:
-        w64 = w64 * scale.reshape(-1, *([1] * (w.ndim - 1)))
-        b64 = None if b64 is None else b64 * scale
-    if shift is not None:
-        b64 = (np.zeros(w.shape[0]) if b64 is None else b64) + shift
+    col = (-1, *([1] * (w.ndim - 1)))
+    if f.pre is not None:
+        w64 = w64 * f.pre
+    if f.post is not None:
+        w64, b64 = w64 * f.post.reshape(col), None if b64 is None else b64 * f.post
+    if f.extra is not None:
+        b64 = (np.zeros(w.shape[0]) if b64 is None else b64) + f.extra
+    if f.scale is not None:
+        w64, b64 = w64 * f.scale.reshape(col), None if b64 is None else b64 * f.scale
+    if f.shift is not None:
+        b64 = (np.zeros(w.shape[0]) if b64 is None else b64) + f.shift
     return w64.astype(np.float32), None if b64 is None else b64.astype(np.float32)
 
 
@@ -127,6 +290,9 @@ IMPORT_RULES: dict[str, Rule] = {}
 import_rule = registrar(IMPORT_RULES)  # @import_rule(*types): the bsdgraph nodes of those NIR node types
 
 
+# ---------------------------------------------------------------------------------------------------- rules
+
+
 @import_rule("Input")
 def _input(ctx: _Import, name: str, node) -> str:
     shape = tuple(int(x) for x in np.asarray(node.input_type["input"]).reshape(-1))
@@ -134,11 +300,17 @@ def _input(ctx: _Import, name: str, node) -> str:
     if meta.get("op") == "target":
         raise MappingError("is the target input of a backward network B",
                            "import the forward network F; B is derived from F again")
-    return ctx.add(Op.INPUT, name, [], shape=shape, encoding=meta.get("encoding", "direct"))
+    out = ctx.add(Op.INPUT, name, [], shape=shape, encoding=meta.get("encoding", "direct"))
+    if meta.get("encoding") == "poisson":
+        ctx.binary.add(out)
+    return out
 
 
 def _batchnorm(ctx: _Import, name: str, node) -> str:
     meta, shape = _meta(node), ctx.shape(name)
+    if ctx.preds[name][0] in ctx.pending:
+        raise MappingError("follows a Scale or SumPool2d whose factor only a plain synapse can take, and this node "
+                           "is a batchnorm", "put the factor into the synapse before the batchnorm")
     stats = {k: np.asarray(meta.get(k, []), np.float32).reshape(-1) for k in
              ("weight", "bias", "running_mean", "running_var")}
     if any(v.size != shape[0] for v in stats.values()):
@@ -173,7 +345,7 @@ def _linear(ctx: _Import, name: str, node) -> str:
         raise MappingError(f"weight has shape {list(w.shape)} ([out, in]) but its input is {list(shape)}",
                            "the weight needs one column per input value" if len(shape) == 1 else
                            "NIR's Affine takes a flat vector: put a Flatten(start_dim=0) before it")
-    w, b = _apply_fold(w, b, *ctx.fold(name, (w.shape[0],), per_channel=False))
+    w, b = _apply_fold(w, b, ctx.fold(name, (w.shape[0],), per_channel=False))
     ctx.add(Op.LINEAR, name, [ctx.src(name)], in_features=w.shape[1], out_features=w.shape[0], bias=b is not None)
     ctx.bind(name, weight=w, **({"bias": b} if b is not None else {}))
     return name
@@ -213,11 +385,28 @@ def _conv2d(ctx: _Import, name: str, node) -> str:
         raise MappingError(f"bias has {bias.size} value(s) but the weight has {w.shape[0]} output channels",
                            "give one bias per output channel")
     has_bias = meta.get("bias", True) or bool(np.any(bias))  # zeros written for a bias-free conv (export says so)
-    w, b = _apply_fold(w, bias if has_bias else None, *ctx.fold(name, out, per_channel=True))
+    w, b = _apply_fold(w, bias if has_bias else None, ctx.fold(name, out, per_channel=True))
     ctx.add(Op.CONV2D, name, [ctx.src(name)], in_channels=w.shape[1], out_channels=w.shape[0], kernel=kernel,
             stride=stride, padding=padding, bias=b is not None)
     ctx.bind(name, weight=w, **({"bias": b} if b is not None else {}))
     return name
+
+
+@import_rule("Scale")
+def _scale(ctx: _Import, name: str, node) -> str:
+    # a Scale right after a synapse was folded into it (_Import.fold) and never gets here: this one multiplies the
+    # columns of the synapse after it, W' = W diag(s), which needs that synapse to be its only consumer
+    s = per_neuron(node, "scale", ctx.shape(name)) * ctx.pending.get(ctx.preds[name][0], 1.0)
+    nxt_name, nxt = ctx.only_succ(name)
+    if nxt is None or not _is_synapse(nxt):
+        src = ctx.preds[name][0]
+        raise MappingError(f"scales {src!r} ({_kind(ctx.graph.nodes[src])}) elementwise, and bsdgraph has no such "
+                           "op: import folds a Scale into the synapse right before it (an Affine/Linear, or a Conv2d "
+                           "with one value per channel, whose only consumer is the Scale) or right after it (its only "
+                           "consumer), and neither is there",
+                           "put the Scale right after or right before an Affine, Linear or Conv2d")
+    ctx.pending[name] = s
+    return ctx.src(name)
 
 
 def _pool_attrs(node) -> dict[str, Any]:
@@ -227,29 +416,41 @@ def _pool_attrs(node) -> dict[str, Any]:
     return dict(kernel=kernel, stride=None if stride == kernel else stride)  # None = the kernel: canonical form
 
 
+def _carry(ctx: _Import, name: str, factor: float = 1.0) -> None:
+    """Pass a pending factor of the node before ``name`` on through it (pooling and flattening commute with a
+    number, not with a per-value Scale), times ``factor``."""
+    before = ctx.pending.get(ctx.preds[name][0], 1.0)
+    if np.ndim(before) != 0:
+        raise MappingError("follows a Scale whose per-value factor cannot move through pooling or flattening",
+                           "put the Scale right before the synapse")
+    if before * factor != 1.0:
+        ctx.pending[name] = float(before * factor)
+
+
 @import_rule("AvgPool2d")
 def _avgpool(ctx: _Import, name: str, node) -> str:
+    _carry(ctx, name)
     return ctx.add(Op.AVGPOOL2D, name, [ctx.src(name)], **_pool_attrs(node))
 
 
 @import_rule("SumPool2d")
 def _sumpool(ctx: _Import, name: str, node) -> str:
+    attrs = _pool_attrs(node)
     thr_name, thr = ctx.only_succ(name)
     t = np.asarray(getattr(thr, "threshold", np.nan), np.float64)
-    if type(thr).__name__ != "Threshold" or not np.all((t >= 0) & (t < 1)):
-        raise MappingError("sum pooling without a following Threshold(0 <= t < 1) has no bsdgraph op",
-                           "use AvgPool2d (sum = average x window size: fold that into the next synapse)")
-    if ctx.src(name) not in ctx.binary:
-        raise MappingError("SumPool2d + Threshold is max-pooling only on 0/1 spikes, and its input is not spikes",
-                           "pool the output of a LIF")
-    ctx.absorbed.add(thr_name)
-    ctx.out[thr_name] = ctx.add(Op.MAXPOOL2D, name, [ctx.src(name)], **_pool_attrs(node))
-    per_neuron(thr, "threshold", ctx.builder.shape(name))  # one per pooled value (or one): else a malformed file
-    return name
+    if _kind(thr) == "Threshold" and np.all((t >= 0) & (t < 1)) and ctx.src(name) in ctx.binary:
+        # on 0/1 spikes, (window sum > t) for 0 <= t < 1 is the window's max
+        ctx.absorbed.add(thr_name)
+        ctx.out[thr_name] = ctx.add(Op.MAXPOOL2D, name, [ctx.src(name)], **attrs)
+        per_neuron(thr, "threshold", ctx.builder.shape(name))  # one per pooled value (or one): else a malformed file
+        return name
+    # sum = average x window size: the size waits for the next synapse to take it (W' = k W)
+    _carry(ctx, name, float(math.prod(attrs["kernel"])))
+    return ctx.add(Op.AVGPOOL2D, name, [ctx.src(name)], **attrs)
 
 
 @import_rule("Flatten")
-def _flatten(ctx: _Import, name: str, node) -> str:
+def _flatten_node(ctx: _Import, name: str, node) -> str:
     shape = ctx.shape(name)
     declared = node.input_type.get("input") if node.input_type else None
     if declared is not None and tuple(int(x) for x in np.asarray(declared).reshape(-1)) != tuple(shape):
@@ -261,29 +462,88 @@ def _flatten(ctx: _Import, name: str, node) -> str:
         raise MappingError(f"flattens dims {int(node.start_dim)}..{int(node.end_dim)} of {list(shape)} into "
                            f"{list(out)}; bsdgraph flattens all of a sample's axes",
                            "NIR shapes exclude the batch axis: use start_dim=0, end_dim=-1")
+    _carry(ctx, name)
     return ctx.add(Op.FLATTEN, name, [ctx.src(name)])
 
 
-@import_rule("LIF")
-def _lif(ctx: _Import, name: str, node) -> str:
-    src = ctx.src(name)
-    m = lif_from_nir(node, ctx.builder.shape(src), ctx.dt)
-    if (m.scale is not None or m.shift is not None) and name not in ctx.folded:
-        conv = " (a convolution shares weights across positions: it takes one r, v_leak per channel)"
-        raise MappingError("has r != 1 or v_leak != v_reset, which import folds into the synapse feeding the LIF; "
-                           f"{src!r} ({ctx.ops[src].value}) cannot take it"
-                           + (conv if ctx.ops[src] == Op.CONV2D else ""),
-                           "feed the LIF from an Affine/Linear (any r, v_leak) or a Conv2d (one r, v_leak per "
-                           "channel)")
-    meta = _meta(node)
-    attrs = {**m.attrs, "surrogate": meta.get("surrogate", "atan"), "alpha": meta.get("alpha", 2.0)}
+def _as_written(m: NeuronFromNIR, meta: dict[str, Any], kind: str) -> NeuronFromNIR:
+    """The neuron node bsdgraph's export described in the node's metadata: a neuron node of the lif declaration
+    (not the lif op), and only the parameters its model gave (the others are the declaration's defaults, and a
+    value that differs from its default is kept whatever the record says)."""
+    if meta.get("op") != "neuron":
+        return m
+    if meta.get("model", m.model) != m.model:
+        raise MappingError(f"its metadata names the neuron {meta['model']!r}, but a NIR {kind} maps to "
+                           f"{m.model!r}", "drop the node's 'bsdgraph' metadata")
+    given = set(str(meta.get("params", "")).split(",")) - {""}
+    defaults = NEURONS[m.model].defaults
+    params = {k: v for k, v in m.params.items() if k in given or v != defaults[k]}
+    return NeuronFromNIR(Op.NEURON, {"model": m.model, "params": params}, m.scale, m.shift)
+
+
+@import_rule(*NEURONS_FROM_NIR)
+def _neuron(ctx: _Import, name: str, node) -> str:
+    kind, src, meta = _kind(node), ctx.src(name), _meta(node)
+    shape = ctx.builder.shape(src)
+    m = _as_written(NEURONS_FROM_NIR[kind](node, shape, ctx.dt), meta, kind)
+    if name in ctx.loops:
+        _check_recurrent(ctx, name, shape)
+    rec_bias = ctx.rec_bias(name, shape) is not None
+    if (m.scale is not None or m.shift is not None or rec_bias) and name not in ctx.folded:
+        what = " and ".join([FOLDED[kind]] * (m.scale is not None or m.shift is not None)
+                            + ["a recurrent synapse with a bias"] * rec_bias)
+        conv = " (a convolution shares weights across positions: it takes one value per channel)"
+        raise MappingError(f"has {what}, which import folds into the synapse feeding the neuron; {src!r} "
+                           f"({ctx.ops[src].value}) cannot take it" + (conv if ctx.ops[src] == Op.CONV2D else ""),
+                           "feed the neuron from an Affine/Linear (any values) or a Conv2d (one value per channel)")
+    surrogate = {"surrogate": meta.get("surrogate", "atan"), "alpha": meta.get("alpha", 2.0)}
+    if name in ctx.loops:
+        return _recurrent_layer(ctx, name, m, src, surrogate)
     out_name, out = ctx.only_succ(name)
-    if type(out).__name__ == "Output" and ctx.ops[src] in GroupOp.SYNAPSE | {Op.BATCHNORM}:
-        ctx.readout = {"name": name, **m.attrs}
-        ctx.notes.append(f"LIF {name!r} before the output is the readout: the output reads its input current "
-                         f"{src!r} (BSD's top loss needs a current); `bsdgraph run` applies the LIF to it")
+    if _kind(out) == "Output" and ctx.ops[src] in GroupOp.SYNAPSE | {Op.BATCHNORM}:
+        ctx.readout = readout_of(name, m)
+        ctx.notes.append(f"{kind} {name!r} before the output is the readout: the output reads its input current "
+                         f"{src!r} (BSD's top loss needs a current); `bsdgraph run` applies the {kind} to it")
         return src
-    return ctx.add(Op.LIF, name, [src], **attrs)
+    return ctx.add(m.op, name, [src], **m.attrs, **surrogate)
+
+
+def _recurrent_layer(ctx: _Import, name: str, m: NeuronFromNIR, src: str, surrogate: dict[str, Any]) -> str:
+    """A neuron with its own Affine/Linear looping back: bsdgraph's recurrent layer, ``add(current,
+    rec(value[t-1])) -> neuron``. The loop's one-step delay sits on the edge into rec, so rec reads the neurons'
+    value of the previous step (0 before the first): docs/nir.md, the loop contract. rec's bias went into the
+    feedforward synapse (fold); the neuron's factor multiplies rec's weight as it does the feedforward one's."""
+    rec_name = ctx.loops[name]
+    w = np.asarray(ctx.graph.nodes[rec_name].weight, np.float64)
+    if surrogate["surrogate"] != "atan":
+        raise MappingError(f"surrogate {surrogate['surrogate']!r} is not one bsdgraph has", "use 'atan'")
+    layer = ctx.graph.layers.get(name, name)
+    if m.op == Op.LIF:
+        a = m.attrs
+        ctx.builder.recurrent_lif(src, tau=a["tau"], v_th=a["v_th"], v_reset=a["v_reset"], reset=a["reset"],
+                                  alpha=surrogate["alpha"], name=layer)
+    else:
+        ctx.builder.recurrent_neuron(m.attrs["model"], src, alpha=surrogate["alpha"], name=layer,
+                                     **m.attrs["params"])
+    ctx.record(f"{layer}_rec", Op.LINEAR)
+    ctx.record(f"{layer}_in", Op.ADD)
+    ctx.record(layer, m.op, m.attrs.get("model"))
+    ctx.bind(f"{layer}_rec", weight=w if m.scale is None else w * m.scale.reshape(-1, 1))
+    ctx.absorbed.add(rec_name)
+    ctx.out[rec_name] = f"{layer}_rec"
+    return layer
+
+
+def _check_recurrent(ctx: _Import, name: str, shape: tuple[int, ...]) -> None:
+    rec_name = ctx.loops[name]
+    rec = ctx.graph.nodes[rec_name]
+    w = np.asarray(rec.weight)
+    b = np.asarray(getattr(rec, "bias", np.zeros(w.shape[:1])))
+    if len(shape) != 1 or w.shape != (shape[0], shape[0]) or b.size != shape[0]:
+        raise MappingError(f"its recurrent synapse {rec_name!r} has weight {list(w.shape)} and bias {list(b.shape)} "
+                           f"but the layer is {list(shape)}; a recurrent layer is n flat neurons with an [n, n] "
+                           "Affine/Linear", "flatten the layer's input; give the recurrent weight one row and column "
+                           "per neuron")
 
 
 @import_rule("Output")
@@ -297,23 +557,22 @@ def _output(ctx: _Import, name: str, node) -> str:
                    n_classes=width // max(population, 1) if task == "classification" else 0)
 
 
+@import_rule("NIRGraph")
+def _subgraph(ctx: _Import, name: str, node) -> str:
+    raise MappingError("is a nested subgraph left after flattening (a bsdgraph defect: _flatten inlines them all)", "")
+
+
 _UNSUPPORTED = {
-    "Conv1d": ("1-d convolution", "reshape to a 2-d convolution with a 1-pixel-high kernel"),
-    "Delay": ("synaptic delay", "bsdgraph imports feed-forward graphs without delays"),
-    "NIRGraph": ("nested subgraph (snnTorch writes recurrent layers this way)", "flatten it into feed-forward layers"),
-    "Scale": ("elementwise scale", "fold it into the synapse before or after it"),
-    "CubaLI": ("current-based leaky integrator (synaptic state)", "bsdgraph's neuron is a LIF without synaptic "
-               "current state"),
-    "CubaLIF": ("current-based LIF (two state variables)", "use LIF neurons (snnTorch: Leaky, not Synaptic)"),
-    "I": ("integrator without leak or spikes", ""),
-    "IF": ("integrate-and-fire without leak", "bsdgraph's LIF always leaks; use a LIF with a large tau"),
-    "LI": ("leaky integrator without spikes", "read the last synapse's current instead (it is the output)"),
-    "Threshold": ("threshold on its own (only SumPool2d + Threshold on spikes, i.e. max-pooling, maps)", ""),
+    "Conv1d": ("1-d convolution, and no reshape op that would make a [C, L] signal a one-pixel-high [C, 1, L] image",
+               "build the network with Conv2d on [C, 1, L] inputs (kernels 1 x k)"),
+    "Delay": ("delay node (its only delay is the one step of a recurrent layer's loop)",
+              "remove the delay, or express it as a recurrent layer"),
+    "I": ("integrator without leak or spikes (dv/dt = r I grows without bound)", "use LI with a long tau, or IF"),
 }
 
 
 def _unsupported(ctx: _Import, name: str, node) -> str:
-    what, hint = _UNSUPPORTED[type(node).__name__]
+    what, hint = _UNSUPPORTED[_kind(node)]
     raise MappingError(f"bsdgraph has no {what}", hint)
 
 
@@ -324,8 +583,36 @@ for _t in _UNSUPPORTED:
 # ---------------------------------------------------------------------------------------------------- driver
 
 
-def _structure(g) -> tuple[list[Diagnostic], list[str], dict, dict]:
-    """Edges, inputs, outputs and fan-in checked before any rule runs; returns (diagnostics, order, preds, succs)."""
+def _recurrent_synapses(g: _Flat, preds: dict, succs: dict) -> dict[str, str]:
+    """neuron -> its recurrent synapse: the one of the neuron's two inputs that is an Affine/Linear reading only
+    that neuron and feeding only it (snnTorch's RLeaky / RSynaptic, bsdgraph's recurrent layers)."""
+    loops = {}
+    for n, node in g.nodes.items():
+        if _kind(node) not in NEURONS_FROM_NIR or len(preds[n]) != 2:
+            continue
+        recs = [r for r in preds[n] if _is_synapse(g.nodes[r]) and _kind(g.nodes[r]) != "Conv2d"
+                and preds[r] == [n] and succs[r] == [n]]
+        if len(recs) == 1:
+            loops[n] = recs[0]
+    return loops
+
+
+def _flattened_layers(g: _Flat, loops: dict[str, str]) -> dict[str, str]:
+    """Names for recurrent layers a writer flattened itself: nirtorch writes snnTorch's RLeaky at index 1 as
+    ``1.lif`` and ``1.w_rec``, the names ``_flatten`` gives its subgraph form, and both import as the layer ``1``
+    (when no other node shares the prefix and no node is called ``1``)."""
+    out = {}
+    for n, r in loops.items():
+        prefix = n.rpartition(".")[0]
+        if (n not in g.layers and prefix and r.rpartition(".")[0] == prefix and prefix not in g.nodes
+                and sum(k.startswith(f"{prefix}.") for k in g.nodes) == 2):
+            out[n] = prefix
+    return out
+
+
+def _structure(g: _Flat) -> tuple[list[Diagnostic], list[str], dict, dict, dict]:
+    """Edges, inputs, outputs, fan-in and loops checked before any rule runs; returns (diagnostics, order, preds,
+    succs, loops). A recurrent layer's loop edge (rec -> neuron) is left out of preds and of the order."""
     diags = [Diagnostic(None, None, f"edge {a!r} -> {b!r} names {[x for x in (a, b) if x not in g.nodes]}, "
                         "which is not a node of the graph", "add the missing node or remove the edge")
              for a, b in g.edges if a not in g.nodes or b not in g.nodes]
@@ -333,56 +620,85 @@ def _structure(g) -> tuple[list[Diagnostic], list[str], dict, dict]:
     preds = {n: [a for a, b in edges if b == n] for n in g.nodes}
     succs = {n: [b for a, b in edges if a == n] for n in g.nodes}
     for kind in ("Input", "Output"):
-        found = [n for n, node in g.nodes.items() if type(node).__name__ == kind]
+        found = [n for n, node in g.nodes.items() if _kind(node) == kind]
         if len(found) != 1:
             diags.append(Diagnostic(None, None, f"expected exactly one {kind} node, got {len(found)} "
                                     f"{found or ''}".rstrip(),
                                     "bsdgraph imports one stimulus -> one output networks"))
+    loops = _recurrent_synapses(g, preds, succs)
+    for n, r in loops.items():
+        preds[n].remove(r)
     for n, node in g.nodes.items():
         k = len(preds[n])
-        if type(node).__name__ != "Input" and k != 1:
-            diags.append(Diagnostic(n, None, f"({type(node).__name__}) has {k} incoming edges; bsdgraph nodes take "
-                                    "exactly one input (NIR sums several)", "connect it to exactly one producer"))
-    dag = nx.DiGraph(edges)
+        if _kind(node) == "Input" or k == 1:
+            continue
+        if k == 0:
+            diags.append(Diagnostic(n, None, f"({_kind(node)}) has 0 incoming edges; bsdgraph nodes take exactly "
+                                    "one input", "connect it to exactly one producer"))
+        else:
+            inputs = ", ".join(map(repr, preds[n]))
+            diags.append(Diagnostic(n, None, f"({_kind(node)}) has {k} incoming edges ({inputs}), which NIR sums; "
+                                    "bsdgraph sums two currents only in a recurrent layer (a neuron's input plus an "
+                                    "Affine/Linear from the neuron back to itself)",
+                                    "merge the inputs into one synapse before the node"))
+    dag = nx.DiGraph([(a, b) for a, b in edges if loops.get(b) != a])
     dag.add_nodes_from(g.nodes)
     try:
         cycle = nx.find_cycle(dag)
-        diags.append(Diagnostic(cycle[0][0], None, "is on a recurrent loop " + " -> ".join(a for a, _ in cycle),
-                                "bsdgraph imports feed-forward NIR graphs"))
+        diags.append(Diagnostic(cycle[0][0], None, "is on a recurrent loop " + " -> ".join(a for a, _ in cycle) +
+                                f" -> {cycle[0][0]} that is not a recurrent layer",
+                                "a loop bsdgraph imports is neuron -> Affine/Linear -> the same neuron"))
         order = list(g.nodes)
     except nx.NetworkXNoCycle:
         order = list(nx.topological_sort(dag))
-    return diags, order, preds, succs
+    return diags, order, preds, succs, loops
 
 
 def _walk(ctx: _Import, order: list[str]) -> list[Diagnostic]:
     diags, failed = [], set()
     for name in order:
         node = ctx.graph.nodes[name]
-        kind = type(node).__name__
+        kind = _kind(node)
         if name in ctx.absorbed:
             continue
         if any(p in failed or p not in ctx.out for p in ctx.preds[name]):
             failed.add(name)  # an upstream problem is already reported
             continue
-        try:
-            ctx.out[name] = IMPORT_RULES.get(kind, _unknown)(ctx, name, node)
-        except MappingError as err:
-            diags.append(Diagnostic(name, None, f"(NIR {kind}) {err.message}", err.hint))
+        found = _apply(ctx, name, node, kind)
+        if found:
+            diags += found
             failed.add(name)
-        except GraphError as err:  # shape inference of the bsdgraph node (wrong shapes in the file)
-            diags += [Diagnostic(d.node, d.op, f"(NIR {kind}) {d.message}", d.hint) for d in err.diagnostics]
-            failed.add(name)
-        except (TypeError, ValueError, AttributeError, IndexError, KeyError, ArithmeticError) as err:
-            # a field NIR left unchecked (ArithmeticError: int(inf) in a stride; docs/reliability.md)
-            diags.append(Diagnostic(name, None, f"(NIR {kind}) malformed node: {type(err).__name__}: {err}",
-                                    "write it with nir's own node constructors"))
-            failed.add(name)
+            failed.update(k for k, v in ctx.out.items() if v == name)  # a Scale it absorbed fails with it
     return diags
 
 
+def _apply(ctx: _Import, name: str, node, kind: str) -> list[Diagnostic]:
+    """Run ``name``'s rule; the diagnostics of its failure (none when it mapped)."""
+    try:
+        _check_factor(ctx, name, kind)
+        ctx.out[name] = IMPORT_RULES.get(kind, _unknown)(ctx, name, node)
+    except MappingError as err:
+        return [Diagnostic(name, None, f"(NIR {kind}) {err.message}", err.hint)]
+    except GraphError as err:  # shape inference of the bsdgraph node (wrong shapes in the file)
+        return [Diagnostic(d.node, d.op, f"(NIR {kind}) {d.message}", d.hint) for d in err.diagnostics]
+    except (TypeError, ValueError, AttributeError, IndexError, KeyError, ArithmeticError) as err:
+        # a field NIR left unchecked (ArithmeticError: int(inf) in a stride; docs/reliability.md)
+        return [Diagnostic(name, None, f"(NIR {kind}) malformed node: {type(err).__name__}: {err}",
+                           "write it with nir's own node constructors")]
+    return []
+
+
+def _check_factor(ctx: _Import, name: str, kind: str) -> None:
+    """A factor a SumPool2d left pending reaches a node that is no synapse: refuse it here, naming the pool."""
+    waiting = [p for p in ctx.preds[name] if p in ctx.pending]
+    if waiting and kind not in CARRIES_FACTOR:
+        raise MappingError(f"reads {waiting[0]!r}, which carries the window size of a SumPool2d: import makes a sum "
+                           "pool an average pool and puts the window size into the next synapse, and there is none "
+                           "before this node", "put an Affine/Linear/Conv2d after the sum pooling, or use AvgPool2d")
+
+
 def _unknown(ctx: _Import, name: str, node) -> str:
-    raise MappingError(f"unknown NIR node type {type(node).__name__!r}", "")
+    raise MappingError(f"unknown NIR node type {_kind(node)!r}", "bsdgraph reads the node types of NIR 1.0 (nir 1.0.8)")
 
 
 def _steps_of(meta: dict, where: str) -> int:
@@ -414,11 +730,15 @@ def import_nir(source, dt: float | None = None, T: int | None = None, name: str 
     dt = check_dt(meta["dt"] if dt is None else dt, where)
     T = T if T is not None else _steps_of(meta, where)
     default_name = Path(source).stem if isinstance(source, (str, Path)) else "imported"
-    diags, order, preds, succs = _structure(g)
+    flat, diags = _flatten(g)
     if diags:
         raise GraphError(diags)
+    diags, order, preds, succs, loops = _structure(flat)
+    if diags:
+        raise GraphError(diags)
+    flat.layers.update(_flattened_layers(flat, loops))
     builder = GraphBuilder(str(name or meta.get("name") or default_name), T=T, dt=dt)
-    ctx = _Import(g, dt, builder, preds, succs)
+    ctx = _Import(flat, dt, builder, preds, succs, loops)
     diags = _walk(ctx, order)
     if diags:
         raise GraphError(diags)
