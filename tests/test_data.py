@@ -358,7 +358,8 @@ NPZ_ERRORS = {
         r"x_test\[0, 0, 0\] is 256, outside 0\.\.255: integer x is read as 8-bit pixel values",
     ),
     "1-D x": ({"x_train": np.zeros(6, np.float32)}, r"x_train has shape \(6,\); expected \[N, \*sample_shape\]"),
-    "one-hot y": ({"y_train": np.eye(6, dtype=np.int64)}, r"integer y_train \(class labels\) has shape \(6, 6\)"),
+    "3-D y": ({"y_train": np.zeros((6, 2, 2), dtype=np.int64)}, r"integer y_train \(class labels\) has shape "
+             r"\(6, 2, 2\); expected one label per sample, shape \(N,\), or one per step"),
     "y dtypes differ": ({"y_test": np.zeros(4, np.float32)}, r"y_train is torch\.int64 but y_test is torch\.float32"),
     "pickled objects": (
         {"y_train": np.array([0, 1, 2, 3, 4, None], dtype=object)},
@@ -564,3 +565,24 @@ def test_augment_shifts_and_flips_reproducibly():
     # every output pixel is an input pixel of the same image or zero fill
     for i in range(2):
         assert set(a[i].flatten().tolist()) <= set(x[i].flatten().tolist()) | {0.0}
+
+
+def test_labels_must_match_the_models_output_per_sample_or_per_step():
+    """One-hot rows for a per-sample classifier are named as such; a per-step classifier needs y [N, T]."""
+    from bsdgraph.train.data import Dataset, DataError, check_against_model
+
+    x = torch.zeros(6, 4)
+    onehot = Dataset(x, torch.eye(6, dtype=torch.int64)[:, :4].clone(), x, torch.zeros(6, dtype=torch.int64),
+                     name="t", source="t.npz", n_classes=4)
+    onehot.y_train[4:, 0] = 1
+    with pytest.raises(DataError, match=r"y_train has shape \(6, 4\) but the model predicts one class per sample.*"
+                                        r"not one-hot rows"):
+        check_against_model(onehot, (4,), 4, "classification", 1)
+    flat = Dataset(x, torch.zeros(6, dtype=torch.int64), x, torch.zeros(6, dtype=torch.int64), name="t",
+                   source="t.npz", n_classes=4)
+    with pytest.raises(DataError, match=r"one class per step, shape \(N, 5\)"):
+        check_against_model(flat, (4,), 4, "classification", 5)
+    steps = Dataset(x, torch.zeros(6, 5, dtype=torch.int64), x, torch.full((6, 5), 4), name="t", source="t.npz",
+                    n_classes=5)
+    with pytest.raises(DataError, match=r"label 4 at y_test\[0, 0\] but the model has 4 classes"):
+        check_against_model(steps, (4,), 4, "classification", 5)

@@ -66,6 +66,9 @@ def data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data-dir", metavar="DIR", help="folder with Fashion-MNIST/MNIST IDX files (default: "
                    "/usr/share/datasets/fashion-mnist, Debian's dataset-fashion-mnist)")
     g.add_argument("--npz", metavar="FILE", help="an .npz with arrays x_train, y_train, x_test, y_test")
+    g.add_argument("--text", metavar="FILE", help="a UTF-8 text for a character model (e.g. models/char_rnn.py): "
+                   f"next-character windows; the last 10 %% is held out; at most the first {TEXT_CHARS:,} "
+                   "characters are used")
     p.add_argument("--limit-test", type=count(1), metavar="N", help="evaluate on the first N test samples only")
 
 
@@ -133,9 +136,35 @@ def _note_unused_lams(graph, cfg, bsd: dict) -> None:
               file=sys.stderr)
 
 
+TEXT_CHARS = 2_000_000   # one-hot windows of a character model take T * 97 * 4 bytes per T characters (~1.6 GB here)
+
+
 def data_origin(args, model) -> str:
-    """Where ``load_data`` takes the data from: "npz", "model" (the model file's own ``data()``) or "idx"."""
-    return "npz" if args.npz else "model" if model.data is not None else "idx"
+    """Where ``load_data`` takes the data from: "npz", "text", "model" (the model file's own ``data()``) or
+    "idx"."""
+    if getattr(args, "npz", None):
+        return "npz"
+    if getattr(args, "text", None):
+        return "text"
+    return "model" if model.data is not None else "idx"
+
+
+def _text_data(args, model):
+    import sys
+
+    from bsdgraph.ir.graph import Op
+    from bsdgraph.train.text import VOCAB, read_text, text_dataset
+
+    out, inp = model.graph.by_op(Op.OUTPUT)[0], model.graph.by_op(Op.INPUT)[0]
+    if (inp.attrs["encoding"], tuple(inp.shape), out.attrs["target"], out.attrs["n_classes"]) != (
+            "sequence", (VOCAB,), "sequence", VOCAB):
+        raise UsageError(f"--text needs a character model: input g.input(({VOCAB},), encoding='sequence') and a "
+                         f"{VOCAB}-class output with target='sequence' (see models/char_rnn.py); {model.path} is not "
+                         "one")
+    text = read_text(args.text)
+    if len(text) > TEXT_CHARS:
+        print(f"note: {args.text}: using the first {TEXT_CHARS:,} of {len(text):,} characters", file=sys.stderr)
+    return text_dataset(text, model.graph.T, max_chars=TEXT_CHARS, source=args.text)
 
 
 def load_data(args, model):
@@ -147,6 +176,8 @@ def load_data(args, model):
     origin = data_origin(args, model)
     if origin == "npz":
         ds = load_npz(args.npz)
+    elif origin == "text":
+        ds = _text_data(args, model)
     elif origin == "model":
         ds = _model_data(model)
     else:
@@ -157,8 +188,8 @@ def load_data(args, model):
     # a sequence stimulus carries its T steps per sample: [N, T, *shape]
     shape = (model.graph.T, *inp.shape) if inp.attrs["encoding"] == "sequence" else inp.shape
     per_step = model.graph.T if out.attrs["target"] == "sequence" else 1  # one target per step
-    ds = check_against_model(ds, shape, out.attrs["n_classes"] or None, out.attrs["task"],
-                             per_step * math.prod(out.shape))
+    size = per_step if out.attrs["task"] == "classification" else per_step * math.prod(out.shape)
+    ds = check_against_model(ds, shape, out.attrs["n_classes"] or None, out.attrs["task"], size)
     return subset(ds, getattr(args, "limit_train", None), args.limit_test)
 
 

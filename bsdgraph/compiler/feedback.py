@@ -313,7 +313,8 @@ def _losses(f: Graph, layers: list[Layer], vhat, bneuron, cfg: BSDConfig) -> tup
     out = f.by_op(Op.OUTPUT)[0]
     top = len(layers)
     if out.attrs["task"] == "classification":
-        add(f"ce{top}", Op.CE, [out.name], layer=top, population=out.attrs["population"])
+        add(f"ce{top}", Op.CE, [out.name], layer=top, population=out.attrs["population"],
+            per_step=out.attrs["target"] == "sequence")
     else:
         add(f"mse{top}", Op.MSE, [out.name], layer=top, per_step=out.attrs["target"] == "sequence")
     return nodes, edges
@@ -355,6 +356,9 @@ def derive_feedback(f: Graph, cfg: BSDConfig | None = None) -> Graph:
     if cfg.negatives == "other_class" and out.attrs["task"] != "classification":
         raise GraphError([Diagnostic(out.name, out.op, "negatives='other_class' needs class labels, but the task is "
                                      f"{out.attrs['task']!r}", "use negatives='all' for regression")])
+    if cfg.negatives == "other_class" and out.attrs["target"] == "sequence":
+        raise GraphError([Diagnostic(out.name, out.op, "negatives='other_class' compares one class per sample, but "
+                                     "this output has a class per step", "use negatives='all'")])
     layers = segment(f)
     b, vhat, bneuron = _backward_network(f, layers, cfg.recall)
     loss_nodes, loss_edges = _losses(f, layers, vhat, bneuron, cfg)

@@ -138,8 +138,8 @@ class _Lowerer:
         steps = ("T",) if inp.attrs["encoding"] == "sequence" else ()
         self.declare(STIMULUS, "f32", ("B", *steps, *inp.shape))
         out = g.by_op(Op.OUTPUT)[0]
-        if out.attrs["task"] == "classification":
-            self.declare(LABELS, "i64", ("B",))
+        if out.attrs["task"] == "classification":  # a class per sample, or per step of a sequence
+            self.declare(LABELS, "i64", ("B", *(("T",) if out.attrs["target"] == "sequence" else ())))
         else:  # regression targets: a value per sample, or per step of a sequence
             self.declare(LABELS, "f32", ("B", *(("T",) if out.attrs["target"] == "sequence" else ()), *out.shape))
         self.declare(SEED, "obj", ())

@@ -195,7 +195,9 @@ ATTRS: dict[Op, tuple[Attr, ...]] = {
     Op.OUTPUT: (
         _a("task", str, "classification", ("classification", "regression")),
         # regression: analog = one target per sample, read as mean_t of the top current; sequence = one per step,
-        # V_L[t] predicts y[:, t] (sequence-to-sequence, e.g. next-step prediction of a time series)
+        # V_L[t] predicts y[:, t] (sequence-to-sequence, e.g. next-step prediction of a time series);
+        # classification: one-hot or population codes of one class per sample, or sequence = one class per step,
+        # V_L[t] classified against y[:, t] (e.g. next-character prediction)
         _a("target", str, "onehot", ("onehot", "population", "analog", "sequence")),
         _a("n_classes", int, 0),
         _a("population", int, 1),
@@ -205,7 +207,8 @@ ATTRS: dict[Op, tuple[Attr, ...]] = {
         _a("eps", _NUM, 1e-8), _a("distill_on", str, "current", ("current", "membrane")),
         _a("freq", bool, False), _a("freq_r", _NUM, 0.25), _a("lam_low", _NUM, 0.3), _a("lam_high", _NUM, 0.9),
     ),
-    Op.CE: (_a("layer", int, required=True), _a("population", int, 1)),
+    # per_step: the top current of step t is classified against y[:, t] (target='sequence')
+    Op.CE: (_a("layer", int, required=True), _a("population", int, 1), _a("per_step", bool, False)),
     Op.MSE: (_a("layer", int, required=True), _a("per_step", bool, False)),
 }
 

@@ -297,8 +297,11 @@ def _neuron(n: Node, g: Graph):
 def _output(n: Node, g: Graph):
     a = n.attrs
     if a["task"] == "classification":
-        if a["target"] not in ("onehot", "population"):
-            yield f"classification needs target onehot or population, got {a['target']!r}", ""
+        if a["target"] not in ("onehot", "population", "sequence"):
+            yield f"classification needs target onehot, population or sequence, got {a['target']!r}", ""
+        elif a["target"] == "sequence" and a["population"] != 1:
+            yield (f"a per-step class (target='sequence') is one neuron per class, got population={a['population']}",
+                   "drop population, or classify once per sample (target='onehot' or 'population')")
         elif (a["target"] == "population") != (a["population"] > 1):  # B's target code would not fit its width
             yield (f"target {a['target']!r} with population={a['population']}: a population code has more than one "
                    "neuron per class, a one-hot code exactly one",

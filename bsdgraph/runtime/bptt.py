@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from bsdgraph.ir.graph import Graph, Op, Stream
-from bsdgraph.runtime.losses import class_scores
+from bsdgraph.runtime.losses import class_loss
 from bsdgraph.runtime.common import StepResult, clip_per_node, rates_of, readout
 from bsdgraph.runtime.heap import keep_freed_memory
 from bsdgraph.runtime.reference import ReferenceRuntime, run_graph
@@ -28,7 +28,7 @@ class BPTTRuntime(ReferenceRuntime):
 
     def loss(self, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.out.attrs["task"] == "classification":
-            return F.cross_entropy(class_scores(v, self.out.attrs["population"]), y)
+            return class_loss(v, y, self.out.attrs["population"], self.out.attrs["target"] == "sequence")
         pred = readout(self.out, v)
         return F.mse_loss(pred, y.to(v.dtype).reshape(pred.shape))
 

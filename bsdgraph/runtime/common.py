@@ -68,6 +68,8 @@ def encode_target(n: Node, y: torch.Tensor, T: int) -> torch.Tensor:
     analog targets (regression) are the top layer's input value at every step, sequence targets [B, T, ...] give
     step t its own value."""
     enc = n.attrs["encoding"]
+    if enc == "sequence" and n.attrs["n_classes"]:  # one class per step: y is [B, T] class indices
+        return F.one_hot(y.long(), n.attrs["n_classes"]).to(torch.float32).transpose(0, 1)
     if enc == "sequence":  # one target per step: y is [B, T, ...]
         return y.to(torch.float32).reshape(y.shape[0], T, *n.shape).transpose(0, 1)
     if enc == "analog":
@@ -82,7 +84,7 @@ def encode_target(n: Node, y: torch.Tensor, T: int) -> torch.Tensor:
 def readout(out: Node, v: torch.Tensor) -> torch.Tensor:
     """Top current [T, B, ...] -> predictions: class scores (argmax = class) or regression values."""
     if out.attrs["task"] == "classification":
-        return class_scores(v, out.attrs["population"])
+        return class_scores(v, out.attrs["population"], out.attrs["target"] == "sequence")
     return regression_prediction(v, out.attrs["target"] == "sequence")
 
 

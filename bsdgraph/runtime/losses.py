@@ -77,8 +77,11 @@ def reco_freq_loss(v, v_hat, labels, lam_low: float, lam_high: float, r: float, 
             + reco_loss(per_sample(vh), per_sample(hh), labels, lam_high, negatives, eps))
 
 
-def class_scores(v: torch.Tensor, population: int) -> torch.Tensor:
-    """Top current [T, B, C*k] -> class scores [B, C]: mean over time, then over each class's population block."""
+def class_scores(v: torch.Tensor, population: int, per_step: bool = False) -> torch.Tensor:
+    """Top current [T, B, C*k] -> class scores [B, C]: mean over time, then over each class's population block;
+    ``per_step``: the current of each step is that step's scores, [B, T, C]."""
+    if per_step:
+        return v.transpose(0, 1)
     z = v.mean(0)
     return z.reshape(z.shape[0], -1, population).mean(-1) if population > 1 else z
 
@@ -92,7 +95,14 @@ def _reco(n: Node, args, labels):
 
 
 def _ce(n: Node, args, labels):
-    return F.cross_entropy(class_scores(args[0], n.attrs["population"]), labels)
+    return class_loss(args[0], labels, n.attrs["population"], n.attrs["per_step"])
+
+
+def class_loss(v: torch.Tensor, labels: torch.Tensor, population: int, per_step: bool) -> torch.Tensor:
+    """Cross-entropy of the top current: of the time-mean scores against y [B], or of each step's scores against
+    y [B, T] (the mean over all B*T steps)."""
+    z = class_scores(v, population, per_step)
+    return F.cross_entropy(z.reshape(-1, z.shape[-1]), labels.reshape(-1))
 
 
 def regression_prediction(v: torch.Tensor, per_step: bool) -> torch.Tensor:

@@ -25,7 +25,7 @@ from bsdgraph.registry import registrar
 from bsdgraph.runtime.common import encode_input, encode_target
 from bsdgraph.runtime.context import Ctx, Grouping
 from bsdgraph.runtime.local_adamw import adamw_step
-from bsdgraph.runtime.losses import band_split, class_scores, per_sample
+from bsdgraph.runtime.losses import band_split, class_loss, class_scores, per_sample
 from bsdgraph.runtime.reco_dedup import reco_loss_grad_dedup
 from kernels.ref.encode import poisson_encode
 from bsdgraph.ir.neurons import neuron_of
@@ -459,6 +459,11 @@ def cross_entropy(ctx: Ctx, *ins):
     (v,), args = loss_operands(ctx, ins)
     labels = args[LABELS]
     k = n.attrs["population"]
+    if n.attrs["per_step"]:  # step t's current classified against y[:, t]; the loss is the mean over B*T steps
+        z = v.transpose(0, 1)
+        loss = class_loss(v, labels, 1, True)
+        dz = (torch.softmax(z, -1) - F.one_hot(labels, z.shape[-1]).to(z.dtype)) / labels.numel()
+        return loss_outputs(ctx, loss, [dz.transpose(0, 1).contiguous()], args)
     z = class_scores(v, k)
     loss = F.cross_entropy(z, labels)
     dz = (torch.softmax(z, 1) - F.one_hot(labels, z.shape[1]).to(z.dtype)) / z.shape[0]

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from bsdgraph.ir.graph import GroupOp, Graph, Stream
+from bsdgraph.ir.graph import GroupOp, Graph, Op, Stream
 from bsdgraph.ir.neurons import is_spiking
 from bsdgraph.ir.params import Params, init_state
 from bsdgraph.runtime.reference import Ctx, run_graph
@@ -28,11 +28,15 @@ def _rate_of(g: Graph, params: Params, x, y, lif: str, stream: Stream) -> float:
 
 
 def _calibrated_layers(g: Graph) -> list[tuple[str, str, Stream]]:
-    """(synapse, the LIF it drives, stream) in the order calibration must visit them (inputs first)."""
+    """(synapse, the LIF it drives, stream) in the order calibration must visit them (inputs first). A recurrent
+    layer's feedforward synapse drives its neurons through the layer's sum (the recurrent synapse, which reads
+    spikes of the layer itself, is left as initialised)."""
     out = []
     for n in g.topo_order():
-        if n.op in GroupOp.SYNAPSE:
+        if n.op in GroupOp.SYNAPSE and not any(e.delay for e in g.in_edges(n.name)):
             nxt = [c for c in g.consumers(n.name) if c.op not in GroupOp.LOSS]
+            if len(nxt) == 1 and nxt[0].op == Op.ADD:
+                nxt = [c for c in g.consumers(nxt[0].name) if c.op not in GroupOp.LOSS]
             if len(nxt) == 1 and is_spiking(nxt[0]):
                 out.append((n.name, nxt[0].name, n.stream))
     return out

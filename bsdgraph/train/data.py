@@ -328,10 +328,11 @@ def _as_y(a: np.ndarray, key: str, path: Path) -> torch.Tensor:
     _check_array(a, key, path)
     if a.dtype.kind == "f":
         return torch.from_numpy(_to_float32(a, key, path))
-    if a.ndim != 1:
+    if a.ndim not in (1, 2):
         raise DataError(
             f"{path}: integer {key} (class labels) has shape {_shape(a.shape)}; expected one label per sample, "
-            f"shape (N,). Fix: save class indices, not one-hot rows (np.argmax(y, axis=1))."
+            f"shape (N,), or one per step of a sequence, shape (N, T). Fix: save class indices, not one-hot rows "
+            f"(np.argmax(y, axis=-1))."
         )
     _check_in_range(a, key, path, 0, None, "class labels must be >= 0")
     return torch.from_numpy(a.astype(np.int64))
@@ -409,14 +410,19 @@ def check_against_model(
 ) -> Dataset:
     """Check that ds can feed a model taking `sample_shape` per sample; return ds, reshaped to `sample_shape`
     when only the layout differs (flat [784] data for a (1, 28, 28) model, or the other way round).
-    `target_size`: for regression, the number of values the model's output gives per sample."""
+    `target_size`: for regression, the number of values the model's output gives per sample; for classification,
+    the number of labels per sample (1, or T for a class per step)."""
     if task not in _TASKS:
         raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
     _check_task(ds, task)
     ds = _fit_sample_shape(ds, tuple(int(d) for d in sample_shape))
-    if task == "classification" and n_classes is not None:
+    if task == "classification":
         for key in ("y_train", "y_test"):
-            _check_labels_fit(getattr(ds, key), key, n_classes, ds.source)
+            y = getattr(ds, key)
+            if target_size is not None:
+                _check_label_steps(y, key, target_size, ds.source)
+            if n_classes is not None:
+                _check_labels_fit(y, key, n_classes, ds.source)
     if task == "regression" and target_size is not None:
         for key in ("y_train", "y_test"):
             _check_targets_fit(getattr(ds, key), key, target_size, ds.source)
@@ -472,12 +478,26 @@ def _transpose_to(have: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, .
     return next((p for p in itertools.permutations(range(len(have))) if tuple(have[i] for i in p) == shape), None)
 
 
+def _check_label_steps(y: torch.Tensor, key: str, steps: int, source: str) -> None:
+    """One label per sample (steps == 1: y is [N]) or one per step (y is [N, T])."""
+    want = (len(y),) if steps == 1 else (len(y), steps)
+    if tuple(y.shape) != want:
+        what = "one class per sample, shape (N,)" if steps == 1 else f"one class per step, shape (N, {steps})"
+        onehot = y.dim() == 2 and bool(((y == 0) | (y == 1)).all()) and bool((y.sum(1) == 1).all())
+        fix = ("save class indices, not one-hot rows (np.argmax(y, axis=1))" if onehot and steps == 1 else
+               "save labels of that shape, or use a model whose output matches them")
+        raise DataError(f"{source}: {key} has shape {_shape(tuple(y.shape))} but the model predicts {what}. "
+                        f"Fix: {fix}.")
+
+
 def _check_labels_fit(y: torch.Tensor, key: str, n_classes: int, source: str) -> None:
     bad = (y < 0) | (y >= n_classes)
     if bool(bad.any()):
-        i = int(torch.argmax(bad.to(torch.uint8)))
+        flat = int(torch.argmax(bad.reshape(-1).to(torch.uint8)))
+        at = tuple(int(i) for i in np.unravel_index(flat, tuple(y.shape)))
+        i = at[0] if len(at) == 1 else ", ".join(map(str, at))
         raise DataError(
-            f"{source}: label {int(y[i])} at {key}[{i}] but the model has {n_classes} classes (labels 0.."
+            f"{source}: label {int(y.reshape(-1)[flat])} at {key}[{i}] but the model has {n_classes} classes (labels 0.."
             f"{n_classes - 1}). Fix: use a model with at least {int(y.max()) + 1} classes, or relabel the data."
         )
 

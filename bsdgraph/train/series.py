@@ -62,3 +62,108 @@ def mackey_glass_dataset(T: int, n_train: int = 4000, n_test: int = 1000, sample
     (xtr, ytr), (xte, yte) = windows(scale(train), T, per_step), windows(scale(test), T, per_step)
     return Dataset(torch.from_numpy(xtr[:n_train]), torch.from_numpy(ytr[:n_train]), torch.from_numpy(xte[:n_test]),
                    torch.from_numpy(yte[:n_test]), "mackey-glass", f"Mackey-Glass tau=17 (generated, T={T})", None)
+
+
+# ---------------------------------------------------------------------------------------------------- Lorenz-96
+
+
+def lorenz96(length: int, n: int = 40, forcing: float = 8.0, dt: float = 0.05, sample_every: float = 0.05,
+             washout: float = 20.0, seed: int = 0) -> np.ndarray:
+    """``length`` states [length, n] of the Lorenz-96 system (Lorenz 1996), one every ``sample_every`` time units:
+
+        dx_i/dt = (x_{i+1} - x_{i-2}) x_{i-1} - x_i + F,   i cyclic, F = 8 (chaotic for n >= 4)
+
+    integrated with 4th-order Runge-Kutta at step ``dt`` (0.05, the step of the data-assimilation literature) from
+    x = F plus a small perturbation drawn from ``seed``; the first ``washout`` time units are dropped."""
+    if length < 1 or n < 4 or dt <= 0 or sample_every < dt:
+        raise ValueError("need length >= 1, n >= 4, dt > 0 and sample_every >= dt")
+
+    i = np.arange(n)
+    up, down2, down1 = (i + 1) % n, (i - 2) % n, (i - 1) % n
+
+    def f(x: np.ndarray) -> np.ndarray:
+        return (x[up] - x[down2]) * x[down1] - x + forcing
+
+    x = forcing + 0.01 * np.random.default_rng(seed).standard_normal(n)
+    stride = int(round(sample_every / dt))
+    skip = int(round(washout / dt))
+    out = np.empty((length, n))
+    for step in range(skip + length * stride):
+        k1 = f(x)
+        k2 = f(x + 0.5 * dt * k1)
+        k3 = f(x + 0.5 * dt * k2)
+        k4 = f(x + dt * k3)
+        x = x + dt / 6.0 * (k1 + 2 * k2 + 2 * k3 + k4)
+        j = step - skip + 1
+        if j > 0 and j % stride == 0:
+            out[j // stride - 1] = x
+    return out
+
+
+def lorenz96_dataset(T: int, n_train: int = 3000, n_test: int = 600, n: int = 40, seed: int = 0) -> Dataset:
+    """Next-state prediction at every step on all ``n`` channels: x [N, T, n], y [N, T, n] = the state one sample
+    later. Windows start every T samples (no two training windows share a step); the test windows come from the
+    trajectory after the training part. Channels are standardised with the training part's mean and standard
+    deviation (one over all channels: the system is symmetric under a cyclic shift), so an MSE of 1 is the
+    variance of the data."""
+    series = lorenz96((n_train + n_test) * T + 2, n=n, seed=seed)
+    cut = n_train * T + 1
+    train, test = series[:cut], series[cut:]
+    mean, std = train.mean(), train.std()
+    scaled = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
+
+    def cut_windows(a: np.ndarray, count: int):
+        starts = np.arange(count) * T
+        idx = starts[:, None] + np.arange(T)[None, :]
+        return torch.from_numpy(a[idx]), torch.from_numpy(a[idx + 1])
+
+    (xtr, ytr), (xte, yte) = cut_windows(scaled(train), n_train), cut_windows(scaled(test), n_test)
+    return Dataset(xtr, ytr, xte, yte, "lorenz96", f"Lorenz-96 n={n} F=8 (generated, T={T}, seed {seed})", None)
+
+
+# ---------------------------------------------------------------------------------------------------- baselines
+
+
+def persistence_mse(ds: Dataset) -> float:
+    """MSE on the test split of predicting that nothing changes: y[t] = x[t] (per-step next-value targets)."""
+    return float(((ds.x_test - ds.y_test) ** 2).mean())
+
+
+def linear_ar_mse(ds: Dataset, lags: int = 1) -> float:
+    """MSE on the test split of a linear autoregressive model fitted by least squares on the training split:
+    y[t] = sum_{k < lags} W_k x[t - k] + b, over the inputs of the same window (what the network sees). Fitted and
+    scored on the steps t >= lags - 1 of each window, which have all their lags: with lags = 1 that is every step,
+    as for the network."""
+    def design(x: torch.Tensor) -> torch.Tensor:
+        cols = [torch.cat([torch.zeros_like(x[:, :k]), x[:, : x.shape[1] - k]], 1) for k in range(lags)]
+        return torch.cat(cols + [torch.ones(*x.shape[:2], 1, dtype=x.dtype)], -1)
+
+    a = design(ds.x_train.double())[:, lags - 1:].reshape(-1, lags * ds.x_train.shape[-1] + 1)
+    b = ds.y_train.double()[:, lags - 1:].reshape(-1, ds.y_train.shape[-1])
+    w = torch.linalg.lstsq(a, b).solution
+    pred = design(ds.x_test.double())[:, lags - 1:] @ w
+    return float(((pred - ds.y_test.double()[:, lags - 1:]) ** 2).mean())
+
+
+# ---------------------------------------------------------------------------------------------------- MNIST-1D
+
+
+def mnist1d_dataset(seed: int = 42, num_samples: int = 5000) -> Dataset:
+    """MNIST-1D from ``mnist1d.data.make_dataset`` (generated here from its templates, no download): x [N, 40, 1]
+    standardised with the training split's mean and standard deviation, y [N] in 0..9; the package's own 80/20
+    split. ``DataError`` naming the fix when the package is not installed."""
+    from bsdgraph.train.data import DataError
+
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as err:
+        raise DataError(f"MNIST-1D needs the mnist1d package ({err}). Fix: pip install mnist1d (make setup "
+                        "installs it).") from None
+    args = get_dataset_args()
+    args.seed, args.num_samples = seed, num_samples
+    d = make_dataset(args)
+    mean, std = d["x"].mean(), d["x"].std()
+    as_x = lambda a: torch.from_numpy(((a - mean) / std).astype(np.float32)[..., None])  # noqa: E731
+    return Dataset(as_x(d["x"]), torch.from_numpy(d["y"].astype(np.int64)), as_x(d["x_test"]),
+                   torch.from_numpy(d["y_test"].astype(np.int64)), "mnist1d",
+                   f"MNIST-1D (generated by mnist1d.make_dataset, seed {seed})", 10)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from bsdgraph.train.calibrate import calibrate
 from bsdgraph.train.checkpoint import (
@@ -116,16 +117,24 @@ def check_memory(program: Program, device: str, batch: int, eval_batch: int, tra
 def evaluate(rt, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
     """Accuracy (classification) or MSE (regression) of F alone on a split."""
     out = rt.graph.by_op(Op.OUTPUT)[0]
-    correct, sq, n = 0, 0.0, 0
+    correct, sq, n, nats = 0, 0.0, 0, 0.0
     for xb, yb in batches(x, y, batch_size):
         pred = rt.predict(xb)
-        if out.attrs["task"] == "classification":
-            correct += int((pred.argmax(1).cpu() == yb).sum())
+        if out.attrs["task"] == "classification":   # per sample, or per step: correct is then [T]
+            correct = correct + (pred.argmax(-1).cpu() == yb).sum(0)
+            if out.attrs["target"] == "sequence":  # the held-out cross-entropy: bits per step (per character)
+                nats += float(F.cross_entropy(pred.cpu().reshape(-1, pred.shape[-1]), yb.reshape(-1),
+                                              reduction="sum"))
         else:
             sq += float(((pred.cpu().reshape(yb.shape) - yb) ** 2).sum())
         n += len(yb)
+    if out.attrs["task"] == "classification" and out.attrs["target"] == "sequence":
+        per_step = (correct.double() / max(n, 1)) if n else torch.zeros(0)
+        return {"accuracy": float(per_step.mean()) if n else 0.0,
+                "accuracy_per_step": [round(float(a), 4) for a in per_step],
+                "bits_per_step": nats / max(n * per_step.numel(), 1) / math.log(2)}
     if out.attrs["task"] == "classification":
-        return {"accuracy": correct / max(n, 1)}
+        return {"accuracy": int(correct) / max(n, 1)}
     return {"mse": sq / max(n * int(y[0].numel()), 1)}
 
 

@@ -1,0 +1,24 @@
+"""Temporal classification of MNIST-1D (Greydanus 2020): 40-step one-dimensional signals of 10 classes, generated
+offline by the `mnist1d` package's `make_dataset` (never its downloading loader), read one value per step by a
+recurrent spiking network; the class is read out once per sample (the mean over time of the top current).
+"""
+
+from bsdgraph import GraphBuilder
+from bsdgraph.train.series import mnist1d_dataset
+
+T = 40
+TRAIN = dict(epochs=30, batch_size=64, lr=2e-3, weight_decay=1e-4, clip=1.0, init="calibrated")
+BSD = dict(lam=0.6, negatives="all", distill_on="current", recall=True)
+
+
+def build():
+    g = GraphBuilder("mnist1d_rnn", T=T)
+    x = g.input((1,), encoding="sequence")
+    h = g.recurrent_lif(g.linear(x, 256))
+    h = g.lif(g.linear(h, 128))
+    g.output(g.linear(h, 10), task="classification")
+    return g.build()
+
+
+def data():
+    return mnist1d_dataset(seed=42)
