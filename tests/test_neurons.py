@@ -287,8 +287,8 @@ def test_every_neuron_runs_on_the_cpu_backend_as_on_the_reference(model, params,
         torch.testing.assert_close(cpu.params[k], w.detach(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("model, params", [("if", {"v_th": 0.6}), ("li", {}), ("cuba_lif", {}), ("alif", {}),
-                                           ("qif_test", {})])
+@pytest.mark.parametrize("model, params", [("if", {"v_th": 0.6}), ("li", {}), ("lif", {}), ("lif_soft", {}),
+                                           ("cuba_lif", {}), ("cuba_li", {}), ("alif", {}), ("qif_test", {})])
 def test_a_short_bsd_run_lowers_the_loss_for_each_neuron(model, params):
     prog = compile_graph(derive_feedback(_mlp(model, **params), BSDConfig()))
     rt = cpu_runtime(prog, seed=0)

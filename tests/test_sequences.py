@@ -249,3 +249,50 @@ def test_the_baselines_are_exact_where_they_should_be():
     assert series.persistence_mse(ds) > 0.1
     flat = Dataset(x[:40].float(), x[:40].float(), x[40:].float(), x[40:].float(), "c", "c", None)
     assert series.persistence_mse(flat) == 0
+
+
+def test_per_step_reco_rows_match_the_reference_and_compare_single_steps():
+    """reco_rows='step': cpu == reference == triton (interpreted), and the loss is ReCo over [T*B, D] rows (so a
+    change at one step of one sample moves only that row's cosines)."""
+    from bsdgraph.runtime.losses import per_step, reco_loss
+    from bsdgraph.runtime.triton import triton_runtime
+
+    bsd = derive_feedback(per_step_net(), BSDConfig(reco_rows="step"))
+    assert {n.attrs["rows"] for n in bsd.nodes if n.op.value == "reco"} == {"step"}
+    p = init_params(bsd, 0)
+    x, y = batch()
+    runs = [ReferenceRuntime(bsd, p), cpu_runtime(compile_graph(bsd), params=p),
+            triton_runtime(compile_graph(bsd), device="cpu", params=p)]
+    results = [rt.step(x, y) for rt in runs]
+    for r in results[1:]:
+        assert r.losses == pytest.approx(results[0].losses, rel=1e-5)
+    for rt in runs[1:]:
+        for k, w in runs[0].params.items():
+            torch.testing.assert_close(rt.params[k], w.detach(), rtol=1e-5, atol=1e-6)
+    a, b = torch.randn(T, 3, 4, dtype=torch.float64), torch.randn(T, 3, 4, dtype=torch.float64)
+    rows_a = torch.stack([a[t, s] for t in range(T) for s in range(3)])
+    rows_b = torch.stack([b[t, s] for t in range(T) for s in range(3)])
+    assert torch.equal(per_step(a), rows_a)
+    assert float(reco_loss(per_step(a), per_step(b), None, 0.6, "all", 1e-8)) == pytest.approx(
+        float(reco_loss(rows_a, rows_b, None, 0.6, "all", 1e-8)))
+
+
+def test_per_step_reco_rows_refuse_what_they_cannot_mean():
+    with pytest.raises(GraphError, match="reco_rows='step' compares single steps"):
+        derive_feedback(per_step_net(), BSDConfig(reco_rows="step", freq=True))
+    # per-class B (dedup) has no per-step rows: a classifier with reco_rows='step' runs B on every sample
+    from bsdgraph.compiler.lower import can_dedup
+
+    g = GraphBuilder("c", T=2)
+    g.output(g.linear(g.lif(g.linear(g.input((3,)), 4)), 2))
+    f = g.build()
+    assert can_dedup(derive_feedback(f)) and not can_dedup(derive_feedback(f, BSDConfig(reco_rows="step")))
+
+
+def test_lorenz96_increments_are_the_next_state_minus_this_one():
+    states, steps = series.lorenz96_dataset(T=6, n_train=8, n_test=2), \
+        series.lorenz96_dataset(T=6, n_train=8, n_test=2, increments=True)
+    assert torch.equal(steps.x_test, states.x_test)
+    torch.testing.assert_close(steps.y_train, states.y_train - states.x_train)
+    # predicting 0 change is persistence: the same MSE
+    assert float((steps.y_test ** 2).mean()) == pytest.approx(series.persistence_mse(states), rel=1e-6)

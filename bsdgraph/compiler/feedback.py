@@ -42,6 +42,7 @@ class BSDConfig:
     freq_r: float = 0.25
     lam_low: float = 0.3
     lam_high: float = 0.9
+    reco_rows: str = "sample"        # sample (one cosine per sample over T*D) | step (one per step: [T*B, D] rows)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> BSDConfig:
@@ -299,7 +300,7 @@ def _losses(f: Graph, layers: list[Layer], vhat, bneuron, cfg: BSDConfig) -> tup
         edges.extend(Edge(s, name, port) for port, s in enumerate(srcs))
 
     reco = dict(lam=cfg.lam, negatives=cfg.negatives, eps=cfg.eps, freq_r=cfg.freq_r, lam_low=cfg.lam_low,
-                lam_high=cfg.lam_high)
+                lam_high=cfg.lam_high, rows=cfg.reco_rows)
     x = f.by_op(Op.INPUT)[0]
     split = frequency_split(f, cfg, layers)
     if cfg.recall and cfg.recall_loss == "mse":
@@ -356,6 +357,9 @@ def derive_feedback(f: Graph, cfg: BSDConfig | None = None) -> Graph:
     if cfg.negatives == "other_class" and out.attrs["task"] != "classification":
         raise GraphError([Diagnostic(out.name, out.op, "negatives='other_class' needs class labels, but the task is "
                                      f"{out.attrs['task']!r}", "use negatives='all' for regression")])
+    if cfg.reco_rows == "step" and (cfg.freq or cfg.negatives == "other_class"):
+        raise GraphError([Diagnostic(None, None, "reco_rows='step' compares single steps; it does not combine with "
+                                     "freq=True or negatives='other_class'", "drop one of the options")])
     if cfg.negatives == "other_class" and out.attrs["target"] == "sequence":
         raise GraphError([Diagnostic(out.name, out.op, "negatives='other_class' compares one class per sample, but "
                                      "this output has a class per step", "use negatives='all'")])
@@ -371,7 +375,8 @@ def derive_feedback(f: Graph, cfg: BSDConfig | None = None) -> Graph:
 
 
 # The BSD options that are a choice, and those that are a number >= 0.
-BSD_CHOICES = {"negatives": ("all", "other_class"), "distill_on": ("current", "membrane"), "recall_loss": ("reco", "mse")}
+BSD_CHOICES = {"negatives": ("all", "other_class"), "distill_on": ("current", "membrane"), "recall_loss": ("reco", "mse"),
+               "reco_rows": ("sample", "step")}
 BSD_NUMBERS = ("lam", "eps", "freq_r", "lam_low", "lam_high")
 
 

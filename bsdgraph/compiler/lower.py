@@ -115,7 +115,9 @@ def can_dedup(g: Graph) -> bool:
     code (not an analog target). B's batchnorms then take the full batch's statistics as sums over the class rows
     weighted by their counts (runtime/torch_kernels.py)."""
     targets = g.by_op(Op.TARGET)
-    return bool(targets) and targets[0].attrs["encoding"] in ("onehot", "population")
+    # per-step ReCo rows mix the T steps of a sample with the batch's: the per-class form has no such rows
+    per_step = any(n.attrs["rows"] == "step" for n in g.by_op(Op.RECO))
+    return bool(targets) and targets[0].attrs["encoding"] in ("onehot", "population") and not per_step
 
 
 GROUP_KERNEL = "group_classes"

@@ -83,8 +83,9 @@ def _reco(ctx, *ins):
     if n.attrs["freq"] or ctx.per_class(ctx.launch.reads[1]):
         return KERNELS["reco_loss_grad"](ctx, *ins)
     (a, b), args = loss_operands(ctx, ins)
-    T = ctx.T
-    loss, da, db = reco_loss_grad_steps(a.reshape(T, a.shape[1], -1), b.reshape(T, b.shape[1], -1),
+    # rows='step': every (step, sample) is a row, i.e. one "step" of T*B rows in the batched form
+    T, B = (1, ctx.T * a.shape[1]) if n.attrs["rows"] == "step" else (ctx.T, a.shape[1])
+    loss, da, db = reco_loss_grad_steps(a.reshape(T, B, -1), b.reshape(T, B, -1),
                                         args.get(LABELS), n.attrs["lam"], n.attrs["negatives"], n.attrs["eps"])
     return loss_outputs(ctx, loss, [da.reshape(a.shape), db.reshape(b.shape)], args)
 

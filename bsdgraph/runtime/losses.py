@@ -18,6 +18,11 @@ def per_sample(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(x.shape[1], -1)
 
 
+def per_step(x: torch.Tensor) -> torch.Tensor:
+    """[T, B, ...] -> [T*B, D]: one row per step of each sample (ReCo with rows='step')."""
+    return x.reshape(x.shape[0] * x.shape[1], -1)
+
+
 def negative_mask(B: int, labels: torch.Tensor | None, negatives: str, device=None) -> torch.Tensor:
     """N(k) as a boolean [B, B] matrix: all j != k, or only j with another label."""
     if negatives == "other_class":
@@ -91,7 +96,8 @@ def _reco(n: Node, args, labels):
     if a["freq"]:
         return reco_freq_loss(args[0], args[1], labels, a["lam_low"], a["lam_high"], a["freq_r"], a["negatives"],
                               a["eps"])
-    return reco_loss(per_sample(args[0]), per_sample(args[1]), labels, a["lam"], a["negatives"], a["eps"])
+    rows = per_step if a["rows"] == "step" else per_sample
+    return reco_loss(rows(args[0]), rows(args[1]), labels, a["lam"], a["negatives"], a["eps"])
 
 
 def _ce(n: Node, args, labels):

@@ -25,7 +25,7 @@ from bsdgraph.registry import registrar
 from bsdgraph.runtime.common import encode_input, encode_target
 from bsdgraph.runtime.context import Ctx, Grouping
 from bsdgraph.runtime.local_adamw import adamw_step
-from bsdgraph.runtime.losses import band_split, class_loss, class_scores, per_sample
+from bsdgraph.runtime.losses import band_split, class_loss, class_scores, per_sample, per_step
 from bsdgraph.runtime.reco_dedup import reco_loss_grad_dedup
 from kernels.ref.encode import poisson_encode
 from bsdgraph.ir.neurons import neuron_of
@@ -383,6 +383,9 @@ def _reco_terms(n, a, b, labels, reco_loss_grad):
     again, as before, cost two of the four band splits: 1.39x / 1.33x per call on fmnist_ae's [8, 128, 16, 14, 14]
     and [8, 128, 32, 7, 7] operands, interleaved, 2 threads; gradients equal to 8e-7 relative.)"""
     at = n.attrs
+    if at["rows"] == "step":
+        loss, da, db = reco_loss_grad(per_step(a), per_step(b), labels, at["lam"], at["negatives"], at["eps"])
+        return loss, da.reshape(a.shape), db.reshape(b.shape)
     if not at["freq"]:
         loss, da, db = reco_loss_grad(per_sample(a), per_sample(b), labels, at["lam"], at["negatives"], at["eps"])
         return loss, _unsample(da, a), _unsample(db, b)

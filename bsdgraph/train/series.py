@@ -100,12 +100,14 @@ def lorenz96(length: int, n: int = 40, forcing: float = 8.0, dt: float = 0.05, s
     return out
 
 
-def lorenz96_dataset(T: int, n_train: int = 3000, n_test: int = 600, n: int = 40, seed: int = 0) -> Dataset:
+def lorenz96_dataset(T: int, n_train: int = 3000, n_test: int = 600, n: int = 40, seed: int = 0,
+                     increments: bool = False) -> Dataset:
     """Next-state prediction at every step on all ``n`` channels: x [N, T, n], y [N, T, n] = the state one sample
-    later. Windows start every T samples (no two training windows share a step); the test windows come from the
-    trajectory after the training part. Channels are standardised with the training part's mean and standard
-    deviation (one over all channels: the system is symmetric under a cyclic shift), so an MSE of 1 is the
-    variance of the data."""
+    later, or with ``increments`` the change to it, x[t + 1] - x[t] (the prediction of the state is then
+    x[t] + y, whose error is the error of y: the MSE means the same either way). Windows start every T samples (no
+    two training windows share a step); the test windows come from the trajectory after the training part.
+    Channels are standardised with the training part's mean and standard deviation (one over all channels: the
+    system is symmetric under a cyclic shift), so an MSE of 1 is the variance of the data."""
     series = lorenz96((n_train + n_test) * T + 2, n=n, seed=seed)
     cut = n_train * T + 1
     train, test = series[:cut], series[cut:]
@@ -115,10 +117,12 @@ def lorenz96_dataset(T: int, n_train: int = 3000, n_test: int = 600, n: int = 40
     def cut_windows(a: np.ndarray, count: int):
         starts = np.arange(count) * T
         idx = starts[:, None] + np.arange(T)[None, :]
-        return torch.from_numpy(a[idx]), torch.from_numpy(a[idx + 1])
+        return torch.from_numpy(a[idx]), torch.from_numpy(a[idx + 1] - a[idx] if increments else a[idx + 1])
 
     (xtr, ytr), (xte, yte) = cut_windows(scaled(train), n_train), cut_windows(scaled(test), n_test)
-    return Dataset(xtr, ytr, xte, yte, "lorenz96", f"Lorenz-96 n={n} F=8 (generated, T={T}, seed {seed})", None)
+    what = "increments" if increments else "next states"
+    return Dataset(xtr, ytr, xte, yte, "lorenz96", f"Lorenz-96 n={n} F=8, {what} (generated, T={T}, seed {seed})",
+                   None)
 
 
 # ---------------------------------------------------------------------------------------------------- baselines
