@@ -5,8 +5,8 @@ At step t the network has read the states x[0..t] of its window (each standardis
 training part) and its top current predicts the change to the next state, x[t + 1] - x[t], on all 40 channels
 (`target="sequence"`: MSE per step). The state's prediction is x[t] plus that change, with the same error, so the
 test MSE is the state's; predicting the change is what lets a spiking readout, whose currents are coarse, beat
-persistence at all (predicting the state itself, BSD reached MSE 0.50 and BPTT 0.20 after 5 epochs, against 0.065
-for persistence; docs/experiments.md). The baselines a forecasting user compares against (docs/experiments.md): persistence (x[t + 1] = x[t]) and linear
+persistence at all (predicting the state itself, BSD reached MSE 0.50 after 20 epochs and BPTT 0.18 after 12,
+against 0.065 for persistence; docs/experiments.md). The baselines a forecasting user compares against (docs/experiments.md): persistence (x[t + 1] = x[t]) and linear
 autoregressive models fitted by least squares (`bsdgraph/train/series.py`).
 """
 

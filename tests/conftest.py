@@ -17,6 +17,7 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="bsdgraph-test-state-")
 os.environ["TRITON_INTERPRET"] = "1"
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 assert not torch.cuda.is_available(), "CUDA must be hidden before torch initialises it (see the docstring)"
@@ -30,3 +31,16 @@ settings.register_profile(
 )
 settings.register_profile("long", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def cli(capsys):
+    """``bsdgraph.cli.main.main`` on string arguments, returning (exit code, stdout, stderr)."""
+    from bsdgraph.cli.main import main
+
+    def run(*argv):
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

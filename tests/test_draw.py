@@ -18,18 +18,6 @@ def bsd_of(model: str):
     return derive_feedback(load_model(ROOT / "models" / f"{model}.py").graph)
 
 
-@pytest.fixture
-def cli(capsys):
-    """``bsdgraph.cli.main.main`` on string arguments, returning (exit code, stdout, stderr)."""
-    from bsdgraph.cli.main import main
-
-    def run(*argv):
-        code = main([str(a) for a in argv])
-        return (code, *capsys.readouterr())
-
-    return run
-
-
 def test_every_op_has_a_style():
     assert not [op for op in Op if op not in STYLE]
 

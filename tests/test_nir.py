@@ -33,19 +33,6 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 MARGIN = 1e-4
 
 
-@pytest.fixture
-def cli(capsys):
-    """``bsdgraph.cli.main.main`` on string arguments, returning (exit code, stdout, stderr)."""
-    from bsdgraph.cli.main import main
-
-    def run(*argv):
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
 def lively(g, seed=0, gain=3.0):
     """Weights that make every layer fire (PyTorch's init leaves deep layers nearly silent at v_th = 0.3) and
     batchnorm statistics away from the identity, so that a round trip that lost them would show."""

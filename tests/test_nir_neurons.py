@@ -59,19 +59,6 @@ def full(shape, v):
     return np.full(shape, v, np.float64)
 
 
-@pytest.fixture
-def cli(capsys):
-    """``bsdgraph.cli.main.main`` on string arguments, returning (exit code, stdout, stderr)."""
-    from bsdgraph.cli.main import main
-
-    def run(*argv):
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
 # ---------------------------------------------------------------------------------------------------- snnTorch
 
 

@@ -226,16 +226,16 @@ def _fp32(e: ast.expr) -> ast.expr:
 
 
 def _attr(dotted: str) -> ast.expr:
-    mod, name = dotted.split(".")
-    return ast.Attribute(ast.Name(mod, ast.Load()), name, ast.Load())
+    """``a.b.c`` as an expression."""
+    first, *rest = dotted.split(".")
+    out: ast.expr = ast.Name(first, ast.Load())
+    for name in rest:
+        out = ast.Attribute(out, name, ast.Load())
+    return out
 
 
 def _call(fn: str, args: list[ast.expr]) -> ast.Call:
-    func = _attr(fn) if "." in fn and fn.count(".") == 1 else ast.Name(fn, ast.Load())
-    if fn.count(".") == 2:
-        a, b, c = fn.split(".")
-        func = ast.Attribute(ast.Attribute(ast.Name(a, ast.Load()), b, ast.Load()), c, ast.Load())
-    return ast.Call(func, args, [])
+    return ast.Call(_attr(fn), args, [])
 
 
 def _src(expr: ast.expr, triton: bool) -> str:

@@ -124,12 +124,8 @@ def _consts(neuron: Neuron, values: Mapping[str, float]) -> dict[str, float]:
     return {f"C{i}": as_float32(vals[p]) for i, (p, _) in enumerate(neuron.params)}
 
 
-def _grid(m: int, block: int):
-    return (triton_grid(m, block),)
-
-
-def triton_grid(m: int, block: int) -> int:
-    return max(1, -(-m // block))
+def _grid(m: int, block: int) -> tuple[int]:
+    return (max(1, -(-m // block)),)   # one program per block of neurons
 
 
 def triton_forward(neuron: Neuron, values: Mapping[str, float], x: torch.Tensor,
