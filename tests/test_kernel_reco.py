@@ -23,7 +23,7 @@ from tests.kernels_strategies import (
 
 
 def direct_reco(v, v_hat, labels, lam, negatives, eps):
-    """The loss exactly as written in docs (bsd-algorithm.md, ReCo), for autograd."""
+    """The loss exactly as written in docs/bsd.md ("ReCo"), for autograd."""
     b = v.shape[0]
     cos = (v @ v_hat.T) / (v.norm(dim=1)[:, None] * v_hat.norm(dim=1)[None, :] + eps)
     if negatives == "all":

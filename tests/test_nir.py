@@ -270,7 +270,7 @@ def test_per_neuron_time_constants_are_refused_by_node_and_type():
 
 
 def snntorch_net(layers):
-    """snnTorch modules with per-neuron β and thresholds (scalar ones fail its NIR export, anchors.md) and reset to
+    """snnTorch modules with per-neuron β and thresholds (scalar ones fail its NIR export, docs/nir.md) and reset to
     zero: the reset NIR's LIF expresses (snnTorch's default 'subtract' is written as a zero reset anyway)."""
     snn = pytest.importorskip("snntorch", reason="snnTorch is not installed (pip install -e '.[test]')")
     mods = []
@@ -308,7 +308,7 @@ def export_snntorch(net, sample):
 
     with warnings.catch_warnings():  # snnTorch 1.0 calls nirtorch's deprecated extract_nir_graph: not ours to fix
         warnings.simplefilter("ignore", DeprecationWarning)
-        return export_to_nir(net, sample)  # unbatched sample: a batched one fails (anchors.md)
+        return export_to_nir(net, sample)  # unbatched sample: a batched one fails (docs/nir.md)
 
 
 def compare_with_snntorch(net, ng, x, thresholds, tmp_path):

@@ -30,7 +30,7 @@ from bsdgraph.registry import registrar
 
 @dataclass(frozen=True)
 class BSDConfig:
-    """The learning rule's open choices (see shared/design/bsd-algorithm.md); each is one flag away."""
+    """The learning rule's open choices (docs/bsd.md, "Options"); each is one flag away."""
 
     lam: float = 0.6                 # weight of the negative-pair term of ReCo (paper's best)
     negatives: str = "all"           # all | other_class

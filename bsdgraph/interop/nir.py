@@ -318,7 +318,7 @@ def node_metadata(node) -> dict[str, Any]:
 def read_nir(path: str | Path):
     """Read a NIR file; every failure of the reader (it raises AssertionError, KeyError, OSError, ... depending on
     what is wrong) becomes one ``NIRError`` line. NIR's own type check is off: scalar neuron parameters fail it
-    (anchors.md), and import re-infers every shape itself."""
+    (NIR issue #176, docs/nir.md), and import re-infers every shape itself."""
     path = Path(path)
     nir = nir_module()
     if not path.is_file():

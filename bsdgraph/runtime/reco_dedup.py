@@ -1,4 +1,4 @@
-"""ReCo against class-deduplicated B rows: the spec's exact B x R form (shared/design/bsd-algorithm.md).
+"""ReCo against class-deduplicated B rows: the exact B x R form of ReCo (docs/bsd.md, "Exact rewrites").
 
 With per-class target codes, B's rows for all samples of a class are identical. Let u_r be the R distinct rows,
 r_k = inverse[k] sample k's partner row, and M_kr the number of k's negatives equal to u_r: count(r) - [r = r_k]

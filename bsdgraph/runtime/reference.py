@@ -1,8 +1,8 @@
 """The reference runtime: a torch-eager interpreter over a BSD graph. It is the executable specification.
 
-It runs F and B for T steps exactly as shared/design/bsd-algorithm.md writes them, computes every local loss with
-autograd (stop-gradients are the graph's ``detach`` edges, applied with ``Tensor.detach()``), and applies one
-optimiser step. Nothing here is fused or clever: faster backends are tested against it.
+It runs F and B for T steps exactly as docs/bsd.md writes them, computes every local loss with autograd
+(stop-gradients are the graph's ``detach`` edges, applied with ``Tensor.detach()``), and applies one optimiser
+step. Nothing here is fused or clever: faster backends are tested against it.
 """
 
 from __future__ import annotations
