@@ -890,7 +890,7 @@ LIF_SPEC = {"tau": float, "v_th": float, "v_reset": float, "reset": ("hard", "so
             "alpha": float}
 BSD_SPEC = {"lam": float, "negatives": ("all", "other_class"), "distill_on": ("current", "membrane"), "eps": float,
             "recall": bool, "recall_loss": ("reco", "mse"), "freq": bool, "freq_r": float, "lam_low": float,
-            "lam_high": float}
+            "lam_high": float, "reco_rows": ("sample", "step")}
 LIF_DEFAULTS = {"tau": 2.0, "v_th": 0.3, "v_reset": 0.0, "alpha": 2.0}  # TINY_MODEL's one LIF layer
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # where str.splitlines() breaks a line
 
@@ -928,7 +928,8 @@ def _oracle(items: list[str], spec: dict) -> tuple[dict, int]:
 def _range_problems(lif: dict, bsd: dict) -> int:
     a = {**LIF_DEFAULTS, **lif}
     n = (a["tau"] <= 0) + (a["v_th"] <= a["v_reset"]) + (a["alpha"] <= 0)
-    return n + sum(1 for k in ("lam", "eps", "freq_r", "lam_low", "lam_high") if bsd.get(k, 0.0) < 0)
+    clash = bsd.get("reco_rows") == "step" and (bsd.get("freq") is True or bsd.get("negatives") == "other_class")
+    return n + clash + sum(1 for k in ("lam", "eps", "freq_r", "lam_low", "lam_high") if bsd.get(k, 0.0) < 0)
 
 
 def test_the_oracle_knows_the_product_schema():

@@ -357,9 +357,6 @@ def derive_feedback(f: Graph, cfg: BSDConfig | None = None) -> Graph:
     if cfg.negatives == "other_class" and out.attrs["task"] != "classification":
         raise GraphError([Diagnostic(out.name, out.op, "negatives='other_class' needs class labels, but the task is "
                                      f"{out.attrs['task']!r}", "use negatives='all' for regression")])
-    if cfg.reco_rows == "step" and (cfg.freq or cfg.negatives == "other_class"):
-        raise GraphError([Diagnostic(None, None, "reco_rows='step' compares single steps; it does not combine with "
-                                     "freq=True or negatives='other_class'", "drop one of the options")])
     if cfg.negatives == "other_class" and out.attrs["target"] == "sequence":
         raise GraphError([Diagnostic(out.name, out.op, "negatives='other_class' compares one class per sample, but "
                                      "this output has a class per step", "use negatives='all'")])
@@ -390,6 +387,9 @@ def check_config(cfg: BSDConfig) -> None:
         v = getattr(cfg, k)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             diags.append(Diagnostic(None, None, f"BSD option {k} must be a finite number >= 0, got {v!r}", ""))
+    if cfg.reco_rows == "step" and (cfg.freq is True or cfg.negatives == "other_class"):
+        diags.append(Diagnostic(None, None, "reco_rows='step' compares single steps; it does not combine with "
+                                "freq=True or negatives='other_class'", "drop one of the options"))
     if diags:
         raise GraphError(diags)
 
