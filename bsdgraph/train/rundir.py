@@ -39,8 +39,10 @@ class RunDirError(UserError):
 
 
 @contextlib.contextmanager
-def claim(out: Path, model_path: Path, *, resume: bool, force: bool, record: dict | None = None) -> Iterator[None]:
-    """Hold ``out`` for one training: lock it, check what is there, write the manifest and snapshot."""
+def claim(out: Path, model_path: Path, *, resume: bool, force: bool, record: dict | None = None,
+          source: bytes | None = None) -> Iterator[None]:
+    """Hold ``out`` for one training: lock it, check what is there, write the manifest and snapshot (of the model
+    file, or ``source``: the graph's JSON for a network built in Python)."""
     out.mkdir(parents=True, exist_ok=True)
     try:  # O_NOFOLLOW: the pid written into the lock must never land in a file a symlink points at
         fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -52,7 +54,7 @@ def claim(out: Path, model_path: Path, *, resume: bool, force: bool, record: dic
         for name in (MANIFEST, SNAPSHOT):  # what a writer killed inside _write_atomic left behind
             remove_stale_temporaries(out / name)
         _check(out, resume, force)
-        _record(out, model_path, resume, record or {})
+        _record(out, model_path, resume, record or {}, source)
         yield
     finally:
         os.close(fd)  # releases the lock; the file stays (removing it would race with a writer waiting for it)
@@ -99,16 +101,18 @@ def is_run_dir(out: Path) -> bool:
     return bool(manifest(out))
 
 
-def _record(out: Path, model_path: Path, resume: bool, record: dict) -> None:
+def _record(out: Path, model_path: Path, resume: bool, record: dict, source: bytes | None = None) -> None:
     """The manifest and the model snapshot: always for a fresh run; on resume only where a run made before they
     existed lacks them (a changed model file is the user's to notice: the note says so, the snapshot stays)."""
-    source = model_path.read_bytes()
+    in_memory = source is not None
+    source = source if in_memory else model_path.read_bytes()
     snapshot = out / SNAPSHOT
     if resume and snapshot.exists() and is_run_dir(out):
         if snapshot.read_bytes() != source:
             print(f"note: {model_path} differs from the snapshot this run started with ({snapshot})", file=sys.stderr)
         return
-    doc = {"format": FORMAT, "version": 1, "model": str(model_path.resolve()), "snapshot": SNAPSHOT, **record,
+    doc = {"format": FORMAT, "version": 1, "model": str(model_path if in_memory else model_path.resolve()),
+           "snapshot": SNAPSHOT, **record,
                 "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
     # the manifest first: a run killed between the two writes still owns its directory (a snapshot without a
     # manifest would look foreign to the next fresh run)

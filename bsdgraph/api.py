@@ -1,0 +1,245 @@
+"""The Python API, for notebooks and scripts: build or load a network, train it, predict, evaluate.
+
+    import bsdgraph
+    g = bsdgraph.GraphBuilder("mlp", T=4)
+    h = g.lif(g.linear(g.flatten(g.input((1, 28, 28))), 256))
+    g.output(g.linear(h, 10))
+    net = bsdgraph.net(g, bsd={"lam": 0.6})          # or a model file: bsdgraph.net("models/fmnist_mlp.py")
+    run = bsdgraph.fit(net, (x_train, y_train), test=(x_test, y_test), epochs=2, out="runs/mlp")
+    scores = net.predict(x_test)                      # [N, classes]: mean over time of the top current
+    net.evaluate((x_test, y_test))                    # {"accuracy": ...} (or {"mse": ...})
+    again = bsdgraph.load("runs/mlp")                 # the trained network, from its run directory alone
+
+Data are numpy arrays or torch tensors: ``(x, y)`` pairs, a ``bsdgraph.train.data.Dataset``, or a dict with
+``x_train, y_train, x_test, y_test``. Bad input raises the same one-line ``UserError``s the command line prints
+(``bsdgraph.errors``), naming the node or the array at fault. ``load`` rebuilds the network from the graph its
+checkpoint records, so it runs no model file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bsdgraph.compiler.feedback import BSDConfig, check_config
+from bsdgraph.compiler.model_file import Model, load_model
+from bsdgraph.compiler.program import Program, compile_graph, compile_model
+from bsdgraph.errors import UsageError, UserError
+from bsdgraph.ir.builder import GraphBuilder
+from bsdgraph.ir.graph import Graph, Op
+from bsdgraph.ir.printer import to_json
+from bsdgraph.train.config import TrainConfig
+from bsdgraph.train.data import Dataset, check_against_model
+
+
+@dataclasses.dataclass
+class Net:
+    """A compiled network and, once trained or loaded, its weights (``runtime``)."""
+
+    program: Program
+    train: dict[str, Any]               # TRAIN options (the model file's, then the overrides)
+    runtime: Any = None                 # set by fit / load; predict before it uses fresh weights (seed 0)
+    history: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def graph(self) -> Graph:
+        """The forward network F."""
+        return self.program.forward
+
+    def predict(self, x) -> torch.Tensor:
+        """Class scores [N, C] (per step: [N, T, C]) or regression values of F, for samples ``x``."""
+        x = _samples(self.graph, x, "x")
+        rt = self._runtime()
+        with torch.no_grad():
+            return torch.cat([rt.predict(x[i:i + 1000]).cpu() for i in range(0, len(x), 1000)]) if len(x) else x
+
+    def evaluate(self, data) -> dict[str, Any]:
+        """Accuracy (per step too, for per-step classes) or MSE of F on ``data`` (an (x, y) pair or a Dataset)."""
+        from bsdgraph.train.trainer import evaluate
+
+        x, y = _pair(data, "data")
+        # the pair is the test split of an otherwise empty set: a bad label is reported as y_test's
+        ds = _fit_to(self, Dataset(x[:0], y[:0], x, y, "data", "data", _classes(self.graph, y)))
+        return evaluate(self._runtime(), ds.x_test, ds.y_test)
+
+    def _runtime(self):
+        if self.runtime is None:
+            from bsdgraph.train.trainer import default_backend, make_runtime
+
+            self.runtime = make_runtime(self.program, default_backend(), TrainConfig.from_model(self.train),
+                                        training=False)
+        return self.runtime
+
+
+def net(model, *, rule: str = "bsd", bsd: Mapping[str, Any] | None = None,
+        train: Mapping[str, Any] | None = None) -> Net:
+    """A network from a ``GraphBuilder``, a forward ``Graph``, a ``Model`` or a model file's path.
+
+    ``bsd`` overrides BSD options (``lam``, ``negatives``, ``distill_on``, ...; see docs/bsd.md), ``train`` the
+    training options (``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``init``, ...); ``rule`` is ``bsd`` or
+    ``bptt``."""
+    if isinstance(model, GraphBuilder):
+        model = model.build()
+    if isinstance(model, (str, Path)):
+        model = load_model(Path(model))
+    elif isinstance(model, Graph):
+        model = Model(Path(f"<{model.name}>"), model, BSDConfig())
+    elif not isinstance(model, Model):
+        raise UsageError(f"bsdgraph.net takes a GraphBuilder, a Graph, a Model or a model file's path, got "
+                         f"{type(model).__name__}")
+    cfg = dataclasses.replace(model.bsd, **_known(bsd or {}, BSDConfig, "bsd"))
+    check_config(cfg)
+    merged = {**model.train, **(train or {})}
+    TrainConfig.from_model(merged)   # every problem of the options now, not at fit
+    model = dataclasses.replace(model, bsd=cfg, train=merged)
+    return Net(compile_model(model, rule), merged)
+
+
+def fit(net: Net, data, *, test=None, epochs: int | None = None, out: str | Path | None = None,
+        overwrite: bool = False, progress: bool = True, backend: str | None = None, **train: Any) -> list[dict]:
+    """Train ``net`` on ``data``; returns the per-epoch records (also in ``net.history`` and
+    ``out/metrics.jsonl``) and leaves ``net`` holding the trained weights.
+
+    ``data``: an (x, y) pair (then ``test`` is an (x, y) pair, or the last 10 % of ``data`` is held out), a Dataset
+    or a dict of the four arrays. ``out`` (default ``runs/<name>``) receives the checkpoint after every epoch; a
+    directory that already holds one is refused unless ``overwrite`` (as the command line's --force), and one that
+    another run is writing always is. ``train`` overrides training options for this fit (lr=..., batch_size=...)."""
+    from bsdgraph.train import rundir
+    from bsdgraph.train.trainer import Trainer, tqdm_progress
+
+    ds = _fit_to(net, _dataset(net, data, test))
+    options = {**net.train, **train, **({"epochs": epochs} if epochs is not None else {})}
+    cfg = TrainConfig.from_model(options)
+    out = Path(out) if out is not None else Path("runs") / net.graph.name
+    if (out / "checkpoint.pt").exists() and not overwrite:
+        raise UserError(f"{out} already holds a checkpoint: pass overwrite=True to start over (it is deleted), or "
+                        "another out=")
+    program = net.program
+    if program.model is None:   # loaded from a run directory: a model named after its graph
+        program = dataclasses.replace(program, model=Model(Path(f"<{net.graph.name}>"), net.graph, program.bsd))
+    model = program.model
+    in_memory = not model.path.is_file()   # built in Python: the run records the graph instead of a file
+    source = to_json(net.graph).encode() if in_memory else None
+    with rundir.claim(out, model.path, resume=False, force=overwrite, source=source,
+                      record={"argv": ["<python api>"], "data": ds.source}):
+        trainer = Trainer(program, ds, cfg, out, backend=backend, progress=tqdm_progress() if progress else None)
+        trainer.initialise()
+        net.history = trainer.run()
+    net.runtime, net.train = trainer.rt, options
+    return net.history
+
+
+def load(run_dir: str | Path, backend: str | None = None) -> Net:
+    """The trained network of a run directory (its ``checkpoint.pt``), rebuilt from the graph the checkpoint
+    records: no model file is imported. Declared neurons must be declared (``declare_neuron``) before."""
+    from bsdgraph.ir.printer import from_json
+    from bsdgraph.train.checkpoint import load_checkpoint, require
+    from bsdgraph.train.trainer import default_backend, make_runtime
+
+    path = Path(run_dir) / "checkpoint.pt" if Path(run_dir).is_dir() else Path(run_dir)
+    ck = require(load_checkpoint(path), path, ("graph", "rule", "params", "state", "epoch"))
+    graph = from_json(ck["graph"])
+    if ck["rule"] == "bptt":
+        program = compile_model(graph, "bptt")
+    else:
+        program = compile_graph(graph)
+    cfg = TrainConfig.from_model(dict(ck.get("train", {})))
+    rt = make_runtime(program, backend or default_backend(), cfg, params=ck["params"], state=ck["state"],
+                      training=False)
+    return Net(program, dict(ck.get("train", {})), rt, list(ck.get("history", [])))
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def _known(options: Mapping[str, Any], cls, what: str) -> dict[str, Any]:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise UsageError(f"unknown {what} option(s) {unknown}; known: {', '.join(sorted(fields))}")
+    return dict(options)
+
+
+def _tensor(a, what: str) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu()
+    if isinstance(a, np.ndarray):
+        if a.dtype.kind not in "biuf":
+            raise UserError(f"{what} has dtype {a.dtype}; give numbers (np.asarray({what}, dtype=np.float32))")
+        return torch.from_numpy(np.ascontiguousarray(a))
+    raise UserError(f"{what} must be a numpy array or a torch tensor, got {type(a).__name__}")
+
+
+def _pair(data, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(data, Dataset):
+        return data.x_test, data.y_test
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = _tensor(data[0], f"{what}[0] (x)"), _tensor(data[1], f"{what}[1] (y)")
+        if len(x) != len(y):
+            raise UserError(f"{what}: x has {len(x)} samples but y has {len(y)}")
+        return x, y
+    raise UserError(f"{what} must be an (x, y) pair of arrays or a bsdgraph Dataset, got {type(data).__name__}")
+
+
+def _classes(graph: Graph, y: torch.Tensor) -> int | None:
+    out = graph.by_op(Op.OUTPUT)[0]
+    return out.attrs["n_classes"] if out.attrs["task"] == "classification" else None
+
+
+def _dataset(net: Net, data, test) -> Dataset:
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, Mapping):
+        try:
+            arrays = [_tensor(data[k], k) for k in ("x_train", "y_train", "x_test", "y_test")]
+        except KeyError as err:
+            raise UserError(f"data: the dict has no {err.args[0]!r}; give x_train, y_train, x_test, y_test") from None
+        return Dataset(*arrays, net.graph.name, "arrays", _classes(net.graph, arrays[1]))
+    x, y = _pair(data, "data")
+    if test is not None:
+        xt, yt = _pair(test, "test")
+    else:   # hold out the end: no shuffling, so a time-ordered set keeps its future out of training
+        cut = max(1, int(len(x) * 0.9))
+        if cut >= len(x):
+            raise UserError(f"data: {len(x)} sample(s) leave none to test on; give test=(x, y) or more samples")
+        x, y, xt, yt = x[:cut], y[:cut], x[cut:], y[cut:]
+    return Dataset(x, y, xt, yt, net.graph.name, "arrays", _classes(net.graph, y))
+
+
+def _fit_to(net: Net, ds: Dataset) -> Dataset:
+    """``ds`` checked against the network's input and output (the command line's checks), floats as float32."""
+    ds = dataclasses.replace(ds, x_train=_floats(ds.x_train), x_test=_floats(ds.x_test))
+    graph = net.graph
+    inp, out = graph.by_op(Op.INPUT)[0], graph.by_op(Op.OUTPUT)[0]
+    shape = (graph.T, *inp.shape) if inp.attrs["encoding"] == "sequence" else inp.shape
+    per_step = graph.T if out.attrs["target"] == "sequence" else 1
+    size = per_step if out.attrs["task"] == "classification" else per_step * math.prod(out.shape)
+    if out.attrs["task"] == "regression":
+        ds = dataclasses.replace(ds, y_train=_floats(ds.y_train), y_test=_floats(ds.y_test))
+    return check_against_model(ds, shape, out.attrs["n_classes"] or None, out.attrs["task"], size)
+
+
+def _floats(a: torch.Tensor) -> torch.Tensor:
+    return a if a.dtype == torch.float32 else a.to(torch.float32)
+
+
+def _samples(graph: Graph, x, what: str) -> torch.Tensor:
+    """``x`` as float32 samples of the input node's shape, or a UserError naming the node."""
+    x = _floats(_tensor(x, what))
+    inp = graph.by_op(Op.INPUT)[0]
+    shape = (graph.T, *inp.shape) if inp.attrs["encoding"] == "sequence" else tuple(inp.shape)
+    if tuple(x.shape[1:]) != tuple(shape):
+        if x.dim() >= 1 and math.prod(x.shape[1:]) == math.prod(shape) and inp.attrs["encoding"] != "sequence":
+            return x.reshape(len(x), *shape)
+        raise UserError(f"input node {inp.name!r} takes samples of shape {list(shape)}, got {what} of shape "
+                        f"{list(x.shape)} (samples first: [N, {', '.join(map(str, shape))}])")
+    return x
+
+
+__all__ = ["Net", "fit", "load", "net"]
