@@ -68,6 +68,25 @@ class Net:
         ds = _fit_to(self, Dataset(x[:0], y[:0], x, y, "data", "data", _classes(self.graph, y)))
         return evaluate(self._runtime(), ds.x_test, ds.y_test)
 
+    def recall(self) -> torch.Tensor:
+        """What the backward network B generates for every class (its bottom reconstruction, mean over time):
+        [classes, *input shape]; needs a BSD network derived with recall (the default) and an image input."""
+        from bsdgraph.tools.plot import recall_images
+
+        rt = self._runtime()
+        if self.program.rule != "bsd":
+            raise UserError("recall runs the backward network B, which a BPTT network does not have")
+        return recall_images(self.program.graph, rt.params, rt.state)
+
+    def export_nir(self, path: str | Path) -> Path:
+        """Write F with its weights as a NIR file (docs/nir.md says what maps); returns the path."""
+        from bsdgraph.interop.nir import write_nir
+        from bsdgraph.interop.nir_export import export_nir
+
+        rt = self._runtime()
+        write_nir(path, export_nir(self.program.graph, rt.params, rt.state))
+        return Path(path)
+
     def _runtime(self):
         if self.runtime is None:
             from bsdgraph.train.trainer import default_backend, make_runtime
