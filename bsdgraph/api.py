@@ -126,15 +126,17 @@ def fit(net: Net, data, *, test=None, epochs: int | None = None, out: str | Path
     ``out/metrics.jsonl``) and leaves ``net`` holding the trained weights.
 
     ``data``: an (x, y) pair (then ``test`` is an (x, y) pair, or the last 10 % of ``data`` is held out), a Dataset
-    or a dict of the four arrays. ``out`` (default ``runs/<name>``) receives the checkpoint after every epoch; a
+    or a dict of the four arrays; or streamed: a torch ``DataLoader`` (its batch size and order), or a torch
+    ``Dataset`` (batched here, shuffled by the seed), read afresh each epoch and never held whole; ``test`` is then
+    needed (a loader, a torch Dataset or an (x, y) pair). ``out`` (default ``runs/<name>``) receives the checkpoint after every epoch; a
     directory that already holds one is refused unless ``overwrite`` (as the command line's --force), and one that
     another run is writing always is. ``train`` overrides training options for this fit (lr=..., batch_size=...)."""
     from bsdgraph.train import rundir
     from bsdgraph.train.trainer import Trainer, tqdm_progress
 
-    ds = _fit_to(net, _dataset(net, data, test))
     options = {**net.train, **train, **({"epochs": epochs} if epochs is not None else {})}
     cfg = TrainConfig.from_model(options)
+    ds = _stream(net, data, test, cfg) if _streamed(data) else _fit_to(net, _dataset(net, data, test))
     out = Path(out) if out is not None else Path("runs") / net.graph.name
     if (out / "checkpoint.pt").exists() and not overwrite:
         raise UserError(f"{out} already holds a checkpoint: pass overwrite=True to start over (it is deleted), or "
@@ -175,6 +177,37 @@ def load(run_dir: str | Path, backend: str | None = None) -> Net:
 
 
 # ---------------------------------------------------------------------------------------------------- data
+
+
+def _streamed(data) -> bool:
+    return isinstance(data, (torch.utils.data.DataLoader, torch.utils.data.Dataset))
+
+
+def _stream(net: Net, data, test, cfg: TrainConfig):
+    """A ``BatchStream`` over a DataLoader or a torch Dataset, with its test split in the same forms or a pair."""
+    from bsdgraph.train.data import batches
+    from bsdgraph.train.stream import BatchStream
+
+    if test is None:
+        raise UserError("fit: a streamed training set needs test= (a DataLoader, a torch Dataset or an (x, y) "
+                        "pair): nothing can be held out of a stream")
+
+    def loader(d, shuffle: bool, size: int):
+        if isinstance(d, torch.utils.data.DataLoader):
+            return d
+        if isinstance(d, torch.utils.data.Dataset):
+            return torch.utils.data.DataLoader(d, batch_size=size, shuffle=shuffle,
+                                               generator=torch.Generator().manual_seed(cfg.seed))
+        x, y = _pair(d, "test")
+        return list(batches(x, y, size))
+
+    graph = net.graph
+    inp, out = graph.by_op(Op.INPUT)[0], graph.by_op(Op.OUTPUT)[0]
+    shape = (graph.T, *inp.shape) if inp.attrs["encoding"] == "sequence" else tuple(inp.shape)
+    steps = graph.T if out.attrs["target"] == "sequence" and out.attrs["task"] == "classification" else 1
+    classes = out.attrs["n_classes"] if out.attrs["task"] == "classification" else None
+    return BatchStream(loader(data, True, cfg.batch_size), loader(test, False, cfg.eval_batch_size), tuple(shape),
+                       steps, classes, name=graph.name)
 
 
 def _known(options: Mapping[str, Any], cls, what: str) -> dict[str, Any]:

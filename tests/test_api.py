@@ -87,3 +87,53 @@ def test_fit_refuses_a_run_directory_that_holds_a_checkpoint(tmp_path):
     with pytest.raises(UserError, match="already holds a checkpoint: pass overwrite=True"):
         fit(n, (x, y), epochs=1, out=tmp_path / "r", progress=False)
     assert fit(n, (x, y), epochs=1, out=tmp_path / "r", progress=False, overwrite=True)
+
+
+class _Samples(torch.utils.data.Dataset):
+    """A map-style torch Dataset that counts what is read (the API must stream it, never hold it)."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.reads = torch.from_numpy(x), torch.from_numpy(y), 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.x[i], self.y[i]
+
+
+def test_fit_streams_a_torch_dataset_and_a_dataloader(tmp_path):
+    """Each epoch reads every training sample once through the loader; the result learns like the arrays do."""
+    x, y = toy_data(600)
+    train, test = _Samples(x[:540], y[:540]), _Samples(x[540:], y[540:])
+    n = net(toy_graph(), train={"init": "calibrated"})
+    records = fit(n, train, test=test, epochs=6, out=tmp_path / "r", progress=False, lr=1e-2, batch_size=32)
+    # calibration reads the first 256 samples (8 batches of 32) once, then 6 epochs read all 540
+    assert train.reads == 256 + 6 * 540
+    assert records[-1]["test_accuracy"] > 0.75
+    loader = torch.utils.data.DataLoader(_Samples(x[:540], y[:540]), batch_size=64, shuffle=True)
+    m = net(toy_graph())
+    records = fit(m, loader, test=(x[540:], y[540:]), epochs=1, out=tmp_path / "s", progress=False)
+    assert len(records) == 1 and records[0]["samples_per_s"] > 0
+
+
+@pytest.mark.parametrize("batch, message", [
+    ((torch.zeros(4, 5), torch.zeros(4, dtype=torch.long)), r"training batch 0: x has shape \[4, 5\]; the model "
+                                                            r"takes samples of shape \[6\]"),
+    ((torch.zeros(4, 6), torch.full((4,), 9)), r"training batch 0: a label outside 0..2 \(9..9\)"),
+    ((torch.zeros(4, 6), torch.zeros(4)), "y holds floats"),
+])
+def test_a_bad_streamed_batch_names_itself(tmp_path, batch, message):
+    from bsdgraph.train.data import DataError
+
+    n = net(toy_graph())
+    with pytest.raises(DataError, match=message):
+        fit(n, torch.utils.data.DataLoader([batch], batch_size=None), test=toy_data(20), epochs=1,
+            out=tmp_path / "r", progress=False)
+
+
+def test_a_stream_needs_a_test_split(tmp_path):
+    x, y = toy_data(50)
+    with pytest.raises(UserError, match="a streamed training set needs test="):
+        fit(net(toy_graph()), _Samples(x, y), out=tmp_path / "r", progress=False)

@@ -79,6 +79,20 @@ class Dataset:
     def sample_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
+    # what the trainer reads (a streamed ``train/stream.py:BatchStream`` offers the same)
+    def train_batches(self, batch_size: int, generator: torch.Generator | None = None):
+        """(shuffled minibatches of the training split, their number)."""
+        return (batches(self.x_train, self.y_train, batch_size, shuffle=True, generator=generator),
+                math.ceil(self.n_train / batch_size))
+
+    def test_batches(self, batch_size: int):
+        return batches(self.x_test, self.y_test, batch_size)
+
+    def calibration_batch(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` training samples drawn by ``seed`` (what calibrated init measures firing rates on)."""
+        idx = torch.randperm(self.n_train, generator=torch.Generator().manual_seed(seed))[:n]
+        return self.x_train[idx], self.y_train[idx]
+
 
 # ---------------------------------------------------------------------------------------------------- IDX
 

@@ -113,12 +113,17 @@ def check_memory(program: Program, device: str, batch: int, eval_batch: int, tra
         raise TrainingError(str(err)) from None
 
 
-@torch.no_grad()
 def evaluate(rt, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
     """Accuracy (classification) or MSE (regression) of F alone on a split."""
+    return evaluate_batches(rt, batches(x, y, batch_size))
+
+
+@torch.no_grad()
+def evaluate_batches(rt, pairs) -> dict[str, float]:
+    """``evaluate`` over (x, y) batches (a split in memory, or a stream)."""
     out = rt.graph.by_op(Op.OUTPUT)[0]
-    correct, sq, n, nats = 0, 0.0, 0, 0.0
-    for xb, yb in batches(x, y, batch_size):
+    correct, sq, n, nats, per_sample = 0, 0.0, 0, 0.0, 1
+    for xb, yb in pairs:
         pred = rt.predict(xb)
         if out.attrs["task"] == "classification":   # per sample, or per step: correct is then [T]
             correct = correct + (pred.argmax(-1).cpu() == yb).sum(0)
@@ -127,6 +132,7 @@ def evaluate(rt, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> di
                                               reduction="sum"))
         else:
             sq += float(((pred.cpu().reshape(yb.shape) - yb) ** 2).sum())
+            per_sample = int(yb[0].numel())
         n += len(yb)
     if out.attrs["task"] == "classification" and out.attrs["target"] == "sequence":
         per_step = (correct.double() / max(n, 1)) if n else torch.zeros(0)
@@ -135,7 +141,7 @@ def evaluate(rt, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> di
                 "bits_per_step": nats / max(n * per_step.numel(), 1) / math.log(2)}
     if out.attrs["task"] == "classification":
         return {"accuracy": int(correct) / max(n, 1)}
-    return {"mse": sq / max(n * int(y[0].numel()), 1)}
+    return {"mse": sq / max(n * per_sample, 1)}
 
 
 def health_warnings(rates: dict[str, float]) -> list[str]:
@@ -193,8 +199,8 @@ class Trainer:
         if self.cfg.init != "calibrated":
             return {}
         params = init_params(self.graph, self.cfg.seed)
-        idx = torch.randperm(self.data.n_train, generator=torch.Generator().manual_seed(self.cfg.seed))[:256]
-        report = calibrate(self.graph, params, self.data.x_train[idx], self.data.y_train[idx], band=self.cfg.init_band)
+        x, y = self.data.calibration_batch(256, self.cfg.seed)
+        report = calibrate(self.graph, params, x, y, band=self.cfg.init_band)
         self.rt = self._runtime(params=params)
         return report
 
@@ -282,9 +288,8 @@ class Trainer:
         window: dict[str, Any] = {}  # losses since the last check (on the device: adding them reads nothing back)
         every = self.check_every or (1 if getattr(self.rt, "device", torch.device("cpu")).type == "cpu"
                                      else CHECK_EVERY_ON_A_GPU)
-        n_batches, start = 0, time.perf_counter()
-        it = batches(self.data.x_train, self.data.y_train, self.cfg.batch_size, shuffle=True, generator=self.gen)
-        total = math.ceil(self.data.n_train / self.cfg.batch_size)
+        n_batches, n_samples, start = 0, 0, time.perf_counter()
+        it, total = self.data.train_batches(self.cfg.batch_size, self.gen)
         for xb, yb in (self.progress(it, total, self.epoch) if self.progress else it):
             if self.cfg.augment:
                 xb = augment(xb, self.gen)
@@ -294,6 +299,7 @@ class Trainer:
                                     f"Inf values (layer 0, the stimulus {stimulus!r}); training stopped")
             losses, rates = step_values(self.rt, xb, yb)
             n_batches += 1
+            n_samples += len(xb)
             for acc, values in ((loss_sum, losses), (rate_sum, rates), (window, losses)):
                 for k, v in values.items():
                     acc[k] = acc.get(k, 0.0) + v
@@ -302,14 +308,18 @@ class Trainer:
                 _check_finite(self.rt, {k: float(v) for k, v in window.items()},
                               where + (f" (losses checked every {every} steps)" if every > 1 else ""))
                 window = {}
+        if window:  # a stream of unknown length ends without a last check
+            _check_finite(self.rt, {k: float(v) for k, v in window.items()}, f"at the end of epoch {self.epoch + 1}")
+        if n_batches == 0:
+            raise TrainingError(f"epoch {self.epoch + 1} had no training batch: the data gave none")
         seconds = time.perf_counter() - start
         rates = {k: float(v) / n_batches for k, v in rate_sum.items()}
-        test = evaluate(self.rt, self.data.x_test, self.data.y_test, self.cfg.eval_batch_size)
+        test = evaluate_batches(self.rt, self.data.test_batches(self.cfg.eval_batch_size))
         return {
             "epoch": self.epoch + 1, "lr": lr, **{f"test_{k}": v for k, v in test.items()},
             "losses": {k: float(v) / n_batches for k, v in loss_sum.items()}, "rates": rates,
             "warnings": health_warnings(rates), "seconds": round(seconds, 3),
-            "samples_per_s": round(self.data.n_train / seconds, 1), "rule": self.rule, "backend": self.backend,
+            "samples_per_s": round(n_samples / seconds, 1), "rule": self.rule, "backend": self.backend,
         }
 
 
