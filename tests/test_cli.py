@@ -126,3 +126,28 @@ def test_a_lam_setting_that_reaches_no_reco_layer_is_noted(capsys, model, settin
     assert getattr(edited.bsd, key) == float(value)  # applied either way
     err = capsys.readouterr().err
     assert (f"note: --bsd {setting} changes nothing here" in err) == noted, err
+
+
+def test_version_names_the_package_and_torch(capsys):
+    from bsdgraph.version import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith(f"bsdgraph {__version__} (torch ")
+
+
+def test_the_progress_bar_follows_stderr_not_stdout(monkeypatch):
+    """`bsdgraph train ... | tee log` pipes stdout (the records become JSON lines) but the bar, on stderr, stays."""
+    import io
+    import sys
+
+    from bsdgraph.train.trainer import tqdm_progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert tqdm_progress(io.StringIO()) is None
+    bar = tqdm_progress(Terminal())
+    assert bar is not None and list(bar(iter([1, 2]), 2, 0)) == [1, 2]
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert tqdm_progress() is not None   # the default stream is stderr, whatever stdout is

@@ -16,6 +16,7 @@ from bsdgraph.cli import interop as cli_interop
 from bsdgraph.cli import train as cli_train
 
 from bsdgraph.tools import outputs
+from bsdgraph.version import __version__
 from bsdgraph.errors import UsageError, UserError
 from bsdgraph.compiler.feedback import pairing
 from bsdgraph.compiler.program import compile_model
@@ -107,6 +108,7 @@ def _write(text: str, output: str | None, force: bool = False) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bsdgraph", description="Compile and run spiking networks trained with "
                                 "Bidirectional Spike-based Distillation (BSD).")
+    p.add_argument("--version", action="version", version=f"bsdgraph {__version__} (torch {torch.__version__})")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     c = sub.add_parser("compile", help="validate a model, derive its backward network, lower it to a plan",
                        description="Load MODEL.py, call build(), validate, derive the BSD backward network and "

@@ -84,7 +84,8 @@ def _make_trainer(args, model, data, cfg, out, as_json):
             raise UsageError("--layer-parallel runs one pipeline stage per process: start it with torchrun "
                              "--nproc-per-node K -m bsdgraph train ... --layer-parallel")
         return Trainer(model, data, cfg, out, rule=args.rule, backend=args.backend, log=report,
-                       progress=None if as_json else tqdm_progress(), compile=args.compile), True
+                       # the bar goes to stderr whenever that is a terminal: `train | tee log` keeps it
+                       progress=tqdm_progress(), compile=args.compile), True
     if args.compile != "off":
         raise UsageError("--compile runs on one process only for now")
     from bsdgraph.parallel.train_parallel import parallel_trainer, world_rank

@@ -341,8 +341,9 @@ def step_values(rt, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, Any], d
     return result.losses, result.rates
 
 
-def tqdm_progress(stream=sys.stderr):
-    """A tqdm progress bar per epoch when ``stream`` is a terminal, else None."""
+def tqdm_progress(stream=None):
+    """A tqdm progress bar per epoch when ``stream`` (default: stderr at call time) is a terminal, else None."""
+    stream = stream if stream is not None else sys.stderr
     if not stream.isatty():
         return None
     from tqdm import tqdm
