@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bsdgraph.cli.main import main
@@ -151,3 +152,33 @@ def test_the_progress_bar_follows_stderr_not_stdout(monkeypatch):
     assert bar is not None and list(bar(iter([1, 2]), 2, 0)) == [1, 2]
     monkeypatch.setattr(sys, "stderr", Terminal())
     assert tqdm_progress() is not None   # the default stream is stderr, whatever stdout is
+
+
+SMALL_MODEL = """
+from bsdgraph import GraphBuilder
+TRAIN = dict(epochs=1, batch_size=32)
+def build():
+    g = GraphBuilder("small", T=2)
+    g.output(g.linear(g.lif(g.linear(g.flatten(g.input((1, 8, 8))), 16)), 4))
+    return g.build()
+"""
+
+
+def test_plot_of_a_run_directory_uses_the_data_the_run_trained_on(capsys, tmp_path):
+    """The run records its --npz (path and SHA-256); `plot RUN_DIR` draws the raster from it without being told,
+    and refuses the file once it has changed (the raster would show other data)."""
+    rng = np.random.default_rng(0)
+    x, y = rng.random((60, 1, 8, 8)).astype(np.float32), rng.integers(0, 4, 60)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=x[:40], y_train=y[:40], x_test=x[40:], y_test=y[40:])
+    (tmp_path / "m.py").write_text(SMALL_MODEL)
+    code, _, err = run(capsys, "train", str(tmp_path / "m.py"), "--npz", str(npz), "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert manifest["data"] == "npz" and manifest["data_path"] == str(npz.resolve())
+    code, out, err = run(capsys, "plot", str(tmp_path / "r"))
+    assert code == 0 and "raster.png" in out and f"using the run's data, {npz.resolve()}" in err
+    with open(npz, "ab") as f:
+        f.write(b"!")
+    code, _, err = run(capsys, "plot", str(tmp_path / "r"))
+    assert code == 2 and "changed since the run trained on it" in err

@@ -149,6 +149,47 @@ def data_origin(args, model) -> str:
     return "model" if model.data is not None else "idx"
 
 
+def data_record(args, model) -> dict:
+    """What a run directory records of its data: the origin, and for a file (``--npz``, ``--text``) or an IDX
+    folder its absolute path, and for a file its SHA-256, so that later commands find the same data and can tell
+    when it changed."""
+    import hashlib
+    from pathlib import Path
+
+    origin = data_origin(args, model)
+    path = {"npz": getattr(args, "npz", None), "text": getattr(args, "text", None),
+            "idx": getattr(args, "data_dir", None)}.get(origin)
+    record = {"data": origin}
+    if path:
+        record["data_path"] = str(Path(path).resolve())
+        if Path(path).is_file():
+            record["data_sha256"] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return record
+
+
+def recorded_data(args, run_manifest: dict) -> None:
+    """Point ``args`` at the data a run trained on when the command names none (``plot RUN_DIR``), after checking
+    that the file is still the one the run read; a note says which data is used."""
+    import hashlib
+    import sys
+    from pathlib import Path
+
+    if getattr(args, "npz", None) or getattr(args, "text", None) or getattr(args, "data_dir", None):
+        return
+    origin, path = run_manifest.get("data"), run_manifest.get("data_path")
+    if origin not in ("npz", "text", "idx") or not path:
+        return
+    if not Path(path).exists():
+        raise UsageError(f"the run trained on {path}, which is no longer there; pass the data again "
+                         f"(--{'data-dir' if origin == 'idx' else origin} ...)")
+    digest = run_manifest.get("data_sha256")
+    if digest and hashlib.sha256(Path(path).read_bytes()).hexdigest() != digest:
+        raise UsageError(f"{path} changed since the run trained on it (SHA-256 differs); pass it explicitly "
+                         f"(--{origin} {path}) to use it as it is now")
+    setattr(args, {"idx": "data_dir"}.get(origin, origin), path)
+    print(f"note: using the run's data, {path}", file=sys.stderr)
+
+
 def _text_data(args, model):
     import sys
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 from bsdgraph.tools import outputs
 from bsdgraph.errors import UsageError
-from bsdgraph.cli.common import apply_overrides, check_picture, count, data_args, data_origin, load_data, number, seed
+from bsdgraph.cli.common import (
+    apply_overrides, check_picture, count, data_args, data_record, load_data, number, recorded_data, seed,
+)
 from bsdgraph.compiler.model_file import load_model
 from bsdgraph.train.config import BACKENDS
 
@@ -43,7 +45,7 @@ def cmd_train(args) -> int:
     as_json = args.json or not sys.stdout.isatty()
     lead = world_rank()[0] == 0  # only rank 0 writes, so only rank 0 holds the run directory
     claim = rundir.claim(out, model.path, resume=args.resume, force=args.force,
-                         record={"argv": sys.argv[1:], "data": data_origin(args, model)})
+                         record={"argv": sys.argv[1:], **data_record(args, model)})
     with claim if lead else contextlib.nullcontext():
         return _train(args, model, data, cfg, out, as_json)
 
@@ -168,6 +170,7 @@ def _plot_samples(args, run: Path, ck: Path, records: list[dict]) -> list[Path]:
 
     doc = require(load_checkpoint(ck), ck)
     graph = from_json(doc["graph"])  # the graph trained, whatever --bsd / --lif options made it
+    recorded_data(args, rundir.manifest(run))  # the --npz / --text / --data-dir the run trained on
     model = load_model(args.model) if args.model else _model_of_checkpoint(doc, graph)
     if not args.model and rundir.manifest(run).get("data") == "model" and not (args.npz or args.data_dir):
         print(f"note: no raster: the run trained on its model file's own data(), and bsdgraph does not run a model "
