@@ -182,3 +182,22 @@ def test_plot_of_a_run_directory_uses_the_data_the_run_trained_on(capsys, tmp_pa
         f.write(b"!")
     code, _, err = run(capsys, "plot", str(tmp_path / "r"))
     assert code == 2 and "changed since the run trained on it" in err
+
+
+def test_resume_refuses_options_that_changed_unless_changed_on_purpose(capsys, tmp_path):
+    """An edited TRAIN dict would silently change the rest of a run: --resume names it; the same change given on
+    the command line (--lr) is taken as meant. More epochs are what resuming is for."""
+    rng = np.random.default_rng(1)
+    x, y = rng.random((40, 1, 8, 8)).astype(np.float32), rng.integers(0, 4, 40)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=x[:30], y_train=y[:30], x_test=x[30:], y_test=y[30:])
+    model = tmp_path / "m.py"
+    model.write_text(SMALL_MODEL)
+    args = ["train", str(model), "--npz", str(npz), "--out", str(tmp_path / "r")]
+    assert run(capsys, *args)[0] == 0
+    model.write_text(SMALL_MODEL.replace("batch_size=32", "batch_size=32, lr=2e-3"))
+    code, _, err = run(capsys, *args, "--resume", "--epochs", "2")
+    assert code == 1 and "lr 0.001 -> 0.002" in err and "pass each on the command line" in err
+    code, _, err = run(capsys, *args, "--resume", "--epochs", "2", "--lr", "2e-3")
+    assert code == 0, err
+    assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 2

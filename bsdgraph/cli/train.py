@@ -53,8 +53,10 @@ def cmd_train(args) -> int:
 def _train(args, model, data, cfg, out: Path, as_json: bool) -> int:
     trainer, lead = _make_trainer(args, model, data, cfg, out, as_json)
     say = (lambda text: print(text, file=sys.stderr)) if lead else (lambda text: None)
-    if args.resume:
-        trainer.resume()
+    if args.resume:  # an option given on the command line is a change on purpose; an edited TRAIN dict is not
+        explicit = {"lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, "init": args.init,
+                    "schedule": args.schedule, "augment": args.augment or None}
+        trainer.resume(frozenset(k for k, v in explicit.items() if v is not None))
     else:
         for syn, (factor, rate) in trainer.initialise().items():
             say(f"calibrated {syn}: weights x{factor:.3g}, firing {100 * rate:.1f} %")

@@ -208,8 +208,24 @@ class Trainer:
         """The one place a trainer builds its runtime (parallel/train_parallel.py overrides it)."""
         return make_runtime(self.program, self.backend, self.cfg, params=params, state=state, compile=self.compile)
 
-    def resume(self) -> None:
-        self._restore(require(load_checkpoint(self.checkpoint_path), self.checkpoint_path))
+    def resume(self, changing: frozenset[str] = frozenset()) -> None:
+        """Continue the run of ``checkpoint.pt``. Its training options must be today's, but for ``epochs`` (a run
+        is resumed to train longer) and the options in ``changing`` (those the user changed on purpose, e.g. with
+        an explicit --lr); any other difference (an edited TRAIN dict) is refused, naming each option."""
+        ck = require(load_checkpoint(self.checkpoint_path), self.checkpoint_path)
+        self._check_options(ck.get("train", {}), changing)
+        self._restore(ck)
+
+    def _check_options(self, trained: dict[str, Any], changing: frozenset[str]) -> None:
+        now = dataclasses.asdict(self.cfg)
+        same = lambda a, b: (tuple(a) if isinstance(a, list) else a) == (tuple(b) if isinstance(b, list) else b)  # noqa: E731
+        differ = [k for k in now if k != "epochs" and k in trained and not same(trained[k], now[k])
+                  and k not in changing]
+        if differ:
+            listing = ", ".join(f"{k} {trained[k]!r} -> {now[k]!r}" for k in differ)
+            raise TrainingError(f"{self.checkpoint_path}: the run trained with other options than it would resume "
+                                f"with ({listing}); restore them in the model file's TRAIN, or pass each on the "
+                                "command line (e.g. --lr) to change it on purpose")
 
     def _restore(self, ck: dict[str, Any]) -> None:
         if not same_graph(ck.get("graph"), self.graph) or ck.get("rule") != self.rule:
