@@ -251,8 +251,10 @@ def _train_parser(sub) -> None:
                         "auto decides per device and says what it picked (default off)")
     t.add_argument("--rule", choices=["bsd", "bptt"], default="bsd",
                    help="bsd (local learning, default) or bptt (surrogate-gradient backprop baseline)")
-    t.add_argument("--init", choices=["default", "calibrated"], help="weight initialisation")
-    t.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule over epochs")
+    t.add_argument("--init", choices=["default", "calibrated"], help="weight initialisation; calibrated scales each "
+                   "layer's weights until it fires 5-25 %% (default: the model's TRAIN, else default)")
+    t.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule over epochs (default: "
+                   "the model's TRAIN, else constant)")
     t.add_argument("--augment", action="store_true", help="random +-2 px shifts and horizontal flips (images)")
     _model_edits(t)
     data_args(t)
@@ -260,7 +262,7 @@ def _train_parser(sub) -> None:
     t.add_argument("--out", metavar="RUN_DIR", help="where checkpoint.pt and metrics.jsonl go (default "
                    "runs/<model>)")
     t.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt (with any number "
-                   "of processes)")
+                   "of processes; --epochs may grow; another training option only when given on this command line)")
     t.add_argument("--force", action="store_true", help="start over in a RUN_DIR that holds a checkpoint (it is "
                    "deleted) or files bsdgraph did not write (they are replaced)")
     t.add_argument("--json", action="store_true", help="one JSON line per epoch (default when stdout is not a "
@@ -273,8 +275,9 @@ def _train_parser(sub) -> None:
 
 def _model_edits(p) -> None:
     """Edits of the model file without changing it; eval takes them too, to match a checkpoint trained with them."""
-    p.add_argument("--lif", action="append", metavar="KEY=VALUE", help="set a LIF parameter on every neuron "
-                   "(e.g. --lif v_th=0.6); repeatable")
+    p.add_argument("--lif", action="append", metavar="KEY=VALUE", help="set a parameter of every lif layer (e.g. "
+                   "--lif v_th=0.6); repeatable. Neurons of other declared types (g.neuron) keep the parameters "
+                   "their model file gives")
     p.add_argument("--bsd", action="append", metavar="KEY=VALUE", help="set a BSD option (e.g. --bsd "
                    "negatives=other_class, --bsd distill_on=membrane, --bsd freq=False); repeatable")
     p.add_argument("--encoding", choices=["direct", "poisson", "sequence"], help="override the input encoding")
