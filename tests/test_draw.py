@@ -80,3 +80,22 @@ def test_draw_command(cli, tmp_path):
     assert code == 0 and (tmp_path / "cnn.dot").read_text().startswith('digraph "fmnist_cnn" {')
     code, _, err = cli("draw", tmp_path / "missing.py", "-o", tmp_path / "x.png")
     assert code == 1 and err.strip() == f"error: {tmp_path / 'missing.py'}: model file not found"
+
+
+def test_epoch_axes_tick_whole_epochs():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bsdgraph.tools.plot import epoch_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [0.5, 0.6])
+    before = [t for t in ax.get_xticks() if 1 <= t <= 2]
+    epoch_axis(ax)
+    fig.canvas.draw()
+    after = [t for t in ax.get_xticks() if 1 <= t <= 2]
+    plt.close(fig)
+    assert any(t != int(t) for t in before)          # the default: 1.0, 1.2, ... for two epochs
+    assert after == [1.0, 2.0]

@@ -58,7 +58,16 @@ def plot_curves(records: list[dict], out: Path) -> Path:
     ax2.set(xlabel="epoch", ylabel="mean local loss", title="per-layer local losses")
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3)
+    for ax in (ax1, ax2):
+        epoch_axis(ax)
     return _save(fig, out / "curves.png")
+
+
+def epoch_axis(ax) -> None:
+    """Whole epochs on the x axis (matplotlib's default put ticks at 1.25, 1.5, ... for a short run)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_rates(records: list[dict], out: Path) -> Path:
@@ -71,6 +80,7 @@ def plot_rates(records: list[dict], out: Path) -> Path:
     ax.set(xlabel="epoch", ylabel="firing rate (%)", yscale="log",
            title="firing rate per layer (solid: F, dashed: B; grey: silent below 0.1 %)")
     ax.legend(fontsize=8)
+    epoch_axis(ax)
     return _save(fig, out / "rates.png")
 
 
