@@ -99,3 +99,16 @@ def test_epoch_axes_tick_whole_epochs():
     plt.close(fig)
     assert any(t != int(t) for t in before)          # the default: 1.0, 1.2, ... for two epochs
     assert after == [1.0, 2.0]
+
+
+def test_recurrent_edges_are_loops_labelled_with_their_delay(tmp_path):
+    """A recurrent layer's delayed edge is marked t-1 and kept out of the layout's ranking (in DOT and PNG)."""
+    from bsdgraph.tools.draw import draw, to_dot
+
+    bsd = derive_feedback(load_model(ROOT / "models" / "mackey_glass_rnn.py").graph)
+    dot = to_dot(bsd)
+    delayed = [line for line in dot.splitlines() if 'label="t-1"' in line]
+    assert len(delayed) == 2 and all("constraint=false" in line for line in delayed)   # F's loop and B's
+    assert all('"h1" -> "h1_rec"' in line or '"h1_b" -> "h1_rec_b"' in line for line in delayed), delayed
+    out = draw(bsd, tmp_path / "rnn.png")
+    assert out.stat().st_size > 0

@@ -4,7 +4,7 @@
 text. Both read the same per-op ``STYLE`` table and the same layout rule: F runs bottom-up (stimulus at the bottom,
 concept at the top), B top-down beside it, each B node on the row of the F node it mirrors, so that a layer's
 pairing reads horizontally; each loss sits between its two operands. Dashed edges are stop-gradients (BSD's
-detach), dotted red edges feed a loss.
+detach), dotted red edges feed a loss, blue loops labelled t-1 are recurrent (delayed) edges.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ STYLE: dict[Op, tuple[str, str]] = {
     Op.RECO: ("#f4cccc", "diamond"), Op.CE: ("#f4cccc", "diamond"), Op.MSE: ("#f4cccc", "diamond"),
 }
 COLUMN = {Stream.F: 0.0, Stream.LOSS: 1.0, Stream.B: 2.0}
+SIDE = 0.45             # x offset of a recurrent synapse beside its column
+RECURRENT = "#1f5fbf"   # recurrent (delayed) edges, drawn as a loop labelled t-d
 TITLES = {Stream.F: "F: stimulus -> concept", Stream.LOSS: "local losses",
           Stream.B: "B: concept -> stimulus (own weights)"}
 
@@ -42,17 +44,24 @@ def layout(g: Graph) -> dict[str, tuple[float, float]]:
     """Node -> (x, y): F's chain bottom-up, one row per node; each B node on the row of its F twin (``<f>_b``; the
     target on the output's row), or one row below its predecessor where B's order differs from F's (a layer's
     batchnorm comes before its neuron in both, so B, running the other way, meets them reversed); each loss
-    between its operands."""
-    f_nodes = [n for n in g.topo_order() if n.stream == Stream.F]
+    between its operands. A recurrent synapse (it reads its layer through a delay) sits beside the column, on the
+    row of the sum it feeds, so that the chain's edges do not run through it."""
+    beside = {n.name for n in g.nodes if any(e.delay for e in g.in_edges(n.name))}
+    f_nodes = [n for n in g.topo_order() if n.stream == Stream.F and n.name not in beside]
     pos = {n.name: (COLUMN[Stream.F], float(i)) for i, n in enumerate(f_nodes)}
     top = float(len(f_nodes) - 1)
     prev = math.inf
-    for n in (n for n in g.topo_order() if n.stream == Stream.B):
+    for n in (n for n in g.topo_order() if n.stream == Stream.B and n.name not in beside):
         twin = n.name[:-2] if n.name.endswith("_b") else None
         y = pos[twin][1] if twin in pos else (top if n.op == Op.TARGET else prev - 1)
         y = min(y, prev - 1)
         pos[n.name] = (COLUMN[Stream.B], y)
         prev = y
+    for name in beside:
+        n, (consumer,) = g[name], [c for c in g.consumers(name) if c.stream != Stream.LOSS]
+        # half a row below the sum in F (above it in B, which runs down): clear of the loss edge on the sum's row
+        shift = -0.5 if n.stream == Stream.F else 0.5
+        pos[name] = (COLUMN[n.stream] + SIDE, pos[consumer.name][1] + shift)
     for n in g.nodes:
         if n.stream == Stream.LOSS:
             ys = [pos[i.name][1] for i in g.inputs(n.name) if i.name in pos]
@@ -98,6 +107,19 @@ def _edge(ax, g: Graph, e, boxes, pos) -> None:
         ax.annotate("", xy=dst_side, xycoords=boxes[e.dst], xytext=side, textcoords=boxes[e.src],
                     arrowprops=dict(arrowstyle="->", color="#cc0000", ls=":", lw=1.0))
         return
+    (x0, y0), (x1, y1) = pos[e.src], pos[e.dst]
+    if e.delay:  # a recurrent edge (the layer's own spikes of step t - delay): from the neuron's right side round
+        # to the side of the recurrent synapse that faces it, labelled t-d
+        bend = -0.4 if y1 < y0 else 0.4   # arc3 bends by the direction of travel: keep the loop on the right
+        ax.annotate("", xy=(0.5, 1.0 if y0 > y1 else 0.0), xycoords=boxes[e.dst], xytext=(1.0, 0.5),
+                    textcoords=boxes[e.src],
+                    arrowprops=dict(arrowstyle="->", color=RECURRENT, lw=0.9, connectionstyle=f"arc3,rad={bend}"))
+        ax.text(x1 + 0.12, (y0 + y1) / 2, f"t-{e.delay}", fontsize=7, color=RECURRENT, va="center", ha="left")
+        return
+    if x0 != x1:  # a recurrent synapse beside its column into the layer's sum: side to side
+        ax.annotate("", xy=(1.0, 0.5), xycoords=boxes[e.dst], xytext=(0.0, 0.5), textcoords=boxes[e.src],
+                    arrowprops=dict(arrowstyle="->", color="#333333", lw=0.9))
+        return
     up = pos[e.dst][1] > pos[e.src][1]
     ax.annotate("", xy=(0.5, 0.0 if up else 1.0), xycoords=boxes[e.dst], xytext=(0.5, 1.0 if up else 0.0),
                 textcoords=boxes[e.src],
@@ -134,6 +156,10 @@ def to_dot(g: Graph) -> str:
     for e in g.edges:
         src, dst = g[e.src], g[e.dst]
         style = ["style=dashed"] if e.detach else []
+        if e.delay:  # recurrent: kept out of the ranking (it would turn the layer upside down), labelled t-d
+            lines.append(f"  {_q(e.src)} -> {_q(e.dst)} [label={_q(f't-{e.delay}')}, color={_q(RECURRENT)}, "
+                         f"fontcolor={_q(RECURRENT)}, constraint=false];")
+            continue
         if dst.stream == Stream.LOSS:
             style = ['style=dotted', 'color="#cc0000"', "constraint=false"]
             lines.append(f"  {_q(e.src)} -> {_q(e.dst)} [{', '.join(style)}];")
