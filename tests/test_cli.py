@@ -201,3 +201,21 @@ def test_resume_refuses_options_that_changed_unless_changed_on_purpose(capsys, t
     code, _, err = run(capsys, *args, "--resume", "--epochs", "2", "--lr", "2e-3")
     assert code == 0, err
     assert len((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_resume_remembers_the_options_the_run_was_started_with(capsys, tmp_path):
+    """--lr given when the run started need not be repeated: the run directory records it, and a resume without
+    it keeps the run's learning rate (instead of the model file's, or a refusal)."""
+    rng = np.random.default_rng(2)
+    x, y = rng.random((40, 1, 8, 8)).astype(np.float32), rng.integers(0, 4, 40)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=x[:30], y_train=y[:30], x_test=x[30:], y_test=y[30:])
+    model = tmp_path / "m.py"
+    model.write_text(SMALL_MODEL)
+    args = ["train", str(model), "--npz", str(npz), "--out", str(tmp_path / "r")]
+    assert run(capsys, *args, "--lr", "0.02")[0] == 0
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["train_flags"] == {"lr": 0.02}
+    code, _, err = run(capsys, *args, "--resume", "--epochs", "2")
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records] == [0.02, 0.02]

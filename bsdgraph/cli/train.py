@@ -38,14 +38,17 @@ def cmd_train(args) -> int:
 
     model = apply_overrides(load_model(args.model), args)
     data = load_data(args, model)
+    out = Path(args.out or Path("runs") / model.path.stem)
+    given = _train_flags(args)  # before the run's own are filled in: what this command changes on purpose
+    if args.resume:
+        _remembered_flags(args, rundir.manifest(out))
     cfg = TrainConfig.from_model(model.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                  seed=args.seed, init=args.init, schedule=args.schedule,
                                  augment=True if args.augment else None)
-    out = Path(args.out or Path("runs") / model.path.stem)
     as_json = args.json or not sys.stdout.isatty()
     lead = world_rank()[0] == 0  # only rank 0 writes, so only rank 0 holds the run directory
     claim = rundir.claim(out, model.path, resume=args.resume, force=args.force,
-                         record={"argv": sys.argv[1:], **data_record(args, model)})
+                         record={"argv": sys.argv[1:], "train_flags": given, **data_record(args, model)})
     with claim if lead else contextlib.nullcontext():
         return _train(args, model, data, cfg, out, as_json)
 
@@ -53,10 +56,8 @@ def cmd_train(args) -> int:
 def _train(args, model, data, cfg, out: Path, as_json: bool) -> int:
     trainer, lead = _make_trainer(args, model, data, cfg, out, as_json)
     say = (lambda text: print(text, file=sys.stderr)) if lead else (lambda text: None)
-    if args.resume:  # an option given on the command line is a change on purpose; an edited TRAIN dict is not
-        explicit = {"lr": args.lr, "batch_size": args.batch_size, "seed": args.seed, "init": args.init,
-                    "schedule": args.schedule, "augment": args.augment or None}
-        trainer.resume(frozenset(k for k, v in explicit.items() if v is not None))
+    if args.resume:  # an option given on this command line is a change on purpose; an edited TRAIN dict is not
+        trainer.resume(frozenset(args.changing))
     else:
         for syn, (factor, rate) in trainer.initialise().items():
             say(f"calibrated {syn}: weights x{factor:.3g}, firing {100 * rate:.1f} %")
@@ -72,6 +73,24 @@ def _train(args, model, data, cfg, out: Path, as_json: bool) -> int:
     say(f"done: {summary}; checkpoint {trainer.checkpoint_path}; metrics {out / 'metrics.jsonl'}; "
         f"plots: bsdgraph plot {out}")
     return 0
+
+
+TRAIN_FLAGS = ("lr", "batch_size", "seed", "init", "schedule", "augment")
+
+
+def _train_flags(args) -> dict:
+    """The training options given on the command line (the run directory records them)."""
+    given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) not in (None, False)}
+    args.changing = sorted(given)
+    return given
+
+
+def _remembered_flags(args, manifest: dict) -> None:
+    """On --resume, the options the run was started with on its command line, where this one does not give them:
+    the run directory remembers them (--lr 0.01 at the start need not be repeated)."""
+    for k, v in (manifest.get("train_flags") or {}).items():
+        if k in TRAIN_FLAGS and getattr(args, k) in (None, False):
+            setattr(args, k, v)
 
 
 def _make_trainer(args, model, data, cfg, out, as_json):

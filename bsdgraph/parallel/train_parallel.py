@@ -33,9 +33,11 @@ class _RankZeroWrites:
         if self.comm.rank == 0:
             super()._write_metrics(records, mode)
 
-    def resume(self) -> None:
+    def resume(self, changing: frozenset[str] = frozenset()) -> None:
         ck = require(load_checkpoint(self.checkpoint_path), self.checkpoint_path) if self.comm.rank == 0 else None
-        self._restore(self.comm.broadcast_object(ck, "the checkpoint"))
+        ck = self.comm.broadcast_object(ck, "the checkpoint")
+        self._check_options(ck.get("train", {}), changing)   # every rank: each stops with the same message
+        self._restore(ck)
 
     def _payload(self) -> dict[str, Any]:
         return {**super()._payload(), "parallel": {"mode": self.mode, "processes": self.comm.world}}
