@@ -219,3 +219,25 @@ def test_resume_remembers_the_options_the_run_was_started_with(capsys, tmp_path)
     assert code == 0, err
     records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records] == [0.02, 0.02]
+
+
+def test_compile_and_draw_take_the_training_edits_or_a_run_directory(capsys, tmp_path):
+    """`compile`/`draw` accept --bsd / --lif like train; given a run directory they show the graph its checkpoint
+    trained (here with lam 0.2 and v_th 0.4 from the training command), with no model file needed."""
+    rng = np.random.default_rng(3)
+    x, y = rng.random((40, 1, 8, 8)).astype(np.float32), rng.integers(0, 4, 40)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=x[:30], y_train=y[:30], x_test=x[30:], y_test=y[30:])
+    (tmp_path / "m.py").write_text(SMALL_MODEL)
+    edits = ["--bsd", "lam=0.2", "--lif", "v_th=0.4"]
+    code, out, _ = run(capsys, "compile", str(tmp_path / "m.py"), "--emit", "backward", *edits)
+    assert code == 0 and "lam=0.2" in out and "v_th=0.4" in out
+    assert run(capsys, "draw", str(tmp_path / "m.py"), "-o", str(tmp_path / "m.dot"), *edits)[0] == 0
+    assert run(capsys, "train", str(tmp_path / "m.py"), "--npz", str(npz), "--out", str(tmp_path / "r"), *edits)[0] == 0
+    (tmp_path / "m.py").unlink()   # the run directory alone
+    code, from_run, _ = run(capsys, "compile", str(tmp_path / "r"), "--emit", "backward")
+    assert code == 0 and from_run.splitlines()[1:] == out.splitlines()[1:]
+    code, _, err = run(capsys, "draw", str(tmp_path / "r"), "-o", str(tmp_path / "r.dot"))
+    assert code == 0 and (tmp_path / "r.dot").read_text() == (tmp_path / "m.dot").read_text()
+    code, _, err = run(capsys, "compile", str(tmp_path / "r"), "--bsd", "lam=0.5")
+    assert code == 2 and "a run directory shows the graph it trained" in err

@@ -149,6 +149,26 @@ def data_origin(args, model) -> str:
     return "model" if model.data is not None else "idx"
 
 
+def trained_graph(path):
+    """The BSD graph a run directory's checkpoint trained (whatever --lif / --bsd made it), or None when ``path``
+    is not a run directory. Read from the verified checkpoint: no model file runs. Returns a ``Graph``."""
+    from pathlib import Path
+
+    from bsdgraph.ir.printer import from_json
+    from bsdgraph.train.checkpoint import load_checkpoint, require
+
+    ck = Path(path) / "checkpoint.pt"
+    if not Path(path).is_dir():
+        return None
+    if not ck.is_file():
+        raise UsageError(f"{path} is a directory without a checkpoint.pt: pass a model file or a run directory")
+    doc = require(load_checkpoint(ck), ck, ("graph", "rule"))
+    if doc["rule"] != "bsd":
+        raise UsageError(f"{path} trained with --rule {doc['rule']}: it has no backward network to show; pass its "
+                         "model file instead")
+    return from_json(doc["graph"])
+
+
 def data_record(args, model) -> dict:
     """What a run directory records of its data: the origin, and for a file (``--npz``, ``--text``) or an IDX
     folder its absolute path, and for a file its SHA-256, so that later commands find the same data and can tell

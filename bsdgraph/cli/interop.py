@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 from bsdgraph.tools import outputs
-from bsdgraph.cli.common import count, number
+from bsdgraph.cli.common import apply_overrides, count, number, trained_graph
+from bsdgraph.cli.train import model_edits
+from bsdgraph.compiler.model_file import load_model
 from bsdgraph.train.data import DataError
 from bsdgraph.ir.graph import Graph, Op
 from bsdgraph.ir.printer import format_graph
@@ -279,8 +281,13 @@ def cmd_draw(args) -> int:
     if Path(args.output).suffix != ".dot":
         check_picture(args.output, "-o")
     outputs.claim(args.output, args.force)
-    net = load_network(args.model, dt=args.dt, steps=args.steps)
-    bsd = derive_feedback(net.graph, net.bsd)
+    bsd = trained_graph(args.model)   # a run directory: the graph it trained
+    if bsd is None and Path(args.model).suffix == ".py":
+        model = apply_overrides(load_model(args.model), args)
+        bsd = derive_feedback(model.graph, model.bsd)
+    elif bsd is None:
+        net = load_network(args.model, dt=args.dt, steps=args.steps)
+        bsd = derive_feedback(net.graph, net.bsd)
     if Path(args.output).suffix == ".dot":
         outputs.write_text(args.output, to_dot(bsd), args.force)
     else:
@@ -343,8 +350,10 @@ def register(sub) -> None:
     d = sub.add_parser("draw", help="draw F and its derived backward network B",
                        description="Picture of F and B side by side with pairings, losses and shapes (PNG, SVG, "
                                    "PDF by suffix), or Graphviz DOT text for FILE.dot.")
-    d.add_argument("model", metavar="MODEL_OR_NIR")
+    d.add_argument("model", metavar="MODEL_OR_NIR", help="a model file (.py, with --lif / --bsd edits), a NIR file, "
+                   "or a run directory (the graph its checkpoint trained)")
     _nir_args(d)
+    model_edits(d)
     d.add_argument("-o", "--output", required=True, metavar="FILE.png")
     _force_arg(d)
     d.set_defaults(fn=cmd_draw)

@@ -19,7 +19,8 @@ from bsdgraph.tools import outputs
 from bsdgraph.version import __version__
 from bsdgraph.errors import UsageError, UserError
 from bsdgraph.compiler.feedback import pairing
-from bsdgraph.compiler.program import compile_model
+from bsdgraph.compiler.program import compile_graph, compile_model
+from bsdgraph.cli.common import apply_overrides, trained_graph
 from bsdgraph.compiler.model_file import load_model
 from bsdgraph.compiler.neuron_gen import triton_source, twin_source
 from bsdgraph.ir.printer import format_graph, to_dict
@@ -54,7 +55,11 @@ def _kernels_text(bsd) -> str:
 
 
 def cmd_compile(args) -> int:
-    program = compile_model(load_model(args.model))
+    trained = trained_graph(args.model)   # a run directory: the graph it trained, exactly
+    if trained is not None and (args.lif or args.bsd or args.encoding):
+        raise UsageError("--lif / --bsd / --encoding edit a model file; a run directory shows the graph it trained")
+    program = (compile_graph(trained) if trained is not None
+               else compile_model(apply_overrides(load_model(args.model), args)))
     bsd, plan = program.graph, program.plan
     stages = ["ir", "backward", "plan", "step", "kernels"] if args.emit == "all" else [args.emit]
     if args.emit == "dot":  # Graphviz text; --json does not apply
@@ -63,7 +68,7 @@ def cmd_compile(args) -> int:
         _write(to_dot(bsd), args.output, args.force)
         return 0
     if args.json:
-        doc = {"model": str(program.model.path)}
+        doc = {"model": str(program.model.path) if program.model else str(args.model)}
         doc.update({"ir": to_dict(program.forward)} if "ir" in stages else {})
         doc.update({"backward": to_dict(bsd), "pairing": [p.__dict__ for p in pairing(bsd)]}
                    if "backward" in stages else {})
@@ -114,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Load MODEL.py, call build(), validate, derive the BSD backward network and "
                                    "local losses, lower to a kernel plan, generate its step function, and print "
                                    "the requested stages.")
-    c.add_argument("model", metavar="MODEL.py")
+    c.add_argument("model", metavar="MODEL.py|RUN_DIR", help="a model file, or a run directory (the graph its "
+                   "checkpoint trained, with every --lif / --bsd edit it was trained with)")
+    cli_train.model_edits(c)
     c.add_argument("--emit", choices=["ir", "backward", "plan", "step", "kernels", "dot", "all"], default="all",
                    help="stage to show: ir (F), backward (F + derived B + losses + pairing), plan, step (the "
                         "generated step function), kernels (each neuron's generated twin and Triton kernels), "

@@ -275,7 +275,7 @@ def _train_parser(sub) -> None:
     t.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule over epochs (default: "
                    "the model's TRAIN, else constant)")
     t.add_argument("--augment", action="store_true", help="random +-2 px shifts and horizontal flips (images)")
-    _model_edits(t)
+    model_edits(t)
     data_args(t)
     t.add_argument("--limit-train", type=count(1), metavar="N", help="train on the first N samples only")
     t.add_argument("--out", metavar="RUN_DIR", help="where checkpoint.pt and metrics.jsonl go (default "
@@ -292,7 +292,7 @@ def _train_parser(sub) -> None:
     t.set_defaults(fn=cmd_train)
 
 
-def _model_edits(p) -> None:
+def model_edits(p) -> None:
     """Edits of the model file without changing it; eval takes them too, to match a checkpoint trained with them."""
     p.add_argument("--lif", action="append", metavar="KEY=VALUE", help="set a parameter of every lif layer (e.g. "
                    "--lif v_th=0.6); repeatable. Neurons of other declared types (g.neuron) keep the parameters "
@@ -324,7 +324,7 @@ def _eval_parser(sub) -> None:
     e.add_argument("model", metavar="MODEL.py")
     e.add_argument("--checkpoint", required=True, metavar="FILE")
     e.add_argument("--backend", choices=BACKENDS)
-    _model_edits(e)
+    model_edits(e)
     e.add_argument("--frechet-classifier", metavar="CLASSIFIER_CKPT", help="autoencoders: also report the Fréchet "
                    "distance between the test images and their reconstructions in the feature space of this trained "
                    "classifier (a bsdgraph train checkpoint, e.g. of models/fmnist_mlp.py; not Inception FID)")
@@ -367,7 +367,7 @@ def _sample_parser(sub) -> None:
                    help="softmax temperature; 0 takes the best character every time (default 0.8)")
     s.add_argument("--seed", type=seed, default=0, help="seed of the draws (default 0)")
     s.add_argument("--backend", choices=BACKENDS)
-    _model_edits(s)
+    model_edits(s)
     s.set_defaults(fn=cmd_sample)
 
 
@@ -383,5 +383,5 @@ def register(sub) -> None:
     r.add_argument("--checkpoint", required=True, metavar="FILE")
     r.add_argument("--out", default="recall.png", metavar="FILE.png")
     r.add_argument("--force", action="store_true", help="replace FILE.png even if bsdgraph did not write it")
-    _model_edits(r)
+    model_edits(r)
     r.set_defaults(fn=cmd_recall)
