@@ -241,3 +241,21 @@ def test_compile_and_draw_take_the_training_edits_or_a_run_directory(capsys, tmp
     assert code == 0 and (tmp_path / "r.dot").read_text() == (tmp_path / "m.dot").read_text()
     code, _, err = run(capsys, "compile", str(tmp_path / "r"), "--bsd", "lam=0.5")
     assert code == 2 and "a run directory shows the graph it trained" in err
+
+
+def test_eval_of_a_run_directory_needs_nothing_else(capsys, tmp_path):
+    """`eval RUN_DIR`: the run's checkpoint, graph and recorded data; the same figure as eval with the model
+    file, checkpoint and --npz spelled out."""
+    rng = np.random.default_rng(4)
+    x, y = rng.random((40, 1, 8, 8)).astype(np.float32), rng.integers(0, 4, 40)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=x[:30], y_train=y[:30], x_test=x[30:], y_test=y[30:])
+    (tmp_path / "m.py").write_text(SMALL_MODEL)
+    assert run(capsys, "train", str(tmp_path / "m.py"), "--npz", str(npz), "--out", str(tmp_path / "r"))[0] == 0
+    code, spelled, _ = run(capsys, "eval", str(tmp_path / "m.py"), "--checkpoint", str(tmp_path / "r" /
+                                                                                     "checkpoint.pt"),
+                           "--npz", str(npz), "--json")
+    code2, short, err = run(capsys, "eval", str(tmp_path / "r"), "--json")
+    assert code == code2 == 0, err
+    assert json.loads(short)["test_accuracy"] == json.loads(spelled)["test_accuracy"]
+    assert run(capsys, "eval", str(tmp_path / "m.py"))[0] == 2   # a model file needs --checkpoint

@@ -133,8 +133,14 @@ def _report(rec: dict, as_json: bool) -> None:
 def cmd_eval(args) -> int:
     from bsdgraph.train.trainer import evaluate, load_for_eval
 
-    model = apply_overrides(load_model(args.model), args)
-    rt, ck = load_for_eval(model, Path(args.checkpoint), args.backend)
+    if Path(args.model).is_dir():
+        model, program = _run_model(args)
+        rt, ck = load_for_eval(program, Path(args.checkpoint), args.backend)
+    else:
+        if not args.checkpoint:
+            raise UsageError("eval MODEL.py needs --checkpoint FILE (or give the run directory instead of the model)")
+        model = apply_overrides(load_model(args.model), args)
+        rt, ck = load_for_eval(model, Path(args.checkpoint), args.backend)
     data = load_data(args, model)
     result = {"checkpoint": args.checkpoint, "epoch": ck["epoch"], "rule": ck.get("rule"),
               **{f"test_{k}": v for k, v in evaluate(rt, data.x_test, data.y_test).items()}}
@@ -209,6 +215,25 @@ def _plot_samples(args, run: Path, ck: Path, records: list[dict]) -> list[Path]:
         written.append(plot.plot_raster(graph, doc["params"], doc["state"], data.x_test[i:i + 1],
                                         data.y_test[i:i + 1], run))
     return written
+
+
+def _run_model(args):
+    """(Model, Program) of a run directory given as the model: its checkpoint's graph, its recorded data, no model
+    file (``args.checkpoint`` defaults to the run's)."""
+    from bsdgraph.compiler.program import compile_graph, compile_model
+    from bsdgraph.ir.printer import from_json
+    from bsdgraph.train import rundir
+    from bsdgraph.train.checkpoint import load_checkpoint, require
+
+    run = Path(args.model)
+    if args.lif or args.bsd or args.encoding:
+        raise UsageError("--lif / --bsd / --encoding edit a model file; a run directory keeps what it trained")
+    args.checkpoint = args.checkpoint or str(run / "checkpoint.pt")
+    doc = require(load_checkpoint(args.checkpoint), args.checkpoint, ("graph", "rule"))
+    graph = from_json(doc["graph"])
+    program = compile_graph(graph) if doc["rule"] == "bsd" else compile_model(graph, doc["rule"])
+    recorded_data(args, rundir.manifest(run))
+    return _model_of_checkpoint(doc, graph), program
 
 
 def _model_of_checkpoint(doc: dict, graph):
@@ -321,8 +346,10 @@ def _plot_parser(sub) -> None:
 def _eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint on the test split",
                        description="Evaluate the forward network F of a checkpoint on the test split.")
-    e.add_argument("model", metavar="MODEL.py")
-    e.add_argument("--checkpoint", required=True, metavar="FILE")
+    e.add_argument("model", metavar="MODEL.py|RUN_DIR", help="a model file (with --checkpoint), or a run directory: "
+                   "its checkpoint, its graph and the data it trained on")
+    e.add_argument("--checkpoint", metavar="FILE", help="the checkpoint to evaluate (default with a run directory: "
+                   "RUN_DIR/checkpoint.pt)")
     e.add_argument("--backend", choices=BACKENDS)
     model_edits(e)
     e.add_argument("--frechet-classifier", metavar="CLASSIFIER_CKPT", help="autoencoders: also report the Fréchet "
