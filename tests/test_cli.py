@@ -259,3 +259,29 @@ def test_eval_of_a_run_directory_needs_nothing_else(capsys, tmp_path):
     assert code == code2 == 0, err
     assert json.loads(short)["test_accuracy"] == json.loads(spelled)["test_accuracy"]
     assert run(capsys, "eval", str(tmp_path / "m.py"))[0] == 2   # a model file needs --checkpoint
+
+
+def test_recall_and_export_nir_of_a_run_directory(capsys, tmp_path):
+    """`recall RUN_DIR` and `export-nir RUN_DIR` need no model file: the same NIR file as with the model file and
+    --checkpoint spelled out, and B's recall grid from the run's checkpoint."""
+    pytest.importorskip("nir")
+    import nir
+
+    rng = np.random.default_rng(5)
+    x, y = rng.random((40, 1, 8, 8)).astype(np.float32), rng.integers(0, 4, 40)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=x[:30], y_train=y[:30], x_test=x[30:], y_test=y[30:])
+    model = tmp_path / "m.py"
+    model.write_text(SMALL_MODEL)
+    assert run(capsys, "train", str(model), "--npz", str(npz), "--out", str(tmp_path / "r"))[0] == 0
+    ck = str(tmp_path / "r" / "checkpoint.pt")
+    assert run(capsys, "export-nir", str(model), "--checkpoint", ck, "-o", str(tmp_path / "m.nir"))[0] == 0
+    code, _, err = run(capsys, "export-nir", str(tmp_path / "r"), "-o", str(tmp_path / "r.nir"), "--with-backward")
+    assert code == 0, err
+    a, b = nir.read(tmp_path / "m.nir"), nir.read(tmp_path / "r.nir")
+    assert sorted(a.nodes) == sorted(b.nodes)
+    assert all(np.array_equal(a.nodes[k].weight, b.nodes[k].weight) for k in a.nodes if hasattr(a.nodes[k], "weight"))
+    assert (tmp_path / "r.backward.nir").is_file()
+    code, out, err = run(capsys, "recall", str(tmp_path / "r"), "--out", str(tmp_path / "recall.png"))
+    assert code == 0 and (tmp_path / "recall.png").stat().st_size > 0, err
+    assert run(capsys, "recall", str(model), "--out", str(tmp_path / "x.png"))[0] == 2   # a file needs --checkpoint

@@ -29,7 +29,7 @@ from bsdgraph.cli.common import apply_overrides, count, number, trained_graph
 from bsdgraph.cli.train import model_edits
 from bsdgraph.compiler.model_file import load_model
 from bsdgraph.train.data import DataError
-from bsdgraph.ir.graph import Graph, Op
+from bsdgraph.ir.graph import Graph, Op, Stream
 from bsdgraph.ir.printer import format_graph
 
 
@@ -106,17 +106,37 @@ def _notes(loaded: Loaded) -> None:
 # ---------------------------------------------------------------------------------------------------- export-nir
 
 
+def _run_weights(args, bsd: Graph) -> Loaded:
+    """F of a run directory's checkpoint with its weights (``--checkpoint`` may name another of the run's)."""
+    from bsdgraph.compiler.feedback import BSDConfig
+    from bsdgraph.train.checkpoint import load_checkpoint, require
+
+    path = Path(args.checkpoint) if args.checkpoint else Path(args.model) / "checkpoint.pt"
+    doc = require(load_checkpoint(path), path, ("params", "state"))
+    forward = bsd.replace(nodes=[n for n in bsd.nodes if n.stream == Stream.F],
+                          edges=[e for e in bsd.edges if bsd[e.src].stream == Stream.F and bsd[e.dst].stream == Stream.F])
+    check_weights(bsd, doc["params"], doc["state"], str(path))
+    return Loaded(forward, doc["params"], doc["state"], None, BSDConfig())
+
+
 def cmd_export_nir(args) -> int:
     from bsdgraph.compiler.feedback import derive_feedback
     from bsdgraph.interop.nir import write_nir
     from bsdgraph.interop.nir_export import export_backward, export_nir
 
-    net = load_network(args.model, checkpoint=args.checkpoint, backward=args.with_backward)
-    _notes(net)
+    trained = trained_graph(args.model) if Path(args.model).is_dir() else None
+    if trained is not None:   # a run directory: the BSD graph and weights its checkpoint holds
+        net = _run_weights(args, trained)
+        bsd = trained
+    else:
+        net = load_network(args.model, checkpoint=args.checkpoint, backward=args.with_backward)
+        _notes(net)
+        bsd = None
     forward = export_nir(net.graph, net.params, net.state, dt=args.dt, readout=net.readout)
     backward = None
     if args.with_backward:  # built before anything is written: a refusal leaves no half-written pair
-        backward = export_backward(derive_feedback(net.graph, net.bsd), net.params, net.state, dt=args.dt)
+        bsd = bsd if bsd is not None else derive_feedback(net.graph, net.bsd)
+        backward = export_backward(bsd, net.params, net.state, dt=args.dt)
     if backward is not None:
         outputs.claim(backward_path(args.output), args.force)  # before F is written: no half-written pair
     with outputs.replacing(args.output, args.force) as tmp:
@@ -316,9 +336,10 @@ def register(sub) -> None:
     """Add export-nir, import-nir, run and draw to the main parser's subparsers."""
     e = sub.add_parser("export-nir", help="write a model's forward network F (and B) as a NIR graph",
                        description="Write F with its trained weights as NIR (docs/nir.md has the LIF mapping).")
-    e.add_argument("model", metavar="MODEL.py")
-    e.add_argument("--checkpoint", metavar="FILE", help="weights from `bsdgraph train` (default: the model's "
-                   "WEIGHTS, else init_params(seed=0))")
+    e.add_argument("model", metavar="MODEL.py|RUN_DIR", help="a model file, or a run directory (the graph and "
+                   "weights its checkpoint trained)")
+    e.add_argument("--checkpoint", metavar="FILE", help="weights from `bsdgraph train` (default: the run "
+                   "directory's checkpoint; for a model file its WEIGHTS, else init_params(seed=0))")
     e.add_argument("--dt", type=number(0), metavar="SECONDS", help="seconds per step written into NIR's time "
                    "constants, tau = τ·dt (default: the graph's dt)")
     e.add_argument("--with-backward", action="store_true", help="also write BSD's backward network B to "

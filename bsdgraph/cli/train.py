@@ -217,9 +217,9 @@ def _plot_samples(args, run: Path, ck: Path, records: list[dict]) -> list[Path]:
     return written
 
 
-def _run_model(args):
-    """(Model, Program) of a run directory given as the model: its checkpoint's graph, its recorded data, no model
-    file (``args.checkpoint`` defaults to the run's)."""
+def _run_model(args, data: bool = True):
+    """(Model, Program) of a run directory given as the model: its checkpoint's graph, its recorded data (unless
+    ``data`` is False), no model file (``args.checkpoint`` defaults to the run's)."""
     from bsdgraph.compiler.program import compile_graph, compile_model
     from bsdgraph.ir.printer import from_json
     from bsdgraph.train import rundir
@@ -232,7 +232,8 @@ def _run_model(args):
     doc = require(load_checkpoint(args.checkpoint), args.checkpoint, ("graph", "rule"))
     graph = from_json(doc["graph"])
     program = compile_graph(graph) if doc["rule"] == "bsd" else compile_model(graph, doc["rule"])
-    recorded_data(args, rundir.manifest(run))
+    if data:
+        recorded_data(args, rundir.manifest(run))
     return _model_of_checkpoint(doc, graph), program
 
 
@@ -265,8 +266,14 @@ def cmd_recall(args) -> int:
 
     check_picture(args.out, "--out")
     outputs.claim(args.out, args.force, "--out")
-    model = apply_overrides(load_model(args.model), args)  # the edits the checkpoint was trained with
-    _, doc = load_for_eval(model, Path(args.checkpoint))  # checks that the checkpoint belongs to this model
+    if Path(args.model).is_dir():   # a run directory: its checkpoint and graph
+        model, program = _run_model(args, data=False)
+        _, doc = load_for_eval(program, Path(args.checkpoint))
+    else:
+        if not args.checkpoint:
+            raise UsageError("recall MODEL.py needs --checkpoint FILE (or give the run directory instead)")
+        model = apply_overrides(load_model(args.model), args)  # the edits the checkpoint was trained with
+        _, doc = load_for_eval(model, Path(args.checkpoint))  # checks that the checkpoint belongs to this model
     if doc.get("rule") != "bsd":
         raise UsageError(f"{args.checkpoint} was trained with {doc.get('rule')}: it has no backward network")
     images = plot.recall_images(from_json(doc["graph"]), doc["params"], doc["state"])
@@ -406,8 +413,8 @@ def register(sub) -> None:
     r = sub.add_parser("recall", help="render what the backward network B recalls for every class",
                        description="Run B of a trained BSD checkpoint on every class code and save its bottom "
                                    "reconstruction (the stimulus it generates) as an image grid.")
-    r.add_argument("model", metavar="MODEL.py")
-    r.add_argument("--checkpoint", required=True, metavar="FILE")
+    r.add_argument("model", metavar="MODEL.py|RUN_DIR", help="a model file (with --checkpoint) or a run directory")
+    r.add_argument("--checkpoint", metavar="FILE", help="default with a run directory: RUN_DIR/checkpoint.pt")
     r.add_argument("--out", default="recall.png", metavar="FILE.png")
     r.add_argument("--force", action="store_true", help="replace FILE.png even if bsdgraph did not write it")
     model_edits(r)
