@@ -164,15 +164,22 @@ def build():
 """
 
 
+def small_npz(tmp_path, seed: int, n: int = 40, train: int = 30):
+    """(model file, npz) of SMALL_MODEL and n random 8x8 samples of 4 classes, the first `train` for training."""
+    rng = np.random.default_rng(seed)
+    x, y = rng.random((n, 1, 8, 8)).astype(np.float32), rng.integers(0, 4, n)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=x[:train], y_train=y[:train], x_test=x[train:], y_test=y[train:])
+    model = tmp_path / "m.py"
+    model.write_text(SMALL_MODEL)
+    return model, npz
+
+
 def test_plot_of_a_run_directory_uses_the_data_the_run_trained_on(capsys, tmp_path):
     """The run records its --npz (path and SHA-256); `plot RUN_DIR` draws the raster from it without being told,
     and refuses the file once it has changed (the raster would show other data)."""
-    rng = np.random.default_rng(0)
-    x, y = rng.random((60, 1, 8, 8)).astype(np.float32), rng.integers(0, 4, 60)
-    npz = tmp_path / "d.npz"
-    np.savez(npz, x_train=x[:40], y_train=y[:40], x_test=x[40:], y_test=y[40:])
-    (tmp_path / "m.py").write_text(SMALL_MODEL)
-    code, _, err = run(capsys, "train", str(tmp_path / "m.py"), "--npz", str(npz), "--out", str(tmp_path / "r"))
+    model, npz = small_npz(tmp_path, 0, n=60, train=40)
+    code, _, err = run(capsys, "train", str(model), "--npz", str(npz), "--out", str(tmp_path / "r"))
     assert code == 0, err
     manifest = json.loads((tmp_path / "r" / "run.json").read_text())
     assert manifest["data"] == "npz" and manifest["data_path"] == str(npz.resolve())
@@ -187,12 +194,7 @@ def test_plot_of_a_run_directory_uses_the_data_the_run_trained_on(capsys, tmp_pa
 def test_resume_refuses_options_that_changed_unless_changed_on_purpose(capsys, tmp_path):
     """An edited TRAIN dict would silently change the rest of a run: --resume names it; the same change given on
     the command line (--lr) is taken as meant. More epochs are what resuming is for."""
-    rng = np.random.default_rng(1)
-    x, y = rng.random((40, 1, 8, 8)).astype(np.float32), rng.integers(0, 4, 40)
-    npz = tmp_path / "d.npz"
-    np.savez(npz, x_train=x[:30], y_train=y[:30], x_test=x[30:], y_test=y[30:])
-    model = tmp_path / "m.py"
-    model.write_text(SMALL_MODEL)
+    model, npz = small_npz(tmp_path, 1)
     args = ["train", str(model), "--npz", str(npz), "--out", str(tmp_path / "r")]
     assert run(capsys, *args)[0] == 0
     model.write_text(SMALL_MODEL.replace("batch_size=32", "batch_size=32, lr=2e-3"))
@@ -206,12 +208,7 @@ def test_resume_refuses_options_that_changed_unless_changed_on_purpose(capsys, t
 def test_resume_remembers_the_options_the_run_was_started_with(capsys, tmp_path):
     """--lr given when the run started need not be repeated: the run directory records it, and a resume without
     it keeps the run's learning rate (instead of the model file's, or a refusal)."""
-    rng = np.random.default_rng(2)
-    x, y = rng.random((40, 1, 8, 8)).astype(np.float32), rng.integers(0, 4, 40)
-    npz = tmp_path / "d.npz"
-    np.savez(npz, x_train=x[:30], y_train=y[:30], x_test=x[30:], y_test=y[30:])
-    model = tmp_path / "m.py"
-    model.write_text(SMALL_MODEL)
+    model, npz = small_npz(tmp_path, 2)
     args = ["train", str(model), "--npz", str(npz), "--out", str(tmp_path / "r")]
     assert run(capsys, *args, "--lr", "0.02")[0] == 0
     assert json.loads((tmp_path / "r" / "run.json").read_text())["train_flags"] == {"lr": 0.02}
@@ -224,17 +221,13 @@ def test_resume_remembers_the_options_the_run_was_started_with(capsys, tmp_path)
 def test_compile_and_draw_take_the_training_edits_or_a_run_directory(capsys, tmp_path):
     """`compile`/`draw` accept --bsd / --lif like train; given a run directory they show the graph its checkpoint
     trained (here with lam 0.2 and v_th 0.4 from the training command), with no model file needed."""
-    rng = np.random.default_rng(3)
-    x, y = rng.random((40, 1, 8, 8)).astype(np.float32), rng.integers(0, 4, 40)
-    npz = tmp_path / "d.npz"
-    np.savez(npz, x_train=x[:30], y_train=y[:30], x_test=x[30:], y_test=y[30:])
-    (tmp_path / "m.py").write_text(SMALL_MODEL)
+    model, npz = small_npz(tmp_path, 3)
     edits = ["--bsd", "lam=0.2", "--lif", "v_th=0.4"]
-    code, out, _ = run(capsys, "compile", str(tmp_path / "m.py"), "--emit", "backward", *edits)
+    code, out, _ = run(capsys, "compile", str(model), "--emit", "backward", *edits)
     assert code == 0 and "lam=0.2" in out and "v_th=0.4" in out
-    assert run(capsys, "draw", str(tmp_path / "m.py"), "-o", str(tmp_path / "m.dot"), *edits)[0] == 0
-    assert run(capsys, "train", str(tmp_path / "m.py"), "--npz", str(npz), "--out", str(tmp_path / "r"), *edits)[0] == 0
-    (tmp_path / "m.py").unlink()   # the run directory alone
+    assert run(capsys, "draw", str(model), "-o", str(tmp_path / "m.dot"), *edits)[0] == 0
+    assert run(capsys, "train", str(model), "--npz", str(npz), "--out", str(tmp_path / "r"), *edits)[0] == 0
+    model.unlink()   # the run directory alone
     code, from_run, _ = run(capsys, "compile", str(tmp_path / "r"), "--emit", "backward")
     assert code == 0 and from_run.splitlines()[1:] == out.splitlines()[1:]
     code, _, err = run(capsys, "draw", str(tmp_path / "r"), "-o", str(tmp_path / "r.dot"))
@@ -246,19 +239,15 @@ def test_compile_and_draw_take_the_training_edits_or_a_run_directory(capsys, tmp
 def test_eval_of_a_run_directory_needs_nothing_else(capsys, tmp_path):
     """`eval RUN_DIR`: the run's checkpoint, graph and recorded data; the same figure as eval with the model
     file, checkpoint and --npz spelled out."""
-    rng = np.random.default_rng(4)
-    x, y = rng.random((40, 1, 8, 8)).astype(np.float32), rng.integers(0, 4, 40)
-    npz = tmp_path / "d.npz"
-    np.savez(npz, x_train=x[:30], y_train=y[:30], x_test=x[30:], y_test=y[30:])
-    (tmp_path / "m.py").write_text(SMALL_MODEL)
-    assert run(capsys, "train", str(tmp_path / "m.py"), "--npz", str(npz), "--out", str(tmp_path / "r"))[0] == 0
-    code, spelled, _ = run(capsys, "eval", str(tmp_path / "m.py"), "--checkpoint", str(tmp_path / "r" /
+    model, npz = small_npz(tmp_path, 4)
+    assert run(capsys, "train", str(model), "--npz", str(npz), "--out", str(tmp_path / "r"))[0] == 0
+    code, spelled, _ = run(capsys, "eval", str(model), "--checkpoint", str(tmp_path / "r" /
                                                                                      "checkpoint.pt"),
                            "--npz", str(npz), "--json")
     code2, short, err = run(capsys, "eval", str(tmp_path / "r"), "--json")
     assert code == code2 == 0, err
     assert json.loads(short)["test_accuracy"] == json.loads(spelled)["test_accuracy"]
-    assert run(capsys, "eval", str(tmp_path / "m.py"))[0] == 2   # a model file needs --checkpoint
+    assert run(capsys, "eval", str(model))[0] == 2   # a model file needs --checkpoint
 
 
 def test_recall_and_export_nir_of_a_run_directory(capsys, tmp_path):
@@ -267,12 +256,7 @@ def test_recall_and_export_nir_of_a_run_directory(capsys, tmp_path):
     pytest.importorskip("nir")
     import nir
 
-    rng = np.random.default_rng(5)
-    x, y = rng.random((40, 1, 8, 8)).astype(np.float32), rng.integers(0, 4, 40)
-    npz = tmp_path / "d.npz"
-    np.savez(npz, x_train=x[:30], y_train=y[:30], x_test=x[30:], y_test=y[30:])
-    model = tmp_path / "m.py"
-    model.write_text(SMALL_MODEL)
+    model, npz = small_npz(tmp_path, 5)
     assert run(capsys, "train", str(model), "--npz", str(npz), "--out", str(tmp_path / "r"))[0] == 0
     ck = str(tmp_path / "r" / "checkpoint.pt")
     assert run(capsys, "export-nir", str(model), "--checkpoint", ck, "-o", str(tmp_path / "m.nir"))[0] == 0
