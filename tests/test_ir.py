@@ -234,3 +234,29 @@ def test_a_graph_saved_before_an_attribute_existed_loads_with_its_default():
     old = json.dumps(doc)
     assert from_json(old) == bsd and same_graph(old, bsd)
     assert not same_graph(old.replace('"T": 2', '"T": 3'), bsd) and not same_graph("{", bsd)
+
+
+def test_the_builder_takes_numpy_numbers_and_upsampling_by_a_factor():
+    """Widths from np.prod, T from an array's shape: stored as Python numbers (validation and JSON expect them)."""
+    import numpy as np
+
+    from bsdgraph.ir.printer import from_json, to_json
+
+    g = GraphBuilder("n", T=np.int64(4))
+    h = g.lif(g.linear(g.input((np.int64(6),)), np.int64(8)), tau=np.float32(2.5))
+    g.output(g.linear(h, 3))
+    built = g.build()
+    assert built.T == 4 and type(built.T) is int and type(built["fc1"].attrs["out_features"]) is int
+    assert type(built["h1"].attrs["tau"]) is float and from_json(to_json(built)) == built
+    u = GraphBuilder("u", T=2)
+    assert u.shape(u.upsample2d(u.input((1, 4, 5)), scale=(2, 3))) == (1, 8, 15)
+    with pytest.raises(GraphError, match="give either size=\\(H, W\\) or scale=k"):
+        u.upsample2d("x", size=4, scale=2)
+
+
+def test_recurrence_on_a_conv_layer_is_a_clear_refusal():
+    g = GraphBuilder("c", T=2)
+    conv = g.conv2d(g.input((1, 8, 8)), 4, 3, padding=1)
+    with pytest.raises(GraphError, match=r"node 'conv1' \(conv2d\): a recurrent layer needs a flat current \[width\], "
+                                         r"got \[4, 8, 8\]"):
+        g.recurrent_lif(conv)

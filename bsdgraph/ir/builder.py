@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from bsdgraph.ir.diagnostics import Diagnostic, GraphError
 from bsdgraph.ir.graph import Edge, FrozenAttrs, Graph, Node, Op, Stream, default_attrs
 from bsdgraph.ir.infer import infer_node_shape
 from bsdgraph.ir.validate import validate as validate_graph
+
+
+def _plain(v: Any) -> Any:
+    """numpy integers and floats (a width from ``np.prod``, a T from an array's shape) as Python numbers, which
+    validation and the graph's JSON expect; tuples and lists element by element."""
+    if isinstance(v, (tuple, list)):
+        return type(v)(_plain(x) for x in v)
+    if isinstance(v, bool) or v is None or isinstance(v, (int, float, str)):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return v
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -23,7 +38,7 @@ class GraphBuilder:
     """
 
     def __init__(self, name: str, T: int = 4, dt: float = 1.0):
-        self.name, self.T, self.dt = name, T, dt
+        self.name, self.T, self.dt = name, _plain(T), _plain(dt)
         self._nodes: dict[str, Node] = {}
         self._edges: list[Edge] = []
         self._counts: dict[str, int] = {}
@@ -39,7 +54,8 @@ class GraphBuilder:
         for i in inputs:
             if i not in self._nodes:
                     raise GraphError([Diagnostic(name, op, f"input {i!r} does not exist", "add it before its consumer")])
-        node = Node(name, op, FrozenAttrs(default_attrs(op, **attrs)), tuple(shape or ()), stream)
+        attrs = {k: _plain(v) for k, v in attrs.items()}
+        node = Node(name, op, FrozenAttrs(default_attrs(op, **attrs)), _plain(tuple(shape or ())), stream)
         if shape is None:
             node = node.replace(shape=infer_node_shape(node, [self._nodes[i] for i in inputs]))
         self._nodes[name] = node
@@ -98,9 +114,16 @@ class GraphBuilder:
         return self.add(Op.MAXPOOL2D, [x], name=name or self._fresh("pool"), kernel=_pair(kernel),
                         stride=None if stride is None else _pair(stride))
 
-    def upsample2d(self, x: str, size: int | tuple[int, int], name: str | None = None) -> str:
-        """Nearest-neighbour upsampling to ``size`` (an integer multiple of the input's height and width, so that
-        B's mirror, an average pool, restores the input shape)."""
+    def upsample2d(self, x: str, size: int | tuple[int, int] | None = None, name: str | None = None,
+                   scale: int | tuple[int, int] | None = None) -> str:
+        """Nearest-neighbour upsampling to ``size``, or by an integer ``scale`` factor (the size must be an integer
+        multiple of the input's height and width, so that B's mirror, an average pool, restores the input shape)."""
+        if (size is None) == (scale is None):
+            raise GraphError([Diagnostic(name or x, Op.UPSAMPLE2D, "give either size=(H, W) or scale=k", "")])
+        if scale is not None:
+            h, w = self._nodes[x].shape[-2:] if len(self._nodes[x].shape) >= 2 else (0, 0)
+            sh, sw = _pair(_plain(scale))
+            size = (h * sh, w * sw)
         return self.add(Op.UPSAMPLE2D, [x], name=name or self._fresh("up"), size=_pair(size))
 
     def flatten(self, x: str, name: str | None = None) -> str:
@@ -136,7 +159,12 @@ class GraphBuilder:
                                                                             **params))
 
     def _recurrent(self, current: str, name: str | None, neurons) -> str:
-        (width,) = self._nodes[current].shape or (0,)
+        shape = self._nodes[current].shape
+        if len(shape) != 1:
+            raise GraphError([Diagnostic(current, self._nodes[current].op, f"a recurrent layer needs a flat current "
+                                         f"[width], got {list(shape)}: recurrence on conv layers is not supported "
+                                         "yet", "flatten, then g.linear(...) into the recurrent layer")])
+        (width,) = shape
         lif = name or self._fresh("h")
         rec = f"{lif}_rec"
         # rec reads the neurons that do not exist yet: declare it with its known shape, wire its delayed edge last
