@@ -35,7 +35,7 @@ from bsdgraph.ir.builder import GraphBuilder
 from bsdgraph.ir.graph import Graph, Op
 from bsdgraph.ir.printer import to_json
 from bsdgraph.train.config import TrainConfig
-from bsdgraph.train.data import Dataset, check_against_model
+from bsdgraph.train.data import Dataset, check_against_model, expects
 
 
 @dataclasses.dataclass
@@ -65,7 +65,7 @@ class Net:
 
         x, y = _pair(data, "data")
         # the pair is the test split of an otherwise empty set: a bad label is reported as y_test's
-        ds = _fit_to(self, Dataset(x[:0], y[:0], x, y, "data", "data", _classes(self.graph, y)))
+        ds = _fit_to(self, Dataset(x[:0], y[:0], x, y, "data", "data", expects(self.graph).n_classes))
         return evaluate(self._runtime(), ds.x_test, ds.y_test)
 
     def recall(self) -> torch.Tensor:
@@ -201,13 +201,9 @@ def _stream(net: Net, data, test, cfg: TrainConfig):
         x, y = _pair(d, "test")
         return list(batches(x, y, size))
 
-    graph = net.graph
-    inp, out = graph.by_op(Op.INPUT)[0], graph.by_op(Op.OUTPUT)[0]
-    shape = (graph.T, *inp.shape) if inp.attrs["encoding"] == "sequence" else tuple(inp.shape)
-    steps = graph.T if out.attrs["target"] == "sequence" and out.attrs["task"] == "classification" else 1
-    classes = out.attrs["n_classes"] if out.attrs["task"] == "classification" else None
-    return BatchStream(loader(data, True, cfg.batch_size), loader(test, False, cfg.eval_batch_size), tuple(shape),
-                       steps, classes, name=graph.name)
+    want = expects(net.graph)
+    return BatchStream(loader(data, True, cfg.batch_size), loader(test, False, cfg.eval_batch_size), want.shape,
+                       want.per_sample if want.n_classes else 1, want.n_classes, name=net.graph.name)
 
 
 def _known(options: Mapping[str, Any], cls, what: str) -> dict[str, Any]:
@@ -239,11 +235,6 @@ def _pair(data, what: str) -> tuple[torch.Tensor, torch.Tensor]:
     raise UserError(f"{what} must be an (x, y) pair of arrays or a bsdgraph Dataset, got {type(data).__name__}")
 
 
-def _classes(graph: Graph, y: torch.Tensor) -> int | None:
-    out = graph.by_op(Op.OUTPUT)[0]
-    return out.attrs["n_classes"] if out.attrs["task"] == "classification" else None
-
-
 def _dataset(net: Net, data, test) -> Dataset:
     if isinstance(data, Dataset):
         return data
@@ -252,7 +243,7 @@ def _dataset(net: Net, data, test) -> Dataset:
             arrays = [_tensor(data[k], k) for k in ("x_train", "y_train", "x_test", "y_test")]
         except KeyError as err:
             raise UserError(f"data: the dict has no {err.args[0]!r}; give x_train, y_train, x_test, y_test") from None
-        return Dataset(*arrays, net.graph.name, "arrays", _classes(net.graph, arrays[1]))
+        return Dataset(*arrays, net.graph.name, "arrays", expects(net.graph).n_classes)
     x, y = _pair(data, "data")
     if test is not None:
         xt, yt = _pair(test, "test")
@@ -261,20 +252,16 @@ def _dataset(net: Net, data, test) -> Dataset:
         if cut >= len(x):
             raise UserError(f"data: {len(x)} sample(s) leave none to test on; give test=(x, y) or more samples")
         x, y, xt, yt = x[:cut], y[:cut], x[cut:], y[cut:]
-    return Dataset(x, y, xt, yt, net.graph.name, "arrays", _classes(net.graph, y))
+    return Dataset(x, y, xt, yt, net.graph.name, "arrays", expects(net.graph).n_classes)
 
 
 def _fit_to(net: Net, ds: Dataset) -> Dataset:
     """``ds`` checked against the network's input and output (the command line's checks), floats as float32."""
     ds = dataclasses.replace(ds, x_train=_floats(ds.x_train), x_test=_floats(ds.x_test))
-    graph = net.graph
-    inp, out = graph.by_op(Op.INPUT)[0], graph.by_op(Op.OUTPUT)[0]
-    shape = (graph.T, *inp.shape) if inp.attrs["encoding"] == "sequence" else inp.shape
-    per_step = graph.T if out.attrs["target"] == "sequence" else 1
-    size = per_step if out.attrs["task"] == "classification" else per_step * math.prod(out.shape)
-    if out.attrs["task"] == "regression":
+    want = expects(net.graph)
+    if want.task == "regression":
         ds = dataclasses.replace(ds, y_train=_floats(ds.y_train), y_test=_floats(ds.y_test))
-    return check_against_model(ds, shape, out.attrs["n_classes"] or None, out.attrs["task"], size)
+    return check_against_model(ds, want.shape, want.n_classes, want.task, want.per_sample)
 
 
 def _floats(a: torch.Tensor) -> torch.Tensor:
@@ -284,9 +271,8 @@ def _floats(a: torch.Tensor) -> torch.Tensor:
 def _samples(graph: Graph, x, what: str) -> torch.Tensor:
     """``x`` as float32 samples of the input node's shape, or a UserError naming the node."""
     x = _floats(_tensor(x, what))
-    inp = graph.by_op(Op.INPUT)[0]
-    shape = (graph.T, *inp.shape) if inp.attrs["encoding"] == "sequence" else tuple(inp.shape)
-    if tuple(x.shape[1:]) != tuple(shape):
+    inp, shape = graph.by_op(Op.INPUT)[0], expects(graph).shape
+    if tuple(x.shape[1:]) != shape:
         if x.dim() >= 1 and math.prod(x.shape[1:]) == math.prod(shape) and inp.attrs["encoding"] != "sequence":
             return x.reshape(len(x), *shape)
         raise UserError(f"input node {inp.name!r} takes samples of shape {list(shape)}, got {what} of shape "

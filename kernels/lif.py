@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.ref.lif import as_float32  # noqa: F401 -- the launchers' (and linear_lif's) scalar rounding
+
 # One block of neurons per program: 1024 lanes = 4 warps x 32 threads x 8 elements, the block of Triton's
 # vector-add tutorial for streaming kernels (not tuned here: no GPU). Under the interpreter one big block keeps
 # the program count, and so the Python overhead, low.
@@ -87,17 +89,6 @@ def check_neuron_params(fn: str, tau: float, v_th: float, v_reset: float) -> Non
             raise ValueError(f"{fn}: {name} must be a finite number, got {value!r}")
     if tau <= 0:
         raise ValueError(f"{fn}: tau must be > 0 (time constant in steps), got {tau}")
-
-
-def as_float32(x: float) -> float:
-    """``x`` rounded to float32 with subnormals flushed to zero, for a scalar kernel argument.
-
-    Triton types a Python float outside the normal float32 range (0 < |x| < 2^-126) as fp64; measured here, the
-    interpreter then fails inside ``div_rn`` ("Expected dtype ['fp32'] but got fp64"). The kernels compute in
-    float32, so rounding first changes no result beyond what the kernel's arithmetic does anyway.
-    """
-    y = float(torch.tensor(float(x), dtype=torch.float32))
-    return y if abs(y) >= 2.0**-126 else 0.0
 
 
 def block_size(n: int, lo: int, hi: int) -> int:

@@ -149,24 +149,33 @@ def data_origin(args, model) -> str:
     return "model" if model.data is not None else "idx"
 
 
-def trained_graph(path):
-    """The BSD graph a run directory's checkpoint trained (whatever --lif / --bsd made it), or None when ``path``
-    is not a run directory. Read from the verified checkpoint: no model file runs. Returns a ``Graph``."""
+def run_checkpoint(run, checkpoint=None) -> tuple:
+    """(checkpoint, the graph it trained) of a run directory: its ``checkpoint.pt`` or ``checkpoint``, verified;
+    the graph is read back from the checkpoint, so no model file runs."""
     from pathlib import Path
 
     from bsdgraph.ir.printer import from_json
     from bsdgraph.train.checkpoint import load_checkpoint, require
 
-    ck = Path(path) / "checkpoint.pt"
+    ck = Path(checkpoint) if checkpoint else Path(run) / "checkpoint.pt"
+    if not ck.is_file():
+        raise UsageError(f"{run} is a directory without a checkpoint.pt: pass a model file or a run directory")
+    doc = require(load_checkpoint(ck), ck, ("graph", "rule"))
+    return doc, from_json(doc["graph"])
+
+
+def trained_graph(path):
+    """The BSD graph a run directory's checkpoint trained (whatever --lif / --bsd made it), or None when ``path``
+    is not a run directory (``run_checkpoint``). Returns a ``Graph``."""
+    from pathlib import Path
+
     if not Path(path).is_dir():
         return None
-    if not ck.is_file():
-        raise UsageError(f"{path} is a directory without a checkpoint.pt: pass a model file or a run directory")
-    doc = require(load_checkpoint(ck), ck, ("graph", "rule"))
+    doc, graph = run_checkpoint(path)
     if doc["rule"] != "bsd":
         raise UsageError(f"{path} trained with --rule {doc['rule']}: it has no backward network to show; pass its "
                          "model file instead")
-    return from_json(doc["graph"])
+    return graph
 
 
 def data_record(args, model) -> dict:
@@ -213,15 +222,12 @@ def recorded_data(args, run_manifest: dict) -> None:
 def _text_data(args, model):
     import sys
 
-    from bsdgraph.ir.graph import Op
-    from bsdgraph.train.text import VOCAB, read_text, text_dataset
+    from bsdgraph.tools.sample import check_char_model
+    from bsdgraph.train.text import read_text, text_dataset
 
-    out, inp = model.graph.by_op(Op.OUTPUT)[0], model.graph.by_op(Op.INPUT)[0]
-    if (inp.attrs["encoding"], tuple(inp.shape), out.attrs["target"], out.attrs["n_classes"]) != (
-            "sequence", (VOCAB,), "sequence", VOCAB):
-        raise UsageError(f"--text needs a character model: input g.input(({VOCAB},), encoding='sequence') and a "
-                         f"{VOCAB}-class output with target='sequence' (see models/char_rnn.py); {model.path} is not "
-                         "one")
+    why = check_char_model(model.graph)
+    if why:
+        raise UsageError(f"--text needs a character model; {model.path}: {why}")
     text = read_text(args.text)
     if len(text) > TEXT_CHARS:
         print(f"note: {args.text}: using the first {TEXT_CHARS:,} of {len(text):,} characters", file=sys.stderr)
@@ -229,10 +235,7 @@ def _text_data(args, model):
 
 
 def load_data(args, model):
-    import math
-
-    from bsdgraph.train.data import autoencode, check_against_model, load_idx_dataset, load_npz, subset
-    from bsdgraph.ir.graph import Op
+    from bsdgraph.train.data import autoencode, check_against_model, expects, load_idx_dataset, load_npz, subset
 
     origin = data_origin(args, model)
     if origin == "npz":
@@ -245,12 +248,8 @@ def load_data(args, model):
         ds = load_idx_dataset(args.data_dir)
     if model.target == "input":  # an autoencoder: y is the stimulus itself
         ds = autoencode(ds)
-    out, inp = model.graph.by_op(Op.OUTPUT)[0], model.graph.by_op(Op.INPUT)[0]
-    # a sequence stimulus carries its T steps per sample: [N, T, *shape]
-    shape = (model.graph.T, *inp.shape) if inp.attrs["encoding"] == "sequence" else inp.shape
-    per_step = model.graph.T if out.attrs["target"] == "sequence" else 1  # one target per step
-    size = per_step if out.attrs["task"] == "classification" else per_step * math.prod(out.shape)
-    ds = check_against_model(ds, shape, out.attrs["n_classes"] or None, out.attrs["task"], size)
+    want = expects(model.graph)
+    ds = check_against_model(ds, want.shape, want.n_classes, want.task, want.per_sample)
     return subset(ds, getattr(args, "limit_train", None), args.limit_test)
 
 

@@ -29,7 +29,8 @@ from bsdgraph.cli.common import apply_overrides, count, number, trained_graph
 from bsdgraph.cli.train import model_edits
 from bsdgraph.compiler.model_file import load_model
 from bsdgraph.train.data import DataError
-from bsdgraph.ir.graph import Graph, Op, Stream
+from bsdgraph.compiler.program import forward_of
+from bsdgraph.ir.graph import Graph, Op
 from bsdgraph.ir.printer import format_graph
 
 
@@ -113,10 +114,8 @@ def _run_weights(args, bsd: Graph) -> Loaded:
 
     path = Path(args.checkpoint) if args.checkpoint else Path(args.model) / "checkpoint.pt"
     doc = require(load_checkpoint(path), path, ("params", "state"))
-    forward = bsd.replace(nodes=[n for n in bsd.nodes if n.stream == Stream.F],
-                          edges=[e for e in bsd.edges if bsd[e.src].stream == Stream.F and bsd[e.dst].stream == Stream.F])
     check_weights(bsd, doc["params"], doc["state"], str(path))
-    return Loaded(forward, doc["params"], doc["state"], None, BSDConfig())
+    return Loaded(forward_of(bsd), doc["params"], doc["state"], None, BSDConfig())
 
 
 def cmd_export_nir(args) -> int:

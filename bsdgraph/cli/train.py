@@ -12,7 +12,8 @@ from pathlib import Path
 from bsdgraph.tools import outputs
 from bsdgraph.errors import UsageError
 from bsdgraph.cli.common import (
-    apply_overrides, check_picture, count, data_args, data_record, load_data, number, recorded_data, seed,
+    apply_overrides, check_picture, count, data_args, data_record, load_data, number, recorded_data, run_checkpoint,
+    seed,
 )
 from bsdgraph.compiler.model_file import load_model
 from bsdgraph.train.config import BACKENDS
@@ -221,16 +222,13 @@ def _run_model(args, data: bool = True):
     """(Model, Program) of a run directory given as the model: its checkpoint's graph, its recorded data (unless
     ``data`` is False), no model file (``args.checkpoint`` defaults to the run's)."""
     from bsdgraph.compiler.program import compile_graph, compile_model
-    from bsdgraph.ir.printer import from_json
     from bsdgraph.train import rundir
-    from bsdgraph.train.checkpoint import load_checkpoint, require
 
     run = Path(args.model)
     if args.lif or args.bsd or args.encoding:
         raise UsageError("--lif / --bsd / --encoding edit a model file; a run directory keeps what it trained")
     args.checkpoint = args.checkpoint or str(run / "checkpoint.pt")
-    doc = require(load_checkpoint(args.checkpoint), args.checkpoint, ("graph", "rule"))
-    graph = from_json(doc["graph"])
+    doc, graph = run_checkpoint(run, args.checkpoint)
     program = compile_graph(graph) if doc["rule"] == "bsd" else compile_model(graph, doc["rule"])
     if data:
         recorded_data(args, rundir.manifest(run))

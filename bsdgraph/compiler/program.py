@@ -56,13 +56,16 @@ def compile_model(model, rule: str = "bsd", *, dedup: bool | None = None, time_i
                          model=None if model is graph else model)
 
 
+def forward_of(bsd: Graph) -> Graph:
+    """The forward network F inside a BSD graph: its F nodes and the edges between them."""
+    return bsd.replace(nodes=[n for n in bsd.nodes if n.stream == Stream.F],
+                       edges=[e for e in bsd.edges if bsd[e.src].stream == Stream.F and bsd[e.dst].stream == Stream.F])
+
+
 def compile_graph(bsd: Graph, *, forward: Graph | None = None, dedup: bool | None = None,
                   time_invariant: bool = True, bsd_config: BSDConfig | None = None, model=None) -> Program:
     """A program from a BSD graph that is already derived (tests, tools that edit the graph)."""
-    if forward is None:
-        forward = bsd.replace(nodes=[n for n in bsd.nodes if n.stream == Stream.F],
-                              edges=[e for e in bsd.edges if bsd[e.src].stream == Stream.F
-                                     and bsd[e.dst].stream == Stream.F])
+    forward = forward_of(bsd) if forward is None else forward
     plan = lower(bsd, dedup, time_invariant)
     return Program(bsd.name, forward, bsd, "bsd", plan, generate_code(bsd, plan), bsd_config or BSDConfig(), model)
 

@@ -14,6 +14,7 @@ import torch
 
 from bsdgraph.compiler.neuron_gen import triton_module, twin_step
 from bsdgraph.ir.neurons import Neuron
+from kernels.ref.lif import as_float32
 
 
 class Heaviside(torch.autograd.Function):
@@ -33,12 +34,6 @@ class Heaviside(torch.autograd.Function):
         z = math.pi * ctx.alpha * d / 2
         g = grad * (ctx.alpha / (2 * (1 + z * z)))
         return g, (-g if ctx.needs_input_grad[1] and ctx.rhs_tensor else None), None
-
-
-def as_float32(x: float) -> float:
-    """``x`` rounded to float32, subnormals flushed (kernels/lif.py's as_float32, which imports Triton)."""
-    y = float(torch.tensor(float(x), dtype=torch.float32))
-    return y if abs(y) >= 2.0**-126 else 0.0
 
 
 def _params(neuron: Neuron, values: Mapping[str, float], like: torch.Tensor) -> tuple[torch.Tensor, ...]:

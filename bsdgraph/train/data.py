@@ -418,6 +418,29 @@ def _check_npz_shapes(xs: dict[str, torch.Tensor], ys: dict[str, torch.Tensor], 
 _TASKS = ("classification", "regression")
 
 
+@dataclass(frozen=True)
+class Expects:
+    """What a forward graph's data must be: samples of ``shape`` ([T, *input] for a sequence input), the ``task``,
+    ``n_classes`` (None for regression) and ``per_sample`` targets (classes: 1, or T for a class per step;
+    regression: the values the output gives per sample)."""
+
+    shape: tuple[int, ...]
+    task: str
+    n_classes: int | None
+    per_sample: int
+
+
+def expects(graph) -> Expects:
+    from bsdgraph.ir.graph import Op
+
+    inp, out = graph.by_op(Op.INPUT)[0], graph.by_op(Op.OUTPUT)[0]
+    shape = (graph.T, *inp.shape) if inp.attrs["encoding"] == "sequence" else tuple(inp.shape)
+    steps = graph.T if out.attrs["target"] == "sequence" else 1  # one target per step
+    classification = out.attrs["task"] == "classification"
+    return Expects(tuple(shape), out.attrs["task"], out.attrs["n_classes"] if classification else None,
+                   steps if classification else steps * math.prod(out.shape))
+
+
 def check_against_model(
     ds: Dataset, sample_shape: Sequence[int], n_classes: int | None = None, task: str = "classification",
     target_size: int | None = None,

@@ -23,6 +23,17 @@ from typing import Callable, Optional
 import torch
 
 
+def as_float32(x: float) -> float:
+    """``x`` rounded to float32 with subnormals flushed to zero, for a scalar kernel argument.
+
+    Triton types a Python float outside the normal float32 range (0 < |x| < 2^-126) as fp64; measured here, the
+    interpreter then fails inside ``div_rn`` ("Expected dtype ['fp32'] but got fp64"). The kernels compute in
+    float32, so rounding first changes no result beyond what the kernel's arithmetic does anyway.
+    """
+    y = float(torch.tensor(float(x), dtype=torch.float32))
+    return y if abs(y) >= 2.0**-126 else 0.0
+
+
 def atan_surrogate(h: torch.Tensor, v_th: float, alpha: float) -> torch.Tensor:
     """ds/dh of the atan surrogate at membrane potential ``h``."""
     x = math.pi * alpha * (h - v_th) / 2
