@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bsdgraph import GraphBuilder, derive_feedback
+from bsdgraph import GraphBuilder, Op, derive_feedback
 from bsdgraph.compiler.cost import launch_flops, plan_flops
 from bsdgraph.cli.main import main
 from bsdgraph.compiler.lower import lower
@@ -95,6 +95,19 @@ def test_energy_counts_follow_the_formula(capsys):
     assert layers[1].snn_pj == pytest.approx(layers[1].snn_ops * 0.9) and layers[1].ann_macs == 1024 * 512
     assert main(["compile", "models/fmnist_mlp.py", "--emit", "plan"]) == 0
     assert "ANN / SNN energy" in capsys.readouterr().out
+
+
+def test_energy_of_a_residual_net_counts_every_synapse_and_the_spikes_of_both_operands_of_a_sum():
+    from bsdgraph.tools.energy import estimate
+
+    f = load_model("models/fmnist_resnet.py").graph
+    rates = {n.name: 0.1 * (i + 1) for i, n in enumerate(f.by_op(Op.LIF))}
+    layers = {e.synapse: e for e in estimate(f, rates)}
+    assert set(layers) == {n.name for n in f.nodes if n.op in (Op.CONV2D, Op.LINEAR)}  # the shortcut's too
+    # block2's convolutions read block1 = block1_b_h + pool(stem): the spikes of both, each an accumulate
+    assert layers["block2_a"].input_rate == pytest.approx(rates["block1_b_h"] + rates["stem"])
+    assert layers["fc1"].input_rate == pytest.approx(rates["block2_b_h"] + rates["block2_down_h"])
+    assert layers["conv1"].input_rate is None  # the analog stimulus
 
 
 def test_energy_of_a_recurrent_sequence_model_counts_the_recurrent_synapse_and_an_rnn_twin():

@@ -112,3 +112,34 @@ def test_recurrent_edges_are_loops_labelled_with_their_delay(tmp_path):
     assert all('"h1" -> "h1_rec"' in line or '"h1_b" -> "h1_rec_b"' in line for line in delayed), delayed
     out = draw(bsd, tmp_path / "rnn.png")
     assert out.stat().st_size > 0
+
+
+def test_residual_shortcuts_are_arcs_beside_their_column(tmp_path, monkeypatch):
+    """An edge that skips rows (a SEW shortcut in F, the mirrors of it in B) is drawn as an arc beside its column
+    (F's on the left, B's on the right), never straight through the boxes between its ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from bsdgraph.tools import draw as drawing
+
+    bsd = derive_feedback(load_model(ROOT / "models" / "fmnist_resnet.py").graph)
+    pos = drawing.layout(bsd)
+    skips = {(e.src, e.dst) for e in bsd.edges if bsd[e.dst].stream != Stream.LOSS and not e.delay
+             and pos[e.src][0] == pos[e.dst][0] and abs(pos[e.src][1] - pos[e.dst][1]) > 1}
+    assert ("pool1", "block1") in skips and ("block1", "block2_down") in skips  # F's shortcut and projection
+    arcs = []
+    real = Axes.annotate
+
+    def spy(self, text, xy, *args, **kwargs):
+        props = kwargs.get("arrowprops", {})
+        if props.get("color") == drawing.SKIP:
+            arcs.append((xy, kwargs["xytext"], props["connectionstyle"]))
+        return real(self, text, xy, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "annotate", spy)
+    drawing.draw(bsd, tmp_path / "res.png")
+    assert len(arcs) == len(skips) and all(c.startswith("arc3,rad=-") for _, _, c in arcs)
+    f_side = {(xy[0], xt[0]) for xy, xt, _ in arcs}
+    assert f_side == {(0.0, 0.0), (1.0, 1.0)}  # box-relative: left sides in F, right sides in B

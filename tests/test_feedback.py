@@ -10,8 +10,14 @@ from tests.strategies import any_graph, conv_graphs, decoder_graphs
 
 
 def mirrors(bsd):
-    """(F synapse, its mirror in B) pairs."""
-    return [(n, bsd[f"{n.name}_b"]) for n in bsd.nodes if n.stream == Stream.F and n.op in GroupOp.SYNAPSE]
+    """(F synapse, its mirror in B) pairs; a synapse reading a residual sum has one mirror per operand of it."""
+    out = []
+    for n in bsd.nodes:
+        if n.stream == Stream.F and n.op in GroupOp.SYNAPSE:
+            copies = [m for m in bsd.nodes if m.name == f"{n.name}_b" or m.name.startswith(f"{n.name}_b_via_")]
+            assert copies, f"{n.name} has no mirror"
+            out += [(n, m) for m in copies]
+    return out
 
 
 @given(any_graph)
@@ -182,3 +188,98 @@ def test_the_recall_loss_trains_only_bs_bottom_synapse():
     assert runs["reco"].keys() == runs["mse"].keys()
     differ = sorted(k for k in runs["reco"] if not torch.equal(runs["reco"][k], runs["mse"][k]))
     assert differ == ["fc1_b.bias", "fc1_b.weight"], differ  # θ_1 only (and it did learn differently)
+
+
+# ---------------------------------------------------------------------------------------------------- branches
+
+
+def _sew(flat: bool = False):
+    """stem -> SEW block (identity shortcut) -> SEW block (projection) -> head."""
+    g = GraphBuilder("r", T=2)
+    if flat:
+        h = g.lif(g.linear(g.input((5,)), 6), name="h1")
+    else:
+        h = g.lif(g.batchnorm(g.conv2d(g.input((1, 6, 6)), 3, kernel=3, padding=1)), name="h1")
+    h = g.residual_block(h, name="r1")
+    h = g.residual_block(h, 4, stride=1 if flat else 2, name="r2")
+    g.output(g.linear(h if flat else g.flatten(h), 3))
+    return g.build()
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["conv", "linear"])
+def test_a_skip_in_f_is_a_skip_in_b(flat):
+    f = _sew(flat)
+    bsd = derive_feedback(f)
+    # F: the identity shortcut sums the block's output with its input h1; the projection is its own layer
+    assert [i.name for i in f.inputs("r1")] == ["r1_b_h", "h1"] and "r2_down_h" in f
+    assert [layer.neuron for layer in segment(f)] == ["h1", "r1_a_h", "r1_b_h", "r2_a_h", "r2_b_h", "r2_down_h",
+                                                      None]
+    # B: h1 feeds r1_a and (through r1) r2_a and r2_down, so B's current into h1 sums the three mirrors
+    parts = {i.name for i in bsd.inputs("h1_b_sum")}
+    assert parts == {"r1_a_b", "r1_b_sum_via_h1"}
+    assert {i.name for i in bsd.inputs("r1_b_sum_via_h1")} == {"r2_a_b_via_h1", "r2_down_b_via_h1"}
+    # ... and every weight still learns from exactly one loss: the mirrors behind the sum r1 are built once per
+    # operand (via h1, via r1_b_h), each trained by the loss of the layer it feeds
+    check_locality(bsd)
+    owner = {p: pair.loss for pair in pairing(bsd) for p in pair.b_params}
+    assert owner["r2_a_b_via_h1"] == owner["r2_down_b_via_h1"] == owner["r1_a_b"] == "reco1"
+    assert owner["r2_a_b_via_r1_b_h"] == owner["r2_down_b_via_r1_b_h"] == "reco3"
+    # a mirror restores its synapse's input shape, whatever copy it is
+    for syn, theta in mirrors(bsd):
+        assert theta.shape == bsd.inputs(syn.name)[0].shape and bsd.in_edges(theta.name)[0].detach
+
+
+def test_a_layer_driven_by_two_synapses_pairs_their_summed_current():
+    g = GraphBuilder("d", T=2)
+    x = g.input((5,))
+    h1 = g.lif(g.linear(x, 6))
+    h2 = g.lif(g.linear(h1, 4))
+    total = g.sum(g.linear(h2, 3), g.linear(h1, 3), name="v3")
+    g.output(g.linear(g.lif(total, name="h3"), 2))
+    bsd = derive_feedback(g.build())
+    pair = next(p for p in pairing(bsd) if p.layer == 3)
+    assert pair.f_side == "v3" and set(pair.f_params) == {"fc3", "fc4"}  # one loss trains both synapses
+    # B's spikes of layer 3 drive both mirrors; h1's B current sums the mirror of fc2 and of the skip fc4
+    assert bsd.inputs("fc3_b")[0].name == bsd.inputs("fc4_b")[0].name == "h3_b"
+    assert {i.name for i in bsd.inputs("h1_b_sum")} == {"fc2_b", "fc4_b"}
+    check_locality(bsd)
+
+
+@pytest.mark.parametrize("edit, match", [
+    ("bn_before_sum", r"node 'bn1' \(batchnorm\): must directly feed a neuron"),
+    ("current_fan_out", r"node 'fc2' \(linear\): its current feeds 2 consumers"),
+    ("mixed_sum", r"node 'mix' \(add\): adds spikes to a current"),
+    ("sum_shapes", r"node 'mix' \(add\): adds \[3\] \(port 1\) to \[4\] \(port 0\)"),
+])
+def test_branches_bsd_cannot_pair_are_diagnosed(edit, match):
+    g = GraphBuilder("m", T=2)
+    h = g.lif(g.linear(g.input((4,)), 4))
+    if edit == "bn_before_sum":
+        v = g.sum(g.batchnorm(g.linear(h, 4)), g.linear(h, 4))
+    elif edit == "current_fan_out":
+        c = g.linear(h, 4)
+        v = g.sum(c, g.linear(g.lif(c), 4))
+    elif edit == "mixed_sum":
+        v = g.add(Op.ADD, [h, g.linear(h, 4)], name="mix")
+    else:
+        v = g.add(Op.ADD, [g.linear(h, 4), g.linear(h, 3)], name="mix", shape=(4,))
+    g.output(g.linear(g.lif(v), 2))
+    with pytest.raises(GraphError, match=match):
+        derive_feedback(g.build(validate=edit != "sum_shapes"))
+
+
+def test_residual_block_picks_identity_or_projection_and_refuses_what_it_cannot_build():
+    g = GraphBuilder("b", T=2)
+    h = g.lif(g.conv2d(g.input((2, 8, 8)), 4, 3, padding=1))
+    same = g.residual_block(h, name="same", tau=3.0)
+    assert [i.name for i in g.build(validate=False).inputs(same)] == ["same_b_h", h]
+    assert g._nodes["same_a_h"].attrs["tau"] == 3.0  # neuron parameters reach both units
+    wide = g.residual_block(same, 6, name="wide")
+    down = g.residual_block(wide, stride=2, name="down")
+    assert g.shape(wide) == (6, 8, 8) and g.shape(down) == (6, 4, 4) and "wide_down" in g._nodes
+    assert g._nodes["down_down"].attrs["kernel"] == (1, 1) and g._nodes["down_a"].attrs["stride"] == (2, 2)
+    flat = GraphBuilder("f", T=2)
+    with pytest.raises(GraphError, match="a residual block of linear layers has no stride"):
+        flat.residual_block(flat.input((4,)), stride=2)
+    with pytest.raises(GraphError, match=r"reads \[C, H, W\] or \[D\] spikes"):
+        flat.residual_block(flat.input((2, 4), name="x2"))

@@ -566,14 +566,29 @@ def test_export_refuses_neurons_nir_cannot_express(model, pattern):
         export_nir(g, init_params(g, 0))
 
 
-def test_export_refuses_a_sum_outside_a_recurrent_layer():
+def test_a_sum_of_currents_travels_as_a_scale_of_ones_and_round_trips():
     g = GraphBuilder("m", T=2)
     x = g.input((4,))
-    total = g.add(Op.ADD, [g.linear(x, 5), g.linear(x, 5)], name="sum")
-    g.output(g.linear(g.lif(total), 3))
+    total = g.sum(g.linear(x, 5), g.linear(x, 5), name="sum")
+    g.output(g.linear(g.lif(total, v_th=0.1), 3))
     g = g.build()
-    with pytest.raises(GraphError, match=r"node 'sum' \(add\): sums two currents outside a recurrent layer"):
-        export_nir(g, init_params(g, 0))
+    params = init_params(g, 0)
+    ng = export_nir(g, params)
+    # NIR sums a node's incoming edges: the sum is a Scale of ones reading both synapses
+    assert type(ng.nodes["sum"]).__name__ == "Scale" and np.all(np.asarray(ng.nodes["sum"].scale) == 1.0)
+    assert sorted(a for a, b in ng.edges if b == "sum") == ["fc1", "fc2"]
+    imp = import_nir(ng)
+    assert imp.graph == g
+    x = torch.rand(3, 2, 4, generator=torch.Generator().manual_seed(0)) * 2
+    a, b = simulate(g, params, {}, x), simulate(imp.graph, imp.params, imp.state, x)
+    assert torch.equal(a.current, b.current) and a.spikes["h1"].any()
+
+
+def test_a_scale_summing_inputs_by_other_than_one_is_refused_by_name():
+    graph = _chain(_dense(3, 4), _lif(3), nir.Scale(full(3, 2.0)), _dense(),
+                   extra_edges=[("n0", "n2")])  # n2 sums the neurons and the synapse before them, then doubles
+    with pytest.raises(GraphError, match=r"node 'n2': \(NIR Scale\) sums several inputs and scales the sum"):
+        import_nir(graph, dt=1e-3)
 
 
 def _lif(n, **kw):
@@ -671,8 +686,8 @@ def _conv1d():
 REFUSED = {  # case -> (the graph, the diagnostic it must give)
     "two inputs summed": (
         lambda: _chain(nir.Affine(np.ones((3, 4)), np.zeros(3)), _lif(3), _dense(), extra_edges=[("in", "n1")]),
-        r"node 'n1': \(LIF\) has 2 incoming edges \('n0', 'in'\), which NIR sums; bsdgraph sums two currents only in "
-        r"a recurrent layer"),
+        r"node 'n1': \(LIF\) has 2 incoming edges \('n0', 'in'\), which NIR sums; bsdgraph reads a sum of several "
+        r"inputs as a Scale of ones"),
     "loop through two synapses": (
         lambda: _chain(_dense(3, 4), _lif(3), _dense(), _dense(), extra_edges=[("n3", "n1")]),
         r"is on a recurrent loop (n\d -> ){3}n\d that is not a recurrent layer -- fix: a loop bsdgraph imports is "

@@ -35,12 +35,25 @@ def decoder():
     return g.build()
 
 
+def resnet():
+    # a SEW block with a projection shortcut, then a layer whose current sums two synapses (a dense skip): the
+    # sums of uint8 spikes and of currents, B's fan-in and the mirrors built once per operand of a sum
+    g = GraphBuilder("r", T=2)
+    h = g.lif(g.batchnorm(g.conv2d(g.input((1, 6, 6)), 3, kernel=3, padding=1)), v_th=0.1)
+    h = g.flatten(g.residual_block(h, 4, stride=2, v_th=0.1))
+    h2 = g.lif(g.linear(h, 10), v_th=0.1)
+    h = g.lif(g.sum(g.linear(h2, 8), g.linear(h, 8)), v_th=0.1)
+    g.output(g.linear(h, 3))
+    return g.build()
+
+
 CASES = {
     "mlp": (mlp, BSDConfig()),
     "mlp-membrane-other-class": (mlp, BSDConfig(distill_on="membrane", negatives="other_class")),
     "mlp-poisson": (lambda: mlp("poisson"), BSDConfig()),
     "cnn-freq": (cnn, BSDConfig(freq=True)),
     "decoder": (decoder, BSDConfig()),
+    "resnet": (resnet, BSDConfig()),
 }
 
 

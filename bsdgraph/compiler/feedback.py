@@ -57,109 +57,163 @@ class BSDConfig:
 
 @dataclass(frozen=True)
 class Layer:
-    """Layer l of F: transforms of the incoming spikes, one synapse, optional batchnorm, a neuron (not at top)."""
+    """Layer l of F: the neurons it ends in (None at the top) and the current feeding them: the sum of one or more
+    synapses (a residual merge of currents), optionally batch-normalised, or a recurrent layer's sum."""
 
     index: int
-    pre: tuple[str, ...]
-    synapse: str
+    current: str              # the node holding V_l, the current into the layer's neurons (or the output)
+    synapses: tuple[str, ...]  # F's synapses whose currents add up to V_l (a recurrent layer's rec excluded)
     bn: str | None
     neuron: str | None
     add: str | None = None   # recurrent layer: V_l = synapse(s_{l-1}) + rec(s_l[t-1]), summed by this node
     rec: str | None = None   # the recurrent synapse (a Linear reading the layer's own spikes through a delay)
 
     @property
-    def current(self) -> str:
-        """The node holding V_l, the current into the layer's neurons."""
-        return self.add or self.bn or self.synapse
+    def synapse(self) -> str:
+        """The layer's synapse when it has one (a chain's layer); the first of them otherwise."""
+        return self.synapses[0]
 
 
 # ---------------------------------------------------------------------------------------------------- segmentation
 
+# Which side of a layer a node of F sits on: SPIKES (the stimulus, neurons' values and what transforms or sums of
+# them give: what synapses read) or CURRENT (a synapse's output, its batchnorm, a sum of currents: what neurons read).
+SPIKES, CURRENT = "spikes", "current"
+_SHAPE_HINT = ("a BSD layer is synapse(s) -> [add] -> [batchnorm] -> neuron; spikes may pass transforms (pool, "
+               "flatten) and sums (a residual merge) on the way to synapses; the top layer is synapse(s) -> output")
 
-def _chain(f: Graph) -> list[Node]:
-    inputs = f.by_op(Op.INPUT)
-    chain, diags = [inputs[0]], []
-    while chain[-1].op != Op.OUTPUT:
-        # a delayed edge (into a recurrent synapse) is not a step along the chain
-        nxt = [f[e.dst] for e in f.out_edges(chain[-1].name) if e.delay == 0]
-        if len(nxt) != 1:
-            diags.append(Diagnostic(chain[-1].name, chain[-1].op, f"feeds {len(nxt)} consumers",
-                                    "BSD derivation needs a chain of layers (no branches)"))
-            break
-        chain.append(nxt[0])
-    if len(inputs) != 1:
-        diags.append(Diagnostic(None, None, f"expected one input, got {len(inputs)}", "BSD maps one stimulus"))
-    if diags:
-        raise GraphError(diags)
-    return chain
+
+def _sides(f: Graph) -> tuple[dict[str, str], list[Diagnostic]]:
+    """Each F node's side, and what breaks the rule "spikes -> synapse -> current -> neuron -> spikes"."""
+    side: dict[str, str] = {}
+    diags = []
+
+    def bad(n: Node, problem: str, hint: str = _SHAPE_HINT) -> None:
+        diags.append(Diagnostic(n.name, n.op, problem, hint))
+
+    for n in f.topo_order():
+        ins = [(e, side.get(e.src, SPIKES if e.delay else None)) for e in f.in_edges(n.name)]
+        got = {s for _, s in ins}
+        if n.op == Op.INPUT:
+            side[n.name] = SPIKES
+        elif n.op in GroupOp.SYNAPSE:
+            if got == {CURRENT}:
+                bad(n, "follows a synapse without a neuron between them")
+            side[n.name] = CURRENT
+        elif n.op in GroupOp.TRANSFORM:
+            if got == {CURRENT}:
+                bad(n, "sits between a synapse and its neuron")
+            side[n.name] = SPIKES
+        elif n.op == Op.ADD:
+            if len(got) > 1:
+                bad(n, "adds spikes to a current", "sum spikes (a residual merge before a synapse) or currents (of "
+                    "synapses feeding one neuron), not both")
+            side[n.name] = got.pop() if len(got) == 1 else CURRENT
+        elif n.op == Op.BATCHNORM:
+            users = [c for c in f.consumers(n.name)]
+            if got != {CURRENT}:
+                bad(n, "must directly follow a synapse (or a sum of synapses)")
+            elif len(users) != 1 or users[0].op not in GroupOp.NEURON:
+                bad(n, "must directly feed a neuron", "B mirrors a batchnorm in front of the same layer's neurons")
+            side[n.name] = CURRENT
+        elif n.op in GroupOp.NEURON or n.op == Op.OUTPUT:
+            if got != {CURRENT}:
+                bad(n, "has no synapse in its layer" if n.op != Op.OUTPUT else "must read a synapse's current")
+            side[n.name] = SPIKES
+        if side.get(n.name) == CURRENT and n.op != Op.BATCHNORM:
+            users = [e for e in f.out_edges(n.name)]
+            if len(users) != 1:
+                bad(n, f"its current feeds {len(users)} consumers; a current drives exactly one layer",
+                    "branch on the spikes: read the neurons' output from several synapses")
+        for e in f.in_edges(n.name):
+            if e.delay and not (n.op == Op.LINEAR and f[e.src].op in GroupOp.NEURON):
+                bad(n, f"reads '{e.src}' through a delay-{e.delay} edge; only a recurrent layer's synapse may",
+                    "build recurrence with g.recurrent_lif / g.recurrent_neuron")
+    return side, diags
+
+
+def _is_rec(f: Graph, name: str) -> bool:
+    """Whether ``name`` is a recurrent synapse: one reading through a delayed edge."""
+    return any(e.delay for e in f.in_edges(name))
+
+
+def _current_parts(f: Graph, current: str) -> tuple[str | None, str | None, str | None, tuple[str, ...]]:
+    """(batchnorm, recurrent sum, recurrent synapse, feedforward synapses) making up a layer's current."""
+    bn = current if f[current].op == Op.BATCHNORM else None
+    top = f.inputs(bn)[0].name if bn else current
+    syns, stack, add, rec = [], [top], None, None
+    while stack:
+        n = f[stack.pop()]
+        if n.op in GroupOp.SYNAPSE:
+            if _is_rec(f, n.name):
+                rec = n.name
+            else:
+                syns.append(n.name)
+        elif n.op == Op.ADD:
+            stack += [i.name for i in reversed(f.inputs(n.name))]
+    if rec is not None:
+        add = next(c.name for c in f.consumers(rec) if c.op == Op.ADD)
+    return bn, add, rec, tuple(syns)
 
 
 def segment(f: Graph) -> list[Layer]:
-    """Cut the chain into layers 1..L at its neurons; raise ``GraphError`` on a shape BSD cannot pair."""
-    layers, diags = [], []
-    pre: list[str] = []
-    syn = bn = add = None
-    for n in _chain(f)[1:]:
-        problem = None
-        if n.op in GroupOp.TRANSFORM:
-            problem = "sits between a synapse and its neuron" if syn else None
-            pre.append(n.name)
-        elif n.op in GroupOp.SYNAPSE:
-            problem = "follows a synapse without a neuron between them" if syn else None
-            syn = n.name
-        elif n.op == Op.BATCHNORM:
-            problem = None if syn and not bn and not add else "must directly follow a synapse"
-            bn = n.name
-        elif n.op == Op.ADD:
-            problem = None if syn and not bn and not add else (
-                "must directly follow the feedforward synapse of a recurrent layer")
-            add = n.name
-        elif n.op in GroupOp.NEURON or n.op == Op.OUTPUT:
-            if syn is None:
-                problem = "has no synapse in its layer" if n.op != Op.OUTPUT else (
-                    "must read a synapse's current")
-            else:
-                neuron = n.name if n.op in GroupOp.NEURON else None
-                layers.append(Layer(len(layers) + 1, tuple(pre), syn, bn, neuron, add,
-                                    f.inputs(add)[1].name if add else None))
-            pre, syn, bn, add = [], None, None, None
-        if problem:
-            diags.append(Diagnostic(n.name, n.op, problem,
-                                    "a BSD layer is [pool/flatten] -> synapse -> [batchnorm] -> lif, or "
-                                    "linear -> add(., rec) -> lif for a recurrent one; the top layer is "
-                                    "synapse -> output"))
+    """Cut F into layers at its neurons, in topological order (layer L ends in the output); raise ``GraphError``
+    on a shape BSD cannot pair. A chain gives layers 1..L bottom-up; a residual network one layer per neuron.
+    Given a BSD graph, segments its F."""
+    if any(n.stream != Stream.F for n in f.nodes):
+        f = f.replace(nodes=[n for n in f.nodes if n.stream == Stream.F],
+                      edges=[e for e in f.edges if f[e.src].stream == Stream.F and f[e.dst].stream == Stream.F])
+    inputs = f.by_op(Op.INPUT)
+    if len(inputs) != 1:
+        raise GraphError([Diagnostic(None, None, f"expected one input, got {len(inputs)}", "BSD maps one stimulus")])
+    _, diags = _sides(f)
     if diags:
         raise GraphError(diags)
-    diags = [d for i, layer in enumerate(layers) if layer.add for d in _recurrent_problems(f, layers, i)]
+    layers = []
+    for n in f.topo_order():
+        if n.op in GroupOp.NEURON or n.op == Op.OUTPUT:
+            current = f.inputs(n.name)[0].name
+            bn, add, rec, syns = _current_parts(f, current)
+            neuron = n.name if n.op != Op.OUTPUT else None
+            layers.append(Layer(len(layers) + 1, current, syns, bn, neuron, add, rec))
+    diags = [d for layer in layers if layer.rec for d in _recurrent_problems(f, layer)]
     if diags:
         raise GraphError(diags)
     return layers
 
 
-def _recurrent_problems(f: Graph, layers: list[Layer], i: int) -> list[Diagnostic]:
-    """What derive_feedback and the runtimes need of a recurrent layer: a Linear feedforward synapse, a bias-free
-    Linear ``rec`` from the layer's own spikes through one delay-1 edge, and a Linear layer above it
-    with nothing in between (B mirrors that Linear straight into its own recurrent sum)."""
-    layer, out = layers[i], []
-    rec = f[layer.rec]
+def _recurrent_problems(f: Graph, layer: Layer) -> list[Diagnostic]:
+    """What derive_feedback and the runtimes need of a recurrent layer: ``add(linear, rec) -> neurons`` with a
+    bias-free Linear ``rec`` reading the layer's own value through one delay-1 edge, and one Linear above it reading
+    the neurons with nothing in between (B mirrors that Linear straight into its own recurrent sum)."""
+    rec, out = f[layer.rec], []
+    add = f[layer.add] if layer.add else None
     fix = "build it with g.recurrent_lif(g.linear(x, width)) and put a g.linear(...) layer above it"
     ins = f.in_edges(rec.name)
-    if layer.neuron is None:
+    above = [f[e.dst] for e in f.out_edges(layer.neuron) if e.delay == 0] if layer.neuron else []
+    if add is None or layer.current != add.name or [i.name for i in f.inputs(add.name)][1:] != [rec.name]:
+        where = layer.add or rec.name
+        out.append(Diagnostic(where, f[where].op, "a recurrent synapse must be the second operand of the sum that "
+                              "directly feeds its layer's neurons", fix))
+    elif layer.neuron is None:
         out.append(Diagnostic(layer.add, Op.ADD, "the top layer cannot be recurrent", fix))
-    elif f[layer.synapse].op != Op.LINEAR:
-        out.append(Diagnostic(layer.add, Op.ADD, f"sums a {f[layer.synapse].op.value} current; a recurrent layer's "
-                              "feedforward synapse must be a linear", fix))
-    elif rec.op != Op.LINEAR or len(ins) != 1 or ins[0].src != layer.neuron or ins[0].delay != 1:
-        got = (f"{rec.op.value} reading " + ", ".join(f"'{e.src}' (delay {e.delay})" for e in ins))
-        out.append(Diagnostic(rec.name, rec.op, f"is the second operand of '{layer.add}' but is a {got}; it must "
-                              f"be a linear reading '{layer.neuron}' through a delay-1 edge", fix))
+    elif len(layer.synapses) != 1 or f[layer.synapse].op != Op.LINEAR or f.inputs(add.name)[0].name != layer.synapse:
+        got = ", ".join(f"{f[s].op.value} '{s}'" for s in layer.synapses)
+        out.append(Diagnostic(layer.add, Op.ADD, f"sums {got} with the recurrent synapse; a recurrent layer's "
+                              "feedforward current must come from one linear", fix))
+    elif len(ins) != 1 or ins[0].src != layer.neuron or ins[0].delay != 1:
+        got = ", ".join(f"'{e.src}' (delay {e.delay})" for e in ins)
+        out.append(Diagnostic(rec.name, rec.op, f"is the second operand of '{layer.add}' but reads {got}; it must be "
+                              f"a linear reading '{layer.neuron}' through a delay-1 edge", fix))
+    elif rec.op != Op.LINEAR:
+        out.append(Diagnostic(rec.name, rec.op, f"a recurrent synapse must be a linear, got {rec.op.value}", fix))
     elif rec.attrs["bias"]:
         out.append(Diagnostic(rec.name, rec.op, "a recurrent synapse has no bias (the feedforward synapse's bias "
                               "already adds a constant current)", "create it with bias=False"))
-    elif i + 1 < len(layers) and (layers[i + 1].pre or f[layers[i + 1].synapse].op != Op.LINEAR):
-        above = layers[i + 1]
-        out.append(Diagnostic(above.synapse, f[above.synapse].op, f"reads the recurrent layer '{layer.neuron}' "
-                              "through a transform or a non-linear synapse", fix))
+    elif len(above) != 1 or above[0].op != Op.LINEAR:
+        what = ", ".join(f"{c.op.value} '{c.name}'" for c in above)
+        out.append(Diagnostic(above[0].name, above[0].op, f"reads the recurrent layer '{layer.neuron}'; a recurrent "
+                              f"layer must feed exactly one linear, got {what}", fix))
     return out
 
 
@@ -241,6 +295,7 @@ class _B:
     def __init__(self):
         self.nodes: list[Node] = []
         self.edges: list[Edge] = []
+        self.built: dict[tuple[_Value, str], str] = {}
 
     def add(self, name: str, op: Op, attrs: dict, shape, src: str | None, detach: bool = False) -> str:
         self.nodes.append(Node(name, op, FrozenAttrs(default_attrs(op, **attrs)), tuple(shape), Stream.B))
@@ -248,10 +303,32 @@ class _B:
             self.edges.append(Edge(src, name, 0, 0, detach))
         return name
 
-    def mirror_of(self, f: Graph, fnode: str, src: str, out_shape, detach: bool = False) -> str:
+    def build(self, f: Graph, v: _Value, suffix: str = "") -> str:
+        """B's nodes for value ``v`` (once per value and suffix: equal values are the same nodes); returns the node
+        holding it."""
+        key = (v, suffix)
+        if key not in self.built:
+            self.built[key] = self._build(f, v, suffix)
+        return self.built[key]
+
+    def _build(self, f: Graph, v: _Value, suffix: str) -> str:
+        if v.kind == "built":
+            return v.ref
+        if v.kind == "branch":
+            return self.build(f, v.parts[0], f"{suffix}_via_{v.ref}")
+        srcs = [self.build(f, p, suffix) for p in v.parts]
+        if v.kind == "sum":
+            name = self.add(f"{v.ref}_b_sum{suffix}", Op.ADD, {}, f[v.ref].shape, None)
+            self.edges += [Edge(s, name, port) for port, s in enumerate(srcs)]
+            return name
+        synapse = f[v.ref].op in GroupOp.SYNAPSE  # θ reads sg(B's spikes)
+        return self.mirror_of(f, v.ref, srcs[0], f.inputs(v.ref)[0].shape, synapse, f"{v.ref}_b{suffix}")
+
+    def mirror_of(self, f: Graph, fnode: str, src: str, out_shape, detach: bool = False,
+                  name: str | None = None) -> str:
         n = f[fnode]
         op, attrs = MIRROR_RULES[n.op](n, f.inputs(fnode)[0].shape)
-        return self.add(f"{fnode}_b", op, attrs, out_shape, src, detach)
+        return self.add(name or f"{fnode}_b", op, attrs, out_shape, src, detach)
 
     def recurrent(self, f: Graph, layer: Layer, src: str) -> str:
         """``add_b = src + rec_b(s'_l[t-1])``: the mirror of F's recurrent sum, reading B's neuron of the layer."""
@@ -264,31 +341,69 @@ class _B:
         return total
 
 
-def _backward_network(f: Graph, layers: list[Layer], recall: bool) -> tuple[_B, dict[int, str], dict[int, str]]:
-    """B's nodes top-down. Returns it, V̂_l per layer (0..L-1) and B's neuron per hidden layer.
+@dataclass(frozen=True)
+class _Value:
+    """A value of B not built yet: what arrives at an F node's place during the transpose walk. ``kind`` is
+    ``built`` (B node ``ref``), ``mirror`` (F node ``ref`` mirrored onto ``parts[0]``), ``sum`` (the sum of
+    ``parts`` at F node ``ref``'s place) or ``branch`` (``parts[0]`` on its way to F operand ``ref`` of a sum of
+    spikes: built once per operand)."""
 
-    Without recall, B stops at layer 1: θ_1 would have no loss to learn from, so it is not built.
+    kind: str
+    ref: str
+    parts: tuple[_Value, ...] = ()
+
+
+def _backward_network(f: Graph, layers: list[Layer]) -> tuple[_B, dict[int, str], dict[int, str]]:
+    """B as the transpose of F's wiring, built top-down. Returns it, V̂_l per layer (0..L-1: 0 is the stimulus's
+    place) and B's neurons per hidden layer.
+
+    Walking F in reverse topological order, every F node receives B's values from the places its consumers
+    mirror to, and passes their sum on: a synapse through its mirror (own weights, reading sg of B's value), a
+    transform through its mirror, a sum to each of its operands, a batchnorm unchanged (B normalises in front of
+    its own neurons instead). So a fan-out in F is a sum in B and a sum in F a fan-out in B: a skip connection in
+    F is one in B. A neuron takes the sum arriving at its place as its current (after its own batchnorm and
+    recurrent sum) and sends B's spikes on from its current's place. On a chain this is one mirrored synapse per
+    layer.
+
+    A sum of spikes in F (a residual merge) sends B's value to layers that each have their own loss, so whatever
+    built that value is built once per operand (``<node>_b_via_<operand>``): each of B's weights belongs to exactly
+    one loss (C2). Values are therefore built only where a layer (or the stimulus's place) takes them.
     """
     b, vhat, neuron = _B(), {}, {}
-    mirrored = layers if recall else layers[1:]
-    if not mirrored:
-        return b, vhat, neuron
+    arriving: dict[str, list[_Value]] = {}
     out = f.by_op(Op.OUTPUT)[0]
-    prev = b.add("target", Op.TARGET, dict(encoding=out.attrs["target"], n_classes=out.attrs["n_classes"],
-                                           population=out.attrs["population"]), out.shape, None)
-    for layer in reversed(mirrored):
-        syn_in = f.inputs(layer.synapse)[0]
-        prev = b.mirror_of(f, layer.synapse, prev, syn_in.shape, detach=True)  # θ_l reads sg(s'_l)
-        for t in reversed(layer.pre):
-            prev = b.mirror_of(f, t, prev, f.inputs(t)[0].shape)
-        below = layers[layer.index - 2] if layer.index >= 2 else None
-        if below and below.bn:
-            prev = b.mirror_of(f, below.bn, prev, f[below.bn].shape)
-        if below and below.add:  # B's layer gets its own recurrent synapse (own weights, C1) on its own spikes
-            prev = b.recurrent(f, below, prev)
-        vhat[layer.index - 1] = prev
-        if below:
-            prev = neuron[below.index] = b.mirror_of(f, below.neuron, prev, f[below.neuron].shape)
+    by_neuron = {layer.neuron: layer for layer in layers if layer.neuron}
+    target = b.add("target", Op.TARGET, dict(encoding=out.attrs["target"], n_classes=out.attrs["n_classes"],
+                                             population=out.attrs["population"]), out.shape, None)
+    arriving[out.name] = [_Value("built", target)]
+    side, _ = _sides(f)
+    for n in reversed(f.topo_order()):
+        parts = arriving.pop(n.name, [])
+        if not parts:  # a recurrent synapse: B gets its own (b.recurrent)
+            continue
+        total = parts[0] if len(parts) == 1 else _Value("sum", n.name, tuple(parts))
+        ins = [e.src for e in f.in_edges(n.name) if not _is_rec(f, e.src)]
+        sent = {}
+        if n.op in GroupOp.NEURON:
+            layer = by_neuron[n.name]
+            v = b.build(f, total)
+            if layer.bn:
+                v = b.mirror_of(f, layer.bn, v, f[layer.bn].shape)
+            if layer.add:  # B's layer gets its own recurrent synapse (own weights, C1) on its own spikes
+                v = b.recurrent(f, layer, v)
+            vhat[layer.index] = v
+            neuron[layer.index] = b.mirror_of(f, n.name, v, n.shape)
+            sent = {src: _Value("built", neuron[layer.index]) for src in ins}
+        elif n.op == Op.INPUT:
+            vhat[0] = b.build(f, total)
+        elif n.op in GroupOp.SYNAPSE | GroupOp.TRANSFORM:
+            sent = {ins[0]: _Value("mirror", n.name, (total,))}
+        elif n.op == Op.ADD and side[n.name] == SPIKES:
+            sent = {src: _Value("branch", src, (total,)) for src in ins}
+        else:  # output, a sum of currents, batchnorm: B's value passes unchanged to every operand
+            sent = {src: total for src in ins}
+        for src in ins:
+            arriving.setdefault(src, []).append(sent[src])
     return b, vhat, neuron
 
 
@@ -361,7 +476,7 @@ def derive_feedback(f: Graph, cfg: BSDConfig | None = None) -> Graph:
         raise GraphError([Diagnostic(out.name, out.op, "negatives='other_class' compares one class per sample, but "
                                      "this output has a class per step", "use negatives='all'")])
     layers = segment(f)
-    b, vhat, bneuron = _backward_network(f, layers, cfg.recall)
+    b, vhat, bneuron = _backward_network(f, layers)
     loss_nodes, loss_edges = _losses(f, layers, vhat, bneuron, cfg)
     f_edges = [dataclasses.replace(e, detach=f[e.dst].op in GroupOp.SYNAPSE) for e in f.edges]
     b_nodes, b_edges = _reaching_a_loss(b.nodes, b.edges, loss_edges)

@@ -44,9 +44,8 @@ LOWERING: dict[Op, Lowering] = {
     Op.FLATTEN: Lowering("view", grad="view"),
     Op.UNFLATTEN: Lowering("view", grad="view"),
     Op.BATCHNORM: Lowering("torch.batch_norm", grad="torch.batch_norm_backward", update="torch.batch_norm_backward"),
-    # a sum passes its gradient unchanged to both operands; it only ever runs inside RECURRENT_FUSION (validation
-    # admits a sum only as a recurrent layer's), so that is its kernel
-    Op.ADD: Lowering("linear_lif_rec_forward", grad="view"),
+    # a sum passes its gradient unchanged to every operand; a recurrent layer's sum runs inside RECURRENT_FUSION
+    Op.ADD: Lowering("torch.add", grad="view"),
     Op.LIF: Lowering("lif_forward", grad="lif_backward"),
     # a declared neuron's backward recomputes its states from the input current (compiler/neuron_gen.py)
     Op.NEURON: Lowering("neuron_forward", grad="neuron_backward"),
@@ -74,8 +73,9 @@ def _fusion_groups(g: Graph) -> dict[str, tuple[str, ...]]:
     """node -> the nodes of its launch (itself alone, a fused producer+consumer pair, or a recurrent layer)."""
     groups = {n.name: (n.name,) for n in g.nodes}
     for add in g.by_op(Op.ADD):
-        group = _recurrent_group(g, add)
-        groups.update({m: group for m in group})
+        if any(any(e.delay for e in g.in_edges(i.name)) for i in g.inputs(add.name)):  # a recurrent layer's sum
+            group = _recurrent_group(g, add)
+            groups.update({m: group for m in group})
     for n in g.nodes:
         if len(groups[n.name]) > 1:
             continue

@@ -265,16 +265,23 @@ def _no_nir_node(ex: _Export, n: Node):
                        "export F alone (without --with-backward); B is derived again from F on import")
 
 
+def _is_recurrent_sum(g: Graph, n: Node) -> bool:
+    consumers = _users(g, n)
+    parts = _recurrent_parts(g, g[consumers[0]]) if len(consumers) == 1 else None
+    return parts is not None and parts[0].name == n.name
+
+
 @export_rule(Op.ADD)
-def _recurrent_sum(ex: _Export, n: Node):
-    consumers = _users(ex.graph, n)
-    parts = _recurrent_parts(ex.graph, ex.graph[consumers[0]]) if len(consumers) == 1 else None
-    if parts is None or parts[0].name != n.name:
-        raise MappingError("sums two currents outside a recurrent layer; NIR sums a node's inputs, but export writes "
-                           "a sum only as a recurrent layer's (add(current, rec(value[t-1])) -> neurons, rec a "
-                           "bias-free linear reading those neurons through one delay-1 edge)",
-                           "build the layer with g.recurrent_lif / g.recurrent_neuron")
-    return []  # NIR sums the neuron's inputs: the add is the edges into the layer's subgraph
+def _sum(ex: _Export, n: Node):
+    if _is_recurrent_sum(ex.graph, n):
+        return []  # NIR sums the neuron's inputs: the add is the edges into the layer's subgraph
+    if any(e.delay for e in ex.graph.in_edges(n.name)):
+        raise MappingError("sums a delayed operand outside a recurrent layer; NIR export writes a delay only as a "
+                           "recurrent layer's loop", "build the layer with g.recurrent_lif / g.recurrent_neuron")
+    # NIR sums a node's incoming edges: a Scale of ones with one edge per operand is exactly the sum (an identity
+    # on it), which any NIR reader computes as written; import reads it back as this add
+    nir = nir_module()
+    return [(n.name, nir.Scale(scale=np.ones(n.shape, np.float32), **_meta(op="add")))]
 
 
 @export_rule(*GroupOp.LOSS)
@@ -317,7 +324,7 @@ def _b_nir(ex: _Export, b_side: str | None) -> dict[str, Any]:
     if b_side is None:
         return {"b_nir": None, "b_sum": None}
     n = ex.graph[b_side]
-    if n.op != Op.ADD:
+    if n.op != Op.ADD or not _is_recurrent_sum(ex.graph, n):
         return {"b_nir": ex.ends[b_side][1], "b_sum": None}
     layer = next(c.name for c in ex.graph.consumers(b_side) if c.op in GroupOp.NEURON)
     return {"b_nir": None, "b_sum": [ex.ends[b_side][1], f"{ex.ends[layer][1]}.w_rec"]}
@@ -340,7 +347,10 @@ def export_nir(graph: Graph, params: dict[str, torch.Tensor], state: dict[str, t
     dt = check_dt(graph.dt if dt is None else dt, "export")
     ex = _Export(graph, params, dict(state or {}), dt, readout)
     edges = _emit(ex, [n for n in graph.topo_order() if n.stream == Stream.F])
-    return nir.NIRGraph(nodes=ex.nodes, edges=edges, metadata=_graph_meta(graph, dt, "forward"))
+    # the order of the nodes as written: where branches leave several topological orders, import follows this one,
+    # so that the graph it rebuilds equals this one node for node (JSON: NIR metadata holds no lists of strings)
+    meta = {**_graph_meta(graph, dt, "forward"), "order": json.dumps(list(ex.nodes))}
+    return nir.NIRGraph(nodes=ex.nodes, edges=edges, metadata=meta)
 
 
 def export_backward(bsd: Graph, params: dict[str, torch.Tensor], state: dict[str, torch.Tensor] | None = None,

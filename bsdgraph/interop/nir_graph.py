@@ -115,9 +115,11 @@ def flattened_layers(g: Flat, loops: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def structure(g: Flat) -> tuple[list[Diagnostic], list[str], dict, dict, dict]:
+def structure(g: Flat, written: list[str] | None = None) -> tuple[list[Diagnostic], list[str], dict, dict, dict]:
     """Edges, inputs, outputs, fan-in and loops checked before any rule runs; returns (diagnostics, order, preds,
-    succs, loops). A recurrent layer's loop edge (rec -> neuron) is left out of preds and of the order."""
+    succs, loops). A recurrent layer's loop edge (rec -> neuron) is left out of preds and of the order. Where
+    branches allow several orders, the order follows ``written`` (the exporter's node order, from the file's
+    metadata; a subgraph's inner nodes by their subgraph's place), then the file's."""
     diags = [Diagnostic(None, None, f"edge {a!r} -> {b!r} names {[x for x in (a, b) if x not in g.nodes]}, "
                         "which is not a node of the graph", "add the missing node or remove the edge")
              for a, b in g.edges if a not in g.nodes or b not in g.nodes]
@@ -135,7 +137,7 @@ def structure(g: Flat) -> tuple[list[Diagnostic], list[str], dict, dict, dict]:
         preds[n].remove(r)
     for n, node in g.nodes.items():
         k = len(preds[n])
-        if kind(node) == "Input" or k == 1:
+        if kind(node) == "Input" or k == 1 or (k > 1 and kind(node) == "Scale"):  # a Scale of several: a sum
             continue
         if k == 0:
             diags.append(Diagnostic(n, None, f"({kind(node)}) has 0 incoming edges; bsdgraph nodes take exactly "
@@ -143,9 +145,10 @@ def structure(g: Flat) -> tuple[list[Diagnostic], list[str], dict, dict, dict]:
         else:
             inputs = ", ".join(map(repr, preds[n]))
             diags.append(Diagnostic(n, None, f"({kind(node)}) has {k} incoming edges ({inputs}), which NIR sums; "
-                                    "bsdgraph sums two currents only in a recurrent layer (a neuron's input plus an "
+                                    "bsdgraph reads a sum of several inputs as a Scale of ones (what its export "
+                                    "writes for an add), or as a recurrent layer (a neuron's input plus an "
                                     "Affine/Linear from the neuron back to itself)",
-                                    "merge the inputs into one synapse before the node"))
+                                    "put a Scale of ones where the inputs meet, or merge them into one synapse"))
     dag = nx.DiGraph([(a, b) for a, b in edges if loops.get(b) != a])
     dag.add_nodes_from(g.nodes)
     try:
@@ -155,5 +158,8 @@ def structure(g: Flat) -> tuple[list[Diagnostic], list[str], dict, dict, dict]:
                                 "a loop bsdgraph imports is neuron -> Affine/Linear -> the same neuron"))
         order = list(g.nodes)
     except nx.NetworkXNoCycle:
-        order = list(nx.topological_sort(dag))
+        rank = {n: i for i, n in enumerate(written or [])}
+        place = {n: i for i, n in enumerate(g.nodes)}
+        key = lambda n: (rank.get(n, rank.get(n.partition(".")[0], len(rank))), place[n])  # noqa: E731
+        order = list(nx.lexicographical_topological_sort(dag, key=key))
     return diags, order, preds, succs, loops

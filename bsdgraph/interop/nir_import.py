@@ -19,6 +19,7 @@ reads the top synapse's current, as BSD's top loss needs, and ``bsdgraph run`` a
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,7 +158,7 @@ class _Import:
         shift of the neuron they feed and, for a recurrent layer's neuron, the bias of its recurrent synapse. A
         node it cannot absorb is left alone: its own rule reports why."""
         post, (nxt_name, nxt) = None, self.only_succ(name)
-        while _kind(nxt) == "Scale":
+        while _kind(nxt) == "Scale" and len(self.preds[nxt_name]) == 1:  # a Scale of several inputs is a sum
             try:
                 s = _per_output(per_neuron(nxt, "scale", shape), per_channel)
             except MappingError:
@@ -323,6 +324,8 @@ def _conv2d(ctx: _Import, name: str, node) -> str:
 
 @import_rule("Scale")
 def _scale(ctx: _Import, name: str, node) -> str:
+    if len(ctx.preds[name]) > 1:  # NIR sums a node's inputs: a Scale of ones reading several is their sum
+        return _sum(ctx, name, node)
     # a Scale right after a synapse was folded into it (_Import.fold) and never gets here: this one multiplies the
     # columns of the synapse after it, W' = W diag(s), which needs that synapse to be its only consumer
     s = per_neuron(node, "scale", ctx.shape(name)) * ctx.pending.get(ctx.preds[name][0], 1.0)
@@ -336,6 +339,21 @@ def _scale(ctx: _Import, name: str, node) -> str:
                            "put the Scale right after or right before an Affine, Linear or Conv2d")
     ctx.pending[name] = s
     return ctx.src(name)
+
+
+def _sum(ctx: _Import, name: str, node) -> str:
+    """A Scale of ones with several incoming edges: the sum of its inputs (a residual merge; bsdgraph's export
+    writes an add so). Its operands must all have the sum's shape."""
+    shape = ctx.shape(name)
+    scale = np.asarray(node.scale, np.float64)
+    if scale.size not in (1, math.prod(shape)) or not np.all(scale == 1.0):
+        raise MappingError("sums several inputs and scales the sum by values other than 1; bsdgraph imports a sum "
+                           "of several inputs only as a Scale of ones", "scale the synapses before the sum instead")
+    waiting = [p for p in ctx.preds[name] if p in ctx.pending]
+    if waiting:
+        raise MappingError(f"sums {waiting[0]!r}, which carries a factor only a synapse can take", "")
+    ctx.add(Op.ADD, name, [ctx.out[p] for p in ctx.preds[name]])
+    return name
 
 
 def _pool_attrs(node) -> dict[str, Any]:
@@ -569,6 +587,15 @@ def _steps_of(meta: dict, where: str) -> int:
     return T
 
 
+def _written_order(meta: dict) -> list[str] | None:
+    """The node order bsdgraph's export records (a JSON list of names); None for anything else."""
+    try:
+        order = json.loads(meta.get("order", "null"))
+    except (TypeError, ValueError):
+        return None
+    return order if isinstance(order, list) and all(isinstance(n, str) for n in order) else None
+
+
 def import_nir(source, dt: float | None = None, T: int | None = None, name: str | None = None) -> Imported:
     """A NIR graph (a ``nir.NIRGraph`` or the path of a NIR file) as a validated bsdgraph forward network.
 
@@ -591,7 +618,7 @@ def import_nir(source, dt: float | None = None, T: int | None = None, name: str 
     flat, diags = flatten(g)
     if diags:
         raise GraphError(diags)
-    diags, order, preds, succs, loops = structure(flat)
+    diags, order, preds, succs, loops = structure(flat, _written_order(meta))
     if diags:
         raise GraphError(diags)
     flat.layers.update(flattened_layers(flat, loops))

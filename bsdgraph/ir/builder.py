@@ -144,6 +144,40 @@ class GraphBuilder:
         one declared with ``bsdgraph.declare_neuron``); ``params`` override the declaration's defaults."""
         return self.add(Op.NEURON, [x], name=name or self._fresh("h"), model=model, params=params, alpha=alpha)
 
+    def sum(self, *xs: str, name: str | None = None) -> str:
+        """The elementwise sum of same-shaped values: spikes (a residual merge, read by the synapses after it) or
+        the currents of several synapses driving one layer. B mirrors a sum with a fan-out and a fan-out with a
+        sum, so a skip connection in F is one in B."""
+        return self.add(Op.ADD, list(xs), name=name or self._fresh("sum"))
+
+    def residual_block(self, x: str, channels: int | None = None, stride: int = 1, kernel: int = 3,
+                       name: str | None = None, **lif: Any) -> str:
+        """A SEW-ResNet basic block (Fang et al. 2021, connect function ADD) on the spikes ``x``:
+        ``lif(bn(conv(lif(bn(conv(x)))))) + shortcut``, where the shortcut is ``x`` itself, or, when the block
+        changes the channels or strides, the projection ``lif(bn(conv1x1(x, stride)))``. The sum (0, 1 or 2 per
+        neuron and step) is what the next synapse reads. A flat ``x`` [D] gets the same block of linear layers
+        (``channels`` is then the width; ``stride`` must be 1). ``lif`` are the neurons' parameters (tau, v_th,
+        ...). Returns the sum's node."""
+        shape = self._nodes[x].shape
+        name = name or self._fresh("res")
+        flat = len(shape) == 1
+        if not flat and len(shape) != 3:
+            raise GraphError([Diagnostic(name, Op.ADD, f"a residual block reads [C, H, W] or [D] spikes, got "
+                                         f"{list(shape)}", "")])
+        if flat and _plain(stride) != 1:
+            raise GraphError([Diagnostic(name, Op.ADD, "a residual block of linear layers has no stride",
+                                         "leave stride=1, or use conv layers")])
+        width = shape[0] if channels is None else _plain(channels)
+
+        def unit(h: str, k: int, s: int, part: str) -> str:
+            syn = (self.linear(h, width, name=f"{name}_{part}") if flat else
+                   self.conv2d(h, width, kernel=k, stride=s, padding=k // 2, name=f"{name}_{part}"))
+            return self.lif(self.batchnorm(syn, name=f"{name}_{part}_bn"), name=f"{name}_{part}_h", **lif)
+
+        h = unit(unit(x, kernel, stride, "a"), kernel, 1, "b")
+        skip = x if (width == shape[0] and _plain(stride) == 1) else unit(x, 1, stride, "down")
+        return self.sum(h, skip, name=name)
+
     def recurrent_lif(self, current: str, tau: float = 2.0, v_th: float = 0.3, v_reset: float = 0.0,
                       reset: str = "hard", alpha: float = 2.0, name: str | None = None) -> str:
         """A recurrent layer's neurons: ``lif(current + rec(s[t-1]))``, where ``rec`` is a Linear (no bias) from the

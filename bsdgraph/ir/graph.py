@@ -28,7 +28,7 @@ class Op(enum.Enum):
     FLATTEN = "flatten"
     UNFLATTEN = "unflatten"    # B's mirror of flatten
     BATCHNORM = "batchnorm"
-    ADD = "add"                # sum of two currents: a recurrent layer's feedforward + recurrent synapse
+    ADD = "add"                # elementwise sum: a residual merge, a recurrent layer's sum, B's fan-in
     LIF = "lif"
     NEURON = "neuron"          # a declared neuron type (ir/neurons.py): if, li, cuba_lif, alif, a user's own...
     OUTPUT = "output"          # F's concept: the top synapse's current, read out as mean_t

@@ -25,11 +25,17 @@ class ShapeError(Exception):
 SHAPE_RULES: dict[Op, Callable[[Node, list[Shape]], Shape]] = {}
 
 # How many operands each op takes (validate checks it before any shape rule runs).
-ARITY: dict[Op, tuple[int, ...]] = {
+ARITY: dict[Op, tuple[int, ...] | range] = {
     Op.INPUT: (0,), Op.TARGET: (0,), Op.LINEAR: (1,), Op.CONV2D: (1,), Op.CONV_T2D: (1,), Op.AVGPOOL2D: (1,),
-    Op.MAXPOOL2D: (1,), Op.UPSAMPLE2D: (1,), Op.FLATTEN: (1,), Op.UNFLATTEN: (1,), Op.BATCHNORM: (1,), Op.ADD: (2,),
+    Op.MAXPOOL2D: (1,), Op.UPSAMPLE2D: (1,), Op.FLATTEN: (1,), Op.UNFLATTEN: (1,), Op.BATCHNORM: (1,),
+    Op.ADD: range(2, 1 << 16),  # a sum of any number of same-shaped operands (a residual merge, B's fan-in)
     Op.LIF: (1,), Op.NEURON: (1,), Op.OUTPUT: (1,), Op.RECO: (2,), Op.CE: (1,), Op.MSE: (1, 2),
 }
+
+
+def arity_text(counts: tuple[int, ...] | range) -> str:
+    """How many operands an op takes, in words: "1 or 2", "2 or more"."""
+    return f"{counts.start} or more" if isinstance(counts, range) else " or ".join(map(str, counts))
 
 
 rule = registrar(SHAPE_RULES)  # @rule(*ops): the shape rule of those ops
@@ -41,7 +47,7 @@ def infer_node_shape(node: Node, operands: list[Node]) -> Shape:
 
     try:
         if len(operands) not in ARITY[node.op]:
-            raise ShapeError(f"takes {' or '.join(map(str, ARITY[node.op]))} operand(s), got {len(operands)}")
+            raise ShapeError(f"takes {arity_text(ARITY[node.op])} operand(s), got {len(operands)}")
         return SHAPE_RULES[node.op](node, [o.shape for o in operands])
     except ShapeError as err:
         raise GraphError([Diagnostic(node.name, node.op, err.message, err.hint)]) from None
@@ -149,9 +155,11 @@ def _batchnorm(node: Node, shapes: list[Shape]) -> Shape:
 
 @rule(Op.ADD)
 def _add(node: Node, shapes: list[Shape]) -> Shape:
-    if shapes[0] != shapes[1]:
-        raise ShapeError(f"adds {list(shapes[0])} (port 0) to {list(shapes[1])} (port 1)",
-                         "both currents of a sum must have the same shape")
+    for port, s in enumerate(shapes[1:], 1):
+        if s != shapes[0]:
+            raise ShapeError(f"adds {list(s)} (port {port}) to {list(shapes[0])} (port 0)",
+                             "every operand of a sum must have the same shape (a residual block whose width or "
+                             "size changes needs a projection shortcut)")
     return shapes[0]
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 import networkx as nx
 
 from bsdgraph.ir.diagnostics import Diagnostic, GraphError
-from bsdgraph.ir.infer import ARITY, SHAPE_RULES, ShapeError
+from bsdgraph.ir.infer import ARITY, SHAPE_RULES, ShapeError, arity_text
 from bsdgraph.ir.neurons import NEURONS
 from bsdgraph.ir.graph import ATTRS, GroupOp, Graph, Node, Op, Stream
 from bsdgraph.registry import registrar
@@ -129,7 +129,7 @@ def _operands(g: Graph) -> list[Diagnostic]:
         edges = g.in_edges(n.name)
         ports = [e.port for e in edges]
         if len(edges) not in ARITY[n.op]:
-            want = " or ".join(map(str, ARITY[n.op]))
+            want = arity_text(ARITY[n.op])
             out.append(Diagnostic(n.name, n.op, f"takes {want} operand(s), got {len(edges)}",
                                   "connect exactly the operands this op needs"))
         elif sorted(ports) != list(range(len(ports))):

@@ -101,7 +101,10 @@ def _upsample(n: Node, args, ctx: Ctx):
 
 @impl(Op.ADD)
 def _add(n: Node, args, ctx: Ctx):
-    return args[0] + args[1]
+    total = args[0]
+    for a in args[1:]:  # in port order, as every runtime adds them
+        total = total + a
+    return total
 
 
 @impl(Op.FLATTEN, Op.UNFLATTEN)

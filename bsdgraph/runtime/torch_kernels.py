@@ -168,6 +168,18 @@ def synapse_launch(ctx: Ctx, src, *ps):
     return (synapse(ctx, node, ctx.launch.reads[0], src, *_wb(ctx.args((src, *ps)), node)),)
 
 
+@kernel("torch.add")
+def add(ctx: Ctx, *srcs):
+    """A sum of same-shaped values: a residual merge of spikes (uint8 in, float32 out: 0, 1, 2...) or of currents,
+    and B's fan-in. A time-invariant operand is broadcast over T; operands add in port order."""
+    (name,) = ctx.launch.nodes
+    shape = ctx.graph[name].shape
+    total = steps(ctx, ctx.launch.reads[0], srcs[0], shape)
+    for ref, v in zip(ctx.launch.reads[1:], srcs[1:]):
+        total = total + steps(ctx, ref, v, shape)
+    return (total.contiguous(),)
+
+
 def neuron_outputs(ctx: Ctx, lif: str, spikes, h=None, current_node: str | None = None, current=None,
                    grouping=None) -> tuple:
     """A neuron launch's outputs: its spikes and firing rate, h and the current V when a loss reads them (a

@@ -188,7 +188,7 @@ def baseline_widths(g: Graph, who: str) -> list[int]:
     if inp.attrs["encoding"] != "direct" or out.attrs["task"] != "classification":
         raise ValueError(f"the {who} covers direct-encoded classifiers only")
     layers = segment(g)
-    if any(g[layer.synapse].op != Op.LINEAR or layer.bn for layer in layers):
+    if any(len(layer.synapses) != 1 or g[layer.synapse].op != Op.LINEAR or layer.bn for layer in layers):
         raise ValueError(f"the {who} covers Linear + LIF stacks (MLPs) only")
     return [g[layers[0].synapse].attrs["in_features"]] + [g[layer.synapse].attrs["out_features"] for layer in layers]
 

@@ -4,7 +4,8 @@
 text. Both read the same per-op ``STYLE`` table and the same layout rule: F runs bottom-up (stimulus at the bottom,
 concept at the top), B top-down beside it, each B node on the row of the F node it mirrors, so that a layer's
 pairing reads horizontally; each loss sits between its two operands. Dashed edges are stop-gradients (BSD's
-detach), dotted red edges feed a loss, blue loops labelled t-1 are recurrent (delayed) edges.
+detach), dotted red edges feed a loss, blue loops labelled t-1 are recurrent (delayed) edges, purple arcs beside
+a column are branches that skip rows (residual shortcuts in F, their mirrors in B).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ STYLE: dict[Op, tuple[str, str]] = {
 COLUMN = {Stream.F: 0.0, Stream.LOSS: 1.0, Stream.B: 2.0}
 SIDE = 0.45             # x offset of a recurrent synapse beside its column
 RECURRENT = "#1f5fbf"   # recurrent (delayed) edges, drawn as a loop labelled t-d
+SKIP = "#7a3fb0"        # edges that skip rows (branches, residual shortcuts), drawn as arcs beside the column
 TITLES = {Stream.F: "F: stimulus -> concept", Stream.LOSS: "local losses",
           Stream.B: "B: concept -> stimulus (own weights)"}
 
@@ -119,6 +121,15 @@ def _edge(ax, g: Graph, e, boxes, pos) -> None:
     if x0 != x1:  # a recurrent synapse beside its column into the layer's sum: side to side
         ax.annotate("", xy=(1.0, 0.5), xycoords=boxes[e.dst], xytext=(0.0, 0.5), textcoords=boxes[e.src],
                     arrowprops=dict(arrowstyle="->", color="#333333", lw=0.9))
+        return
+    if abs(y1 - y0) > 1:  # a branch skipping rows (a residual shortcut, B's mirror of it): an arc beside the
+        # column, F's on its left, B's on its right, clear of the chain's edges; arc3 bends by the direction of
+        # travel, and by less for a longer skip so that it stays within the figure
+        side = 0.0 if src.stream == Stream.F else 1.0
+        rad = -min(0.4, 1.2 / abs(y1 - y0))
+        ax.annotate("", xy=(side, 0.5), xycoords=boxes[e.dst], xytext=(side, 0.5), textcoords=boxes[e.src],
+                    arrowprops=dict(arrowstyle="->", color=SKIP, lw=0.9, ls="--" if e.detach else "-",
+                                    connectionstyle=f"arc3,rad={rad}"))
         return
     up = pos[e.dst][1] > pos[e.src][1]
     ax.annotate("", xy=(0.5, 0.0 if up else 1.0), xycoords=boxes[e.dst], xytext=(0.5, 1.0 if up else 0.0),

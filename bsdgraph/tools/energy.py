@@ -53,12 +53,19 @@ def _fan_out(g: Graph, syn: str) -> float:
 
 def _input_rate(g: Graph, syn: str, rates: dict[str, float]) -> float | None:
     """Firing rate of the spikes a synapse reads (through pooling/flatten), None for an analog input (the
-    stimulus, or a non-spiking neuron such as a leaky integrator): those cost a MAC per weight."""
-    src = g.inputs(syn)[0]
+    stimulus, or a non-spiking neuron such as a leaky integrator): those cost a MAC per weight. A residual sum
+    of spike trains carries the spikes of all its operands, each one an accumulate: its rate is their sum."""
+    return _rate_of(g, g.inputs(syn)[0], rates)
+
+
+def _rate_of(g: Graph, src, rates: dict[str, float]) -> float | None:
     while src.op in GroupOp.TRANSFORM:
         src = g.inputs(src.name)[0]
     if src.op == Op.INPUT:
         return None if src.attrs["encoding"] in ANALOG else rates.get(src.name, 0.0)
+    if src.op == Op.ADD:
+        parts = [_rate_of(g, i, rates) for i in g.inputs(src.name)]
+        return None if None in parts else sum(parts)
     return rates[src.name] if is_spiking(src) else None
 
 
@@ -75,7 +82,7 @@ def estimate(g: Graph, rates: dict[str, float], e_ac: float = E_AC_PJ, e_mac: fl
     ann_steps = g.T if x.attrs["encoding"] == "sequence" else 1
     out = []
     for layer in segment(g):
-        for syn, steps in ((layer.synapse, g.T), (layer.rec, g.T - 1)):
+        for syn, steps in (*((s, g.T) for s in layer.synapses), (layer.rec, g.T - 1)):
             if syn is None:
                 continue
             # a recurrent synapse reads the layer's own spikes of steps 0..T-2 (s[-1] = 0 costs nothing)
