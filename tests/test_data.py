@@ -586,3 +586,21 @@ def test_labels_must_match_the_models_output_per_sample_or_per_step():
                     n_classes=5)
     with pytest.raises(DataError, match=r"label 4 at y_test\[0, 0\] but the model has 4 classes"):
         check_against_model(steps, (4,), 4, "classification", 5)
+
+
+def test_class_names_come_from_the_npz_or_a_fashion_mnist_folder_and_reach_the_raster_title(tmp_path):
+    from bsdgraph.train.data import FASHION_NAMES, load_idx_dataset
+
+    ds = load_npz(save_npz(tmp_path / "named.npz", class_names=np.array(["cat", "dog", "eel"])))
+    assert ds.class_names == ("cat", "dog", "eel")
+    assert load_npz(save_npz(tmp_path / "plain.npz")).class_names is None
+    for bad in (np.array(["cat", "dog"]), np.array([1, 2, 3]), np.array([["a", "b", "c"]])):
+        with pytest.raises(DataError, match="class_names must be a 1-D array of strings with one name per class"):
+            load_npz(save_npz(tmp_path / "bad.npz", class_names=bad))
+    # IDX files are also MNIST's digits: names only where the folder says Fashion-MNIST
+    assert load_idx_dataset(write_fashion(tmp_path / "fashion-mnist")).class_names == FASHION_NAMES
+    assert load_idx_dataset(write_fashion(tmp_path / "digits")).class_names is None
+    from bsdgraph.tools.plot import raster_label
+
+    assert raster_label(torch.tensor(9), FASHION_NAMES) == " (label 9: Ankle boot)"
+    assert raster_label(torch.tensor(2), None) == " (label 2)" and raster_label(torch.zeros(4), None) == ""

@@ -214,7 +214,7 @@ def _plot_samples(args, run: Path, ck: Path, records: list[dict]) -> list[Path]:
         written.append(plot.plot_reconstructions(x, plot.reconstruct(graph, doc["params"], doc["state"], x), run))
     if records[-1].get("rule") == "bsd":
         written.append(plot.plot_raster(graph, doc["params"], doc["state"], data.x_test[i:i + 1],
-                                        data.y_test[i:i + 1], run))
+                                        data.y_test[i:i + 1], run, data.class_names))
     return written
 
 
@@ -253,12 +253,9 @@ def _model_of_checkpoint(doc: dict, graph):
     return Model(Path(doc["model"]), graph, BSDConfig(), target=target)
 
 
-FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                 "Ankle boot"]
-
-
 def cmd_recall(args) -> int:
     from bsdgraph.tools import plot
+    from bsdgraph.train.data import FASHION_NAMES
     from bsdgraph.ir.printer import from_json
     from bsdgraph.train.trainer import load_for_eval
 

@@ -84,9 +84,19 @@ def plot_rates(records: list[dict], out: Path) -> Path:
     return _save(fig, out / "rates.png")
 
 
+def raster_label(y: torch.Tensor, names: tuple[str, ...] | None) -> str:
+    """" (label 9: Ankle boot)" for a class label (its name when the data names its classes), "" for an image
+    target (an autoencoder's)."""
+    if y.numel() != 1:
+        return ""
+    c = int(y)
+    return f" (label {c}: {names[c]})" if names and 0 <= c < len(names) else f" (label {c})"
+
+
 @torch.no_grad()
-def plot_raster(graph, params, state, x: torch.Tensor, y: torch.Tensor, out: Path) -> Path:
-    """Spikes of every LIF layer of F and B for one sample (neurons x time steps)."""
+def plot_raster(graph, params, state, x: torch.Tensor, y: torch.Tensor, out: Path,
+                names: tuple[str, ...] | None = None) -> Path:
+    """Spikes of every LIF layer of F and B for one sample (neurons x time steps); ``names`` are the classes'."""
     from bsdgraph.runtime.reference import Ctx, run_graph
 
     env = run_graph(graph, Ctx(params, state, graph.T, x, y, False, 0))
@@ -99,8 +109,7 @@ def plot_raster(graph, params, state, x: torch.Tensor, y: torch.Tensor, out: Pat
         ax.set_title(f"{n.name} ({side})\n{100 * float(s.mean()):.1f} %", fontsize=9)
         ax.set_xlabel("t")
     axes[0][0].set_ylabel("neuron")
-    label = f" (label {int(y[0])})" if y[0].numel() == 1 else ""  # an autoencoder's target is an image
-    fig.suptitle(f"spike raster of test sample{label} through F and B")
+    fig.suptitle(f"spike raster of test sample{raster_label(y[0], names)} through F and B")
     return _save(fig, out / "raster.png")
 
 

@@ -44,6 +44,8 @@ FASHION_MNIST_FILES = {
 _SUBDIRS = ("", "raw", "fashion-mnist", "data/fashion", "FashionMNIST/raw")
 
 _FASHION_CLASSES = 10
+FASHION_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot")
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 _FIX_MISSING = (
     "Fix: `apt-get install dataset-fashion-mnist` (installs it in {default}), or pass `--data-dir DIR` with "
@@ -66,6 +68,7 @@ class Dataset:
     name: str
     source: str
     n_classes: int | None  # None for regression
+    class_names: tuple[str, ...] | None = None  # what the classes are called (rasters, recall grids), if known
 
     @property
     def n_train(self) -> int:
@@ -225,6 +228,9 @@ def load_idx_dataset(data_dir: str | Path | None = None, name: str = "fashion-mn
         name=name,
         source=str(folder),
         n_classes=_FASHION_CLASSES,
+        # the IDX format is also MNIST's (digits): the names only where the folder says Fashion-MNIST (Debian's,
+        # torchvision's FashionMNIST/raw, the zalando repository's data/fashion)
+        class_names=FASHION_NAMES if "fashion" in str(folder).lower() else None,
     )
 
 
@@ -283,7 +289,19 @@ def load_npz(path: str | Path) -> Dataset:
     _check_npz_shapes(xs, ys, path)
     is_classification = ys["y_train"].dtype == torch.int64
     n_classes = int(max(ys["y_train"].max(), ys["y_test"].max())) + 1 if is_classification else None
-    return Dataset(**xs, **ys, name=path.stem, source=str(path), n_classes=n_classes)
+    names = _class_names(raw.get("class_names"), n_classes, path)
+    return Dataset(**xs, **ys, name=path.stem, source=str(path), n_classes=n_classes, class_names=names)
+
+
+def _class_names(a: np.ndarray | None, n_classes: int | None, path: Path) -> tuple[str, ...] | None:
+    """The optional ``class_names`` array of an .npz: one string per class, in label order."""
+    if a is None:
+        return None
+    if a.dtype.kind != "U" or a.ndim != 1 or n_classes is None or len(a) < n_classes:
+        raise DataError(f"{path}: class_names must be a 1-D array of strings with one name per class (labels "
+                        f"0..{(n_classes or 1) - 1}), got {a.dtype} {_shape(a.shape)}. "
+                        "Fix: np.savez(..., class_names=np.array(['cat', 'dog', ...])).")
+    return tuple(str(v) for v in a)
 
 
 def _read_npz_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -303,7 +321,8 @@ def _read_npz_arrays(path: Path) -> dict[str, np.ndarray]:
                     f"{path}: missing array(s) {', '.join(missing)}; the archive holds {present or 'no arrays'}. "
                     f"{_NPZ_FIX}"
                 )
-            return {key: _read_member(archive, key, path) for key in _NPZ_KEYS}
+            keys = _NPZ_KEYS + (("class_names",) if "class_names" in present else ())
+            return {key: _read_member(archive, key, path) for key in keys}
     except _NPZ_READ_ERRORS as err:
         reason = f"{type(err).__name__}: {err}"
         raise DataError(f"{path}: corrupt or unreadable .npz archive ({reason}). {_NPZ_FIX}") from err
