@@ -25,8 +25,8 @@ from bsdgraph import GraphBuilder
 TARGET = "input"
 TRAIN = dict(epochs=3, batch_size=128, lr=1e-3, weight_decay=1e-4, clip=1.0, init="calibrated", init_band=(0.13, 0.16),
              schedule="cosine")
-BSD = dict(lam=0.6, negatives="all", distill_on="current", recall=True, freq=True, freq_r=0.25, lam_low=0.3,
-           lam_high=0.9)
+BSD = dict(lam=0.6, negatives="all", distill_on="current", recall=True, recall_loss="reco", freq=True, freq_r=0.25,
+           lam_low=0.3, lam_high=0.9)
 
 
 def build():

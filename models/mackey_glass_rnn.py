@@ -12,7 +12,7 @@ from bsdgraph.train.series import mackey_glass_dataset
 
 T = 8
 TRAIN = dict(epochs=20, batch_size=64, lr=1e-3, weight_decay=1e-4, clip=1.0)
-BSD = dict(lam=0.6, negatives="all", distill_on="current", recall=True)
+BSD = dict(lam=0.6, negatives="all", distill_on="current", recall=True, recall_loss="reco")
 
 
 def build():

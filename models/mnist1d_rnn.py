@@ -8,7 +8,7 @@ from bsdgraph.train.series import mnist1d_dataset
 
 T = 40
 TRAIN = dict(epochs=30, batch_size=64, lr=2e-3, weight_decay=1e-4, clip=1.0, init="calibrated")
-BSD = dict(lam=0.6, negatives="all", distill_on="current", recall=True)
+BSD = dict(lam=0.6, negatives="all", distill_on="current", recall=True, recall_loss="reco")
 
 
 def build():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bsdgraph import GraphBuilder, Op, derive_feedback
+from bsdgraph import BSDConfig, GraphBuilder, Op, derive_feedback
 from bsdgraph.compiler.cost import launch_flops, plan_flops
 from bsdgraph.cli.main import main
 from bsdgraph.compiler.lower import lower
@@ -25,7 +25,7 @@ def mlp(hidden: int, width: int = 64):
 
 
 def test_flops_of_the_fmnist_mlp_match_the_hand_count():
-    bsd = derive_feedback(load_model("models/fmnist_mlp.py").graph)
+    bsd = derive_feedback(load_model("models/fmnist_mlp.py").graph, BSDConfig(recall_loss="reco"))  # the spec's L_0
     per_step = {la.index: launch_flops(lower(bsd), bsd, la, 128) for la in lower(bsd).launches}
     assert all(f >= 0 for f in per_step.values())
     # naive: F and B forward over T*B rows, their weight gradients, ReCo B x B: 7.0 GFLOP (spec: "about 7")

@@ -67,34 +67,48 @@ def well_conditioned(bsd, env, require_activity: bool = False) -> bool:
     return True
 
 
-def assert_close_grads(ref: dict, got: dict):
+def removed_by_batchnorm(bsd) -> set[str]:
+    """Biases of synapses right before a batchnorm (or summed with other currents into one): batchnorm subtracts
+    them again, so their true gradient is exactly 0 and what a runtime computes is rounding noise."""
+    out, stack = set(), [i for n in bsd.by_op(Op.BATCHNORM) for i in bsd.inputs(n.name)]
+    while stack:
+        p = stack.pop()
+        if p.op == Op.ADD:
+            stack += bsd.inputs(p.name)
+        out.add(f"{p.name}.bias")
+    return out
+
+
+def assert_close_grads(ref: dict, got: dict, bsd=None):
+    """``bsd`` given: a bias batchnorm removes is checked to be noise on both sides (|g| <= 1e-3 of its node's
+    scale), not compared: two noises agree only by chance (measured up to 1.6e-4 of the scale between backends)."""
     assert set(ref) == set(got), set(ref) ^ set(got)
     scale: dict[str, float] = {}
     for k, v in ref.items():
         node = k.rsplit(".", 1)[0]
         scale[node] = max(scale.get(node, 0.0), float(v.abs().max()))
+    zero = removed_by_batchnorm(bsd) if bsd is not None else set()
     for k in ref:
+        node_scale = scale[k.rsplit(".", 1)[0]]
+        if k in zero:
+            noise = max(float(ref[k].abs().max()), float(got[k].abs().max()))
+            assert noise <= 1e-3 * node_scale + ATOL, f"{k}: {noise:.3g} where batchnorm makes the gradient 0"
+            continue
         err = float((ref[k] - got[k]).abs().max())
-        bound = RTOL * scale[k.rsplit(".", 1)[0]] + ATOL
+        bound = RTOL * node_scale + ATOL
         assert err <= bound, f"{k}: max error {err:.3g} > {bound:.3g}"
 
 
 def assert_close_params(bsd, ref: dict, got: dict) -> None:
-    # a synapse bias right before batchnorm (or summed with other currents into it) is removed by it: its true
-    # gradient is 0 and AdamW walks it by noise
-    redundant, stack = set(), [i for n in bsd.by_op(Op.BATCHNORM) for i in bsd.inputs(n.name)]
-    while stack:
-        p = stack.pop()
-        if p.op == Op.ADD:
-            stack += bsd.inputs(p.name)
-        redundant.add(f"{p.name}.bias")
+    # a synapse bias right before batchnorm is removed by it: its true gradient is 0 and AdamW walks it by noise
+    redundant = removed_by_batchnorm(bsd)
     for k, p in ref.items():
         if k not in redundant:
             assert torch.allclose(p.detach(), got[k], rtol=1e-4, atol=1e-5), k
 
 
 @given(any_graph, st.sampled_from([BSDConfig(), BSDConfig(distill_on="membrane"),
-                                   BSDConfig(negatives="other_class", lam=0.3), BSDConfig(recall_loss="mse")]))
+                                   BSDConfig(negatives="other_class", lam=0.3), BSDConfig(recall_loss="reco")]))
 @settings(max_examples=15)
 def test_cpu_gradients_equal_the_reference(f, cfg):
     bsd = derive_feedback(f, cfg)
@@ -102,7 +116,7 @@ def test_cpu_gradients_equal_the_reference(f, cfg):
     ref_grads, ref_losses, env = ReferenceRuntime(bsd, seed=4).gradients(x, y)
     assume(well_conditioned(bsd, env))
     got_grads, got_losses = cpu_runtime(bsd, seed=4).gradients(x, y)
-    assert_close_grads(ref_grads, got_grads)
+    assert_close_grads(ref_grads, got_grads, bsd)
     for k, v in ref_losses.items():
         assert abs(float(v.detach()) - got_losses[k]) <= 1e-5 * max(1.0, abs(float(v.detach()))), k
 
@@ -114,7 +128,7 @@ def test_cpu_gradients_equal_the_reference_on_conv_nets_with_and_without_the_fre
     x, y = batch(bsd, scale=2.0)
     ref_grads, _, env = ReferenceRuntime(bsd, seed=5).gradients(x, y)
     assume(well_conditioned(bsd, env))
-    assert_close_grads(ref_grads, cpu_runtime(bsd, seed=5).gradients(x, y)[0])
+    assert_close_grads(ref_grads, cpu_runtime(bsd, seed=5).gradients(x, y)[0], bsd)
 
 
 def test_conv_net_weights_state_and_predictions_after_steps_equal_the_reference():
@@ -173,13 +187,14 @@ def test_backend_without_a_kernel_is_refused():
 
     g = GraphBuilder("m", T=2)
     g.output(g.linear(g.input((3,)), 2))
-    with pytest.raises(ValueError, match=r"has no implementation of kernel\(s\) \['reco_loss_grad'"):
+    with pytest.raises(ValueError, match=r"has no implementation of kernel\(s\) \['torch.adamw_step', "
+                                         r"'torch.cross_entropy_grad', 'torch.mse_grad', 'weight_grad'\]"):
         Executor(derive_feedback(g.build()), Backend("partial", {"group_classes": None, "torch.one_hot": None,
                                                                "torch.linear": None}, {}))
 
 
 @given(any_graph, st.sampled_from([BSDConfig(), BSDConfig(distill_on="membrane", negatives="other_class"),
-                                   BSDConfig(recall_loss="mse")]))
+                                   BSDConfig(recall_loss="reco")]))
 @settings(max_examples=10)
 def test_class_deduplicated_backward_network_gives_the_same_gradients(f, cfg):
     """The dedup lowering runs B on one row per class present; losses expand it and sum B's gradients per class.
@@ -195,7 +210,7 @@ def test_class_deduplicated_backward_network_gives_the_same_gradients(f, cfg):
     g_plain, l_plain = _gradients_with_plan(bsd, False, x, y)
     g_dedup, l_dedup = _gradients_with_plan(bsd, True, x, y)
     assert l_plain == pytest.approx(l_dedup, rel=1e-5)
-    assert_close_grads(g_plain, g_dedup)
+    assert_close_grads(g_plain, g_dedup, bsd)
 
 
 def test_deduplicated_backward_network_with_batchnorm_equals_the_plain_plan():

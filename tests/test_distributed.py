@@ -335,7 +335,7 @@ def test_layer_parallel_on_two_processes_equals_the_emulation(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(records) == 1 and 0 <= records[0]["test_accuracy"] <= 1, proc.stdout  # printed once: rank 0
-    assert set(records[0]["losses"]) == {"reco0", "reco1", "reco2", "reco3", "ce4"}
+    assert set(records[0]["losses"]) == {"mse0", "reco1", "reco2", "reco3", "ce4"}
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["parallel"] == {"mode": "layer", "processes": 2} and ck["steps"] == 6
     graph = bsd_graph(model_path)

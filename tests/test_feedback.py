@@ -83,7 +83,7 @@ def test_pairing_of_the_mlp_follows_the_spec():
     bsd = derive_feedback(g.build())
     got = [(p.layer, p.loss, p.f_side, p.b_side, p.f_params, p.b_params) for p in pairing(bsd)]
     assert got == [
-        (0, "reco0", "x", "fc1_b", (), ("fc1_b",)),          # L_0 = ReCo(encode(x), V̂_0) updates θ_1
+        (0, "mse0", "x", "fc1_b", (), ("fc1_b",)),           # L_0 = MSE(encode(x), V̂_0) updates θ_1
         (1, "reco1", "fc1", "fc2_b", ("fc1",), ("fc2_b",)),  # L_l updates syn_l and θ_{l+1}
         (2, "reco2", "fc2", "fc3_b", ("fc2",), ("fc3_b",)),
         (3, "ce3", "out", None, ("fc3",), ()),               # top: CE on mean_t V_L
@@ -114,7 +114,7 @@ def test_frequency_split_only_on_spatial_layers():
     g = GraphBuilder("c", T=2)
     h = g.lif(g.conv2d(g.input((1, 6, 6)), 2, kernel=3, padding=1))
     g.output(g.linear(g.lif(g.linear(g.flatten(h), 4)), 2))
-    bsd = derive_feedback(g.build(), BSDConfig(freq=True))
+    bsd = derive_feedback(g.build(), BSDConfig(freq=True, recall_loss="reco"))
     assert bsd["reco0"].attrs["freq"] and bsd["reco1"].attrs["freq"] and not bsd["reco2"].attrs["freq"]
 
 

@@ -173,7 +173,7 @@ def test_backward_network_export_carries_the_pairing():
     assert bg.metadata["network"] == "backward" and type(bg.nodes["h1_b"]).__name__ == "LIF"
     table = {row["loss"]: row for row in json.loads(bg.metadata["pairing"])}
     assert table["reco1"]["f_side"] == "fc1" and table["reco1"]["b_side"] == "fc2_b"
-    assert table["reco0"]["b_nir"] == "fc1_b"  # B's bottom unflatten is dropped, its input holds V̂_0
+    assert table["mse0"]["b_nir"] == "fc1_b"  # B's bottom unflatten is dropped, its input holds V̂_0
     assert list(bg.nodes["output"].output_type["output"]) == [784]
     cnn = derive_feedback(load_model(ROOT / "models" / "fmnist_cnn.py").graph)
     with pytest.raises(GraphError, match=r"node 'conv1_b' \(conv_t2d\): NIR 1.0 has no transposed convolution"):

@@ -147,7 +147,7 @@ def test_one_step_updates_every_weight_of_f_and_b():
     rt = ReferenceRuntime(derive_feedback(g.build()), seed=3)
     before = {k: v.detach().clone() for k, v in rt.params.items()}
     result = rt.step(torch.rand(6, 1, 3, 3) * 2, torch.arange(6) % 3)
-    assert set(result.losses) == {"reco0", "reco1", "ce2"} and set(result.rates) == {"h1", "h1_b"}
+    assert set(result.losses) == {"mse0", "reco1", "ce2"} and set(result.rates) == {"h1", "h1_b"}
     changed = [k for k in rt.params if not torch.equal(before[k], rt.params[k])]
     assert sorted(changed) == sorted(rt.params), f"unchanged: {set(rt.params) - set(changed)}"
 

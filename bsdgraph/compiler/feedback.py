@@ -36,8 +36,10 @@ class BSDConfig:
     negatives: str = "all"           # all | other_class
     distill_on: str = "current"      # current (V = syn(s)) | membrane (pre-reset h, through the surrogate)
     eps: float = 1e-8
-    recall: bool = True              # bottom loss ReCo(encode(x), V̂_0): makes B a generator
-    recall_loss: str = "reco"        # reco | mse (generation)
+    recall: bool = True              # bottom loss L_0(encode(x), V̂_0): makes B a generator
+    # mse (default) | reco: L_0 trains θ_1 alone, so F learns the same either way; with MSE B's recall draws the
+    # stimulus itself (class prototypes), with ReCo only up to scale and offset, which renders as noise
+    recall_loss: str = "mse"
     freq: bool = False               # frequency-aware ReCo on layers with a spatial layout
     freq_r: float = 0.25
     lam_low: float = 0.3

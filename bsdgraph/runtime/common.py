@@ -31,7 +31,7 @@ class ExecutionError(UserError, RuntimeError):
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = 1e-3            # AdamW; 3e-4 and 1e-4 fail to start within one epoch (spec, measured)
-    weight_decay: float = 0.01  # torch's AdamW default
+    weight_decay: float = 1e-4  # TrainConfig's default, what the shipped models use (torch's AdamW default: 0.01)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8           # torch's AdamW default
     clip: float = 1.0           # max gradient norm per parametric node ("per layer"); 0 disables
