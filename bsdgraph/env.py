@@ -40,6 +40,15 @@ def _whole(raw: str) -> int:
         raise ValueError("expected a whole number") from None
 
 
+def _threads(raw: str) -> int | None:
+    """``auto`` (None: tune) or a whole number >= 1."""
+    if raw == "auto":
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError("expected 'auto' or a whole number >= 1")
+    return int(raw)
+
+
 def _seconds(raw: str) -> float:
     try:
         value = float(raw)
@@ -99,7 +108,14 @@ MEMORY_CHECK = Knob("BSDGRAPH_MEMORY_CHECK", "1",
                     "0: do not refuse a model whose estimated memory exceeds what is free (the estimate leaves "
                     "out torch's own footprint, so it errs towards letting a model run)", _not_zero)
 
+THREADS = Knob("BSDGRAPH_THREADS", None,
+               "CPU threads of a training run: a whole number >= 1; unset: all cores but one (one other job cannot "
+               "make training collapse); 'auto': time all threads against one every 250 steps and keep the faster "
+               "(results then depend on the machine's load)", _threads)
+
 # -- other programs' conventions that bsdgraph follows
+OMP_NUM_THREADS = Knob("OMP_NUM_THREADS", None, "torch's CPU threads (read by torch itself); set and "
+                       "BSDGRAPH_THREADS unset, a training run keeps torch's count")
 TRITON_INTERPRET = Knob("TRITON_INTERPRET", "0",
                         "1: Triton kernels run in its CPU interpreter, so the triton backend is available without "
                         "a GPU (slow; tests/conftest.py sets it)", _one)
@@ -119,8 +135,8 @@ MASTER_ADDR = Knob("MASTER_ADDR", None, "the rendezvous host (named in an error 
 MASTER_PORT = Knob("MASTER_PORT", None, "the rendezvous port (named in an error when the rendezvous fails)")
 
 KNOBS: dict[str, Knob] = {k.name: k for k in (
-    VALIDATE, DIST_TIMEOUT, NATIVE, KEEP_HEAP, MEMORY_CHECK, TRITON_INTERPRET, XDG_STATE_HOME, XDG_CACHE_HOME, HOME,
-    CC, RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT,
+    VALIDATE, DIST_TIMEOUT, NATIVE, KEEP_HEAP, MEMORY_CHECK, THREADS, TRITON_INTERPRET, OMP_NUM_THREADS,
+    XDG_STATE_HOME, XDG_CACHE_HOME, HOME, CC, RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT,
 )}
 
 

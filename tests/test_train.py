@@ -164,6 +164,22 @@ def test_health_warnings():
     assert len(w) == 2 and "h1 is silent" in w[0] and "h3 is saturated" in w[1]
 
 
+def test_silent_layer_advice_fits_the_run():
+    """Calibration is suggested only to a run that did not use it; batchnorm only for a layer without one, named
+    by its F layer when the silent layer is B's."""
+    from bsdgraph import GraphBuilder, derive_feedback
+
+    g = GraphBuilder("c", T=2)
+    h1 = g.lif(g.conv2d(g.input((1, 6, 6)), 2, 3, padding=1))
+    h2 = g.lif(g.batchnorm(g.conv2d(h1, 2, 3, padding=1)))
+    g.output(g.linear(g.flatten(h2), 3))
+    bsd = derive_feedback(g.build())
+    (plain,) = health_warnings({"h1_b": 0.0}, bsd)
+    assert "--init calibrated" in plain and "g.batchnorm(...) on the current of 'h1'" in plain and "v_th" in plain
+    (calibrated,) = health_warnings({h2: 0.0}, bsd, calibrated=True)
+    assert "--init calibrated" not in calibrated and "batchnorm" not in calibrated and "--lif v_th=0.15" in calibrated
+
+
 def test_calibrated_init_brings_a_high_threshold_network_into_the_band(tmp_path, model_file, synthetic):
     from dataclasses import replace
 

@@ -132,7 +132,8 @@ class PipelineTrainer(_RankZeroWrites, Trainer):
         seconds = max(p[2] for p in parts)
         return {
             "epoch": self.epoch + 1, "lr": lr, "test_accuracy": parts[-1][1], "losses": losses, "rates": rates,
-            "warnings": health_warnings(rates), "seconds": round(seconds, 3),
+            "warnings": health_warnings(rates, self.graph, self.cfg.init == "calibrated"),
+            "seconds": round(seconds, 3),
             "samples_per_s": round(self.data.n_train / seconds, 1), "rule": self.rule, "backend": self.backend,
         }
 

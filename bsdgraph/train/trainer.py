@@ -25,12 +25,13 @@ from bsdgraph.train.checkpoint import (
     CheckpointError, load_checkpoint, remove_stale_temporaries, require, save_checkpoint,
 )
 from bsdgraph.train.data import Dataset, augment, batches
-from bsdgraph.ir.graph import Op
+from bsdgraph.ir.graph import Op, Stream
 from bsdgraph.compiler.model_file import Model
 from bsdgraph.compiler.program import Program, compile_model
 from bsdgraph.ir.params import init_params
 from bsdgraph.ir.printer import to_json
 from bsdgraph.train.config import TrainConfig, TrainingError
+from bsdgraph.train.threads import ThreadTuner, cores, training_threads
 
 SILENT, SATURATED = 0.001, 0.90  # firing-rate bounds of a healthy layer (spec: warn below 0.1 %, above 90 %)
 # On a GPU reading a loss back drains the queue: the NaN guard reads the losses summed over this many steps (and at
@@ -144,12 +145,22 @@ def evaluate_batches(rt, pairs) -> dict[str, float]:
     return {"mse": sq / max(n * per_sample, 1)}
 
 
-def health_warnings(rates: dict[str, float]) -> list[str]:
+def health_warnings(rates: dict[str, float], graph=None, calibrated: bool = False) -> list[str]:
+    """Silent and saturated layers, each with advice that fits the run: ``--init calibrated`` where the run did not
+    use it (a conv net without batchnorm: 33 % -> 66 % after 2 short epochs, every layer firing; docs/experiments.md
+    "Silent layers"), else a batchnorm where the layer has none (it sets the current's scale whatever the weights
+    learn), and a lower threshold."""
     out = []
     for name, r in rates.items():
         if r < SILENT:
+            hints = [] if calibrated else ["--init calibrated (scales each layer's weights until it fires 5-25 %)"]
+            node = graph[name] if graph is not None and name in graph else None
+            if node is not None and graph.inputs(name)[0].op != Op.BATCHNORM:
+                twin = name[:-2] if node.stream == Stream.B and name.endswith("_b") else name
+                hints.append(f"g.batchnorm(...) on the current of {twin!r} in the model file (B mirrors it)")
+            hints.append("a lower threshold (--lif v_th=0.15)")
             out.append(f"layer {name} is silent ({100 * r:.3f} % firing): it passes no information; try "
-                       "--init calibrated or a lower v_th")
+                       + ", or ".join(hints))
         elif r > SATURATED:
             out.append(f"layer {name} is saturated ({100 * r:.1f} % firing); try a higher v_th or a smaller lr")
     return out
@@ -176,8 +187,9 @@ class Trainer:
 
     def __init__(self, model: Model | Program, data: Dataset, cfg: TrainConfig, out: Path, rule: str = "bsd",
                  backend: str | None = None, log: Callable[[dict], None] = lambda rec: None,
-                 progress: Callable | None = None, compile: str = "off"):
-        """``model``: a compiled ``Program`` (its rule wins), or a ``Model`` compiled here for ``rule``."""
+                 progress: Callable | None = None, compile: str = "off", say: Callable[[str], None] | None = None):
+        """``model``: a compiled ``Program`` (its rule wins), or a ``Model`` compiled here for ``rule``. ``say``
+        prints a note (default: to stderr), e.g. when BSDGRAPH_THREADS=auto changes the thread count."""
         self.program = model if isinstance(model, Program) else compile_model(model, rule)
         self.model, self.rule = self.program.model, self.program.rule
         self.graph = self.program.graph
@@ -186,6 +198,11 @@ class Trainer:
         self.check_every: int | None = None  # steps between NaN checks (None: 1 on the CPU, CHECK_EVERY_ON_A_GPU)
         self.backend = backend or default_backend()
         self.log, self.progress = log, progress
+        # CPU threads (train/threads.py): all cores but one unless the user chose; fixed for the run (the count
+        # changes the results), or tuned on real steps with BSDGRAPH_THREADS=auto
+        fixed = training_threads()
+        torch.set_num_threads(fixed or cores())
+        self.threads = ThreadTuner(cores(), say=say) if fixed is None and cores() > 1 else None
         if cfg.augment and len(data.sample_shape) != 3:
             raise TrainingError(f"--augment shifts and flips images, but samples have shape {data.sample_shape}")
         self.rt = self._runtime()
@@ -313,7 +330,10 @@ class Trainer:
                 stimulus = self.graph.by_op(Op.INPUT)[0].name
                 raise TrainingError(f"the input batch of epoch {self.epoch + 1}, step {n_batches + 1} holds NaN or "
                                     f"Inf values (layer 0, the stimulus {stimulus!r}); training stopped")
-            losses, rates = step_values(self.rt, xb, yb)
+            if self.threads:
+                losses, rates = self.threads.run(lambda: step_values(self.rt, xb, yb), len(xb))
+            else:
+                losses, rates = step_values(self.rt, xb, yb)
             n_batches += 1
             n_samples += len(xb)
             for acc, values in ((loss_sum, losses), (rate_sum, rates), (window, losses)):
@@ -334,8 +354,10 @@ class Trainer:
         return {
             "epoch": self.epoch + 1, "lr": lr, **{f"test_{k}": v for k, v in test.items()},
             "losses": {k: float(v) / n_batches for k, v in loss_sum.items()}, "rates": rates,
-            "warnings": health_warnings(rates), "seconds": round(seconds, 3),
-            "samples_per_s": round(n_samples / seconds, 1), "rule": self.rule, "backend": self.backend,
+            "warnings": health_warnings(rates, self.graph, self.cfg.init == "calibrated"),
+            "seconds": round(seconds, 3),
+            "samples_per_s": round(n_samples / seconds, 1), "threads": torch.get_num_threads(), "rule": self.rule,
+            "backend": self.backend,
         }
 
 
