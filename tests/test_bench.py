@@ -67,8 +67,10 @@ def test_peak_activation_memory_does_not_grow_with_depth():
 def test_bench_cli_reports_sane_numbers(capsys):
     code = main(["bench", "models/fmnist_mlp.py", "--batch-size", "16", "--steps", "2", "--warmup", "1",
                  "--compare", "--json", "--threads", "1"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0
+    # progress on stderr (stdout stays one JSON document): what is being timed, candidates named
+    assert "timing bsdgraph-cpu, naive, bptt" in err and "1 warm-up + 2 interleaved rounds" in err
     rep = json.loads(out)
     names = [r["name"] for r in rep["results"]]
     assert names[:3] == ["bsdgraph-cpu", "naive", "bptt"]

@@ -154,6 +154,34 @@ def test_the_progress_bar_follows_stderr_not_stdout(monkeypatch):
     assert tqdm_progress() is not None   # the default stream is stderr, whatever stdout is
 
 
+def test_eval_shows_a_progress_bar_on_a_terminal_and_counts_every_batch(monkeypatch):
+    import io
+
+    import torch
+
+    from bsdgraph import GraphBuilder, derive_feedback
+    from bsdgraph.runtime.cpu import cpu_runtime
+    from bsdgraph.train.trainer import evaluate, tqdm_progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    g = GraphBuilder("m", T=2)
+    g.output(g.linear(g.lif(g.linear(g.input((4,)), 6)), 3))
+    rt = cpu_runtime(derive_feedback(g.build()), seed=0)
+    x, y = torch.rand(25, 4), torch.arange(25) % 3
+    seen = []
+    bar = tqdm_progress(Terminal(), what="evaluating")
+
+    def spy(it, total):
+        seen.append(total)
+        return bar(it, total)
+
+    assert evaluate(rt, x, y, batch_size=10, progress=spy) == evaluate(rt, x, y, batch_size=10)
+    assert seen == [3]  # 25 samples in batches of 10
+
+
 SMALL_MODEL = """
 from bsdgraph import GraphBuilder
 TRAIN = dict(epochs=1, batch_size=32)

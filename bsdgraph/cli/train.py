@@ -132,7 +132,7 @@ def _report(rec: dict, as_json: bool) -> None:
 
 
 def cmd_eval(args) -> int:
-    from bsdgraph.train.trainer import evaluate, load_for_eval
+    from bsdgraph.train.trainer import evaluate, load_for_eval, tqdm_progress
 
     if Path(args.model).is_dir():
         model, program = _run_model(args)
@@ -144,7 +144,8 @@ def cmd_eval(args) -> int:
         rt, ck = load_for_eval(model, Path(args.checkpoint), args.backend)
     data = load_data(args, model)
     result = {"checkpoint": args.checkpoint, "epoch": ck["epoch"], "rule": ck.get("rule"),
-              **{f"test_{k}": v for k, v in evaluate(rt, data.x_test, data.y_test).items()}}
+              **{f"test_{k}": v for k, v in evaluate(rt, data.x_test, data.y_test,
+                                                      progress=tqdm_progress(what="evaluating")).items()}}
     if args.frechet_classifier:
         from bsdgraph.tools.frechet import reconstruction_frechet
 

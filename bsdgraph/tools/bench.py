@@ -221,8 +221,15 @@ def baselines(model, g: Graph, bsd: Graph, x, y, device: torch.device | str = "c
     return fns, flops, notes
 
 
-def run_bench(model, backend: str, batch: int, steps: int, warmup: int, compare: bool, compile: str = "off") -> dict:
+def run_bench(model, backend: str, batch: int, steps: int, warmup: int, compare: bool, compile: str = "off",
+              say=None) -> dict:
+    """Time the engine's step (and, with ``compare``, the baselines) in one interleaved run; ``say`` prints what
+    is being measured (default: to stderr), since a comparison takes minutes."""
+    import sys
+
     from bsdgraph.compiler.program import compile_model
+
+    say = say or (lambda text: print(text, file=sys.stderr, flush=True))
     from bsdgraph.train.config import TrainConfig
     from bsdgraph.train.trainer import make_runtime
 
@@ -253,7 +260,9 @@ def run_bench(model, backend: str, batch: int, steps: int, warmup: int, compare:
         fns.update(more)
         flops.update(more_flops)
     probe, probe_flop = roofline_probe()
+    say(f"timing {', '.join(fns)} and the GEMM roofline: {warmup} warm-up + {steps} interleaved rounds")
     times = time_interleaved({**fns, ROOFLINE: probe}, steps, warmup)
+    say("timing inference; measuring peak memory of each step")
     roofline = probe_flop / statistics.median(times.pop(ROOFLINE)) / 1e9
     infer = time_interleaved({name: lambda: engine.predict(x)}, max(3, steps // 2), 1)[name]
     results = [summarise(k, times[k], infer if k == name else None, batch, peak_memory(fns[k]), flops[k], roofline)

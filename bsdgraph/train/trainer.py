@@ -114,9 +114,12 @@ def check_memory(program: Program, device: str, batch: int, eval_batch: int, tra
         raise TrainingError(str(err)) from None
 
 
-def evaluate(rt, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
-    """Accuracy (classification) or MSE (regression) of F alone on a split."""
-    return evaluate_batches(rt, batches(x, y, batch_size))
+def evaluate(rt, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+             progress: Callable | None = None) -> dict[str, float]:
+    """Accuracy (classification) or MSE (regression) of F alone on a split; ``progress(batches, total)`` wraps
+    the batches (a progress bar)."""
+    pairs = batches(x, y, batch_size)
+    return evaluate_batches(rt, progress(pairs, -(-len(x) // batch_size)) if progress else pairs)
 
 
 @torch.no_grad()
@@ -379,13 +382,16 @@ def step_values(rt, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, Any], d
     return result.losses, result.rates
 
 
-def tqdm_progress(stream=None):
-    """A tqdm progress bar per epoch when ``stream`` (default: stderr at call time) is a terminal, else None."""
+def tqdm_progress(stream=None, what: str | None = None):
+    """A tqdm progress bar when ``stream`` (default: stderr at call time) is a terminal, else None: per epoch
+    (``progress(it, total, epoch)``), or, given ``what``, one bar so named (``progress(it, total)``)."""
     stream = stream if stream is not None else sys.stderr
     if not stream.isatty():
         return None
     from tqdm import tqdm
 
+    if what is not None:
+        return lambda it, total: tqdm(it, total=total, desc=what, leave=False, file=stream)
     return lambda it, total, epoch: tqdm(it, total=total, desc=f"epoch {epoch + 1}", leave=False, file=stream)
 
 
