@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 PINS   := torch==2.13.0 triton==3.7.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data demo test fuzz clean
+.PHONY: setup data demo test fuzz clean api-doc
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -50,3 +50,7 @@ fuzz: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# docs/api.md from the code (tests/test_docs.py fails when it is stale)
+api-doc: setup
+	$(PY) -m bsdgraph.tools.apidoc > docs/api.md

@@ -67,9 +67,11 @@ class GraphBuilder:
         self._edges.append(Edge(src, dst, port, delay, detach))
 
     def shape(self, name: str) -> tuple[int, ...]:
+        """The per-sample shape of node ``name`` (what a layer's width or channels are read from)."""
         return self._nodes[name].shape
 
     def build(self, validate: bool = True) -> Graph:
+        """The frozen graph, validated (every problem at once, as a ``GraphError`` naming each node)."""
         g = Graph(self.name, list(self._nodes.values()), list(self._edges), self.T, self.dt)
         if validate:
             validate_graph(g)
@@ -81,9 +83,14 @@ class GraphBuilder:
 
     # -- sugar used by models/*.py
     def input(self, shape: tuple[int, ...], encoding: str = "direct", name: str = "x") -> str:
+        """The stimulus, per sample ``shape`` (e.g. ``(1, 28, 28)``). ``encoding``: ``direct`` (the value is the
+        input current of every step), ``poisson`` (Bernoulli spikes with p = x per step) or ``sequence`` (samples
+        ``[T, *shape]``, step t reads slice t)."""
         return self.add(Op.INPUT, [], name=name, shape=tuple(shape), encoding=encoding)
 
     def linear(self, x: str, out_features: int, bias: bool = True, name: str | None = None) -> str:
+        """A fully connected synapse from the flat ``x`` [D] to ``out_features``; B mirrors it with its own
+        Linear(out_features -> D)."""
         in_shape = self._nodes[x].shape
         in_features = in_shape[-1] if in_shape else 0  # a non-flat input is diagnosed by the shape rule
         return self.add(Op.LINEAR, [x], name=name or self._fresh("fc"), in_features=in_features,
@@ -91,6 +98,8 @@ class GraphBuilder:
 
     def conv2d(self, x: str, out_channels: int, kernel: int | tuple[int, int], stride: int | tuple[int, int] = 1,
                padding: int | tuple[int, int] = 0, bias: bool = True, name: str | None = None) -> str:
+        """A 2-D convolution of ``x`` [C, H, W]; B mirrors it with a ConvTranspose2d that restores the exact input
+        size."""
         in_shape = self._nodes[x].shape
         return self.add(Op.CONV2D, [x], name=name or self._fresh("conv"), in_channels=in_shape[0] if in_shape else 0,
                         out_channels=out_channels, kernel=_pair(kernel), stride=_pair(stride),
@@ -107,10 +116,12 @@ class GraphBuilder:
                         stride=_pair(stride), padding=_pair(padding), output_padding=_pair(output_padding), bias=bias)
 
     def avgpool2d(self, x: str, kernel: int | tuple[int, int], stride=None, name: str | None = None) -> str:
+        """Average pooling (stride defaults to the kernel); B mirrors it with nearest upsampling to the exact size."""
         return self.add(Op.AVGPOOL2D, [x], name=name or self._fresh("pool"), kernel=_pair(kernel),
                         stride=None if stride is None else _pair(stride))
 
     def maxpool2d(self, x: str, kernel: int | tuple[int, int], stride=None, name: str | None = None) -> str:
+        """Max pooling (of spikes: their OR over the window); B mirrors it with nearest upsampling."""
         return self.add(Op.MAXPOOL2D, [x], name=name or self._fresh("pool"), kernel=_pair(kernel),
                         stride=None if stride is None else _pair(stride))
 
@@ -127,15 +138,22 @@ class GraphBuilder:
         return self.add(Op.UPSAMPLE2D, [x], name=name or self._fresh("up"), size=_pair(size))
 
     def flatten(self, x: str, name: str | None = None) -> str:
+        """[C, H, W] -> [C*H*W] (a view); B mirrors it with the inverse reshape."""
         return self.add(Op.FLATTEN, [x], name=name or self._fresh("flat"))
 
     def batchnorm(self, x: str, eps: float = 1e-5, momentum: float = 0.1, name: str | None = None) -> str:
+        """Batch normalisation of a synapse's current (statistics over all T*B rows), placed right before the
+        layer's neurons; B gets its own in front of the same layer's neurons."""
         shape = self._nodes[x].shape
         return self.add(Op.BATCHNORM, [x], name=name or self._fresh("bn"), num_features=shape[0] if shape else 0,
                         eps=eps, momentum=momentum)
 
     def lif(self, x: str, tau: float = 2.0, v_th: float = 0.3, v_reset: float = 0.0, reset: str = "hard",
             surrogate: str = "atan", alpha: float = 2.0, name: str | None = None) -> str:
+        """Leaky integrate-and-fire neurons on the current ``x``: h[t] = v[t-1] + (x[t] - (v[t-1] - v_reset)) / tau,
+        a spike when h >= v_th, then a ``hard`` reset to v_reset or a ``soft`` one (subtract v_th); the atan
+        surrogate's ``alpha`` shapes the gradient through them (docs/bsd.md, "The neuron and the surrogate
+        gradient")."""
         return self.add(Op.LIF, [x], name=name or self._fresh("h"), tau=tau, v_th=v_th, v_reset=v_reset,
                         reset=reset, surrogate=surrogate, alpha=alpha)
 
@@ -211,6 +229,10 @@ class GraphBuilder:
 
     def output(self, x: str, task: str = "classification", target: str | None = None, population: int = 1,
                name: str = "out") -> str:
+        """F's concept: the current ``x`` of the top synapse, read out as its mean over steps. ``task``:
+        ``classification`` (CE; ``target`` onehot, ``population`` with ``population=k`` neurons per class, or
+        ``sequence`` for a class per step) or ``regression`` (MSE; ``analog``, or ``sequence`` per step). The target
+        code is what drives B."""
         width = math.prod(self._nodes[x].shape)
         target = target or ("analog" if task != "classification" else "population" if population > 1 else "onehot")
         n_classes = width // max(population, 1) if task == "classification" else 0
