@@ -53,4 +53,4 @@ clean:
 
 # docs/api.md from the code (tests/test_docs.py fails when it is stale)
 api-doc: setup
-	$(PY) -m bsdgraph.tools.apidoc > docs/api.md
+	$(PY) -m bsdgraph.cli.apidoc > docs/api.md

@@ -114,6 +114,23 @@ def rnn_graphs(draw, max_hidden: int = 3, max_width: int = 16):
 
 
 @st.composite
+def conv_rnn_graphs(draw, max_conv: int = 3):
+    """Conv layers each recurrent (a bias-free k x k conv from its own spikes through a delay-1 edge) or not; a
+    recurrent layer is read by the next conv directly (B mirrors that conv into its own recurrent sum)."""
+    g = GraphBuilder("crnn", T=draw(st.integers(1, 4)))
+    h = g.input((draw(st.integers(1, 2)), draw(st.integers(3, 7)), draw(st.integers(3, 7))))
+    n = draw(st.integers(1, max_conv))
+    for i in range(n):
+        current = g.conv2d(h, draw(st.integers(1, 4)), kernel=3, stride=draw(st.integers(1, 2)), padding=1)
+        if i < n - 1 and draw(st.booleans()):
+            h = g.recurrent_lif(current, rec_kernel=draw(st.sampled_from([1, 3])), **draw(lif_params()))
+        else:
+            h = g.lif(current, **draw(lif_params()))
+    g.output(g.linear(g.flatten(h), draw(st.integers(2, 5))))
+    return g.build()
+
+
+@st.composite
 def residual_graphs(draw, max_blocks: int = 2):
     """Branches and merges: SEW residual blocks (an identity shortcut, or a projection where the width, channels
     or stride change) on a flat or a conv stem, and optionally a layer driven by the sum of two synapses' currents
@@ -145,4 +162,5 @@ def residual_graphs(draw, max_blocks: int = 2):
 
 # what NIR can carry (recurrent layers and decoder ops are not exported yet), and every graph the engine compiles
 feedforward_graph = st.one_of(mlp_graphs(), conv_graphs(), residual_graphs())
-any_graph = st.one_of(mlp_graphs(), conv_graphs(), rnn_graphs(), decoder_graphs(), residual_graphs())
+any_graph = st.one_of(mlp_graphs(), conv_graphs(), rnn_graphs(), decoder_graphs(), residual_graphs(),
+                      conv_rnn_graphs())

@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 
 from bsdgraph.cli.main import build_parser
-from bsdgraph.tools.apidoc import render_python
+from bsdgraph.cli.apidoc import render_python
 
 ROOT = Path(__file__).resolve().parents[1]
 API = ROOT / "docs" / "api.md"

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 
 from bsdgraph import BSDConfig, GraphBuilder, GraphError, Op, Stream, derive_feedback, pairing, segment, validate
-from bsdgraph.compiler.feedback import check_locality, local_params
+from bsdgraph.compiler.feedback import check_locality, local_params, mirrors_of
 from bsdgraph.ir.graph import Edge, GroupOp
 from tests.strategies import any_graph, conv_graphs, decoder_graphs
 
@@ -14,9 +14,9 @@ def mirrors(bsd):
     out = []
     for n in bsd.nodes:
         if n.stream == Stream.F and n.op in GroupOp.SYNAPSE:
-            copies = [m for m in bsd.nodes if m.name == f"{n.name}_b" or m.name.startswith(f"{n.name}_b_via_")]
+            copies = mirrors_of(bsd, n.name)
             assert copies, f"{n.name} has no mirror"
-            out += [(n, m) for m in copies]
+            out += [(n, bsd[m]) for m in copies]
     return out
 
 

@@ -254,9 +254,11 @@ def test_the_builder_takes_numpy_numbers_and_upsampling_by_a_factor():
         u.upsample2d("x", size=4, scale=2)
 
 
-def test_recurrence_on_a_conv_layer_is_a_clear_refusal():
+def test_recurrence_needs_a_flat_or_an_image_current():
     g = GraphBuilder("c", T=2)
     conv = g.conv2d(g.input((1, 8, 8)), 4, 3, padding=1)
-    with pytest.raises(GraphError, match=r"node 'conv1' \(conv2d\): a recurrent layer needs a flat current \[width\], "
-                                         r"got \[4, 8, 8\]"):
-        g.recurrent_lif(conv)
+    assert g.shape(g.recurrent_lif(conv)) == (4, 8, 8)  # a conv layer recurs through a conv (tests/test_recurrent.py)
+    odd = g.add(Op.FLATTEN, [g.input((2, 3), name="x2")], name="odd", shape=(2, 3))
+    with pytest.raises(GraphError, match=r"node 'odd' \(flatten\): a recurrent layer's current is \[width\] or "
+                                         r"\[C, H, W\], got \[2, 3\]"):
+        g.recurrent_lif(odd)

@@ -750,3 +750,14 @@ def test_import_refuses_what_it_cannot_map_naming_node_reason_and_fix(cli, tmp_p
     nir.write(path, graph)
     code, out, err_text = cli("import-nir", path, "--dt", "1e-3")
     assert code == 1 and out == "" and "Traceback" not in err_text
+
+
+def test_export_refuses_a_recurrent_conv_layer_naming_the_loop_and_its_sum():
+    g = GraphBuilder("cr", T=2)
+    h = g.recurrent_lif(g.conv2d(g.input((1, 5, 5)), 2, kernel=3, padding=1))
+    g.output(g.linear(g.flatten(g.lif(g.conv2d(h, 2, kernel=3))), 3))
+    g = g.build()
+    with pytest.raises(GraphError) as err:
+        export_nir(g, init_params(g, 0))
+    assert sorted(d.node for d in err.value.diagnostics) == ["h1_in", "h1_rec"]
+    assert all("recurrent convolution" in d.message for d in err.value.diagnostics)

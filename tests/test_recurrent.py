@@ -253,3 +253,60 @@ def test_cli_trains_a_sequence_model_on_user_npz_and_refuses_the_wrong_length(tm
     assert "test_mse" in capsys.readouterr().out
     assert main(["train", model, "--npz", str(bad), "--epochs", "1", "--out", str(tmp_path / "run2")]) == 1
     assert "model expects (8, 1) per sample, data has (7, 1)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- conv layers
+
+
+def conv_rnn(T=4, rec_kernel=3):
+    g = GraphBuilder("cr", T=T)
+    h = g.recurrent_lif(g.conv2d(g.input((1, 5, 5)), 2, kernel=3, padding=1), v_th=0.2, rec_kernel=rec_kernel)
+    h = g.lif(g.conv2d(h, 3, kernel=3, stride=2, padding=1), v_th=0.2)
+    g.output(g.linear(g.flatten(h), 3))
+    return g.build()
+
+
+def test_a_conv_layer_recurs_through_a_size_keeping_conv_in_f_and_in_b():
+    f = conv_rnn()
+    rec = f["h1_rec"]
+    assert rec.op == Op.CONV2D and rec.attrs["padding"] == (1, 1) and not rec.attrs["bias"] and rec.shape == (2, 5, 5)
+    assert [(e.src, e.delay) for e in f.in_edges("h1_rec")] == [("h1", 1)]
+    bsd = derive_feedback(f)
+    rec_b = bsd["h1_rec_b"]
+    assert rec_b.op == Op.CONV2D and rec_b.stream == Stream.B and rec_b.attrs == rec.attrs
+    assert [(e.src, e.delay, e.detach) for e in bsd.in_edges("h1_rec_b")] == [("h1_b", 1, True)]
+    assert local_params(bsd, "reco1") == ["conv1", "h1_rec", "conv2_b", "h1_rec_b"]
+    # one launch per recurrent layer, in F and in B (B's feedforward synapse is the mirror of conv2)
+    fused = [la.nodes for la in lower(bsd).launches if la.kernel == "rec_conv_forward"]
+    assert fused == [("conv2_b", "h1_rec_b", "h1_in_b", "h1_b"), ("conv1", "h1_rec", "h1_in", "h1")]
+
+
+def test_the_reference_runs_a_recurrent_conv_layer_as_written():
+    f = conv_rnn()
+    rt = ReferenceRuntime(f, seed=2)
+    x = torch.rand(4, 1, 5, 5, generator=torch.Generator().manual_seed(0)) * 2
+    env = run_graph(f, Ctx(rt.params, rt.state, f.T, x, None, False, 0), frozenset({Stream.F}))
+    p = rt.params
+    v, s = torch.zeros(4, 2, 5, 5), torch.zeros(4, 2, 5, 5)
+    for t in range(f.T):  # I[t] = conv1(x) + U * s[t-1] (3x3, padding 1); LIF tau 2, v_th 0.2, hard reset
+        current = F.conv2d(x, p["conv1.weight"], p["conv1.bias"], padding=1) + F.conv2d(s, p["h1_rec.weight"],
+                                                                                      padding=1)
+        h = v + (current - v) / 2.0
+        assert float((h - 0.2).abs().min()) > 1e-5  # away from the threshold: the spikes below are exact
+        s = (h >= 0.2).float()
+        v = h * (1 - s)
+        assert torch.equal(env["h1"][t], s), f"spikes differ at step {t}"
+    assert env["h1"].sum() > 0 and env["h1"].mean() < 1
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda g, c: g.recurrent_lif(c, rec_kernel=2), "rec_kernel must be an odd whole number >= 1"),
+    (lambda g, c: g.output(g.linear(g.flatten(g.recurrent_lif(c)), 3)),
+     r"node 'flat1' \(flatten\): reads the recurrent layer 'h1'; a recurrent layer must feed exactly one synapse"),
+])
+def test_conv_recurrence_it_cannot_run_is_diagnosed(build, message):
+    g = GraphBuilder("cr", T=2)
+    c = g.conv2d(g.input((1, 5, 5)), 2, kernel=3, padding=1)
+    with pytest.raises(GraphError, match=message):
+        build(g, c)
+        derive_feedback(g.build())

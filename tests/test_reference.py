@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from bsdgraph import BSDConfig, GraphBuilder, Op, Stream, derive_feedback
 from bsdgraph.train.data import make_synthetic
-from bsdgraph.compiler.feedback import local_params
+from bsdgraph.compiler.feedback import local_params, mirrors_of
 from bsdgraph.ir.graph import GroupOp
 from bsdgraph.runtime.losses import band_split, reco_loss
 from bsdgraph.ir.neuron import lif_scan
@@ -32,10 +32,13 @@ def test_c1_backward_weights_are_independent_tensors(f):
     rt = ReferenceRuntime(bsd, seed=1)
     for n in bsd.nodes:
         if n.stream == Stream.F and n.op in GroupOp.SYNAPSE:
-            w, theta = rt.params[f"{n.name}.weight"], rt.params[f"{n.name}_b.weight"]
-            assert w.untyped_storage().data_ptr() != theta.untyped_storage().data_ptr()
-            flat_t = theta.transpose(0, 1) if theta.dim() == 2 else theta
-            assert flat_t.shape != w.shape or not torch.equal(flat_t, w), f"{n.name}_b is tied to {n.name}"
+            copies = mirrors_of(bsd, n.name)
+            assert copies, f"{n.name} has no mirror in B"
+            for m in copies:
+                w, theta = rt.params[f"{n.name}.weight"], rt.params[f"{m}.weight"]
+                assert w.untyped_storage().data_ptr() != theta.untyped_storage().data_ptr()
+                flat_t = theta.transpose(0, 1) if theta.dim() == 2 else theta
+                assert flat_t.shape != w.shape or not torch.equal(flat_t, w), f"{m} is tied to {n.name}"
 
 
 @given(any_graph, st.sampled_from(["current", "membrane"]))

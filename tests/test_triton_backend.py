@@ -47,6 +47,15 @@ def resnet():
     return g.build()
 
 
+def conv_rnn():
+    # a recurrent conv layer: the feedforward conv once over all rows, then the time loop adding conv(s[t-1])
+    g = GraphBuilder("cr", T=3)
+    h = g.recurrent_lif(g.conv2d(g.input((1, 6, 6)), 3, kernel=3, padding=1), v_th=0.1)
+    h = g.lif(g.conv2d(h, 4, kernel=3, stride=2, padding=1), v_th=0.1)
+    g.output(g.linear(g.flatten(h), 3))
+    return g.build()
+
+
 CASES = {
     "mlp": (mlp, BSDConfig()),
     "mlp-membrane-other-class": (mlp, BSDConfig(distill_on="membrane", negatives="other_class")),
@@ -54,6 +63,7 @@ CASES = {
     "cnn-freq": (cnn, BSDConfig(freq=True)),
     "decoder": (decoder, BSDConfig()),
     "resnet": (resnet, BSDConfig()),
+    "conv-rnn": (conv_rnn, BSDConfig()),
 }
 
 

@@ -5,7 +5,7 @@ cut into layers at its neurons (``segment``). For every synapse of F, B gets a m
 weights (criterion C1), built by the rule in ``MIRROR_RULES``: Linear(D_in -> D_out) <-> Linear(D_out -> D_in),
 Conv2d <-> ConvTranspose2d restoring the exact input shape, pooling <-> nearest upsampling to the exact size,
 Flatten <-> Unflatten; batchnorm and LIF neurons are mirrored at the same layer with copied hyper-parameters. A
-recurrent layer (``linear -> add(., rec(s[t-1])) -> lif``) gets in B its own sum and its own recurrent synapse
+recurrent layer (``synapse -> add(., rec(s[t-1])) -> lif``) gets in B its own sum and its own recurrent synapse
 on B's spikes of that layer; the layer's V is the sum, so its ReCo trains both recurrent weights.
 
 Learning semantics become part of the graph: every edge into a synapse is a stop-gradient (``detach``), and one
@@ -128,7 +128,7 @@ def _sides(f: Graph) -> tuple[dict[str, str], list[Diagnostic]]:
                 bad(n, f"its current feeds {len(users)} consumers; a current drives exactly one layer",
                     "branch on the spikes: read the neurons' output from several synapses")
         for e in f.in_edges(n.name):
-            if e.delay and not (n.op == Op.LINEAR and f[e.src].op in GroupOp.NEURON):
+            if e.delay and not (n.op in (Op.LINEAR, Op.CONV2D) and f[e.src].op in GroupOp.NEURON):
                 bad(n, f"reads '{e.src}' through a delay-{e.delay} edge; only a recurrent layer's synapse may",
                     "build recurrence with g.recurrent_lif / g.recurrent_neuron")
     return side, diags
@@ -185,12 +185,14 @@ def segment(f: Graph) -> list[Layer]:
 
 
 def _recurrent_problems(f: Graph, layer: Layer) -> list[Diagnostic]:
-    """What derive_feedback and the runtimes need of a recurrent layer: ``add(linear, rec) -> neurons`` with a
-    bias-free Linear ``rec`` reading the layer's own value through one delay-1 edge, and one Linear above it reading
-    the neurons with nothing in between (B mirrors that Linear straight into its own recurrent sum)."""
+    """What derive_feedback and the runtimes need of a recurrent layer: ``add(synapse, rec) -> neurons`` with a
+    bias-free ``rec`` (a Linear, or a Conv2d keeping the size) reading the layer's own value through one delay-1
+    edge, and one synapse above it reading the neurons with nothing in between (B mirrors that synapse straight
+    into its own recurrent sum, which runs as one launch with it)."""
     rec, out = f[layer.rec], []
     add = f[layer.add] if layer.add else None
-    fix = "build it with g.recurrent_lif(g.linear(x, width)) and put a g.linear(...) layer above it"
+    fix = ("build it with g.recurrent_lif(g.linear(x, width)) (or on a conv2d's current) and read it with one "
+           "synapse, g.linear(...) or g.conv2d(...)")
     ins = f.in_edges(rec.name)
     above = [f[e.dst] for e in f.out_edges(layer.neuron) if e.delay == 0] if layer.neuron else []
     if add is None or layer.current != add.name or [i.name for i in f.inputs(add.name)][1:] != [rec.name]:
@@ -199,23 +201,26 @@ def _recurrent_problems(f: Graph, layer: Layer) -> list[Diagnostic]:
                               "directly feeds its layer's neurons", fix))
     elif layer.neuron is None:
         out.append(Diagnostic(layer.add, Op.ADD, "the top layer cannot be recurrent", fix))
-    elif len(layer.synapses) != 1 or f[layer.synapse].op != Op.LINEAR or f.inputs(add.name)[0].name != layer.synapse:
+    elif len(layer.synapses) != 1 or f.inputs(add.name)[0].name != layer.synapse:
         got = ", ".join(f"{f[s].op.value} '{s}'" for s in layer.synapses)
         out.append(Diagnostic(layer.add, Op.ADD, f"sums {got} with the recurrent synapse; a recurrent layer's "
-                              "feedforward current must come from one linear", fix))
+                              "feedforward current must come from one synapse", fix))
     elif len(ins) != 1 or ins[0].src != layer.neuron or ins[0].delay != 1:
         got = ", ".join(f"'{e.src}' (delay {e.delay})" for e in ins)
         out.append(Diagnostic(rec.name, rec.op, f"is the second operand of '{layer.add}' but reads {got}; it must be "
                               f"a linear reading '{layer.neuron}' through a delay-1 edge", fix))
-    elif rec.op != Op.LINEAR:
-        out.append(Diagnostic(rec.name, rec.op, f"a recurrent synapse must be a linear, got {rec.op.value}", fix))
+    elif rec.op not in (Op.LINEAR, Op.CONV2D) or rec.shape != f[layer.neuron].shape:
+        out.append(Diagnostic(rec.name, rec.op, f"a recurrent synapse must be a linear or a conv2d keeping the "
+                              f"layer's shape {list(f[layer.neuron].shape)}, got {rec.op.value} {list(rec.shape)}",
+                              fix))
     elif rec.attrs["bias"]:
         out.append(Diagnostic(rec.name, rec.op, "a recurrent synapse has no bias (the feedforward synapse's bias "
                               "already adds a constant current)", "create it with bias=False"))
-    elif len(above) != 1 or above[0].op != Op.LINEAR:
+    elif len(above) != 1 or above[0].op not in GroupOp.SYNAPSE:
         what = ", ".join(f"{c.op.value} '{c.name}'" for c in above)
         out.append(Diagnostic(above[0].name, above[0].op, f"reads the recurrent layer '{layer.neuron}'; a recurrent "
-                              f"layer must feed exactly one linear, got {what}", fix))
+                              f"layer must feed exactly one synapse directly (B mirrors it into its own recurrent "
+                              f"sum), got {what}", fix))
     return out
 
 
@@ -336,8 +341,7 @@ class _B:
         """``add_b = src + rec_b(s'_l[t-1])``: the mirror of F's recurrent sum, reading B's neuron of the layer."""
         rec = f[layer.rec]
         rec_b = f"{rec.name}_b"
-        self.nodes.append(Node(rec_b, Op.LINEAR, FrozenAttrs(default_attrs(Op.LINEAR, **rec.attrs)), rec.shape,
-                               Stream.B))
+        self.nodes.append(Node(rec_b, rec.op, FrozenAttrs(default_attrs(rec.op, **rec.attrs)), rec.shape, Stream.B))
         total = self.add(f"{layer.add}_b", Op.ADD, {}, f[layer.add].shape, src)
         self.edges += [Edge(rec_b, total, 1), Edge(f"{layer.neuron}_b", rec_b, 0, delay=1, detach=True)]
         return total
@@ -512,6 +516,13 @@ def check_config(cfg: BSDConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- locality
+
+
+def mirrors_of(bsd: Graph, fnode: str) -> list[str]:
+    """The nodes of B that mirror F node ``fnode``: ``<fnode>_b``, or, behind a residual sum of spikes, one copy
+    per operand of that sum (``<fnode>_b_via_<operand>``)."""
+    return [n.name for n in bsd.nodes if n.stream == Stream.B
+            and (n.name == f"{fnode}_b" or n.name.startswith(f"{fnode}_b_via_"))]
 
 
 def local_params(g: Graph, loss: str) -> list[str]:

@@ -62,6 +62,7 @@ FUSIONS: dict[tuple[Op, Op], str] = {(Op.LINEAR, Op.LIF): "linear_lif_forward"}
 # step t needs the layer's own spikes of step t-1, so the recurrent GEMM cannot be hoisted out of the time loop.
 RECURRENT_FUSION = "linear_lif_rec_forward"
 RECURRENT_NEURON = "neuron_rec_forward"   # the same for a declared neuron (its generated twin step in the loop)
+RECURRENT_CONV = "rec_conv_forward"       # a recurrent layer of convolutions (or any synapse but two Linears)
 
 OPTIMIZER_KERNEL = "torch.adamw_step"
 
@@ -91,13 +92,16 @@ def _recurrent_group(g: Graph, add: Node) -> tuple[str, ...]:
     main output). derive_feedback guarantees the structure (feedback._recurrent_problems)."""
     ff, rec = (e.src for e in g.in_edges(add.name))
     (lif,) = [c.name for c in g.consumers(add.name) if c.op not in GroupOp.LOSS]
-    if g[ff].op != Op.LINEAR or g[rec].op != Op.LINEAR or [e.delay for e in g.in_edges(rec)] != [1]:
-        raise ValueError(f"recurrent sum {add.name!r}: expected linear + linear(lif[t-1]) operands")
+    if g[ff].op not in GroupOp.SYNAPSE or g[rec].op not in (Op.LINEAR, Op.CONV2D) or (
+            [e.delay for e in g.in_edges(rec)] != [1]):
+        raise ValueError(f"recurrent sum {add.name!r}: expected synapse + linear/conv2d(lif[t-1]) operands")
     return ff, rec, add.name, lif
 
 
 def _forward_kernel(g: Graph, group: tuple[str, ...], time_invariant: bool) -> str:
     if len(group) == 4:
+        if g[group[0]].op != Op.LINEAR or g[group[1]].op != Op.LINEAR:
+            return RECURRENT_CONV
         return RECURRENT_FUSION if g[group[3]].op == Op.LIF else RECURRENT_NEURON
     if len(group) == 2:
         return FUSIONS[(g[group[0]].op, g[group[1]].op)]

@@ -109,6 +109,8 @@ def _linear(ex: _Export, n: Node):
 @export_rule(Op.CONV2D)
 def _conv2d(ex: _Export, n: Node):
     nir, a = nir_module(), n.attrs
+    if any(e.delay for e in ex.graph.in_edges(n.name)):
+        raise MappingError(_CONV_LOOP, "train a recurrent layer on a flat current (g.linear) to export it")
     # NIR's Conv2d always has a bias; a bias-free conv writes zeros and says so, so import restores bias=False
     bias = ex.tensor(n, "bias") if a["bias"] else np.zeros(a["out_channels"], np.float32)
     conv = nir.Conv2d(input_shape=tuple(ex.in_shape(n)[1:]), weight=ex.tensor(n, "weight"), stride=a["stride"],
@@ -265,6 +267,10 @@ def _no_nir_node(ex: _Export, n: Node):
                        "export F alone (without --with-backward); B is derived again from F on import")
 
 
+_CONV_LOOP = ("a recurrent convolution reads its layer's spikes of the previous step, and NIR export writes a loop "
+              "only as a recurrent layer with an [n, n] Affine/Linear (the form snnTorch's RLeaky writes)")
+
+
 def _is_recurrent_sum(g: Graph, n: Node) -> bool:
     consumers = _users(g, n)
     parts = _recurrent_parts(g, g[consumers[0]]) if len(consumers) == 1 else None
@@ -275,9 +281,9 @@ def _is_recurrent_sum(g: Graph, n: Node) -> bool:
 def _sum(ex: _Export, n: Node):
     if _is_recurrent_sum(ex.graph, n):
         return []  # NIR sums the neuron's inputs: the add is the edges into the layer's subgraph
-    if any(e.delay for e in ex.graph.in_edges(n.name)):
-        raise MappingError("sums a delayed operand outside a recurrent layer; NIR export writes a delay only as a "
-                           "recurrent layer's loop", "build the layer with g.recurrent_lif / g.recurrent_neuron")
+    if any(e.delay for i in ex.graph.inputs(n.name) for e in ex.graph.in_edges(i.name)):
+        raise MappingError("is the sum of a recurrent layer of convolutions; " + _CONV_LOOP,
+                           "train a recurrent layer on a flat current (g.linear) to export it")
     # NIR sums a node's incoming edges: a Scale of ones with one edge per operand is exactly the sum (an identity
     # on it), which any NIR reader computes as written; import reads it back as this add
     nir = nir_module()

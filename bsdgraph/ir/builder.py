@@ -197,31 +197,36 @@ class GraphBuilder:
         return self.sum(h, skip, name=name)
 
     def recurrent_lif(self, current: str, tau: float = 2.0, v_th: float = 0.3, v_reset: float = 0.0,
-                      reset: str = "hard", alpha: float = 2.0, name: str | None = None) -> str:
-        """A recurrent layer's neurons: ``lif(current + rec(s[t-1]))``, where ``rec`` is a Linear (no bias) from the
-        layer's own spikes through a delay-1 edge. Returns the LIF node; ``rec``'s weight is learned like any other.
-        """
-        return self._recurrent(current, name, lambda total, lif: self.lif(
+                      reset: str = "hard", alpha: float = 2.0, name: str | None = None, rec_kernel: int = 3) -> str:
+        """A recurrent layer's neurons: ``lif(current + rec(s[t-1]))``, where ``rec`` is a bias-free synapse from the
+        layer's own spikes through a delay-1 edge: a Linear on a flat current [width], a ``rec_kernel`` x
+        ``rec_kernel`` Conv2d (stride 1, padding keeping the size) on a [C, H, W] current. Returns the LIF node;
+        ``rec``'s weight is learned like any other."""
+        return self._recurrent(current, name, rec_kernel, lambda total, lif: self.lif(
             total, tau=tau, v_th=v_th, v_reset=v_reset, reset=reset, alpha=alpha, name=lif))
 
     def recurrent_neuron(self, model: str, current: str, alpha: float = 2.0, name: str | None = None,
-                         **params: float) -> str:
+                         rec_kernel: int = 3, **params: float) -> str:
         """``recurrent_lif`` for any declared neuron: ``neuron(current + rec(value[t-1]))``."""
-        return self._recurrent(current, name, lambda total, lif: self.neuron(model, total, alpha=alpha, name=lif,
-                                                                            **params))
+        return self._recurrent(current, name, rec_kernel, lambda total, lif: self.neuron(
+            model, total, alpha=alpha, name=lif, **params))
 
-    def _recurrent(self, current: str, name: str | None, neurons) -> str:
+    def _recurrent(self, current: str, name: str | None, rec_kernel: int, neurons) -> str:
         shape = self._nodes[current].shape
-        if len(shape) != 1:
-            raise GraphError([Diagnostic(current, self._nodes[current].op, f"a recurrent layer needs a flat current "
-                                         f"[width], got {list(shape)}: recurrence on conv layers is not supported "
-                                         "yet", "flatten, then g.linear(...) into the recurrent layer")])
-        (width,) = shape
         lif = name or self._fresh("h")
         rec = f"{lif}_rec"
+        if len(shape) == 1:
+            op, attrs = Op.LINEAR, dict(in_features=shape[0], out_features=shape[0], bias=False)
+        elif len(shape) == 3 and isinstance(rec_kernel, int) and rec_kernel >= 1 and rec_kernel % 2 == 1:
+            k = _plain(rec_kernel)
+            op, attrs = Op.CONV2D, dict(in_channels=shape[0], out_channels=shape[0], kernel=(k, k), stride=(1, 1),
+                                        padding=(k // 2, k // 2), bias=False)
+        else:
+            why = (f"rec_kernel must be an odd whole number >= 1 (the size is kept), got {rec_kernel!r}"
+                   if len(shape) == 3 else f"a recurrent layer's current is [width] or [C, H, W], got {list(shape)}")
+            raise GraphError([Diagnostic(current, self._nodes[current].op, why, "")])
         # rec reads the neurons that do not exist yet: declare it with its known shape, wire its delayed edge last
-        self._nodes[rec] = Node(rec, Op.LINEAR, FrozenAttrs(default_attrs(Op.LINEAR, in_features=width,
-                                                                          out_features=width, bias=False)), (width,))
+        self._nodes[rec] = Node(rec, op, FrozenAttrs(default_attrs(op, **attrs)), tuple(shape))
         total = self.add(Op.ADD, [current, rec], name=f"{lif}_in")
         neurons(total, lif)
         self.connect(lif, rec, 0, delay=1)

@@ -242,20 +242,24 @@ def neuron(ctx: Ctx, current, *rest):
     return neuron_outputs(ctx, name, out, h, grouping=_grouping(rest))
 
 
-@kernel("neuron_rec_forward")
+@kernel("neuron_rec_forward", "rec_conv_forward")
 def neuron_rec(ctx: Ctx, src, *rest):
-    """A recurrent layer of a declared neuron: the feedforward GEMM over all rows at once, then the time loop of
-    the generated twin step, where step t adds value[t-1] Uᵀ (the reference's expression, in its order)."""
+    """A recurrent layer of a declared neuron, or of convolutions: the feedforward synapse over all rows at once,
+    then the time loop of the neuron's generated twin step (for the lif op, bitwise kernels/ref/lif.py), where
+    step t adds rec(value[t-1]) (the reference's expression, in its order)."""
     ff, rec, add, name = ctx.launch.nodes
     args = ctx.args((src, *rest))
     current = synapse(ctx, ff, ctx.launch.reads[0], src, *_wb(args, ff)).contiguous()
     w, b = _wb(args, rec)
+    a = ctx.graph[rec].attrs
+    recurrent = {Op.LINEAR: lambda v: F.linear(v, w, b),
+                 Op.CONV2D: lambda v: F.conv2d(v, w, b, a["stride"], a["padding"])}[ctx.graph[rec].op]
     decl, values = neuron_of(ctx.graph[name])
     step = twin_step_fn(decl, values, current, 2.0, grad=False)
     prev, states, outs, hs, currents = torch.zeros_like(current[0]), None, [], [], []
     with torch.no_grad():
         for t in range(ctx.T):
-            i = current[t] + torch.nn.functional.linear(prev, w, b)
+            i = current[t] + recurrent(prev)
             prev, h, states = step(i, states)
             outs.append(prev)
             hs.append(h)
@@ -628,11 +632,14 @@ def conv_weight_grad(ctx: Ctx, *ins):
     grad_ref, src_ref = ctx.launch.reads[:2]
     a, (w, b) = n.attrs, _wb(args, node)
     grad = steps(ctx, grad_ref, args[grad_ref], n.shape)
+    delay = ctx.delay(node)
     if ctx.time_invariant(src_ref):
         grad, inp = grad.sum(0), args[src_ref].to(torch.float32).reshape(-1, *ctx.in_shape(node))
     else:
-        grad = grad.reshape(-1, *grad.shape[2:])
-        inp = steps(ctx, src_ref, args[src_ref]).reshape(-1, *ctx.in_shape(node))
+        inp = steps(ctx, src_ref, args[src_ref], ctx.in_shape(node))
+        if delay:  # a recurrent convolution reads s[t - delay]: dU = sum_t conv_grad(dV[t], s[t - delay])
+            grad, inp = grad[delay:], inp[:-delay]
+        grad, inp = grad.reshape(-1, *grad.shape[2:]), inp.reshape(-1, *ctx.in_shape(node))
     transposed = n.op == Op.CONV_T2D
     _, dw, db = torch.ops.aten.convolution_backward(
         grad.contiguous(), inp.contiguous(), w, [w.shape[1 if transposed else 0]] if b is not None else None,

@@ -1,6 +1,6 @@
 """docs/api.md, generated from the code: the builder's methods, the notebook API and every CLI command's help.
 
-``python -m bsdgraph.tools.apidoc > docs/api.md`` (``make api-doc``) rewrites it; ``tests/test_docs.py`` fails when
+``python -m bsdgraph.cli.apidoc > docs/api.md`` (``make api-doc``) rewrites it; ``tests/test_docs.py`` fails when
 the file and the code disagree, so the reference cannot go stale. Everything comes from ``inspect`` signatures,
 docstrings and the argparse parser itself: nothing is written twice.
 """
@@ -15,7 +15,7 @@ from contextlib import redirect_stdout
 
 HEADER = """# API reference
 
-Generated from the code by `python -m bsdgraph.tools.apidoc > docs/api.md` (`make api-doc`); `tests/test_docs.py`
+Generated from the code by `python -m bsdgraph.cli.apidoc > docs/api.md` (`make api-doc`); `tests/test_docs.py`
 checks that it is current. Tutorials: [docs/tutorials/](tutorials/); the algorithm: [docs/bsd.md](bsd.md).
 """
 
