@@ -66,7 +66,7 @@ def test_a_loop_without_delay_is_refused_naming_it():
 
 
 @pytest.mark.parametrize("mutate, message", [
-    ("other", "must be a linear reading 'h1' through a delay-1 edge"),
+    ("other", "it must read 'h1' through a delay-1 edge"),
     ("bias", "a recurrent synapse has no bias"),
     ("delay2", "through a delay-1 edge"),
 ])

@@ -1,7 +1,8 @@
 """Derive BSD's backward network B and the layer-local losses from a forward network F.
 
-F must be a chain ``input -> [transforms] -> synapse -> [batchnorm] -> lif -> ... -> synapse -> output``; it is
-cut into layers at its neurons (``segment``). For every synapse of F, B gets a mirrored synapse with its own
+F is cut into layers at its neurons (``segment``): each layer is ``synapse(s) -> [add] -> [batchnorm] -> neuron``,
+reading spikes that may pass transforms and sums (residual merges) on the way; a chain or a residual network
+(branches and merges, ``_backward_network``). For every synapse of F, B gets a mirrored synapse with its own
 weights (criterion C1), built by the rule in ``MIRROR_RULES``: Linear(D_in -> D_out) <-> Linear(D_out -> D_in),
 Conv2d <-> ConvTranspose2d restoring the exact input shape, pooling <-> nearest upsampling to the exact size,
 Flatten <-> Unflatten; batchnorm and LIF neurons are mirrored at the same layer with copied hyper-parameters. A
@@ -112,7 +113,7 @@ def _sides(f: Graph) -> tuple[dict[str, str], list[Diagnostic]]:
                     "synapses feeding one neuron), not both")
             side[n.name] = got.pop() if len(got) == 1 else CURRENT
         elif n.op == Op.BATCHNORM:
-            users = [c for c in f.consumers(n.name)]
+            users = f.consumers(n.name)
             if got != {CURRENT}:
                 bad(n, "must directly follow a synapse (or a sum of synapses)")
             elif len(users) != 1 or users[0].op not in GroupOp.NEURON:
@@ -123,7 +124,7 @@ def _sides(f: Graph) -> tuple[dict[str, str], list[Diagnostic]]:
                 bad(n, "has no synapse in its layer" if n.op != Op.OUTPUT else "must read a synapse's current")
             side[n.name] = SPIKES
         if side.get(n.name) == CURRENT and n.op != Op.BATCHNORM:
-            users = [e for e in f.out_edges(n.name)]
+            users = f.out_edges(n.name)
             if len(users) != 1:
                 bad(n, f"its current feeds {len(users)} consumers; a current drives exactly one layer",
                     "branch on the spikes: read the neurons' output from several synapses")
@@ -207,8 +208,8 @@ def _recurrent_problems(f: Graph, layer: Layer) -> list[Diagnostic]:
                               "feedforward current must come from one synapse", fix))
     elif len(ins) != 1 or ins[0].src != layer.neuron or ins[0].delay != 1:
         got = ", ".join(f"'{e.src}' (delay {e.delay})" for e in ins)
-        out.append(Diagnostic(rec.name, rec.op, f"is the second operand of '{layer.add}' but reads {got}; it must be "
-                              f"a linear reading '{layer.neuron}' through a delay-1 edge", fix))
+        out.append(Diagnostic(rec.name, rec.op, f"is the second operand of '{layer.add}' but reads {got}; it must "
+                              f"read '{layer.neuron}' through a delay-1 edge", fix))
     elif rec.op not in (Op.LINEAR, Op.CONV2D) or rec.shape != f[layer.neuron].shape:
         out.append(Diagnostic(rec.name, rec.op, f"a recurrent synapse must be a linear or a conv2d keeping the "
                               f"layer's shape {list(f[layer.neuron].shape)}, got {rec.op.value} {list(rec.shape)}",

@@ -212,13 +212,13 @@ class GraphBuilder:
             model, total, alpha=alpha, name=lif, **params))
 
     def _recurrent(self, current: str, name: str | None, rec_kernel: int, neurons) -> str:
-        shape = self._nodes[current].shape
+        shape, rec_kernel = self._nodes[current].shape, _plain(rec_kernel)
         lif = name or self._fresh("h")
         rec = f"{lif}_rec"
         if len(shape) == 1:
             op, attrs = Op.LINEAR, dict(in_features=shape[0], out_features=shape[0], bias=False)
         elif len(shape) == 3 and isinstance(rec_kernel, int) and rec_kernel >= 1 and rec_kernel % 2 == 1:
-            k = _plain(rec_kernel)
+            k = rec_kernel
             op, attrs = Op.CONV2D, dict(in_channels=shape[0], out_channels=shape[0], kernel=(k, k), stride=(1, 1),
                                         padding=(k // 2, k // 2), bias=False)
         else:
