@@ -25,7 +25,7 @@ from bsdgraph.train.checkpoint import (
     CheckpointError, load_checkpoint, remove_stale_temporaries, require, save_checkpoint,
 )
 from bsdgraph.train.data import Dataset, augment, batches
-from bsdgraph.ir.graph import Op, Stream
+from bsdgraph.ir.graph import GroupOp, Op, Stream
 from bsdgraph.compiler.model_file import Model
 from bsdgraph.compiler.program import Program, compile_model
 from bsdgraph.ir.params import init_params
@@ -158,7 +158,8 @@ def health_warnings(rates: dict[str, float], graph=None, calibrated: bool = Fals
         if r < SILENT:
             hints = [] if calibrated else ["--init calibrated (scales each layer's weights until it fires 5-25 %)"]
             node = graph[name] if graph is not None and name in graph else None
-            if node is not None and graph.inputs(name)[0].op != Op.BATCHNORM:
+            # a neuron reading a synapse directly can take a batchnorm between them (a recurrent sum cannot)
+            if node is not None and graph.inputs(name)[0].op in GroupOp.SYNAPSE:
                 twin = name[:-2] if node.stream == Stream.B and name.endswith("_b") else name
                 hints.append(f"g.batchnorm(...) on the current of {twin!r} in the model file (B mirrors it)")
             hints.append("a lower threshold (--lif v_th=0.15)")
