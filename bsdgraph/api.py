@@ -131,8 +131,7 @@ def fit(net: Net, data, *, test=None, epochs: int | None = None, out: str | Path
     needed (a loader, a torch Dataset or an (x, y) pair). ``out`` (default ``runs/<name>``) receives the checkpoint after every epoch; a
     directory that already holds one is refused unless ``overwrite`` (as the command line's --force), and one that
     another run is writing always is. ``train`` overrides training options for this fit (lr=..., batch_size=...)."""
-    from bsdgraph.train import rundir
-    from bsdgraph.train.trainer import Trainer, tqdm_progress
+    from bsdgraph.train.trainer import tqdm_progress
 
     options = {**net.train, **train, **({"epochs": epochs} if epochs is not None else {})}
     cfg = TrainConfig.from_model(options)
@@ -147,13 +146,72 @@ def fit(net: Net, data, *, test=None, epochs: int | None = None, out: str | Path
     model = program.model
     in_memory = not model.path.is_file()   # built in Python: the run records the graph instead of a file
     source = to_json(net.graph).encode() if in_memory else None
-    with rundir.claim(out, model.path, resume=False, force=overwrite, source=source,
-                      record={"argv": ["<python api>"], "data": ds.source}):
-        trainer = Trainer(program, ds, cfg, out, backend=backend, progress=tqdm_progress() if progress else None)
-        trainer.initialise()
-        net.history = trainer.run()
+    trainer = train_run(program, ds, cfg, out, force=overwrite, source=source, backend=backend,
+                        record={"argv": ["<python api>"], "data": ds.source},
+                        progress=tqdm_progress() if progress else None)
+    net.history = trainer.history
     net.runtime, net.train = trainer.rt, options
     return net.history
+
+
+def _quiet(*_: Any) -> None:
+    return None
+
+
+def train_run(model: Model | Program, data, cfg: TrainConfig, out: Path, *, rule: str = "bsd",
+              backend: str | None = None, resume: bool = False, force: bool = False,
+              changing: frozenset[str] = frozenset(), record: Mapping[str, Any] | None = None,
+              source: bytes | None = None, compile: str = "off", layer_parallel: bool = False,
+              log=None, say=None, progress=None):
+    """The training run behind both ``fit`` and ``bsdgraph train``; returns the finished ``Trainer``.
+
+    It claims ``out`` (one writer per run directory; ``record`` and ``source`` go into its ``run.json``), builds
+    the trainer (one process, or under torchrun one rank of a data-parallel or, with ``layer_parallel``, pipelined
+    run, where only rank 0 reports and writes), calibrates or resumes (refusing changed options but those in
+    ``changing``), trains ``cfg.epochs`` epochs, and says what it does through ``say`` (a line of text) and
+    ``log`` (each epoch's record)."""
+    import contextlib
+
+    from bsdgraph.parallel.distributed import launched
+    from bsdgraph.parallel.train_parallel import parallel_trainer, world_rank
+    from bsdgraph.train import rundir
+    from bsdgraph.train.trainer import Trainer, default_backend
+
+    lead = world_rank()[0] == 0
+    say, log = (say or _quiet) if lead else _quiet, (log or _quiet) if lead else _quiet
+    path = model.path if isinstance(model, Model) else model.model.path
+    if not launched() and layer_parallel:
+        raise UsageError("--layer-parallel runs one pipeline stage per process: start it with torchrun "
+                         "--nproc-per-node K -m bsdgraph train ... --layer-parallel")
+    if launched() and compile != "off":
+        raise UsageError("--compile runs on one process only for now")
+    claim = rundir.claim(out, path, resume=resume, force=force, source=source, record=dict(record or {}))
+    with claim if lead else contextlib.nullcontext():
+        if launched():
+            trainer = parallel_trainer(layer_parallel, model, data, cfg, out, rule, backend or default_backend(),
+                                       log=log)
+        else:
+            trainer = Trainer(model, data, cfg, out, rule=rule, backend=backend, log=log, progress=progress,
+                              compile=compile, say=say)
+        if resume:  # an option given on this command line is a change on purpose; an edited TRAIN dict is not
+            trainer.resume(frozenset(changing))
+        else:
+            for syn, (factor, rate) in trainer.initialise().items():
+                say(f"calibrated {syn}: weights x{factor:.3g}, firing {100 * rate:.1f} %")
+        why = getattr(trainer.rt, "compile_why", None)
+        if compile != "off" and why:
+            say(f"compile: {trainer.rt.compile_mode} ({why}); the first step pays for it")
+        comm = getattr(trainer, "comm", None)
+        processes = f", {trainer.mode}-parallel on {comm.world} processes" if comm else ""
+        say(f"training {path} ({trainer.rule}, {trainer.backend} backend{processes}) on {data.name}: "
+            f"{data.n_train} train / {data.n_test} test samples, epochs {trainer.epoch + 1}..{cfg.epochs}")
+        trainer.run()
+    final = trainer.history[-1] if trainer.history else {}
+    summary = (f"test accuracy {100 * final['test_accuracy']:.2f} %" if "test_accuracy" in final
+               else f"test MSE {final.get('test_mse', float('nan')):.5f}")
+    say(f"done: {summary}; checkpoint {trainer.checkpoint_path}; metrics {out / 'metrics.jsonl'}; "
+        f"plots: bsdgraph plot {out}")
+    return trainer
 
 
 def load(run_dir: str | Path, backend: str | None = None) -> Net:
@@ -280,4 +338,4 @@ def _samples(graph: Graph, x, what: str) -> torch.Tensor:
     return x
 
 
-__all__ = ["Net", "fit", "load", "net"]
+__all__ = ["Net", "fit", "load", "net", "train_run"]

@@ -297,3 +297,27 @@ def test_recall_and_export_nir_of_a_run_directory(capsys, tmp_path):
     code, out, err = run(capsys, "recall", str(tmp_path / "r"), "--out", str(tmp_path / "recall.png"))
     assert code == 0 and (tmp_path / "recall.png").stat().st_size > 0, err
     assert run(capsys, "recall", str(model), "--out", str(tmp_path / "x.png"))[0] == 2   # a file needs --checkpoint
+
+
+def test_train_is_a_thin_layer_on_the_api_and_says_what_it_does(capsys, tmp_path, monkeypatch):
+    """`bsdgraph train` runs bsdgraph.api.train_run, the function bsdgraph.fit runs: same trainer, same run
+    directory rules; the command adds its flags and data to the run's record and prints."""
+    import bsdgraph.api as api
+
+    model, npz = small_npz(tmp_path, 0)
+    calls, real = [], api.train_run
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "train_run", spy)
+    code, _, err = run(capsys, "train", str(model), "--npz", str(npz), "--out", str(tmp_path / "r"), "--lr", "0.01")
+    assert code == 0, err
+    (kw,) = calls
+    assert kw["record"]["train_flags"] == {"lr": 0.01} and kw["record"]["data"] == "npz" and not kw["resume"]
+    assert "training " in err and "done: test accuracy" in err   # said through train_run's `say`
+    fit_calls = len(calls)
+    x = np.random.default_rng(0).random((20, 1, 8, 8)).astype(np.float32)
+    api.fit(api.net(str(model)), (x, np.arange(20) % 4), epochs=1, out=tmp_path / "f", progress=False)
+    assert len(calls) == fit_calls + 1 and calls[-1]["record"]["argv"] == ["<python api>"]

@@ -286,7 +286,7 @@ def test_the_reference_runs_a_recurrent_conv_layer_as_written():
     rt = ReferenceRuntime(f, seed=2)
     x = torch.rand(4, 1, 5, 5, generator=torch.Generator().manual_seed(0)) * 2
     env = run_graph(f, Ctx(rt.params, rt.state, f.T, x, None, False, 0), frozenset({Stream.F}))
-    p = rt.params
+    p = {k: v.detach() for k, v in rt.params.items()}
     v, s = torch.zeros(4, 2, 5, 5), torch.zeros(4, 2, 5, 5)
     for t in range(f.T):  # I[t] = conv1(x) + U * s[t-1] (3x3, padding 1); LIF tau 2, v_th 0.2, hard reset
         current = F.conv2d(x, p["conv1.weight"], p["conv1.bias"], padding=1) + F.conv2d(s, p["h1_rec.weight"],

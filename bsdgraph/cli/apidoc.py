@@ -25,7 +25,9 @@ SECTIONS = (
      "A model's `build()` makes a `GraphBuilder`, calls its methods in topological order (each returns the new "
      "node's name) and returns `g.build()`, which validates the graph.", ("GraphBuilder",)),
     ("The notebook API: `bsdgraph.net`, `fit`, `load`, `Net`",
-     "Train and use a network from Python without a model file.", ("net", "fit", "load", "Net")),
+     "Train and use a network from Python without a model file. `bsdgraph train` and `fit` both run "
+     "`bsdgraph.api.train_run`.", ("net", "fit", "load", "Net")),
+    ("The training run: `bsdgraph.api.train_run`", "What `fit` and `bsdgraph train` both call.", ("train_run",)),
     ("Declaring a neuron: `bsdgraph.declare_neuron`", "See docs/neurons.md for the declaration language.",
      ("declare_neuron",)),
     ("The learning rule's options: `bsdgraph.BSDConfig`", "A model file's `BSD` dict, or `--bsd KEY=VALUE`.",
@@ -96,12 +98,13 @@ def _cli() -> list[str]:
 def render_python() -> str:
     """The Python part of docs/api.md (from signatures and docstrings)."""
     import bsdgraph
+    from bsdgraph import api
 
     lines = [HEADER]
     for title, intro, names in SECTIONS:
         lines += [f"## {title}", "", intro, ""]
         for n in names:
-            lines += _entry(n, getattr(bsdgraph, n))
+            lines += _entry(n, getattr(bsdgraph, n, None) or getattr(api, n))
     return "\n".join(lines) + "\n"
 
 

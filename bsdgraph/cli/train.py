@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -33,9 +32,12 @@ def _emit_record(rec: dict, as_json: bool) -> None:
 
 
 def cmd_train(args) -> int:
+    """``bsdgraph train``: the flags, the model file and the data become one ``bsdgraph.api.train_run`` (what
+    ``bsdgraph.fit`` runs too); this command adds the run directory's record of its flags and data, and prints."""
+    from bsdgraph.api import train_run
     from bsdgraph.train import rundir
     from bsdgraph.train.config import TrainConfig
-    from bsdgraph.parallel.train_parallel import world_rank
+    from bsdgraph.train.trainer import tqdm_progress
 
     model = apply_overrides(load_model(args.model), args)
     data = load_data(args, model)
@@ -47,32 +49,12 @@ def cmd_train(args) -> int:
                                  seed=args.seed, init=args.init, schedule=args.schedule,
                                  augment=True if args.augment else None)
     as_json = args.json or not sys.stdout.isatty()
-    lead = world_rank()[0] == 0  # only rank 0 writes, so only rank 0 holds the run directory
-    claim = rundir.claim(out, model.path, resume=args.resume, force=args.force,
-                         record={"argv": sys.argv[1:], "train_flags": given, **data_record(args, model)})
-    with claim if lead else contextlib.nullcontext():
-        return _train(args, model, data, cfg, out, as_json)
-
-
-def _train(args, model, data, cfg, out: Path, as_json: bool) -> int:
-    trainer, lead = _make_trainer(args, model, data, cfg, out, as_json)
-    say = (lambda text: print(text, file=sys.stderr)) if lead else (lambda text: None)
-    if args.resume:  # an option given on this command line is a change on purpose; an edited TRAIN dict is not
-        trainer.resume(frozenset(args.changing))
-    else:
-        for syn, (factor, rate) in trainer.initialise().items():
-            say(f"calibrated {syn}: weights x{factor:.3g}, firing {100 * rate:.1f} %")
-    why = getattr(trainer.rt, "compile_why", None)
-    if args.compile != "off" and why:
-        say(f"compile: {trainer.rt.compile_mode} ({why}); the first step pays for it")
-    say(f"training {model.path} ({args.rule}, {trainer.backend} backend{_processes(trainer)}) on {data.name}: "
-        f"{data.n_train} train / {data.n_test} test samples, epochs {trainer.epoch + 1}..{cfg.epochs}")
-    history = trainer.run()
-    final = history[-1] if history else {}
-    summary = (f"test accuracy {100 * final['test_accuracy']:.2f} %" if "test_accuracy" in final
-               else f"test MSE {final.get('test_mse', float('nan')):.5f}")
-    say(f"done: {summary}; checkpoint {trainer.checkpoint_path}; metrics {out / 'metrics.jsonl'}; "
-        f"plots: bsdgraph plot {out}")
+    train_run(model, data, cfg, out, rule=args.rule, backend=args.backend, resume=args.resume, force=args.force,
+              changing=frozenset(args.changing), compile=args.compile, layer_parallel=args.layer_parallel,
+              record={"argv": sys.argv[1:], "train_flags": given, **data_record(args, model)},
+              log=lambda rec: _report(rec, as_json), say=lambda text: print(text, file=sys.stderr),
+              # the bar goes to stderr whenever that is a terminal: `train | tee log` keeps it
+              progress=tqdm_progress())
     return 0
 
 
@@ -92,37 +74,6 @@ def _remembered_flags(args, manifest: dict) -> None:
     for k, v in (manifest.get("train_flags") or {}).items():
         if k in TRAIN_FLAGS and getattr(args, k) in (None, False):
             setattr(args, k, v)
-
-
-def _make_trainer(args, model, data, cfg, out, as_json):
-    """(trainer, whether this process reports): one process, or under torchrun (RANK and WORLD_SIZE set) one
-    rank of a data-parallel or (--layer-parallel) pipelined run; only rank 0 prints and writes."""
-    from bsdgraph.parallel.distributed import launched
-    from bsdgraph.train.trainer import Trainer, default_backend, tqdm_progress
-
-    def report(rec: dict) -> None:
-        _report(rec, as_json)
-
-    if not launched():
-        if args.layer_parallel:
-            raise UsageError("--layer-parallel runs one pipeline stage per process: start it with torchrun "
-                             "--nproc-per-node K -m bsdgraph train ... --layer-parallel")
-        return Trainer(model, data, cfg, out, rule=args.rule, backend=args.backend, log=report,
-                       # the bar goes to stderr whenever that is a terminal: `train | tee log` keeps it
-                       progress=tqdm_progress(), compile=args.compile), True
-    if args.compile != "off":
-        raise UsageError("--compile runs on one process only for now")
-    from bsdgraph.parallel.train_parallel import parallel_trainer, world_rank
-
-    lead = world_rank()[0] == 0
-    trainer = parallel_trainer(args.layer_parallel, model, data, cfg, out, args.rule,
-                               args.backend or default_backend(), log=report if lead else (lambda rec: None))
-    return trainer, lead
-
-
-def _processes(trainer) -> str:
-    comm = getattr(trainer, "comm", None)
-    return f", {trainer.mode}-parallel on {comm.world} processes" if comm else ""
 
 
 def _report(rec: dict, as_json: bool) -> None:
