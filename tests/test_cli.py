@@ -321,3 +321,16 @@ def test_train_is_a_thin_layer_on_the_api_and_says_what_it_does(capsys, tmp_path
     x = np.random.default_rng(0).random((20, 1, 8, 8)).astype(np.float32)
     api.fit(api.net(str(model)), (x, np.arange(20) % 4), epochs=1, out=tmp_path / "f", progress=False)
     assert len(calls) == fit_calls + 1 and calls[-1]["record"]["argv"] == ["<python api>"]
+
+
+def test_a_notebook_gets_a_progress_bar_though_its_stderr_is_no_terminal(monkeypatch):
+    import io
+    import sys
+    import types
+
+    from bsdgraph.train.trainer import tqdm_progress
+
+    assert tqdm_progress(io.StringIO()) is None
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))  # what a Jupyter kernel has loaded
+    bar = tqdm_progress(io.StringIO())
+    assert bar is not None and list(bar(iter([1, 2, 3]), 3, 0)) == [1, 2, 3]

@@ -383,13 +383,22 @@ def step_values(rt, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, Any], d
     return result.losses, result.rates
 
 
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (its stderr is no terminal, yet a bar shows in the notebook)."""
+    return "ipykernel" in sys.modules
+
+
 def tqdm_progress(stream=None, what: str | None = None):
-    """A tqdm progress bar when ``stream`` (default: stderr at call time) is a terminal, else None: per epoch
+    """A tqdm progress bar when ``stream`` (default: stderr at call time) is a terminal or the process is a Jupyter
+    kernel (tqdm.auto: a notebook widget where ipywidgets is installed, text otherwise), else None: per epoch
     (``progress(it, total, epoch)``), or, given ``what``, one bar so named (``progress(it, total)``)."""
     stream = stream if stream is not None else sys.stderr
-    if not stream.isatty():
+    if not stream.isatty() and not in_notebook():
         return None
-    from tqdm import tqdm
+    if stream.isatty():
+        from tqdm import tqdm
+    else:
+        from tqdm.auto import tqdm
 
     if what is not None:
         return lambda it, total: tqdm(it, total=total, desc=what, leave=False, file=stream)
