@@ -137,3 +137,16 @@ def test_a_stream_needs_a_test_split(tmp_path):
     x, y = toy_data(50)
     with pytest.raises(UserError, match="a streamed training set needs test="):
         fit(net(toy_graph()), _Samples(x, y), out=tmp_path / "r", progress=False)
+
+
+def test_plot_of_a_fit_run_draws_curves_and_says_why_there_is_no_raster(tmp_path, capsys):
+    """A run bsdgraph.fit trained on arrays held in Python: `bsdgraph plot RUN` draws what the run directory holds
+    and says why it draws no raster (it does not fall back to Fashion-MNIST, which a model of other inputs refuses)."""
+    from bsdgraph.cli.main import main
+
+    x, y = toy_data()
+    fit(net(toy_graph()), (x, y), epochs=1, out=tmp_path / "run", progress=False)
+    assert main(["plot", str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert "curves.png" in out and "rates.png" in out and "raster.png" not in out
+    assert "no raster: the run trained on data held in Python (arrays)" in err

@@ -139,6 +139,9 @@ def cmd_plot(args) -> int:
     return 0
 
 
+DATA_ORIGINS = ("npz", "text", "idx")   # what `bsdgraph train` records of data it can read again (cli/common.py)
+
+
 def _plot_samples(args, run: Path, ck: Path, records: list[dict]) -> list[Path]:
     """raster.png (BSD runs) and reconstructions.png (autoencoders) of test samples, from the checkpoint's own
     graph and weights. The model file runs only when the user names it (--model): a checkpoint is data, and the
@@ -152,9 +155,15 @@ def _plot_samples(args, run: Path, ck: Path, records: list[dict]) -> list[Path]:
     graph = from_json(doc["graph"])  # the graph trained, whatever --bsd / --lif options made it
     recorded_data(args, rundir.manifest(run))  # the --npz / --text / --data-dir the run trained on
     model = load_model(args.model) if args.model else _model_of_checkpoint(doc, graph)
-    if not args.model and rundir.manifest(run).get("data") == "model" and not (args.npz or args.data_dir):
+    origin = rundir.manifest(run).get("data")
+    named = args.npz or args.data_dir or getattr(args, "text", None)
+    if not args.model and origin == "model" and not named:
         print(f"note: no raster: the run trained on its model file's own data(), and bsdgraph does not run a model "
               f"file you did not name; pass --model (e.g. --model {run / 'model_source.py'})", file=sys.stderr)
+        return []
+    if origin not in (None, "model", *DATA_ORIGINS) and not named:  # bsdgraph.fit on data held in Python
+        print(f"note: no raster: the run trained on data held in Python ({origin}), which the run directory does "
+              "not keep; pass the test data as --npz FILE to draw one", file=sys.stderr)
         return []
     data = load_data(args, model)
     i = args.sample
