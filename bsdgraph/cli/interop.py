@@ -29,7 +29,7 @@ from bsdgraph.cli.common import apply_overrides, count, number, trained_graph
 from bsdgraph.cli.train import model_edits
 from bsdgraph.compiler.model_file import load_model
 from bsdgraph.train.data import DataError
-from bsdgraph.compiler.program import forward_of
+from bsdgraph.compiler.feedback import forward_of
 from bsdgraph.ir.graph import Graph, Op
 from bsdgraph.ir.printer import format_graph
 

@@ -159,13 +159,18 @@ def _current_parts(f: Graph, current: str) -> tuple[str | None, str | None, str 
     return bn, add, rec, tuple(syns)
 
 
+def forward_of(bsd: Graph) -> Graph:
+    """The forward network F inside a BSD graph: its F nodes and the edges between them."""
+    return bsd.replace(nodes=[n for n in bsd.nodes if n.stream == Stream.F],
+                       edges=[e for e in bsd.edges if bsd[e.src].stream == Stream.F and bsd[e.dst].stream == Stream.F])
+
+
 def segment(f: Graph) -> list[Layer]:
     """Cut F into layers at its neurons, in topological order (layer L ends in the output); raise ``GraphError``
     on a shape BSD cannot pair. A chain gives layers 1..L bottom-up; a residual network one layer per neuron.
     Given a BSD graph, segments its F."""
     if any(n.stream != Stream.F for n in f.nodes):
-        f = f.replace(nodes=[n for n in f.nodes if n.stream == Stream.F],
-                      edges=[e for e in f.edges if f[e.src].stream == Stream.F and f[e.dst].stream == Stream.F])
+        f = forward_of(f)
     inputs = f.by_op(Op.INPUT)
     if len(inputs) != 1:
         raise GraphError([Diagnostic(None, None, f"expected one input, got {len(inputs)}", "BSD maps one stimulus")])

@@ -14,10 +14,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from bsdgraph.compiler.codegen import StepCode, gradient_step, predict_step, training_step
-from bsdgraph.compiler.feedback import BSDConfig, derive_feedback
+from bsdgraph.compiler.feedback import BSDConfig, derive_feedback, forward_of
 from bsdgraph.compiler.lower import lower
 from bsdgraph.compiler.plan import Plan
-from bsdgraph.ir.graph import Graph, Op, Stream
+from bsdgraph.ir.graph import Graph, Op
 from bsdgraph.ir.validate import validate
 
 RULES = ("bsd", "bptt")
@@ -54,12 +54,6 @@ def compile_model(model, rule: str = "bsd", *, dedup: bool | None = None, time_i
     bsd = derive_feedback(forward, cfg)
     return compile_graph(bsd, forward=forward, dedup=dedup, time_invariant=time_invariant, bsd_config=cfg,
                          model=None if model is graph else model)
-
-
-def forward_of(bsd: Graph) -> Graph:
-    """The forward network F inside a BSD graph: its F nodes and the edges between them."""
-    return bsd.replace(nodes=[n for n in bsd.nodes if n.stream == Stream.F],
-                       edges=[e for e in bsd.edges if bsd[e.src].stream == Stream.F and bsd[e.dst].stream == Stream.F])
 
 
 def compile_graph(bsd: Graph, *, forward: Graph | None = None, dedup: bool | None = None,
