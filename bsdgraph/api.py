@@ -36,6 +36,7 @@ from bsdgraph.ir.graph import Graph, Op
 from bsdgraph.ir.printer import to_json
 from bsdgraph.train.config import TrainConfig
 from bsdgraph.train.data import Dataset, check_against_model, expects
+from bsdgraph.train.prepare import refuse_stats, with_stats
 
 
 @dataclasses.dataclass
@@ -84,6 +85,7 @@ class Net:
         from bsdgraph.interop.nir_export import export_nir
 
         rt = self._runtime()
+        refuse_stats({"input_stats": getattr(rt, "input_stats", None)}, "this network")
         write_nir(path, export_nir(self.program.graph, rt.params, rt.state))
         return Path(path)
 
@@ -149,8 +151,11 @@ def fit(net: Net, data, *, test=None, epochs: int | None = None, out: str | Path
     trainer = train_run(program, ds, cfg, out, force=overwrite, source=source, backend=backend,
                         record={"argv": ["<python api>"], "data": ds.source},
                         progress=tqdm_progress() if progress else None)
-    net.history = trainer.history
-    net.runtime, net.train = trainer.rt, options
+    net.history, net.train = trainer.history, options
+    if trainer.val is not None and trainer.best_path.is_file():  # the net is the epoch chosen on validation data
+        net.runtime = load(trainer.best_path, backend).runtime
+    else:
+        net.runtime = with_stats(trainer.rt, {"input_stats": trainer.input_stats})
     return net.history
 
 
@@ -175,7 +180,7 @@ def train_run(model: Model | Program, data, cfg: TrainConfig, out: Path, *, rule
     from bsdgraph.parallel.distributed import launched
     from bsdgraph.parallel.train_parallel import parallel_trainer, world_rank
     from bsdgraph.train import rundir
-    from bsdgraph.train.trainer import Trainer, default_backend
+    from bsdgraph.train.trainer import Trainer, best_epoch, default_backend
 
     lead = world_rank()[0] == 0
     say, log = (say or _quiet) if lead else _quiet, (log or _quiet) if lead else _quiet
@@ -207,21 +212,36 @@ def train_run(model: Model | Program, data, cfg: TrainConfig, out: Path, *, rule
             f"{data.n_train} train / {data.n_test} test samples, epochs {trainer.epoch + 1}..{cfg.epochs}")
         trainer.run()
     final = trainer.history[-1] if trainer.history else {}
-    summary = (f"test accuracy {100 * final['test_accuracy']:.2f} %" if "test_accuracy" in final
-               else f"test MSE {final.get('test_mse', float('nan')):.5f}")
-    say(f"done: {summary}; checkpoint {trainer.checkpoint_path}; metrics {out / 'metrics.jsonl'}; "
+    say(f"done: {_metric(final, 'test')}; checkpoint {trainer.checkpoint_path}; metrics {out / 'metrics.jsonl'}; "
         f"plots: bsdgraph plot {out}")
+    best = best_epoch(trainer.history)
+    if best:
+        stop = (f"stopped early after {len(trainer.history)} epochs ({cfg.patience} without a better validation "
+                "result); " if trainer.stopped_early() else "")
+        chosen = trainer.history[best - 1]
+        say(f"{stop}best on the validation split: epoch {best} ({_metric(chosen, 'val')}, "
+            f"{_metric(chosen, 'test')}), kept as {trainer.best_path}")
     return trainer
 
 
+def _metric(record: Mapping[str, Any], split: str) -> str:
+    """A record's accuracy or MSE on ``split`` (test | val), in words."""
+    if f"{split}_accuracy" in record:
+        return f"{split} accuracy {100 * record[f'{split}_accuracy']:.2f} %"
+    return f"{split} MSE {record.get(f'{split}_mse', float('nan')):.5f}"
+
+
 def load(run_dir: str | Path, backend: str | None = None) -> Net:
-    """The trained network of a run directory (its ``checkpoint.pt``), rebuilt from the graph the checkpoint
-    records: no model file is imported. Declared neurons must be declared (``declare_neuron``) before."""
+    """The trained network of a run directory (its ``best.pt`` when the run held out a validation split, else its
+    ``checkpoint.pt``; or the checkpoint file given), rebuilt from the graph the checkpoint records: no model file
+    is imported. Declared neurons must be declared (``declare_neuron``) before."""
     from bsdgraph.ir.printer import from_json
     from bsdgraph.train.checkpoint import load_checkpoint, require
     from bsdgraph.train.trainer import default_backend, make_runtime
 
-    path = Path(run_dir) / "checkpoint.pt" if Path(run_dir).is_dir() else Path(run_dir)
+    path = Path(run_dir)
+    if path.is_dir():  # a run that held out a validation split kept its best epoch apart
+        path = path / "best.pt" if (path / "best.pt").is_file() else path / "checkpoint.pt"
     ck = require(load_checkpoint(path), path, ("graph", "rule", "params", "state", "epoch"))
     graph = from_json(ck["graph"])
     if ck["rule"] == "bptt":
@@ -231,7 +251,7 @@ def load(run_dir: str | Path, backend: str | None = None) -> Net:
     cfg = TrainConfig.from_model(dict(ck.get("train", {})))
     rt = make_runtime(program, backend or default_backend(), cfg, params=ck["params"], state=ck["state"],
                       training=False)
-    return Net(program, dict(ck.get("train", {})), rt, list(ck.get("history", [])))
+    return Net(program, dict(ck.get("train", {})), with_stats(rt, ck), list(ck.get("history", [])))
 
 
 # ---------------------------------------------------------------------------------------------------- data

@@ -73,7 +73,7 @@ def data_args(p: argparse.ArgumentParser) -> None:
 
 
 def apply_overrides(model, args):
-    """--lif / --encoding / --bsd edits of the model (pure graph passes, re-validated). Every problem of every
+    """--lif / --encoding / --bsd / --batchnorm edits of the model (pure graph passes, re-validated). Every problem of every
     flag is one usage line naming the flag (the model file validated before the edit, so the flags are to blame)."""
     import dataclasses
 
@@ -99,6 +99,10 @@ def apply_overrides(model, args):
         raise UsageError(*problems)
     if args.encoding:
         graph = set_attrs(graph, Op.INPUT, encoding=args.encoding)
+    if getattr(args, "batchnorm", False):
+        from bsdgraph.compiler.passes import insert_batchnorm
+
+        graph = insert_batchnorm(graph)
     _note_unused_lams(graph, cfg, bsd)
     return dataclasses.replace(model, graph=graph, bsd=cfg)
 

@@ -27,6 +27,7 @@ import torch
 from bsdgraph.tools import outputs
 from bsdgraph.cli.common import apply_overrides, count, number, trained_graph
 from bsdgraph.cli.train import model_edits
+from bsdgraph.train.prepare import refuse_stats
 from bsdgraph.compiler.model_file import load_model
 from bsdgraph.train.data import DataError
 from bsdgraph.compiler.feedback import forward_of
@@ -69,6 +70,7 @@ def load_network(path: str, dt: float | None = None, steps: int | None = None, c
     source = checkpoint or decl.weights
     if source:
         doc = require(load_checkpoint(source), source, ("params", "state"))
+        refuse_stats(doc, source)
         params, state = doc["params"], doc["state"]
         check_weights(model.graph, params, state, source)
         return Loaded(model.graph, params, state, decl.readout, model.bsd)
@@ -114,6 +116,7 @@ def _run_weights(args, bsd: Graph) -> Loaded:
 
     path = Path(args.checkpoint) if args.checkpoint else Path(args.model) / "checkpoint.pt"
     doc = require(load_checkpoint(path), path, ("params", "state"))
+    refuse_stats(doc, path)
     check_weights(bsd, doc["params"], doc["state"], str(path))
     return Loaded(forward_of(bsd), doc["params"], doc["state"], None, BSDConfig())
 

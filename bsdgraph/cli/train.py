@@ -45,9 +45,10 @@ def cmd_train(args) -> int:
     given = _train_flags(args)  # before the run's own are filled in: what this command changes on purpose
     if args.resume:
         _remembered_flags(args, rundir.manifest(out))
-    cfg = TrainConfig.from_model(model.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                 seed=args.seed, init=args.init, schedule=args.schedule,
-                                 augment=True if args.augment else None)
+    cfg = TrainConfig.from_model(model.train, **_train_options(args), epochs=args.epochs,
+                                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, init=args.init,
+                                 schedule=args.schedule, augment=True if args.augment else None,
+                                 val_split=args.val_split, patience=args.patience)
     as_json = args.json or not sys.stdout.isatty()
     train_run(model, data, cfg, out, rule=args.rule, backend=args.backend, resume=args.resume, force=args.force,
               changing=frozenset(args.changing), compile=args.compile, layer_parallel=args.layer_parallel,
@@ -58,13 +59,29 @@ def cmd_train(args) -> int:
     return 0
 
 
-TRAIN_FLAGS = ("lr", "batch_size", "seed", "init", "schedule", "augment")
+TRAIN_FLAGS = ("lr", "batch_size", "seed", "init", "schedule", "augment", "val_split", "patience", "train_options")
+
+
+def _train_options(args) -> dict:
+    """``--train KEY=VALUE`` options, typed by TrainConfig's fields (a bad one is a usage error, exit 2); a flag
+    of its own (--lr, --val-split) wins over the same key here."""
+    import dataclasses
+
+    from bsdgraph.compiler import options
+    from bsdgraph.train.config import TrainConfig
+
+    schema = {f.name: options.Option(type(f.default)) for f in dataclasses.fields(TrainConfig)}
+    values, problems = options.parse("--train", args.train_options, schema)
+    if problems:
+        raise UsageError(*problems)
+    return {k: v for k, v in values.items() if getattr(args, k, None) is None}
 
 
 def _train_flags(args) -> dict:
-    """The training options given on the command line (the run directory records them)."""
+    """The training options given on the command line (the run directory records them); what they change is
+    named by TrainConfig key (a --train option by its own key)."""
     given = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) not in (None, False)}
-    args.changing = sorted(given)
+    args.changing = sorted([k for k in given if k != "train_options"] + list(_train_options(args)))
     return given
 
 
@@ -186,9 +203,11 @@ def _run_model(args, data: bool = True):
     from bsdgraph.train import rundir
 
     run = Path(args.model)
-    if args.lif or args.bsd or args.encoding:
-        raise UsageError("--lif / --bsd / --encoding edit a model file; a run directory keeps what it trained")
-    args.checkpoint = args.checkpoint or str(run / "checkpoint.pt")
+    if args.lif or args.bsd or args.encoding or args.batchnorm:
+        raise UsageError("--lif / --bsd / --encoding / --batchnorm edit a model file; a run directory keeps what "
+                         "it trained")
+    # a run that held out a validation split is evaluated at its best epoch on it (best.pt), unless told otherwise
+    args.checkpoint = args.checkpoint or str(run / "best.pt" if (run / "best.pt").is_file() else run / "checkpoint.pt")
     doc, graph = run_checkpoint(run, args.checkpoint)
     program = compile_graph(graph) if doc["rule"] == "bsd" else compile_model(graph, doc["rule"])
     if data:
@@ -263,6 +282,14 @@ def _train_parser(sub) -> None:
     t.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule over epochs (default: "
                    "the model's TRAIN, else constant)")
     t.add_argument("--augment", action="store_true", help="random +-2 px shifts and horizontal flips (images)")
+    t.add_argument("--val-split", type=number(0, 1), metavar="F", help="hold out this fraction of the training "
+                   "split (the same samples for every seed), evaluate it after each epoch and keep the best epoch "
+                   "as RUN_DIR/best.pt (default: the model's TRAIN, else none)")
+    t.add_argument("--patience", type=count(1), metavar="N", help="with --val-split: stop after N epochs without a "
+                   "better validation result (default: the model's TRAIN, else train all epochs)")
+    t.add_argument("--train", action="append", metavar="KEY=VALUE", dest="train_options", help="set any training "
+                   "option (e.g. --train standardize=true, --train layer_lr=1,1,0.5,0.5, --train weight_decay=0); "
+                   "repeatable; the keys are the TRAIN dict's (docs/api.md)")
     model_edits(t)
     data_args(t)
     t.add_argument("--limit-train", type=count(1), metavar="N", help="train on the first N samples only")
@@ -288,6 +315,8 @@ def model_edits(p) -> None:
     p.add_argument("--bsd", action="append", metavar="KEY=VALUE", help="set a BSD option (e.g. --bsd "
                    "negatives=other_class, --bsd distill_on=membrane, --bsd freq=False); repeatable")
     p.add_argument("--encoding", choices=["direct", "poisson", "sequence"], help="override the input encoding")
+    p.add_argument("--batchnorm", action="store_true", help="insert a batchnorm between every synapse and the "
+                   "neurons it feeds (where the model has none; B mirrors each)")
 
 
 def _plot_parser(sub) -> None:
@@ -312,6 +341,7 @@ def _eval_parser(sub) -> None:
     e.add_argument("model", metavar="MODEL.py|RUN_DIR", help="a model file (with --checkpoint), or a run directory: "
                    "its checkpoint, its graph and the data it trained on")
     e.add_argument("--checkpoint", metavar="FILE", help="the checkpoint to evaluate (default with a run directory: "
+                   "RUN_DIR/best.pt, the best epoch on the validation split, if the run held one out, else "
                    "RUN_DIR/checkpoint.pt)")
     e.add_argument("--backend", choices=BACKENDS)
     model_edits(e)
@@ -370,7 +400,8 @@ def register(sub) -> None:
                        description="Run B of a trained BSD checkpoint on every class code and save its bottom "
                                    "reconstruction (the stimulus it generates) as an image grid.")
     r.add_argument("model", metavar="MODEL.py|RUN_DIR", help="a model file (with --checkpoint) or a run directory")
-    r.add_argument("--checkpoint", metavar="FILE", help="default with a run directory: RUN_DIR/checkpoint.pt")
+    r.add_argument("--checkpoint", metavar="FILE", help="default with a run directory: RUN_DIR/best.pt if the run "
+                   "kept one, else RUN_DIR/checkpoint.pt")
     r.add_argument("--out", default="recall.png", metavar="FILE.png")
     r.add_argument("--force", action="store_true", help="replace FILE.png even if bsdgraph did not write it")
     model_edits(r)

@@ -46,6 +46,10 @@ class BSDConfig:
     lam_low: float = 0.3
     lam_high: float = 0.9
     reco_rows: str = "sample"        # sample (one cosine per sample over T*D) | step (one per step: [T*B, D] rows)
+    # per-layer lam: one value per hidden ReCo layer 1..L-1, bottom to top (overrides lam there); () lam everywhere
+    layer_lam: tuple[float, ...] = ()
+    # label smoothing s of the top CE: the target is (1 - s) one-hot + s / classes (BPTT's CE takes it too)
+    label_smoothing: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> BSDConfig:
@@ -55,6 +59,8 @@ class BSDConfig:
         if unknown:
             raise GraphError([Diagnostic(None, None, f"unknown BSD option(s) {unknown}",
                                          f"known: {', '.join(sorted(known))}")])
+        if isinstance(d.get("layer_lam"), list):  # a list in a BSD dict or a run's JSON record
+            d["layer_lam"] = tuple(d["layer_lam"])
         return cls(**d)
 
 
@@ -434,15 +440,20 @@ def _losses(f: Graph, layers: list[Layer], vhat, bneuron, cfg: BSDConfig) -> tup
         add("mse0", Op.MSE, [x.name, vhat[0]], layer=0)
     elif cfg.recall:
         add("reco0", Op.RECO, [x.name, vhat[0]], layer=0, distill_on="current", freq=split[0], **reco)
+    if cfg.layer_lam and len(cfg.layer_lam) != len(layers) - 1:
+        raise GraphError([Diagnostic(None, None, f"BSD option layer_lam has {len(cfg.layer_lam)} values, but "
+                                     f"{f.name} has {len(layers) - 1} hidden ReCo layer(s)",
+                                     "give one lam per hidden layer, bottom to top, or drop layer_lam")])
     for layer in layers[:-1]:
         l, membrane = layer.index, cfg.distill_on == "membrane"
         srcs = [layer.neuron, bneuron[l]] if membrane else [layer.current, vhat[l]]
-        add(f"reco{l}", Op.RECO, srcs, layer=l, distill_on=cfg.distill_on, freq=split[l], **reco)
+        lam = cfg.layer_lam[l - 1] if cfg.layer_lam else cfg.lam
+        add(f"reco{l}", Op.RECO, srcs, layer=l, distill_on=cfg.distill_on, freq=split[l], **{**reco, "lam": lam})
     out = f.by_op(Op.OUTPUT)[0]
     top = len(layers)
     if out.attrs["task"] == "classification":
         add(f"ce{top}", Op.CE, [out.name], layer=top, population=out.attrs["population"],
-            per_step=out.attrs["target"] == "sequence")
+            per_step=out.attrs["target"] == "sequence", smoothing=cfg.label_smoothing)
     else:
         add(f"mse{top}", Op.MSE, [out.name], layer=top, per_step=out.attrs["target"] == "sequence")
     return nodes, edges
@@ -514,6 +525,14 @@ def check_config(cfg: BSDConfig) -> None:
         v = getattr(cfg, k)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             diags.append(Diagnostic(None, None, f"BSD option {k} must be a finite number >= 0, got {v!r}", ""))
+    if not (isinstance(cfg.layer_lam, tuple) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                     and math.isfinite(v) and v >= 0 for v in cfg.layer_lam)):
+        diags.append(Diagnostic(None, None, f"BSD option layer_lam must be numbers >= 0 (one per hidden layer), "
+                                f"got {cfg.layer_lam!r}", ""))
+    s = cfg.label_smoothing
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 1:
+        diags.append(Diagnostic(None, None, f"BSD option label_smoothing must be in [0, 1), got {s!r}",
+                                "0.1 is the usual value"))
     if cfg.reco_rows == "step" and (cfg.freq is True or cfg.negatives == "other_class"):
         diags.append(Diagnostic(None, None, "reco_rows='step' compares single steps; it does not combine with "
                                 "freq=True or negatives='other_class'", "drop one of the options"))
@@ -567,6 +586,16 @@ class Pair:
     b_side: str | None
     f_params: tuple[str, ...]
     b_params: tuple[str, ...]
+
+
+def layer_of_params(g: Graph) -> dict[str, int]:
+    """Parametric node -> the layer l >= 1 whose learning rate it takes (``layer_lr``): in a BSD graph, the layer
+    of the loss that trains it (the recall loss, layer 0, counts as layer 1: it trains B's bottom synapse); in F
+    alone (BPTT), the layer its synapse, batchnorm or recurrent synapse belongs to."""
+    if any(n.op in GroupOp.LOSS for n in g.nodes):
+        return {p: max(pair.layer, 1) for pair in pairing(g) for p in pair.f_params + pair.b_params}
+    return {node: layer.index for layer in segment(g)
+            for node in (*layer.synapses, layer.bn, layer.rec) if node is not None}
 
 
 def pairing(g: Graph) -> list[Pair]:

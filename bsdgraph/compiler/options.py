@@ -16,7 +16,8 @@ BOOLEANS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0
 
 @dataclass(frozen=True)
 class Option:
-    """What one key accepts: a type (bool, int, float or str) and, for a choice, its values."""
+    """What one key accepts: a type (bool, int, float, str, or tuple: comma-separated numbers) and, for a choice,
+    its values."""
 
     type: type
     choices: tuple[Any, ...] | None = None
@@ -60,6 +61,8 @@ def convert(raw: str, option: Option) -> Any:
         if not math.isfinite(value):
             raise ValueError(f"expected a finite number, got {raw!r}")
         return value
+    if option.type is tuple:  # a list of numbers, one per layer: "0.3,0.6,0.9" (empty: none)
+        return tuple(convert(part.strip(), Option(float)) for part in raw.split(",")) if raw.strip() else ()
     if option.choices is not None and raw not in option.choices:
         raise ValueError(f"expected one of {', '.join(map(str, option.choices))}, got {raw!r}")
     return raw

@@ -38,3 +38,31 @@ def set_hidden_width(g: Graph, width: int) -> Graph:
         nodes.append(node.replace(shape=shapes[n.name]))
     order = {n.name: i for i, n in enumerate(g.nodes)}
     return validate(g.replace(nodes=sorted(nodes, key=lambda n: order[n.name])))
+
+
+def insert_batchnorm(g: Graph) -> Graph:
+    """A batchnorm between every synapse and the neurons it feeds directly (``--batchnorm``; the paper's CNN and
+    RNN place one after each synapse): ``linear -> lif`` becomes ``linear -> bn_<linear> -> lif``, and B mirrors
+    each. A layer that already has one, a recurrent layer's sum and the top synapse (it feeds the output, not
+    neurons) are left alone."""
+    from bsdgraph.ir.graph import Edge, FrozenAttrs, GroupOp, Node, default_attrs
+
+    names = {n.name for n in g.nodes}
+    inserted: dict[str, Node] = {}
+    edges = []
+    for e in g.edges:
+        src, dst = g[e.src], g[e.dst]
+        if src.op in GroupOp.SYNAPSE and dst.op in (Op.LIF, Op.NEURON) and e.delay == 0 and src.name in inserted:
+            edges.append(Edge(inserted[src.name].name, e.dst, e.port, e.delay, e.detach))  # a second reader
+        elif src.op in GroupOp.SYNAPSE and dst.op in (Op.LIF, Op.NEURON) and e.delay == 0:
+            name = f"bn_{src.name}"
+            while name in names:
+                name += "_"
+            names.add(name)
+            attrs = default_attrs(Op.BATCHNORM, num_features=src.shape[0] if src.shape else 0)
+            inserted[src.name] = Node(name, Op.BATCHNORM, FrozenAttrs(attrs), src.shape, src.stream)
+            edges += [Edge(src.name, name), Edge(name, e.dst, e.port, e.delay, e.detach)]
+        else:
+            edges.append(e)
+    nodes = [m for n in g.nodes for m in ((n, inserted[n.name]) if n.name in inserted else (n,))]
+    return validate(g.replace(nodes=nodes, edges=edges))

@@ -210,7 +210,9 @@ ATTRS: dict[Op, tuple[Attr, ...]] = {
         _a("rows", str, "sample", ("sample", "step")),
     ),
     # per_step: the top current of step t is classified against y[:, t] (target='sequence')
-    Op.CE: (_a("layer", int, required=True), _a("population", int, 1), _a("per_step", bool, False)),
+    # smoothing: label smoothing of the target distribution, (1 - s) one-hot + s / classes (0: none)
+    Op.CE: (_a("layer", int, required=True), _a("population", int, 1), _a("per_step", bool, False),
+            _a("smoothing", _NUM, 0.0)),
     Op.MSE: (_a("layer", int, required=True), _a("per_step", bool, False)),
 }
 

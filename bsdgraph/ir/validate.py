@@ -215,7 +215,7 @@ def _positive(n: Node, *keys: str) -> Iterable[tuple[str, str]]:
             yield f"{k} must be > 0, got {v!r}", f"use a positive {k}"
 
 
-@check(Op.INPUT, Op.TARGET, Op.FLATTEN, Op.ADD, Op.CE, Op.MSE)
+@check(Op.INPUT, Op.TARGET, Op.FLATTEN, Op.ADD, Op.MSE)
 def _no_params(n: Node, g: Graph) -> Iterable[tuple[str, str]]:
     if n.op == Op.TARGET and n.attrs["population"] < 1:
         yield f"population must be >= 1, got {n.attrs['population']}", ""
@@ -313,6 +313,12 @@ def _output(n: Node, g: Graph):
     elif a["target"] not in ("analog", "sequence"):
         yield (f"regression needs target 'analog' or 'sequence', got {a['target']!r}",
                "use g.output(x, task='regression'), or target='sequence' for one target per step")
+
+
+@check(Op.CE)
+def _ce(n: Node, g: Graph):
+    if not 0 <= n.attrs["smoothing"] < 1:
+        yield f"smoothing must be in [0, 1), got {n.attrs['smoothing']!r}", "0.1 is the usual label smoothing"
 
 
 @check(Op.RECO)

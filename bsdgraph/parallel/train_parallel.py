@@ -159,6 +159,11 @@ def parallel_trainer(layer_parallel: bool, model, data, cfg, out, rule: str, bac
         raise TrainingError(f"--rule {rule} trains on one process only; multi-process training runs BSD")
     if backend == "reference":
         raise TrainingError("multi-process training runs the plan executor: use --backend cpu (or triton)")
+    unsupported = [k for k, on in (("layer_lr", cfg.layer_lr), ("val_split", cfg.val_split),
+                                   ("standardize", cfg.standardize)) if on]
+    if unsupported:  # the gathered checkpoint holds one optimiser group; selection and statistics are rank 0's
+        raise TrainingError(f"{', '.join(unsupported)} run(s) on one process only for now: train without "
+                            "torchrun, or without these options")
     comm = Comm.from_env(want_cuda=backend == "triton" and torch.cuda.is_available())
     cls = PipelineTrainer if layer_parallel else DataParallelTrainer
     if not layer_parallel and cfg.batch_size < comm.world:

@@ -19,16 +19,18 @@ class BPTTRuntime(ReferenceRuntime):
 
     name = "bptt"
 
-    def __init__(self, f: Graph, *args, **kwargs):
+    def __init__(self, f: Graph, *args, smoothing: float = 0.0, **kwargs):
+        """``smoothing``: label smoothing of the top CE (BSD's ``label_smoothing``, so both rules learn one loss)."""
         if any(e.detach for e in f.edges):
             raise ValueError("BPTT trains the forward network F: pass the graph from build(), not the BSD graph")
         keep_freed_memory()  # as the cpu backend does: timings of BSD and BPTT compare like with like
         super().__init__(f, *args, **kwargs)
-        self.out = f.by_op(Op.OUTPUT)[0]
+        self.out, self.smoothing = f.by_op(Op.OUTPUT)[0], smoothing
 
     def loss(self, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.out.attrs["task"] == "classification":
-            return class_loss(v, y, self.out.attrs["population"], self.out.attrs["target"] == "sequence")
+            return class_loss(v, y, self.out.attrs["population"], self.out.attrs["target"] == "sequence",
+                              self.smoothing)
         pred = readout(self.out, v)
         return F.mse_loss(pred, y.to(v.dtype).reshape(pred.shape))
 

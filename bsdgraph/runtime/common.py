@@ -35,6 +35,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8           # torch's AdamW default
     clip: float = 1.0           # max gradient norm per parametric node ("per layer"); 0 disables
+    layer_lr: tuple[float, ...] = ()  # lr multipliers of F's layers 1..L (and of B's mirrors of each); () all 1
 
 
 @dataclass(frozen=True)
@@ -88,15 +89,45 @@ def readout(out: Node, v: torch.Tensor) -> torch.Tensor:
     return regression_prediction(v, out.attrs["target"] == "sequence")
 
 
-def make_optimizer(params: Params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """torch's AdamW with its state created now (``create_state``).
+def make_optimizer(params: Params, cfg: OptimConfig, graph: Graph | None = None) -> torch.optim.Optimizer:
+    """torch's AdamW with its state created now (``create_state``); with ``cfg.layer_lr``, one parameter group per
+    layer of ``graph`` whose ``lr`` is the base rate times the layer's multiplier, kept as its ``lr_scale``.
 
     fused: one kernel per parameter instead of ~10 elementwise ops; measured 3.1x faster on CPU than the default
     single-tensor AdamW (8 tensors of 1024x784, 1 thread: 73 -> 23 ms per step)."""
-    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+    optimizer = torch.optim.AdamW(param_groups(params, cfg, graph), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                   weight_decay=cfg.weight_decay, fused=True)
     create_state(optimizer)
     return optimizer
+
+
+def param_groups(params: Params, cfg: OptimConfig, graph: Graph | None) -> list[dict]:
+    """AdamW's parameter groups: all in one, or one per ``cfg.layer_lr`` multiplier (ValueError when the count of
+    multipliers is not the graph's count of layers)."""
+    if not cfg.layer_lr:
+        return [{"params": list(params.values()), "lr_scale": 1.0}]
+    from bsdgraph.compiler.feedback import layer_of_params
+
+    layers = layer_of_params(graph)
+    count = max(layers.values(), default=0)
+    if len(cfg.layer_lr) != count:
+        raise ValueError(f"layer_lr has {len(cfg.layer_lr)} multiplier(s), but {graph.name} has {count} layer(s): "
+                         "give one per layer, bottom to top")
+    groups: dict[float, list] = {}
+    for name, p in params.items():
+        groups.setdefault(cfg.layer_lr[layers[name.rsplit(".", 1)[0]] - 1], []).append(p)
+    return [{"params": ps, "lr": cfg.lr * m, "lr_scale": m} for m, ps in groups.items()]
+
+
+def lr_scales(optimizer: torch.optim.Optimizer) -> dict[int, float]:
+    """id(parameter) -> its group's learning-rate multiplier (1 without ``layer_lr``)."""
+    return {id(p): group.get("lr_scale", 1.0) for group in optimizer.param_groups for p in group["params"]}
+
+
+def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate from the base rate ``lr`` (times the group's ``lr_scale``)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def create_state(optimizer: torch.optim.Optimizer) -> None:

@@ -24,7 +24,9 @@ from bsdgraph.compiler.program import Program, as_program
 from bsdgraph.env import validate_launches
 from bsdgraph.ir.graph import Op
 from bsdgraph.ir.params import Params, init_params, init_state
-from bsdgraph.runtime.common import ExecutionError, OptimConfig, StepResult, make_optimizer, readout, step_seed
+from bsdgraph.runtime.common import (
+    ExecutionError, OptimConfig, StepResult, lr_scales, make_optimizer, readout, set_group_lrs, step_seed,
+)
 from bsdgraph.runtime.context import Ctx, Kernel
 from bsdgraph.runtime.neurons import prepare as prepare_neurons
 
@@ -108,7 +110,8 @@ class Executor:
         base = params if params is not None else init_params(self.graph, seed)
         self.params = {k: v.detach().to(self.device, torch.float32).clone() for k, v in base.items()}
         self.state = {k: v.to(self.device).clone() for k, v in (state or init_state(self.graph)).items()}
-        self.optimizer = make_optimizer(self.params, self.opt_cfg)
+        self.optimizer = make_optimizer(self.params, self.opt_cfg, self.graph)
+        self._lr_scale = {k: lr_scales(self.optimizer)[id(p)] for k, p in self.params.items()}
         self.steps = 0
         self.compile_mode, self.compile_why = resolve_compile(compile, self.device)
         if self.compile_mode != "off":
@@ -153,13 +156,13 @@ class Executor:
         """The objects kernels keep across steps (the optimiser's launches update it in place)."""
         cfg = self.opt_cfg
         return {"optimizer": self.optimizer, "clip": cfg.clip, "lr": self._lr if self.compile_mode != "off" else None,
-                "hyper": {"betas": cfg.betas, "weight_decay": cfg.weight_decay, "eps": cfg.eps}}
+                "hyper": {"betas": cfg.betas, "weight_decay": cfg.weight_decay, "eps": cfg.eps,
+                          "lr_scale": self._lr_scale}}
 
     def set_lr(self, lr: float) -> None:
         """The learning rate from now on: the optimizer's group (its state_dict), and the tensor a compiled step
         reads (a Python float would be a constant of the graph: a new value, a new compile)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_group_lrs(self.optimizer, lr)
         self._lr.fill_(lr)
 
     def context(self, la: Launch, training: bool) -> Ctx:

@@ -12,8 +12,9 @@ Exactness: unclipped nodes are bit-identical to ``optimizer.step()`` (same kerne
 clipped ones differ by the rounding of g / (1 / c) against g * c (relative ~1e-7 on the gradient).
 
 The fast path applies to float32 CPU parameters whose state torch has already created (from the second update
-on; the first goes through ``optimizer.step()``), with one parameter group and no amsgrad; otherwise, or on a
-torch without the private op, ``step_per_node`` returns False and the caller takes the plain path.
+on; the first goes through ``optimizer.step()``), and no amsgrad; otherwise, or on a
+torch without the private op, ``step_per_node`` returns False and the caller takes the plain path. Parameter groups
+(``layer_lr``: one per layer) differ only in their learning rate, which each node's call takes from its group.
 """
 
 from __future__ import annotations
@@ -51,18 +52,21 @@ def step_per_node(optimizer: torch.optim.Optimizer, owned: dict[str, torch.nn.Pa
     """AdamW on ``owned`` (name -> parameter; ``grads`` by the same names), clipped per node; False if not done."""
     if not _applies(optimizer, owned):
         return False
-    group = optimizer.param_groups[0]
+    group = optimizer.param_groups[0]  # betas, eps and weight decay are every group's; lr is per group
     beta1, beta2 = group["betas"]
+    lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]} if len(
+        optimizer.param_groups) > 1 else None
     nodes: dict[str, list[str]] = {}
     for name in owned:
         nodes.setdefault(name.rsplit(".", 1)[0], []).append(name)
     for names in nodes.values():
         params, gs = [owned[k] for k in names], [grads[k] for k in names]
+        lr = group["lr"] if lrs is None else lrs[id(params[0])]  # a node's parameters share their layer's group
         states = [optimizer.state[p] for p in params]
         steps = [s["step"] for s in states]
         torch._foreach_add_(steps, 1)
         _FUSED(params, gs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [], steps,
-               amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
+               amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
                eps=group["eps"], maximize=False, grad_scale=_inverse_clip(gs, max_norm), found_inf=None)
     return True
 
@@ -77,13 +81,14 @@ def traced_step(optimizer: torch.optim.Optimizer, owned: dict[str, torch.nn.Para
     runtime's ``OptimConfig``), not from the optimizer's param group: torch.compile guards on the version of
     every dict it reads, and setting the group's lr would then recompile the step."""
     beta1, beta2 = hyper["betas"]
-    lr, wd, eps = lr_tensor, hyper["weight_decay"], hyper["eps"]
+    wd, eps, lr_scale = hyper["weight_decay"], hyper["eps"], hyper.get("lr_scale", {})
     nodes: dict[str, list[str]] = {}
     for name in owned:
         nodes.setdefault(name.rsplit(".", 1)[0], []).append(name)
     for names in nodes.values():
         scale = _inverse_clip([grads[k] for k in names], max_norm)
         for k in names:
+            lr = lr_tensor * lr_scale[k] if lr_scale.get(k, 1.0) != 1.0 else lr_tensor  # a layer_lr multiplier
             p, state = owned[k], optimizer.state[owned[k]]
             g = grads[k] if scale is None else grads[k] / scale
             state["step"].add_(1)
@@ -105,10 +110,8 @@ def _inverse_clip(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor | 
 
 
 def _applies(optimizer: torch.optim.Optimizer, owned: dict[str, torch.nn.Parameter]) -> bool:
-    if _FUSED is None or len(optimizer.param_groups) != 1:
-        return False
-    group = optimizer.param_groups[0]
-    if not group.get("fused") or group.get("amsgrad") or group.get("maximize"):
+    if _FUSED is None or any(not group.get("fused") or group.get("amsgrad") or group.get("maximize")
+                             for group in optimizer.param_groups):
         return False
     return all(p.device.type == "cpu" and p.dtype == torch.float32 and "exp_avg" in optimizer.state.get(p, {})
                for p in owned.values())

@@ -101,14 +101,21 @@ def _reco(n: Node, args, labels):
 
 
 def _ce(n: Node, args, labels):
-    return class_loss(args[0], labels, n.attrs["population"], n.attrs["per_step"])
+    return class_loss(args[0], labels, n.attrs["population"], n.attrs["per_step"], n.attrs["smoothing"])
 
 
-def class_loss(v: torch.Tensor, labels: torch.Tensor, population: int, per_step: bool) -> torch.Tensor:
+def class_loss(v: torch.Tensor, labels: torch.Tensor, population: int, per_step: bool,
+               smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy of the top current: of the time-mean scores against y [B], or of each step's scores against
-    y [B, T] (the mean over all B*T steps)."""
+    y [B, T] (the mean over all B*T steps); ``smoothing`` s: against (1 - s) one-hot + s / classes."""
     z = class_scores(v, population, per_step)
-    return F.cross_entropy(z.reshape(-1, z.shape[-1]), labels.reshape(-1))
+    return F.cross_entropy(z.reshape(-1, z.shape[-1]), labels.reshape(-1), label_smoothing=smoothing)
+
+
+def smoothed_targets(labels: torch.Tensor, classes: int, smoothing: float, dtype: torch.dtype) -> torch.Tensor:
+    """The target distribution of ``class_loss``: softmax(z) minus this is its gradient by z (times 1/rows)."""
+    hot = F.one_hot(labels, classes).to(dtype)
+    return hot if not smoothing else hot * (1 - smoothing) + smoothing / classes
 
 
 def regression_prediction(v: torch.Tensor, per_step: bool) -> torch.Tensor:

@@ -248,7 +248,7 @@ class ReferenceRuntime:
         base = params if params is not None else init_params(g, seed)
         self.params = {k: v.detach().to(self.device).clone().requires_grad_(True) for k, v in base.items()}
         self.state = {k: v.to(self.device).clone() for k, v in (state or init_state(g)).items()}
-        self.optimizer = make_optimizer(self.params, self.opt_cfg)
+        self.optimizer = make_optimizer(self.params, self.opt_cfg, g)
         self.steps = 0
 
     def _ctx(self, x, y, training: bool) -> Ctx:

@@ -25,7 +25,7 @@ from bsdgraph.registry import registrar
 from bsdgraph.runtime.common import encode_input, encode_target
 from bsdgraph.runtime.context import Ctx, Grouping
 from bsdgraph.runtime.local_adamw import adamw_step
-from bsdgraph.runtime.losses import band_split, class_loss, class_scores, per_sample, per_step
+from bsdgraph.runtime.losses import band_split, class_loss, class_scores, per_sample, per_step, smoothed_targets
 from bsdgraph.runtime.reco_dedup import reco_loss_grad_dedup
 from kernels.ref.encode import poisson_encode
 from bsdgraph.ir.neurons import neuron_of
@@ -477,15 +477,15 @@ def cross_entropy(ctx: Ctx, *ins):
     n = ctx.node
     (v,), args = loss_operands(ctx, ins)
     labels = args[LABELS]
-    k = n.attrs["population"]
+    k, s = n.attrs["population"], n.attrs["smoothing"]
     if n.attrs["per_step"]:  # step t's current classified against y[:, t]; the loss is the mean over B*T steps
         z = v.transpose(0, 1)
-        loss = class_loss(v, labels, 1, True)
-        dz = (torch.softmax(z, -1) - F.one_hot(labels, z.shape[-1]).to(z.dtype)) / labels.numel()
+        loss = class_loss(v, labels, 1, True, s)
+        dz = (torch.softmax(z, -1) - smoothed_targets(labels, z.shape[-1], s, z.dtype)) / labels.numel()
         return loss_outputs(ctx, loss, [dz.transpose(0, 1).contiguous()], args)
     z = class_scores(v, k)
-    loss = F.cross_entropy(z, labels)
-    dz = (torch.softmax(z, 1) - F.one_hot(labels, z.shape[1]).to(z.dtype)) / z.shape[0]
+    loss = F.cross_entropy(z, labels, label_smoothing=s)
+    dz = (torch.softmax(z, 1) - smoothed_targets(labels, z.shape[1], s, z.dtype)) / z.shape[0]
     # z = mean over T and over each class's k neurons: every contributing V element gets dz / (T k)
     dv = dz.repeat_interleave(k, dim=1) / (ctx.T * k)
     return loss_outputs(ctx, loss, [dv.unsqueeze(0).expand_as(v).contiguous()], args)

@@ -113,6 +113,18 @@ def _state(v):
     return why
 
 
+@field("input_stats")
+def _input_stats(v):
+    if not (isinstance(v, dict) and set(v) == {"mean", "std"}):
+        return "must be the stimulus's mean and std (train/prepare.py)"
+    why = _tensors(v, "input statistics")
+    if why is None and not bool((v["std"] > 0).all()):
+        why = "std holds values <= 0"
+    if why is None and v["mean"].shape != v["std"].shape:
+        why = f"mean {list(v['mean'].shape)} and std {list(v['std'].shape)} differ in shape"
+    return why
+
+
 @field("rng")
 def _rng(v):
     size = torch.Generator().get_state().numel()
@@ -163,6 +175,7 @@ _ADAMW = {
                         and all(_is_number(b) and math.isfinite(b) and 0 <= b < 1 for b in x)),
     "eps": lambda x: _is_number(x) and math.isfinite(x) and x > 0,
     "weight_decay": lambda x: _is_number(x) and math.isfinite(x) and x >= 0,
+    "lr_scale": lambda x: x is None or (_is_number(x) and math.isfinite(x) and x > 0),  # layer_lr's multiplier
     "amsgrad": lambda x: x is False,
     "maximize": lambda x: x is False,
 }
@@ -213,8 +226,25 @@ def _fit(doc: dict[str, Any]) -> list[str]:
     if "graph" in doc and "params" in doc:
         out += _fit_graph(doc)
     if "optimizer" in doc and "params" in doc:
-        out += _fit_optimizer(doc["optimizer"], list(doc["params"].values()))
+        out += _fit_optimizer(doc["optimizer"], _in_optimizer_order(doc))
     return out
+
+
+def _in_optimizer_order(doc: dict[str, Any]) -> list[torch.Tensor]:
+    """The weights in the order the optimiser numbers them: that of its parameter groups, one per ``layer_lr``
+    multiplier of the run (runtime/common.py param_groups), else the weights' own order."""
+    params = list(doc["params"].values())
+    layer_lr = (doc.get("train") or {}).get("layer_lr") if isinstance(doc.get("train"), dict) else None
+    if not layer_lr or "graph" not in doc:
+        return params
+    from bsdgraph.ir.printer import from_json
+    from bsdgraph.runtime.common import OptimConfig, param_groups
+
+    try:
+        groups = param_groups(doc["params"], OptimConfig(layer_lr=tuple(layer_lr)), from_json(doc["graph"]))
+    except (ValueError, KeyError):  # multipliers that do not fit the graph: _fit_optimizer names the mismatch
+        return params
+    return [p for g in groups for p in g["params"]]
 
 
 def _fit_graph(doc: dict[str, Any]) -> list[str]:

@@ -32,6 +32,16 @@ class TrainConfig:
     init_band: tuple[float, float] = TARGET_BAND
     augment: bool = False           # random +-2 px shifts and horizontal flips of image inputs
     eval_batch_size: int = 1000
+    # model selection (docs/experiments.md, "Accuracy levers"): a fraction of the training split held out as a
+    # validation split (a fixed draw, the same for every seed), evaluated after each epoch; best.pt keeps the epoch
+    # best on it, and with patience > 0 training stops after that many epochs without a better one
+    val_split: float = 0.0
+    patience: int = 0
+    # the stimulus shifted and scaled by the training split's mean and standard deviation (per channel of an image,
+    # per feature of a flat sample); the statistics travel in the checkpoint and are applied wherever it is used
+    standardize: bool = False
+    # learning-rate multipliers of F's layers 1..L (bottom to top; B's mirrors of a layer take its value); () all 1
+    layer_lr: tuple[float, ...] = ()
 
     @classmethod
     def from_model(cls, train: dict[str, Any], **overrides: Any) -> TrainConfig:
@@ -40,8 +50,9 @@ class TrainConfig:
         if unknown:
             raise TrainingError(f"unknown TRAIN option(s) {unknown} in the model file; known: {sorted(known)}")
         merged = {**train, **{k: v for k, v in overrides.items() if v is not None}}
-        if isinstance(merged.get("init_band"), list):  # a band written as [lo, hi]
-            merged["init_band"] = tuple(merged["init_band"])
+        for key in ("init_band", "layer_lr"):  # written as lists in a TRAIN dict (and in a checkpoint's JSON)
+            if isinstance(merged.get(key), list):
+                merged[key] = tuple(merged[key])
         cfg = cls(**merged)
         cfg.check()
         return cfg
@@ -61,11 +72,21 @@ class TrainConfig:
         band = self.init_band
         bad += [f"init_band={band!r}"] if not (isinstance(band, tuple) and len(band) == 2 and all(map(_is_number, band))
                                                and 0 < band[0] < band[1] < 1) else []
+        bad += [f"val_split={self.val_split!r}"] if not (_is_number(self.val_split) and 0 <= self.val_split < 1) else []
+        bad += [f"patience={self.patience!r}"] if not (_is_int(self.patience) and self.patience >= 0) else []
+        bad += [f"standardize={self.standardize!r}"] if not isinstance(self.standardize, bool) else []
+        bad += [f"layer_lr={self.layer_lr!r}"] if not (isinstance(self.layer_lr, tuple) and all(
+            _is_number(m) and 0 < m <= 100 for m in self.layer_lr)) else []
         if bad:
             raise TrainingError(f"invalid training option(s): {', '.join(bad)} (epochs/batch sizes are integers "
                                 ">= 1, 0 < lr < 10, 0 <= weight_decay < 10, clip >= 0 (0: off), seed a 64-bit "
                                 "integer, augment True|False, schedule constant|cosine, init default|calibrated, "
-                                "init_band a pair of firing rates 0 < lo < hi < 1)")
+                                "init_band a pair of firing rates 0 < lo < hi < 1, 0 <= val_split < 1, patience "
+                                "an integer >= 0 (0: off), standardize True|False, layer_lr multipliers 0 < m <= "
+                                "100, one per layer)")
+        if self.patience and not self.val_split:
+            raise TrainingError(f"patience={self.patience} stops training when the validation split stops "
+                                "improving, but there is none: set val_split too (e.g. --val-split 0.1)")
 
     def lr_at(self, epoch: int) -> float:
         if self.schedule == "cosine" and self.epochs > 1:
@@ -73,7 +94,7 @@ class TrainConfig:
         return self.lr
 
     def optim(self) -> OptimConfig:
-        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, clip=self.clip)
+        return OptimConfig(lr=self.lr, weight_decay=self.weight_decay, clip=self.clip, layer_lr=self.layer_lr)
 
 
 def _is_int(v: Any) -> bool:

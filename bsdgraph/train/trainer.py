@@ -20,11 +20,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bsdgraph.runtime.common import set_group_lrs
 from bsdgraph.train.calibrate import calibrate
 from bsdgraph.train.checkpoint import (
     CheckpointError, load_checkpoint, remove_stale_temporaries, require, save_checkpoint,
 )
 from bsdgraph.train.data import Dataset, augment, batches
+from bsdgraph.train.prepare import holdout, input_stats, standardize, standardized, with_stats
 from bsdgraph.ir.graph import GroupOp, Op, Stream
 from bsdgraph.compiler.model_file import Model
 from bsdgraph.compiler.program import Program, compile_model
@@ -90,7 +92,11 @@ def make_runtime(program: Program, backend: str, cfg: TrainConfig, params=None, 
         if compile != "off":
             raise TrainingError(f"--compile {compile} compiles the BSD step; --rule bptt runs eagerly")
 
-        return BPTTRuntime(program.forward, params, cfg.optim(), cfg.seed, state, device=device)
+        try:
+            return BPTTRuntime(program.forward, params, cfg.optim(), cfg.seed, state, device=device,
+                               smoothing=program.bsd.label_smoothing)
+        except ValueError as err:  # layer_lr that does not fit the network
+            raise TrainingError(str(err)) from None
     require_backend(backend)
     if compile != "off" and backend != "cpu":
         raise TrainingError(f"--compile {compile} runs with --backend cpu only for now (the {backend} backend's "
@@ -209,12 +215,39 @@ class Trainer:
         self.threads = ThreadTuner(cores(), say=say) if fixed is None and cores() > 1 else None
         if cfg.augment and len(data.sample_shape) != 3:
             raise TrainingError(f"--augment shifts and flips images, but samples have shape {data.sample_shape}")
+        self.val, self.input_stats = self._prepare(data)
         self.rt = self._runtime()
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.epoch, self.history = 0, []
         self.checkpoint_path = self.out / "checkpoint.pt"
+        self.best_path = self.out / "best.pt"  # with a validation split: the epoch best on it
 
     # -- set-up
+    def _prepare(self, data) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, dict | None]:
+        """Hold out the validation split and standardise the stimulus (train/prepare.py), as ``cfg`` asks:
+        (x_val, y_val) or None, the input statistics or None. ``self.data`` becomes what the steps read."""
+        cfg = self.cfg
+        if not (cfg.val_split or cfg.standardize):
+            return None, None
+        wanted = ", ".join(k for k in ("val_split", "standardize") if getattr(cfg, k))
+        if not isinstance(data, Dataset):
+            raise TrainingError(f"{wanted} need(s) the training data in memory (arrays or a Dataset), not a stream")
+        x = self.graph.by_op(Op.INPUT)[0]
+        if cfg.standardize and x.attrs["encoding"] == "poisson":
+            raise TrainingError("standardize shifts the stimulus below 0, but Poisson encoding reads it as a "
+                                "spike probability in [0, 1]: drop standardize or use --encoding direct")
+        if cfg.val_split and data.n_train < 2:
+            raise TrainingError(f"val_split={cfg.val_split} needs at least 2 training samples, got {data.n_train}")
+        val = None
+        if cfg.val_split:
+            data, val = holdout(data, cfg.val_split)
+        stats = input_stats(data.x_train, x.attrs["encoding"] == "sequence") if cfg.standardize else None
+        if stats is not None:
+            data = standardized(data, stats)
+            val = (standardize(val[0], stats), val[1]) if val else None
+        self.data = data
+        return val, stats
+
     def initialise(self) -> dict[str, tuple[float, float]]:
         """Apply ``init = calibrated`` on the first training batch (before any step)."""
         if self.cfg.init != "calibrated":
@@ -263,15 +296,21 @@ class Trainer:
         self.epoch, self.history = ck["epoch"], list(ck["history"])
 
     def _save(self) -> None:
+        payload = self._payload()
+        # best.pt first: a run killed between the two files resumes before this epoch and writes both again
+        if self.val is not None and best_epoch(self.history) == self.epoch:
+            self._write(self.best_path, payload)
+        self._write(self.checkpoint_path, payload)
+
+    def _write(self, path: Path, payload: dict[str, Any]) -> None:
         try:
-            save_checkpoint(self.checkpoint_path, self._payload())
+            save_checkpoint(path, payload)
         except (OSError, MemoryError) as err:  # disk full, quota, read-only, no memory for the serialised copy:
             # save_checkpoint left the previous checkpoint intact
-            kept = (f"it still holds epoch {self.epoch - 1}" if self.checkpoint_path.is_file()
-                    else "no checkpoint was written")
+            kept = ("it still holds an earlier epoch" if path.is_file() else "no checkpoint was written")
             why, fix = ((err.strerror or str(err), "free space") if isinstance(err, OSError) else
                         (f"out of memory: {err}", "free memory or make the model smaller"))
-            raise TrainingError(f"{self.checkpoint_path}: could not write the checkpoint of epoch {self.epoch} "
+            raise TrainingError(f"{path}: could not write the checkpoint of epoch {self.epoch} "
                                 f"({why}); {kept}. Fix: {fix}, then train again with --resume") from None
 
     def _payload(self) -> dict[str, Any]:
@@ -282,6 +321,7 @@ class Trainer:
             "state": {k: v.cpu() for k, v in self.rt.state.items()},
             "optimizer": self.rt.optimizer.state_dict(), "rng": self.gen.get_state(), "epoch": self.epoch,
             "steps": self.rt.steps, "history": self.history,
+            **({"input_stats": self.input_stats} if self.input_stats else {}),
         }
 
     # -- the loop
@@ -289,7 +329,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.checkpoint_path)  # a run killed after its last save has no save to do it
         self._write_metrics(self.history, "w")
-        while self.epoch < self.cfg.epochs:
+        while self.epoch < self.cfg.epochs and not self.stopped_early():
             record = self._epoch()
             self.epoch += 1
             self.history.append(record)
@@ -297,6 +337,11 @@ class Trainer:
             self._write_metrics([record], "a")
             self.log(record)
         return self.history
+
+    def stopped_early(self) -> bool:
+        """Whether ``patience`` epochs have passed since the best validation epoch (training stops there)."""
+        best = best_epoch(self.history)
+        return bool(self.cfg.patience and best and len(self.history) - best >= self.cfg.patience)
 
     def _write_metrics(self, records: list[dict], mode: str) -> None:
         """Append records to metrics.jsonl, or ("w") replace it atomically with exactly the checkpoint's history:
@@ -355,8 +400,13 @@ class Trainer:
         seconds = time.perf_counter() - start
         rates = {k: float(v) / n_batches for k, v in rate_sum.items()}
         test = evaluate_batches(self.rt, self.data.test_batches(self.cfg.eval_batch_size))
+        val = {}
+        if self.val is not None:
+            val = {f"val_{k}": v for k, v in evaluate_batches(self.rt, batches(*self.val, self.cfg.eval_batch_size))
+                   .items() if k in ("accuracy", "mse")}
+            val["best_epoch"] = best_epoch([*self.history, {"epoch": self.epoch + 1, **val}])
         return {
-            "epoch": self.epoch + 1, "lr": lr, **{f"test_{k}": v for k, v in test.items()},
+            "epoch": self.epoch + 1, "lr": lr, **{f"test_{k}": v for k, v in test.items()}, **val,
             "losses": {k: float(v) / n_batches for k, v in loss_sum.items()}, "rates": rates,
             "warnings": health_warnings(rates, self.graph, self.cfg.init == "calibrated"),
             "seconds": round(seconds, 3),
@@ -365,13 +415,20 @@ class Trainer:
         }
 
 
+def best_epoch(history: list[dict]) -> int | None:
+    """The epoch (1-based) of the best validation result in ``history``: highest accuracy, or lowest MSE; the
+    earliest of equals. None without validation results."""
+    scored = [(r["val_accuracy"], -r["epoch"]) if "val_accuracy" in r else (-r["val_mse"], -r["epoch"])
+              for r in history if "val_accuracy" in r or "val_mse" in r]
+    return -max(scored)[1] if scored else None
+
+
 def set_lr(rt, lr: float) -> None:
     """The learning rate of ``rt`` from now on (a compiled runtime also keeps it in a tensor its step reads)."""
     if hasattr(rt, "set_lr"):
         rt.set_lr(lr)
         return
-    for group in rt.optimizer.param_groups:
-        group["lr"] = lr
+    set_group_lrs(rt.optimizer, lr)
 
 
 def step_values(rt, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -428,4 +485,4 @@ def load_for_eval(model: Model | Program, checkpoint: Path, backend: str | None 
         raise CheckpointError(f"{checkpoint}: was trained on a different graph than {program.model.path}")
     rt = make_runtime(program, backend or default_backend(), cfg, params=ck["params"], state=ck["state"],
                       training=False)
-    return rt, ck
+    return with_stats(rt, ck), ck
