@@ -108,7 +108,8 @@ def assert_close_params(bsd, ref: dict, got: dict) -> None:
 
 
 @given(any_graph, st.sampled_from([BSDConfig(), BSDConfig(distill_on="membrane"),
-                                   BSDConfig(negatives="other_class", lam=0.3), BSDConfig(recall_loss="reco")]))
+                                   BSDConfig(negatives="other_class", lam=0.3), BSDConfig(recall_loss="reco"),
+                                   BSDConfig(label_smoothing=0.2)]))
 @settings(max_examples=15)
 def test_cpu_gradients_equal_the_reference(f, cfg):
     bsd = derive_feedback(f, cfg)
