@@ -376,3 +376,93 @@ def test_a_bad_grid_is_one_line(tmp_path, capsys):
     assert sweep.main([str(path), str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "seeds must be a non-empty list" in err and "directory names" in err
+
+
+# ------------------------------------------------------------------------------------------ distributed codes
+
+
+def code_graph(k=6, width=40, seed=3, T=3):
+    g = GraphBuilder("code", T=T)
+    h = g.lif(g.linear(g.input((12,)), 32))
+    g.output(g.linear(h, width), classes=5, code=k, code_seed=seed)
+    return g.build()
+
+
+def test_class_codes_are_distinct_k_hot_patterns_fixed_by_their_seed():
+    from bsdgraph.runtime.losses import class_codes
+
+    attrs = {"n_classes": 10, "code_active": 10, "code_seed": 7}
+    codes = class_codes(attrs, 100)
+    assert codes.shape == (10, 100) and torch.equal(codes.sum(1), torch.full((10,), 10.0))
+    assert set(codes.unique().tolist()) == {0.0, 1.0}
+    assert len({tuple(r.tolist()) for r in codes}) == 10
+    assert torch.equal(codes, class_codes(dict(attrs), 100))        # the same seed, the same code
+    assert not torch.equal(codes, class_codes({**attrs, "code_seed": 8}, 100))
+    assert class_codes({"n_classes": 10, "code_active": 0, "code_seed": 0}, 10) is None  # one-hot: no code
+
+
+def test_a_class_code_drives_b_and_each_classs_own_pattern_decodes_to_that_class():
+    from bsdgraph.runtime.common import encode_target, readout
+
+    f = code_graph()
+    bsd = derive_feedback(f, BSDConfig())
+    target = bsd.by_op(Op.TARGET)[0]
+    assert target.attrs["encoding"] == "code" and target.attrs["code_active"] == 6
+    patterns = encode_target(target, torch.arange(5), 3)
+    assert patterns.shape == (3, 5, 40) and torch.equal(patterns.sum(-1), torch.full((3, 5), 6.0))
+    scores = readout(f.by_op(Op.OUTPUT)[0], patterns)
+    assert torch.equal(scores.argmax(1), torch.arange(5))
+    assert torch.allclose(scores.diagonal(), torch.full((5,), 10.0))  # CODE_SCALE x cosine 1 to its own pattern
+    noisy = patterns + 0.3 * torch.randn(patterns.shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(readout(f.by_op(Op.OUTPUT)[0], noisy).argmax(1), torch.arange(5))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_cpu_gradient_of_the_code_ce_equals_autograd_of_the_reference(smoothing):
+    from bsdgraph.runtime.cpu import cpu_runtime
+    from bsdgraph.runtime.reference import ReferenceRuntime
+
+    bsd = derive_feedback(code_graph(), BSDConfig(label_smoothing=smoothing))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.rand(16, 12, generator=gen) * 2, torch.randint(0, 5, (16,), generator=gen)
+    ref, ref_losses, _ = ReferenceRuntime(bsd, seed=4).gradients(x, y)
+    got, got_losses = cpu_runtime(bsd, seed=4).gradients(x, y)
+    assert abs(float(ref_losses["ce2"].detach()) - got_losses["ce2"]) < 1e-5
+    for k in ref:  # float32 rounding of the same arithmetic in another order: 1e-6 of each gradient's scale
+        assert float((ref[k] - got[k]).abs().max()) <= 1e-6 * float(ref[k].abs().max()) + 1e-8, k
+    assert float(ref["fc2.weight"].abs().max()) > 0
+
+
+def test_use_class_code_widens_the_top_linear_and_refuses_what_it_cannot_code(model):
+    from bsdgraph.compiler.passes import use_class_code
+
+    g = use_class_code(model.graph, 10, 100, seed=2)
+    out = g.by_op(Op.OUTPUT)[0]
+    assert g["fc3"].attrs["out_features"] == 100 and out.shape == (100,)
+    assert (out.attrs["target"], out.attrs["n_classes"], out.attrs["code_active"], out.attrs["code_seed"]) == (
+        "code", 4, 10, 2)
+    with pytest.raises(GraphError, match="give only 3 codes for 4 classes"):
+        use_class_code(model.graph, 1, 3)
+    g = GraphBuilder("r", T=2)
+    g.output(g.linear(g.input((4,)), 4), task="regression")
+    with pytest.raises(GraphError, match="a class code replaces"):
+        use_class_code(g.build(), 2, 8)
+
+
+def test_a_class_code_survives_a_nir_round_trip_and_bptt_trains_on_it(data, tmp_path):
+    from bsdgraph.interop.nir_export import export_nir
+    from bsdgraph.interop.nir_import import import_nir
+    from bsdgraph.ir.params import init_params, init_state
+
+    f = code_graph()
+    back = import_nir(export_nir(f, init_params(f, 0), init_state(f))).graph
+    out = back.by_op(Op.OUTPUT)[0]
+    assert {k: out.attrs[k] for k in ("target", "n_classes", "code_active", "code_seed")} == {
+        "target": "code", "n_classes": 5, "code_active": 6, "code_seed": 3}
+    ds = make_synthetic(400, 200, (12,), 5, seed=2)
+    path = tmp_path / "code.py"
+    path.write_text(MODEL.replace("g.output(g.linear(h, 4))", "g.output(g.linear(h, 40), classes=5, code=6)"))
+    # chance is 0.2; measured after 6 epochs: BSD 0.475, BPTT 0.965 (one-hot: 0.605 and 0.97)
+    for rule, floor in (("bsd", 0.35), ("bptt", 0.8)):
+        history = trainer(load_model(path), ds, tmp_path, rule=rule, epochs=6).run()
+        assert history[-1]["test_accuracy"] > floor, (rule, history[-1]["test_accuracy"])

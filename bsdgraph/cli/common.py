@@ -73,8 +73,9 @@ def data_args(p: argparse.ArgumentParser) -> None:
 
 
 def apply_overrides(model, args):
-    """--lif / --encoding / --bsd / --batchnorm edits of the model (pure graph passes, re-validated). Every problem of every
-    flag is one usage line naming the flag (the model file validated before the edit, so the flags are to blame)."""
+    """--lif / --encoding / --bsd / --batchnorm / --class-code edits of the model (pure graph passes,
+    re-validated). Every problem of every flag is one usage line naming the flag (the model file validated before
+    the edit, so the flags are to blame)."""
     import dataclasses
 
     from bsdgraph.compiler.feedback import check_config
@@ -103,6 +104,13 @@ def apply_overrides(model, args):
         from bsdgraph.compiler.passes import insert_batchnorm
 
         graph = insert_batchnorm(graph)
+    if getattr(args, "class_code", None):
+        from bsdgraph.compiler.passes import use_class_code
+
+        try:
+            graph = use_class_code(graph, *args.class_code)
+        except GraphError as err:
+            raise UsageError(*[f"--class-code: {d}" for d in err.diagnostics]) from None
     _note_unused_lams(graph, cfg, bsd)
     return dataclasses.replace(model, graph=graph, bsd=cfg)
 

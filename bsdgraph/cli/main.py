@@ -56,9 +56,9 @@ def _kernels_text(bsd) -> str:
 
 def cmd_compile(args) -> int:
     trained = trained_graph(args.model)   # a run directory: the graph it trained, exactly
-    if trained is not None and (args.lif or args.bsd or args.encoding or args.batchnorm):
-        raise UsageError("--lif / --bsd / --encoding / --batchnorm edit a model file; a run directory shows the "
-                         "graph it trained")
+    if trained is not None and (args.lif or args.bsd or args.encoding or args.batchnorm or args.class_code):
+        raise UsageError("--lif / --bsd / --encoding / --batchnorm / --class-code edit a model file; a run "
+                         "directory shows the graph it trained")
     program = (compile_graph(trained) if trained is not None
                else compile_model(apply_overrides(load_model(args.model), args)))
     bsd, plan = program.graph, program.plan

@@ -203,9 +203,9 @@ def _run_model(args, data: bool = True):
     from bsdgraph.train import rundir
 
     run = Path(args.model)
-    if args.lif or args.bsd or args.encoding or args.batchnorm:
-        raise UsageError("--lif / --bsd / --encoding / --batchnorm edit a model file; a run directory keeps what "
-                         "it trained")
+    if args.lif or args.bsd or args.encoding or args.batchnorm or args.class_code:
+        raise UsageError("--lif / --bsd / --encoding / --batchnorm / --class-code edit a model file; a run "
+                         "directory keeps what it trained")
     # a run that held out a validation split is evaluated at its best epoch on it (best.pt), unless told otherwise
     args.checkpoint = args.checkpoint or str(run / "best.pt" if (run / "best.pt").is_file() else run / "checkpoint.pt")
     doc, graph = run_checkpoint(run, args.checkpoint)
@@ -317,6 +317,21 @@ def model_edits(p) -> None:
     p.add_argument("--encoding", choices=["direct", "poisson", "sequence"], help="override the input encoding")
     p.add_argument("--batchnorm", action="store_true", help="insert a batchnorm between every synapse and the "
                    "neurons it feeds (where the model has none; B mirrors each)")
+    p.add_argument("--class-code", type=class_code, metavar="K:N[:SEED]", help="a distributed class code: the top "
+                   "Linear gets N outputs, each class a fixed random pattern of K of them (drawn by SEED, default "
+                   "0), read out by the cosine to each pattern (instead of one neuron per class)")
+
+
+def class_code(raw: str) -> tuple[int, int, int]:
+    """--class-code K:N[:SEED] as (K, N, SEED); the graph's checks say whether they fit the classifier."""
+    parts = raw.split(":")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 3) or values[0] < 1 or values[1] < 2:
+        raise argparse.ArgumentTypeError(f"expected K:N or K:N:SEED (K >= 1 active of N >= 2 neurons), got {raw!r}")
+    return values[0], values[1], values[2] if len(values) == 3 else 0
 
 
 def _plot_parser(sub) -> None:

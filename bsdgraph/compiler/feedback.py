@@ -392,7 +392,9 @@ def _backward_network(f: Graph, layers: list[Layer]) -> tuple[_B, dict[int, str]
     out = f.by_op(Op.OUTPUT)[0]
     by_neuron = {layer.neuron: layer for layer in layers if layer.neuron}
     target = b.add("target", Op.TARGET, dict(encoding=out.attrs["target"], n_classes=out.attrs["n_classes"],
-                                             population=out.attrs["population"]), out.shape, None)
+                                             population=out.attrs["population"],
+                                             code_active=out.attrs["code_active"], code_seed=out.attrs["code_seed"]),
+                   out.shape, None)
     arriving[out.name] = [_Value("built", target)]
     side, _ = _sides(f)
     for n in reversed(f.topo_order()):
@@ -453,7 +455,8 @@ def _losses(f: Graph, layers: list[Layer], vhat, bneuron, cfg: BSDConfig) -> tup
     top = len(layers)
     if out.attrs["task"] == "classification":
         add(f"ce{top}", Op.CE, [out.name], layer=top, population=out.attrs["population"],
-            per_step=out.attrs["target"] == "sequence", smoothing=cfg.label_smoothing)
+            per_step=out.attrs["target"] == "sequence", smoothing=cfg.label_smoothing,
+            **{k: out.attrs[k] for k in ("n_classes", "code_active", "code_seed")})
     else:
         add(f"mse{top}", Op.MSE, [out.name], layer=top, per_step=out.attrs["target"] == "sequence")
     return nodes, edges

@@ -121,7 +121,7 @@ def can_dedup(g: Graph) -> bool:
     targets = g.by_op(Op.TARGET)
     # per-step ReCo rows mix the T steps of a sample with the batch's: the per-class form has no such rows
     per_step = any(n.attrs["rows"] == "step" for n in g.by_op(Op.RECO))
-    return bool(targets) and targets[0].attrs["encoding"] in ("onehot", "population") and not per_step
+    return bool(targets) and targets[0].attrs["encoding"] in ("onehot", "population", "code") and not per_step
 
 
 GROUP_KERNEL = "group_classes"

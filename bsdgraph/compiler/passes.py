@@ -66,3 +66,22 @@ def insert_batchnorm(g: Graph) -> Graph:
             edges.append(e)
     nodes = [m for n in g.nodes for m in ((n, inserted[n.name]) if n.name in inserted else (n,))]
     return validate(g.replace(nodes=nodes, edges=edges))
+
+
+def use_class_code(g: Graph, active: int, width: int, seed: int = 0) -> Graph:
+    """The classifier's one-hot (or population) target replaced by a distributed code (``--class-code K:N``): the
+    top Linear gets ``width`` outputs, each class a fixed random pattern of ``active`` of them (drawn by ``seed``),
+    read out by the cosine to each pattern. The classes stay the output's."""
+    out = g.by_op(Op.OUTPUT)[0]
+    top = g.inputs(out.name)[0]
+    if out.attrs["task"] != "classification" or out.attrs["target"] == "sequence":
+        raise GraphError([Diagnostic(out.name, out.op, "a class code replaces the code of one class per sample",
+                                     "use it on a classifier (not regression, not a class per step)")])
+    if top.op != Op.LINEAR:
+        raise GraphError([Diagnostic(top.name, top.op, "a class code widens the top synapse, which must be a "
+                                     "Linear", "end build() with g.output(g.linear(h, classes), ...)")])
+    attrs = {**top.attrs, "out_features": width}
+    code = {**out.attrs, "target": "code", "population": 1, "code_active": active, "code_seed": seed}
+    nodes = [top.replace(attrs=attrs, shape=(width,)) if n.name == top.name else
+             out.replace(attrs=code, shape=(width,)) if n.name == out.name else n for n in g.nodes]
+    return validate(g.replace(nodes=nodes))

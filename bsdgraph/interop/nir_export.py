@@ -86,7 +86,8 @@ def _meta(**extra: Any) -> dict[str, Any]:
 @export_rule(Op.INPUT, Op.TARGET)
 def _input(ex: _Export, n: Node):
     nir = nir_module()
-    extra = {k: n.attrs[k] for k in ("encoding", "n_classes", "population") if k in n.attrs}
+    extra = {k: n.attrs[k] for k in ("encoding", "n_classes", "population", "code_active", "code_seed")
+             if k in n.attrs}
     return [(n.name, nir.Input(input_type={"input": np.array(n.shape)}, **_meta(op=n.op.value, **extra)))]
 
 
@@ -239,7 +240,8 @@ def _layer_subgraph(ex: _Export, n: Node, neuron, rec: Node):
 def _output(ex: _Export, n: Node):
     nir = nir_module()
     out = nir.Output(output_type={"output": np.array(n.shape)},
-                     **_meta(**{k: n.attrs[k] for k in ("task", "target", "n_classes", "population")}))
+                     **_meta(**{k: n.attrs[k] for k in ("task", "target", "n_classes", "population", "code_active",
+                                                        "code_seed")}))
     if not ex.readout:
         return [(n.name, out)]
     # an imported model keeps the NIR graph's last neuron as its readout (READOUT): write it back where it was

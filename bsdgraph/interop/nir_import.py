@@ -500,8 +500,10 @@ def _output(ctx: _Import, name: str, node) -> str:
     task = meta.get("task", "classification" if len(shape) == 1 and width >= 2 else "regression")
     population = int(meta.get("population", 1))
     target = meta.get("target", "onehot" if task == "classification" else "analog")
+    code = {k: int(meta.get(k, 0)) for k in ("code_active", "code_seed")}  # a distributed class code, if any
+    classes = int(meta["n_classes"]) if code["code_active"] and "n_classes" in meta else width // max(population, 1)
     return ctx.add(Op.OUTPUT, name, [ctx.src(name)], task=task, target=target, population=population,
-                   n_classes=width // max(population, 1) if task == "classification" else 0)
+                   n_classes=classes if task == "classification" else 0, **code)
 
 
 @import_rule("NIRGraph")

@@ -233,13 +233,17 @@ class GraphBuilder:
         return lif
 
     def output(self, x: str, task: str = "classification", target: str | None = None, population: int = 1,
-               name: str = "out") -> str:
+               name: str = "out", classes: int | None = None, code: int = 0, code_seed: int = 0) -> str:
         """F's concept: the current ``x`` of the top synapse, read out as its mean over steps. ``task``:
         ``classification`` (CE; ``target`` onehot, ``population`` with ``population=k`` neurons per class, or
         ``sequence`` for a class per step) or ``regression`` (MSE; ``analog``, or ``sequence`` per step). The target
-        code is what drives B."""
+        code is what drives B. ``code=k`` with ``classes=C``: a distributed code, each class a fixed random pattern
+        of k active neurons of the top width (drawn by ``code_seed``), read out by the cosine of the top current to
+        each pattern (the paper's Figure 1)."""
         width = math.prod(self._nodes[x].shape)
+        if code:
+            target = target or "code"
         target = target or ("analog" if task != "classification" else "population" if population > 1 else "onehot")
-        n_classes = width // max(population, 1) if task == "classification" else 0
+        n_classes = classes or (width // max(population, 1) if task == "classification" else 0)
         return self.add(Op.OUTPUT, [x], name=name, task=task, target=target, n_classes=n_classes,
-                        population=population)
+                        population=population, code_active=code, code_seed=code_seed)

@@ -161,9 +161,10 @@ ATTRS: dict[Op, tuple[Attr, ...]] = {
     # sequence: the stimulus is [T, *shape] per sample, step t's slice is the current of step t (time series)
     Op.INPUT: (_a("encoding", str, "direct", ("direct", "poisson", "sequence")),),
     Op.TARGET: (
-        _a("encoding", str, "onehot", ("onehot", "population", "analog", "sequence")),
+        _a("encoding", str, "onehot", ("onehot", "population", "analog", "sequence", "code")),
         _a("n_classes", int, 0),
         _a("population", int, 1),
+        _a("code_active", int, 0), _a("code_seed", int, 0),
     ),
     Op.LINEAR: (_a("in_features", int, required=True), _a("out_features", int, required=True), _a("bias", bool, True)),
     Op.CONV2D: (
@@ -198,9 +199,12 @@ ATTRS: dict[Op, tuple[Attr, ...]] = {
         # V_L[t] predicts y[:, t] (sequence-to-sequence, e.g. next-step prediction of a time series);
         # classification: one-hot or population codes of one class per sample, or sequence = one class per step,
         # V_L[t] classified against y[:, t] (e.g. next-character prediction)
-        _a("target", str, "onehot", ("onehot", "population", "analog", "sequence")),
+        _a("target", str, "onehot", ("onehot", "population", "analog", "sequence", "code")),
         _a("n_classes", int, 0),
         _a("population", int, 1),
+        # target 'code': each class is a fixed random pattern of code_active of the top width's neurons, drawn by
+        # code_seed (runtime/losses.py class_codes); the readout is the cosine of the top current to each pattern
+        _a("code_active", int, 0), _a("code_seed", int, 0),
     ),
     Op.RECO: (
         _a("layer", int, required=True), _a("lam", _NUM, 0.6), _a("negatives", str, "all", ("all", "other_class")),
@@ -212,7 +216,7 @@ ATTRS: dict[Op, tuple[Attr, ...]] = {
     # per_step: the top current of step t is classified against y[:, t] (target='sequence')
     # smoothing: label smoothing of the target distribution, (1 - s) one-hot + s / classes (0: none)
     Op.CE: (_a("layer", int, required=True), _a("population", int, 1), _a("per_step", bool, False),
-            _a("smoothing", _NUM, 0.0)),
+            _a("smoothing", _NUM, 0.0), _a("n_classes", int, 0), _a("code_active", int, 0), _a("code_seed", int, 0)),
     Op.MSE: (_a("layer", int, required=True), _a("per_step", bool, False)),
 }
 

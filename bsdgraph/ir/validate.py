@@ -296,9 +296,11 @@ def _neuron(n: Node, g: Graph):
 @check(Op.OUTPUT)
 def _output(n: Node, g: Graph):
     a = n.attrs
-    if a["task"] == "classification":
+    if a["task"] == "classification" and a["target"] == "code":
+        yield from _code(a, math.prod(n.shape) if n.shape else 0)
+    elif a["task"] == "classification":
         if a["target"] not in ("onehot", "population", "sequence"):
-            yield f"classification needs target onehot, population or sequence, got {a['target']!r}", ""
+            yield f"classification needs target onehot, population, code or sequence, got {a['target']!r}", ""
         elif a["target"] == "sequence" and a["population"] != 1:
             yield (f"a per-step class (target='sequence') is one neuron per class, got population={a['population']}",
                    "drop population, or classify once per sample (target='onehot' or 'population')")
@@ -313,6 +315,20 @@ def _output(n: Node, g: Graph):
     elif a["target"] not in ("analog", "sequence"):
         yield (f"regression needs target 'analog' or 'sequence', got {a['target']!r}",
                "use g.output(x, task='regression'), or target='sequence' for one target per step")
+
+
+def _code(a, width: int):
+    """A distributed class code: n_classes distinct patterns of code_active of the ``width`` top neurons."""
+    k, classes = a["code_active"], a["n_classes"]
+    if a["population"] != 1:
+        yield f"a class code (target='code') has no population, got population={a['population']}", ""
+    if classes < 2:
+        yield f"a class code needs n_classes >= 2, got {classes}", "g.output(x, classes=10, code=k)"
+    elif not 1 <= k < width:
+        yield (f"code_active={k} must be between 1 and the top width {width} - 1",
+               "a code is k active neurons of the top layer's n; make the top linear wider than k")
+    elif math.comb(width, k) < classes:
+        yield f"{width} neurons with {k} active give only {math.comb(width, k)} codes for {classes} classes", ""
 
 
 @check(Op.CE)

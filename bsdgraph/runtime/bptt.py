@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from bsdgraph.ir.graph import Graph, Op, Stream
-from bsdgraph.runtime.losses import class_loss
+from bsdgraph.runtime.losses import class_codes, class_loss
 from bsdgraph.runtime.common import StepResult, clip_per_node, rates_of, readout
 from bsdgraph.runtime.heap import keep_freed_memory
 from bsdgraph.runtime.reference import ReferenceRuntime, run_graph
@@ -30,7 +30,7 @@ class BPTTRuntime(ReferenceRuntime):
     def loss(self, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.out.attrs["task"] == "classification":
             return class_loss(v, y, self.out.attrs["population"], self.out.attrs["target"] == "sequence",
-                              self.smoothing)
+                              self.smoothing, class_codes(self.out.attrs, v.shape[-1], v.device))
         pred = readout(self.out, v)
         return F.mse_loss(pred, y.to(v.dtype).reshape(pred.shape))
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from bsdgraph.errors import UserError
 from bsdgraph.ir.graph import Graph, GroupOp, Node, Op
 from bsdgraph.ir.neurons import is_spiking
-from bsdgraph.runtime.losses import class_scores, regression_prediction
+from bsdgraph.runtime.losses import class_codes, class_scores, regression_prediction
 from bsdgraph.ir.params import Params
 
 
@@ -65,7 +65,8 @@ def encode_input(n: Node, x: torch.Tensor, T: int, seed: int) -> torch.Tensor:
 
 
 def encode_target(n: Node, y: torch.Tensor, T: int) -> torch.Tensor:
-    """Labels -> the concept code [T, B, D_L]: one-hot (or a block of ``population`` neurons) at every step;
+    """Labels -> the concept code [T, B, D_L]: one-hot (or a block of ``population`` neurons, or the class's
+    pattern of a distributed code) at every step;
     analog targets (regression) are the top layer's input value at every step, sequence targets [B, T, ...] give
     step t its own value."""
     enc = n.attrs["encoding"]
@@ -73,7 +74,9 @@ def encode_target(n: Node, y: torch.Tensor, T: int) -> torch.Tensor:
         return F.one_hot(y.long(), n.attrs["n_classes"]).to(torch.float32).transpose(0, 1)
     if enc == "sequence":  # one target per step: y is [B, T, ...]
         return y.to(torch.float32).reshape(y.shape[0], T, *n.shape).transpose(0, 1)
-    if enc == "analog":
+    if enc == "code":  # each class's pattern of active neurons
+        code = class_codes(n.attrs, n.shape[0], y.device)[y.long()]
+    elif enc == "analog":
         code = y.to(torch.float32).reshape(y.shape[0], *n.shape)
     else:
         code = F.one_hot(y.long(), n.attrs["n_classes"]).to(torch.float32)
@@ -85,7 +88,8 @@ def encode_target(n: Node, y: torch.Tensor, T: int) -> torch.Tensor:
 def readout(out: Node, v: torch.Tensor) -> torch.Tensor:
     """Top current [T, B, ...] -> predictions: class scores (argmax = class) or regression values."""
     if out.attrs["task"] == "classification":
-        return class_scores(v, out.attrs["population"], out.attrs["target"] == "sequence")
+        return class_scores(v, out.attrs["population"], out.attrs["target"] == "sequence",
+                            class_codes(out.attrs, v.shape[-1], v.device))
     return regression_prediction(v, out.attrs["target"] == "sequence")
 
 

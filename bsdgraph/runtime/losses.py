@@ -82,12 +82,45 @@ def reco_freq_loss(v, v_hat, labels, lam_low: float, lam_high: float, r: float, 
             + reco_loss(per_sample(vh), per_sample(hh), labels, lam_high, negatives, eps))
 
 
-def class_scores(v: torch.Tensor, population: int, per_step: bool = False) -> torch.Tensor:
+# A distributed code's class scores are CODE_SCALE times the cosine of the top current to each class's pattern: in
+# [-10, 10], so that the CE on them can become confident (a cosine alone caps the softmax of 10 classes at 0.25).
+CODE_SCALE = 10.0
+
+
+@functools.lru_cache(maxsize=16)
+def _codes(n_classes: int, width: int, active: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    rows: list[tuple[int, ...]] = []
+    while len(rows) < n_classes:  # distinct patterns (validation checks that enough exist)
+        row = tuple(sorted(torch.randperm(width, generator=gen)[:active].tolist()))
+        if row not in rows:
+            rows.append(row)
+    codes = torch.zeros(n_classes, width)
+    for c, row in enumerate(rows):
+        codes[c, list(row)] = 1.0
+    return codes
+
+
+def class_codes(attrs, width: int, device=None) -> torch.Tensor | None:
+    """The [classes, width] 0/1 patterns of a distributed class code (``target='code'`` on the output, encoding
+    'code' on B's target, or a CE node's copy of them): ``code_active`` random neurons of ``width`` per class,
+    fixed by ``code_seed``; None for other codes."""
+    if not attrs.get("code_active"):
+        return None
+    codes = _codes(attrs["n_classes"], width, attrs["code_active"], attrs["code_seed"])
+    return codes if device is None else codes.to(device)
+
+
+def class_scores(v: torch.Tensor, population: int, per_step: bool = False,
+                 codes: torch.Tensor | None = None) -> torch.Tensor:
     """Top current [T, B, C*k] -> class scores [B, C]: mean over time, then over each class's population block;
-    ``per_step``: the current of each step is that step's scores, [B, T, C]."""
+    ``per_step``: the current of each step is that step's scores, [B, T, C]; ``codes`` [C, D]: CODE_SCALE times
+    the cosine of the time-mean current to each class's pattern."""
     if per_step:
         return v.transpose(0, 1)
     z = v.mean(0)
+    if codes is not None:
+        return CODE_SCALE * F.normalize(z, dim=1, eps=1e-12) @ F.normalize(codes.to(z), dim=1).T
     return z.reshape(z.shape[0], -1, population).mean(-1) if population > 1 else z
 
 
@@ -101,14 +134,16 @@ def _reco(n: Node, args, labels):
 
 
 def _ce(n: Node, args, labels):
-    return class_loss(args[0], labels, n.attrs["population"], n.attrs["per_step"], n.attrs["smoothing"])
+    codes = class_codes(n.attrs, args[0].shape[-1], args[0].device)
+    return class_loss(args[0], labels, n.attrs["population"], n.attrs["per_step"], n.attrs["smoothing"], codes)
 
 
 def class_loss(v: torch.Tensor, labels: torch.Tensor, population: int, per_step: bool,
-               smoothing: float = 0.0) -> torch.Tensor:
+               smoothing: float = 0.0, codes: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the top current: of the time-mean scores against y [B], or of each step's scores against
-    y [B, T] (the mean over all B*T steps); ``smoothing`` s: against (1 - s) one-hot + s / classes."""
-    z = class_scores(v, population, per_step)
+    y [B, T] (the mean over all B*T steps); ``smoothing`` s: against (1 - s) one-hot + s / classes; ``codes``:
+    of the scaled cosines to each class's pattern."""
+    z = class_scores(v, population, per_step, codes)
     return F.cross_entropy(z.reshape(-1, z.shape[-1]), labels.reshape(-1), label_smoothing=smoothing)
 
 

@@ -25,7 +25,9 @@ from bsdgraph.registry import registrar
 from bsdgraph.runtime.common import encode_input, encode_target
 from bsdgraph.runtime.context import Ctx, Grouping
 from bsdgraph.runtime.local_adamw import adamw_step
-from bsdgraph.runtime.losses import band_split, class_loss, class_scores, per_sample, per_step, smoothed_targets
+from bsdgraph.runtime.losses import (
+    CODE_SCALE, band_split, class_codes, class_loss, class_scores, per_sample, per_step, smoothed_targets,
+)
 from bsdgraph.runtime.reco_dedup import reco_loss_grad_dedup
 from kernels.ref.encode import poisson_encode
 from bsdgraph.ir.neurons import neuron_of
@@ -483,12 +485,25 @@ def cross_entropy(ctx: Ctx, *ins):
         loss = class_loss(v, labels, 1, True, s)
         dz = (torch.softmax(z, -1) - smoothed_targets(labels, z.shape[-1], s, z.dtype)) / labels.numel()
         return loss_outputs(ctx, loss, [dz.transpose(0, 1).contiguous()], args)
-    z = class_scores(v, k)
+    codes = class_codes(n.attrs, v.shape[-1], v.device)
+    z = class_scores(v, k, codes=codes)
     loss = F.cross_entropy(z, labels, label_smoothing=s)
     dz = (torch.softmax(z, 1) - smoothed_targets(labels, z.shape[1], s, z.dtype)) / z.shape[0]
+    if codes is not None:  # z = S cos(m, c) of the time-mean current m: back through the cosine to m, then to V
+        dm = cosine_scores_grad(v.mean(0), codes, dz)
+        return loss_outputs(ctx, loss, [(dm / ctx.T).unsqueeze(0).expand_as(v).contiguous()], args)
     # z = mean over T and over each class's k neurons: every contributing V element gets dz / (T k)
     dv = dz.repeat_interleave(k, dim=1) / (ctx.T * k)
     return loss_outputs(ctx, loss, [dv.unsqueeze(0).expand_as(v).contiguous()], args)
+
+
+def cosine_scores_grad(m: torch.Tensor, codes: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """dL/dm of z = CODE_SCALE * (m / |m|) . (c / |c|) given dL/dz [B, C]: with u = m / |m| and cos = u . ĉ,
+    d cos / dm = (ĉ - cos u) / |m|."""
+    norm = m.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    chat = F.normalize(codes.to(m), dim=1)
+    cos = (m / norm) @ chat.T
+    return CODE_SCALE * (dz @ chat - (dz * cos).sum(1, keepdim=True) * (m / norm)) / norm
 
 
 def mse_recall_per_class(ctx: Ctx, *ins):
