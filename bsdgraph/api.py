@@ -36,7 +36,7 @@ from bsdgraph.ir.graph import Graph, Op
 from bsdgraph.ir.printer import to_json
 from bsdgraph.train.config import TrainConfig
 from bsdgraph.train.data import Dataset, check_against_model, expects
-from bsdgraph.train.prepare import refuse_stats, with_stats
+from bsdgraph.train.prepare import in_input_units, refuse_stats, with_stats
 
 
 @dataclasses.dataclass
@@ -77,7 +77,8 @@ class Net:
         rt = self._runtime()
         if self.program.rule != "bsd":
             raise UserError("recall runs the backward network B, which a BPTT network does not have")
-        return recall_images(self.program.graph, rt.params, rt.state)
+        return in_input_units(recall_images(self.program.graph, rt.params, rt.state),
+                              {"input_stats": getattr(rt, "input_stats", None)})
 
     def export_nir(self, path: str | Path) -> Path:
         """Write F with its weights as a NIR file (docs/nir.md says what maps); returns the path."""

@@ -890,7 +890,7 @@ LIF_SPEC = {"tau": float, "v_th": float, "v_reset": float, "reset": ("hard", "so
             "alpha": float}
 BSD_SPEC = {"lam": float, "negatives": ("all", "other_class"), "distill_on": ("current", "membrane"), "eps": float,
             "recall": bool, "recall_loss": ("reco", "mse"), "freq": bool, "freq_r": float, "lam_low": float,
-            "lam_high": float, "reco_rows": ("sample", "step")}
+            "lam_high": float, "reco_rows": ("sample", "step"), "label_smoothing": float, "layer_lam": tuple}
 LIF_DEFAULTS = {"tau": 2.0, "v_th": 0.3, "v_reset": 0.0, "alpha": 2.0}  # TINY_MODEL's one LIF layer
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # where str.splitlines() breaks a line
 
@@ -913,6 +913,15 @@ def _oracle(items: list[str], spec: dict) -> tuple[dict, int]:
                 values[key] = v
             else:
                 bad += 1
+        elif kind is tuple:  # comma-separated finite numbers (nothing: none)
+            try:
+                parts = [float(p) for p in raw.split(",")] if raw else []
+            except ValueError:
+                parts = [math.nan]
+            if all(map(math.isfinite, parts)):
+                values[key] = tuple(parts)
+            else:
+                bad += 1
         elif kind is bool:
             if raw.lower() in BOOLEAN_SPELLINGS:
                 values[key] = raw.lower() in ("true", "1", "yes", "on")
@@ -929,7 +938,10 @@ def _range_problems(lif: dict, bsd: dict) -> int:
     a = {**LIF_DEFAULTS, **lif}
     n = (a["tau"] <= 0) + (a["v_th"] <= a["v_reset"]) + (a["alpha"] <= 0)
     clash = bsd.get("reco_rows") == "step" and (bsd.get("freq") is True or bsd.get("negatives") == "other_class")
-    return n + clash + sum(1 for k in ("lam", "eps", "freq_r", "lam_low", "lam_high") if bsd.get(k, 0.0) < 0)
+    smoothing = not 0 <= bsd.get("label_smoothing", 0.0) < 1
+    negative_lam = any(v < 0 for v in bsd.get("layer_lam", ()))
+    return n + clash + smoothing + negative_lam + sum(1 for k in ("lam", "eps", "freq_r", "lam_low", "lam_high")
+                                                      if bsd.get(k, 0.0) < 0)
 
 
 def test_the_oracle_knows_the_product_schema():
@@ -968,6 +980,8 @@ def _fitting(kind) -> st.SearchStrategy:
                          st.sampled_from(["1e-3", "2", " 0.5 ", "1_0", "+1", ".5"]))
     if kind is bool:
         return _case(st.sampled_from(BOOLEAN_SPELLINGS)).map(lambda v: f" {v}")
+    if kind is tuple:
+        return st.lists(_fitting(float), max_size=3).map(",".join)
     return st.sampled_from(kind)
 
 

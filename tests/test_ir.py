@@ -27,7 +27,8 @@ def test_printer_is_stable_and_shows_shapes_attrs_and_operands():
         "  %fc1 : f32[T,B,4] = linear[in_features=3, out_features=4, bias=True](%x)",
         "  %h1 : f32[T,B,4] = lif[tau=2.0, v_th=0.6, v_reset=0.0, reset=hard, surrogate=atan, alpha=2.0](%fc1)",
         "  %fc2 : f32[T,B,2] = linear[in_features=4, out_features=2, bias=True](%h1)",
-        "  %out : f32[T,B,2] = output[task=classification, target=onehot, n_classes=2, population=1](%fc2)",
+        "  %out : f32[T,B,2] = output[task=classification, target=onehot, n_classes=2, population=1, code_active=0, "
+        "code_seed=0](%fc2)",
         "}",
     ])
 

@@ -155,6 +155,11 @@ def test_standardize_trains_on_standardised_samples_and_every_later_use_applies_
     standardised = (data.x_test - want["mean"]) / want["std"]
     assert torch.equal(rt.predict(data.x_test), raw.predict(standardised))
     assert not torch.equal(raw.predict(data.x_test), raw.predict(standardised))  # it matters here
+    from bsdgraph.train.prepare import in_input_units
+
+    images = torch.randn(4, 12)  # B generates standardised stimuli; recall shows them in the stimulus's own units
+    assert torch.allclose(in_input_units(images, ck), images * want["std"] + want["mean"])
+    assert in_input_units(images, {}) is images
 
 
 def test_standardize_refuses_poisson_input(tmp_path, data):

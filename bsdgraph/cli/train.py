@@ -237,6 +237,7 @@ def cmd_recall(args) -> int:
     from bsdgraph.tools import plot
     from bsdgraph.train.data import FASHION_NAMES
     from bsdgraph.ir.printer import from_json
+    from bsdgraph.train.prepare import in_input_units
     from bsdgraph.train.trainer import load_for_eval
 
     check_picture(args.out, "--out")
@@ -251,7 +252,7 @@ def cmd_recall(args) -> int:
         _, doc = load_for_eval(model, Path(args.checkpoint))  # checks that the checkpoint belongs to this model
     if doc.get("rule") != "bsd":
         raise UsageError(f"{args.checkpoint} was trained with {doc.get('rule')}: it has no backward network")
-    images = plot.recall_images(from_json(doc["graph"]), doc["params"], doc["state"])
+    images = in_input_units(plot.recall_images(from_json(doc["graph"]), doc["params"], doc["state"]), doc)
     names = FASHION_NAMES if len(images) == 10 and "fmnist" in model.path.stem else None
     with outputs.replacing(args.out, args.force, "--out") as tmp:
         plot.plot_recall(images, tmp, names)

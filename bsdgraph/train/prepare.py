@@ -80,3 +80,10 @@ def refuse_stats(checkpoint: dict[str, Any], source: Any) -> None:
         raise UserError(f"{source}: this run standardised its input (standardize=True), and NIR files and "
                         "`bsdgraph run` do not carry the statistics yet; use `bsdgraph eval` or bsdgraph.load, or "
                         "train without standardize")
+
+
+def in_input_units(images: torch.Tensor, checkpoint: dict[str, Any]) -> torch.Tensor:
+    """B's recall [classes, *input shape] in the units of the raw stimulus: a standardised run's B generates
+    standardised input, which is shifted and scaled back for the picture."""
+    stats = checkpoint.get("input_stats")
+    return images if not stats else images * stats["std"] + stats["mean"]

@@ -307,7 +307,8 @@ class Trainer:
             save_checkpoint(path, payload)
         except (OSError, MemoryError) as err:  # disk full, quota, read-only, no memory for the serialised copy:
             # save_checkpoint left the previous checkpoint intact
-            kept = ("it still holds an earlier epoch" if path.is_file() else "no checkpoint was written")
+            held = self.epoch - 1 if path == self.checkpoint_path else best_epoch(self.history[:-1])
+            kept = f"it still holds epoch {held}" if path.is_file() else "no checkpoint was written"
             why, fix = ((err.strerror or str(err), "free space") if isinstance(err, OSError) else
                         (f"out of memory: {err}", "free memory or make the model smaller"))
             raise TrainingError(f"{path}: could not write the checkpoint of epoch {self.epoch} "
