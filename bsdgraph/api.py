@@ -210,7 +210,8 @@ def train_run(model: Model | Program, data, cfg: TrainConfig, out: Path, *, rule
         comm = getattr(trainer, "comm", None)
         processes = f", {trainer.mode}-parallel on {comm.world} processes" if comm else ""
         say(f"training {path} ({trainer.rule}, {trainer.backend} backend{processes}) on {data.name}: "
-            f"{data.n_train} train / {data.n_test} test samples, epochs {trainer.epoch + 1}..{cfg.epochs}")
+            f"{trainer.data.n_train} train{_held_out(trainer)} / {data.n_test} test samples, epochs "
+            f"{trainer.epoch + 1}..{cfg.epochs}")
         trainer.run()
     final = trainer.history[-1] if trainer.history else {}
     say(f"done: {_metric(final, 'test')}; checkpoint {trainer.checkpoint_path}; metrics {out / 'metrics.jsonl'}; "
@@ -223,6 +224,12 @@ def train_run(model: Model | Program, data, cfg: TrainConfig, out: Path, *, rule
         say(f"{stop}best on the validation split: epoch {best} ({_metric(chosen, 'val')}, "
             f"{_metric(chosen, 'test')}), kept as {trainer.best_path}")
     return trainer
+
+
+def _held_out(trainer) -> str:
+    """' + N validation' when the trainer held out a validation split, else nothing."""
+    val = getattr(trainer, "val", None)
+    return f" + {len(val[0])} validation" if val is not None else ""
 
 
 def _metric(record: Mapping[str, Any], split: str) -> str:

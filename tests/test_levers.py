@@ -296,6 +296,7 @@ def test_the_command_line_takes_every_lever_and_eval_of_the_run_uses_best_pt(cli
     records = [json.loads(line) for line in stdout.splitlines()]
     best = records[-1]["best_epoch"]
     assert f"best on the validation split: epoch {best}" in err
+    assert "240 train + 60 validation / 100 test samples" in err
     ck = load_checkpoint(out / "best.pt")
     assert ck["train"]["standardize"] is True and ck["train"]["layer_lr"] == (1.0, 1.0, 2.0)
     assert "input_stats" in ck and any(n.startswith("bn_fc1") for n in ck["state"])
