@@ -472,3 +472,27 @@ def test_a_class_code_survives_a_nir_round_trip_and_bptt_trains_on_it(data, tmp_
     for rule, floor in (("bsd", 0.35), ("bptt", 0.8)):
         history = trainer(load_model(path), ds, tmp_path, rule=rule, epochs=6).run()
         assert history[-1]["test_accuracy"] > floor, (rule, history[-1]["test_accuracy"])
+
+
+def test_plot_of_a_standardised_run_feeds_the_raster_standardised_samples(cli, tmp_path, data, monkeypatch):
+    import numpy as np
+
+    from bsdgraph.tools import plot
+
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=data.x_train.numpy(), y_train=data.y_train.numpy(), x_test=data.x_test.numpy(),
+             y_test=data.y_test.numpy())
+    path = tmp_path / "lev.py"
+    path.write_text(MODEL)
+    out = tmp_path / "run"
+    assert cli("train", path, "--npz", npz, "--out", out, "--epochs", 1, "--train", "standardize=true")[0] == 0
+    seen = {}
+    def raster(graph, params, state, x, *rest):  # what the raster would run F and B on
+        seen["x"] = x
+        return out / "raster.png"
+
+    monkeypatch.setattr(plot, "plot_raster", raster)
+    code, _, err = cli("plot", out)
+    assert code == 0, err
+    stats = load_checkpoint(out / "checkpoint.pt")["input_stats"]
+    assert torch.allclose(seen["x"], (data.x_test[:1] - stats["mean"]) / stats["std"])

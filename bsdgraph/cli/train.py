@@ -166,6 +166,7 @@ def _plot_samples(args, run: Path, ck: Path, records: list[dict]) -> list[Path]:
     from bsdgraph.tools import plot
     from bsdgraph.train import rundir
     from bsdgraph.train.checkpoint import load_checkpoint, require
+    from bsdgraph.train.prepare import standardize
     from bsdgraph.ir.printer import from_json
 
     doc = require(load_checkpoint(ck), ck)
@@ -187,11 +188,14 @@ def _plot_samples(args, run: Path, ck: Path, records: list[dict]) -> list[Path]:
     if not 0 <= i < data.n_test:
         raise UsageError(f"--sample {i} is out of range: the test split has {data.n_test} samples")
     written = []
+    # a standardised run sees its input standardised (the pictures show the originals)
+    seen = (lambda x: standardize(x, doc["input_stats"])) if doc.get("input_stats") else (lambda x: x)
     if model.target == "input":  # an autoencoder: originals beside what F reconstructs
         x = data.x_test[i:i + 10]
-        written.append(plot.plot_reconstructions(x, plot.reconstruct(graph, doc["params"], doc["state"], x), run))
+        written.append(plot.plot_reconstructions(x, plot.reconstruct(graph, doc["params"], doc["state"], seen(x)),
+                                                 run))
     if records[-1].get("rule") == "bsd":
-        written.append(plot.plot_raster(graph, doc["params"], doc["state"], data.x_test[i:i + 1],
+        written.append(plot.plot_raster(graph, doc["params"], doc["state"], seen(data.x_test[i:i + 1]),
                                         data.y_test[i:i + 1], run, data.class_names))
     return written
 
