@@ -125,10 +125,11 @@ def summary(history: list[dict]) -> dict | None:
 def _cell(values: list[float], percent: bool) -> str:
     if not values:
         return "-"
-    scale = 100 if percent else 1
+    scale, digits = (100, 2) if percent else (1, 5)
     mean = statistics.fmean(values) * scale
-    spread = (statistics.stdev(values) * scale) if len(values) > 1 else 0.0
-    return f"{mean:.2f} ± {spread:.2f}" if percent else f"{mean:.5f} ± {spread:.5f}"
+    if len(values) == 1:  # one seed has no spread to show
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
 def table(grid: dict, out: Path) -> str:
@@ -152,7 +153,8 @@ def table(grid: dict, out: Path) -> str:
                      f"{_cell(last, percent)} | "
                      f"{' '.join(flags) or '(none)'} |")
     head = (f"{grid['model']}, flags {' '.join(grid.get('common', []))}; seeds {grid['seeds']}; test "
-            f"{' / '.join(sorted(units)) or 'results'}, mean ± sample standard deviation over the finished seeds.")
+            f"{' / '.join(sorted(units)) or 'results'}, mean ± sample standard deviation over the finished seeds "
+            "(one seed: its value).")
     return head + "\n\n" + "\n".join(lines) + "\n"
 
 
