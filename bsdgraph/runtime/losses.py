@@ -107,8 +107,8 @@ def class_codes(attrs, width: int, device=None) -> torch.Tensor | None:
     fixed by ``code_seed``; None for other codes."""
     if not attrs.get("code_active"):
         return None
-    codes = _codes(attrs["n_classes"], width, attrs["code_active"], attrs["code_seed"])
-    return codes if device is None else codes.to(device)
+    # a copy: the cached patterns must survive whatever a caller does with its tensor
+    return _codes(attrs["n_classes"], width, attrs["code_active"], attrs["code_seed"]).to(device, copy=True)
 
 
 def class_scores(v: torch.Tensor, population: int, per_step: bool = False,
