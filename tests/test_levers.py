@@ -496,3 +496,19 @@ def test_plot_of_a_standardised_run_feeds_the_raster_standardised_samples(cli, t
     assert code == 0, err
     stats = load_checkpoint(out / "checkpoint.pt")["input_stats"]
     assert torch.allclose(seen["x"], (data.x_test[:1] - stats["mean"]) / stats["std"])
+
+
+def test_fit_with_a_validation_split_leaves_the_net_at_its_best_epoch(tmp_path, data, monkeypatch):
+    import bsdgraph
+
+    monkeypatch.setenv("BSDGRAPH_THREADS", "1")  # the measured history below is one thread's
+
+    path = tmp_path / "lev.py"
+    path.write_text(MODEL)
+    net = bsdgraph.net(str(path))
+    history = bsdgraph.fit(net, (data.x_train, data.y_train), test=(data.x_test, data.y_test), epochs=5,
+                           out=tmp_path / "fit", progress=False, val_split=0.2, standardize=True)
+    best = best_epoch(history)
+    # measured: epoch 4 is the best on validation (53.3 %), its test accuracy 57 %, the last epoch's 56 %
+    assert best == 4 and history[3]["test_accuracy"] != history[4]["test_accuracy"]
+    assert net.evaluate((data.x_test, data.y_test))["accuracy"] == history[best - 1]["test_accuracy"]
