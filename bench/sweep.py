@@ -111,8 +111,8 @@ def records(where: Path) -> list[dict]:
 
 
 def summary(history: list[dict]) -> dict | None:
-    """(metric name, higher is better, chosen record, last record) of one run's history: chosen = the best
-    validation epoch (the record names it), or the last epoch without a validation split."""
+    """One run's metric ("accuracy" or "mse"), chosen record, last record and whether it was validated: chosen =
+    the best validation epoch (the record names it), or the last epoch without a validation split."""
     if not history:
         return None
     last = history[-1]

@@ -78,7 +78,7 @@ class Net:
         if self.program.rule != "bsd":
             raise UserError("recall runs the backward network B, which a BPTT network does not have")
         return in_input_units(recall_images(self.program.graph, rt.params, rt.state),
-                              {"input_stats": getattr(rt, "input_stats", None)})
+                              getattr(rt, "input_stats", None))
 
     def export_nir(self, path: str | Path) -> Path:
         """Write F with its weights as a NIR file (docs/nir.md says what maps); returns the path."""
@@ -86,7 +86,7 @@ class Net:
         from bsdgraph.interop.nir_export import export_nir
 
         rt = self._runtime()
-        refuse_stats({"input_stats": getattr(rt, "input_stats", None)}, "this network")
+        refuse_stats(getattr(rt, "input_stats", None), "this network")
         write_nir(path, export_nir(self.program.graph, rt.params, rt.state))
         return Path(path)
 
@@ -156,7 +156,7 @@ def fit(net: Net, data, *, test=None, epochs: int | None = None, out: str | Path
     if trainer.val is not None and trainer.best_path.is_file():  # the net is the epoch chosen on validation data
         net.runtime = load(trainer.best_path, backend).runtime
     else:
-        net.runtime = with_stats(trainer.rt, {"input_stats": trainer.input_stats})
+        net.runtime = with_stats(trainer.rt, trainer.input_stats)
     return net.history
 
 
@@ -259,7 +259,8 @@ def load(run_dir: str | Path, backend: str | None = None) -> Net:
     cfg = TrainConfig.from_model(dict(ck.get("train", {})))
     rt = make_runtime(program, backend or default_backend(), cfg, params=ck["params"], state=ck["state"],
                       training=False)
-    return Net(program, dict(ck.get("train", {})), with_stats(rt, ck), list(ck.get("history", [])))
+    return Net(program, dict(ck.get("train", {})), with_stats(rt, ck.get("input_stats")),
+               list(ck.get("history", [])))
 
 
 # ---------------------------------------------------------------------------------------------------- data

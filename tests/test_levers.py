@@ -41,10 +41,8 @@ def build():
 
 
 @pytest.fixture
-def model(tmp_path):
-    path = tmp_path / "lev.py"
-    path.write_text(MODEL)
-    return load_model(path)
+def model(model_path):
+    return load_model(model_path)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +50,22 @@ def data():
     # samples far from 0 mean and unit scale, so that standardising them changes the numbers a network sees
     ds = make_synthetic(300, 100, (12,), 4, seed=1)
     return dataclasses.replace(ds, x_train=ds.x_train * 3 + 2, x_test=ds.x_test * 3 + 2)
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "lev.py"
+    path.write_text(MODEL)
+    return path
+
+
+def write_npz(path, data, scale: float = 1.0):
+    """``data`` as an npz file for ``--npz`` (its stimulus times ``scale``)."""
+    import numpy as np
+
+    np.savez(path, x_train=data.x_train.numpy() * scale, y_train=data.y_train.numpy(),
+             x_test=data.x_test.numpy() * scale, y_test=data.y_test.numpy())
+    return path
 
 
 def trainer(model, data, tmp_path, rule="bsd", **train):
@@ -158,8 +172,8 @@ def test_standardize_trains_on_standardised_samples_and_every_later_use_applies_
     from bsdgraph.train.prepare import in_input_units
 
     images = torch.randn(4, 12)  # B generates standardised stimuli; recall shows them in the stimulus's own units
-    assert torch.allclose(in_input_units(images, ck), images * want["std"] + want["mean"])
-    assert in_input_units(images, {}) is images
+    assert torch.allclose(in_input_units(images, ck["input_stats"]), images * want["std"] + want["mean"])
+    assert in_input_units(images, None) is images
 
 
 def test_standardize_refuses_poisson_input(tmp_path, data):
@@ -279,16 +293,10 @@ def test_batchnorm_statistics_are_checkpointed_and_restored(model, data, tmp_pat
 # ------------------------------------------------------------------------------------------ command line
 
 
-def test_the_command_line_takes_every_lever_and_eval_of_the_run_uses_best_pt(cli, tmp_path, data):
-    import numpy as np
-
-    npz = tmp_path / "d.npz"
-    np.savez(npz, x_train=data.x_train.numpy(), y_train=data.y_train.numpy(), x_test=data.x_test.numpy(),
-             y_test=data.y_test.numpy())
-    path = tmp_path / "lev.py"
-    path.write_text(MODEL)
+def test_the_command_line_takes_every_lever_and_eval_of_the_run_uses_best_pt(cli, tmp_path, data, model_path):
+    npz = write_npz(tmp_path / "d.npz", data)
     out = tmp_path / "run"
-    code, stdout, err = cli("train", path, "--npz", npz, "--out", out, "--epochs", 3, "--val-split", 0.2,
+    code, stdout, err = cli("train", model_path, "--npz", npz, "--out", out, "--epochs", 3, "--val-split", 0.2,
                             "--patience", 2, "--batchnorm", "--bsd", "label_smoothing=0.1", "--bsd",
                             "layer_lam=0.3,0.9", "--train", "standardize=true", "--train", "layer_lr=1,1,2",
                             "--json")
@@ -314,15 +322,9 @@ def test_the_command_line_takes_every_lever_and_eval_of_the_run_uses_best_pt(cli
     (["--bsd", "layer_lam=0.1"], 1, "layer_lam has 1 values"),
     (["--train", "standardize=true", "--encoding", "poisson"], 1, "Poisson"),
 ])
-def test_bad_lever_options_are_one_line_errors(cli, tmp_path, data, argv, code, message):
-    import numpy as np
-
-    npz = tmp_path / "d.npz"
-    np.savez(npz, x_train=data.x_train.numpy() / 5, y_train=data.y_train.numpy(), x_test=data.x_test.numpy() / 5,
-             y_test=data.y_test.numpy())  # in [0, 1]: Poisson input reads them as probabilities
-    path = tmp_path / "lev.py"
-    path.write_text(MODEL)
-    got, _, err = cli("train", path, "--npz", npz, "--out", tmp_path / "r", *argv)
+def test_bad_lever_options_are_one_line_errors(cli, tmp_path, data, model_path, argv, code, message):
+    npz = write_npz(tmp_path / "d.npz", data, 1 / 5)  # in [0, 1]: Poisson input reads them as probabilities
+    got, _, err = cli("train", model_path, "--npz", npz, "--out", tmp_path / "r", *argv)
     assert got == code and message in err and "Traceback" not in err, err
 
 
@@ -339,16 +341,10 @@ def _sweep():
 
 
 def test_the_sweep_runs_a_grid_skips_what_finished_resumes_what_was_interrupted_and_writes_one_table(
-        tmp_path, data, capsys):
-    import numpy as np
-
+        tmp_path, data, model_path, capsys):
     sweep = _sweep()
-    npz = tmp_path / "d.npz"
-    np.savez(npz, x_train=data.x_train.numpy(), y_train=data.y_train.numpy(), x_test=data.x_test.numpy(),
-             y_test=data.y_test.numpy())
-    model = tmp_path / "lev.py"
-    model.write_text(MODEL)
-    grid = {"model": str(model), "common": ["--npz", str(npz), "--epochs", "2", "--val-split", "0.2"],
+    npz = write_npz(tmp_path / "d.npz", data)
+    grid = {"model": str(model_path), "common": ["--npz", str(npz), "--epochs", "2", "--val-split", "0.2"],
             "seeds": [0, 1], "variants": {"plain": [], "smooth": ["--bsd", "label_smoothing=0.1"]}}
     path = tmp_path / "grid.json"
     path.write_text(json.dumps(grid))
@@ -474,19 +470,15 @@ def test_a_class_code_survives_a_nir_round_trip_and_bptt_trains_on_it(data, tmp_
         assert history[-1]["test_accuracy"] > floor, (rule, history[-1]["test_accuracy"])
 
 
-def test_plot_of_a_standardised_run_feeds_the_raster_standardised_samples(cli, tmp_path, data, monkeypatch):
-    import numpy as np
-
+def test_plot_of_a_standardised_run_feeds_the_raster_standardised_samples(cli, tmp_path, data, model_path,
+                                                                           monkeypatch):
     from bsdgraph.tools import plot
 
-    npz = tmp_path / "d.npz"
-    np.savez(npz, x_train=data.x_train.numpy(), y_train=data.y_train.numpy(), x_test=data.x_test.numpy(),
-             y_test=data.y_test.numpy())
-    path = tmp_path / "lev.py"
-    path.write_text(MODEL)
     out = tmp_path / "run"
-    assert cli("train", path, "--npz", npz, "--out", out, "--epochs", 1, "--train", "standardize=true")[0] == 0
+    npz = write_npz(tmp_path / "d.npz", data)
+    assert cli("train", model_path, "--npz", npz, "--out", out, "--epochs", 1, "--train", "standardize=true")[0] == 0
     seen = {}
+
     def raster(graph, params, state, x, *rest):  # what the raster would run F and B on
         seen["x"] = x
         return out / "raster.png"
@@ -498,14 +490,11 @@ def test_plot_of_a_standardised_run_feeds_the_raster_standardised_samples(cli, t
     assert torch.allclose(seen["x"], (data.x_test[:1] - stats["mean"]) / stats["std"])
 
 
-def test_fit_with_a_validation_split_leaves_the_net_at_its_best_epoch(tmp_path, data, monkeypatch):
+def test_fit_with_a_validation_split_leaves_the_net_at_its_best_epoch(tmp_path, data, model_path, monkeypatch):
     import bsdgraph
 
     monkeypatch.setenv("BSDGRAPH_THREADS", "1")  # the measured history below is one thread's
-
-    path = tmp_path / "lev.py"
-    path.write_text(MODEL)
-    net = bsdgraph.net(str(path))
+    net = bsdgraph.net(str(model_path))
     history = bsdgraph.fit(net, (data.x_train, data.y_train), test=(data.x_test, data.y_test), epochs=5,
                            out=tmp_path / "fit", progress=False, val_split=0.2, standardize=True)
     best = best_epoch(history)

@@ -70,7 +70,7 @@ def load_network(path: str, dt: float | None = None, steps: int | None = None, c
     source = checkpoint or decl.weights
     if source:
         doc = require(load_checkpoint(source), source, ("params", "state"))
-        refuse_stats(doc, source)
+        refuse_stats(doc.get("input_stats"), source)
         params, state = doc["params"], doc["state"]
         check_weights(model.graph, params, state, source)
         return Loaded(model.graph, params, state, decl.readout, model.bsd)
@@ -116,7 +116,7 @@ def _run_weights(args, bsd: Graph) -> Loaded:
 
     path = Path(args.checkpoint) if args.checkpoint else Path(args.model) / "checkpoint.pt"
     doc = require(load_checkpoint(path), path, ("params", "state"))
-    refuse_stats(doc, path)
+    refuse_stats(doc.get("input_stats"), path)
     check_weights(bsd, doc["params"], doc["state"], str(path))
     return Loaded(forward_of(bsd), doc["params"], doc["state"], None, BSDConfig())
 

@@ -256,7 +256,8 @@ def cmd_recall(args) -> int:
         _, doc = load_for_eval(model, Path(args.checkpoint))  # checks that the checkpoint belongs to this model
     if doc.get("rule") != "bsd":
         raise UsageError(f"{args.checkpoint} was trained with {doc.get('rule')}: it has no backward network")
-    images = in_input_units(plot.recall_images(from_json(doc["graph"]), doc["params"], doc["state"]), doc)
+    images = in_input_units(plot.recall_images(from_json(doc["graph"]), doc["params"], doc["state"]),
+                            doc.get("input_stats"))
     names = FASHION_NAMES if len(images) == 10 and "fmnist" in model.path.stem else None
     with outputs.replacing(args.out, args.force, "--out") as tmp:
         plot.plot_recall(images, tmp, names)

@@ -111,7 +111,8 @@ class Executor:
         self.params = {k: v.detach().to(self.device, torch.float32).clone() for k, v in base.items()}
         self.state = {k: v.to(self.device).clone() for k, v in (state or init_state(self.graph)).items()}
         self.optimizer = make_optimizer(self.params, self.opt_cfg, self.graph)
-        self._lr_scale = {k: lr_scales(self.optimizer)[id(p)] for k, p in self.params.items()}
+        scales = lr_scales(self.optimizer)
+        self._lr_scale = {k: scales[id(p)] for k, p in self.params.items()}
         self.steps = 0
         self.compile_mode, self.compile_why = resolve_compile(compile, self.device)
         if self.compile_mode != "off":

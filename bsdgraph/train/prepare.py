@@ -49,8 +49,8 @@ def standardized(data: Dataset, stats: dict[str, torch.Tensor]) -> Dataset:
 
 
 class Standardized:
-    """A runtime whose ``predict`` and ``step`` read raw samples and standardise them first; everything else is
-    the wrapped runtime's (its graph, weights, optimiser)."""
+    """A runtime for evaluation whose ``predict`` reads raw samples and standardises them first; everything else
+    is the wrapped runtime's (its graph, weights). Training standardises its data once instead (Trainer)."""
 
     def __init__(self, rt: Any, stats: dict[str, torch.Tensor]):
         self._rt, self.input_stats = rt, stats
@@ -58,32 +58,27 @@ class Standardized:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self._rt.predict(standardize(x, self.input_stats))
 
-    def step(self, x: torch.Tensor, y: torch.Tensor):
-        return self._rt.step(standardize(x, self.input_stats), y)
-
     def __getattr__(self, name: str) -> Any:
         return getattr(self._rt, name)
 
 
-def with_stats(rt: Any, checkpoint: dict[str, Any]) -> Any:
-    """``rt`` as the checkpoint's run used it: standardising its input when the run did."""
-    stats = checkpoint.get("input_stats")
+def with_stats(rt: Any, stats: dict[str, torch.Tensor] | None) -> Any:
+    """``rt`` as its run used it: standardising its input by ``stats`` (a checkpoint's ``input_stats``), if any."""
     return Standardized(rt, stats) if stats else rt
 
 
-def refuse_stats(checkpoint: dict[str, Any], source: Any) -> None:
-    """A checkpoint whose run standardised its input, where the statistics would be lost (NIR, ``bsdgraph run``):
-    refused rather than run on unstandardised input."""
+def refuse_stats(stats: dict[str, torch.Tensor] | None, source: Any) -> None:
+    """Weights whose run standardised its input (``stats``), where the statistics would be lost (NIR, ``bsdgraph
+    run``): refused rather than run on unstandardised input."""
     from bsdgraph.errors import UserError
 
-    if checkpoint.get("input_stats"):
+    if stats:
         raise UserError(f"{source}: this run standardised its input (standardize=True), and NIR files and "
                         "`bsdgraph run` do not carry the statistics yet; use `bsdgraph eval` or bsdgraph.load, or "
                         "train without standardize")
 
 
-def in_input_units(images: torch.Tensor, checkpoint: dict[str, Any]) -> torch.Tensor:
+def in_input_units(images: torch.Tensor, stats: dict[str, torch.Tensor] | None) -> torch.Tensor:
     """B's recall [classes, *input shape] in the units of the raw stimulus: a standardised run's B generates
-    standardised input, which is shifted and scaled back for the picture."""
-    stats = checkpoint.get("input_stats")
+    standardised input (``stats``), which is shifted and scaled back for the picture."""
     return images if not stats else images * stats["std"] + stats["mean"]

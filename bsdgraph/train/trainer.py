@@ -486,4 +486,4 @@ def load_for_eval(model: Model | Program, checkpoint: Path, backend: str | None 
         raise CheckpointError(f"{checkpoint}: was trained on a different graph than {program.model.path}")
     rt = make_runtime(program, backend or default_backend(), cfg, params=ck["params"], state=ck["state"],
                       training=False)
-    return with_stats(rt, ck), ck
+    return with_stats(rt, ck.get("input_stats")), ck
