@@ -50,6 +50,10 @@ class BSDConfig:
     layer_lam: tuple[float, ...] = ()
     # label smoothing s of the top CE: the target is (1 - s) one-hot + s / classes (BPTT's CE takes it too)
     label_smoothing: float = 0.0
+    # step (default): a recurrent layer's delayed edge is a stop-gradient, so its ReCo credits only the current
+    # step | through_time: the layer's own loss reaches back through its recurrent synapse and its neurons (BPTT
+    # confined to the layer; the input from below stays detached, so there is still no global backward pass)
+    recurrent_credit: str = "step"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> BSDConfig:
@@ -502,19 +506,43 @@ def derive_feedback(f: Graph, cfg: BSDConfig | None = None) -> Graph:
         raise GraphError([Diagnostic(out.name, out.op, "negatives='other_class' compares one class per sample, but "
                                      "this output has a class per step", "use negatives='all'")])
     layers = segment(f)
+    if cfg.recurrent_credit == "through_time":
+        _check_through_time(f, layers, cfg)
     b, vhat, bneuron = _backward_network(f, layers)
     loss_nodes, loss_edges = _losses(f, layers, vhat, bneuron, cfg)
     f_edges = [dataclasses.replace(e, detach=f[e.dst].op in GroupOp.SYNAPSE) for e in f.edges]
     b_nodes, b_edges = _reaching_a_loss(b.nodes, b.edges, loss_edges)
+    if cfg.recurrent_credit == "through_time":  # the only delayed edges are those into recurrent synapses
+        f_edges, b_edges = ([dataclasses.replace(e, detach=False) if e.delay else e for e in es]
+                            for es in (f_edges, b_edges))
     g = Graph(f.name, f.nodes + b_nodes + loss_nodes, f_edges + b_edges + loss_edges, f.T, f.dt)
     validate(g, forward=False)
     check_locality(g)
     return g
 
 
+def _check_through_time(f: Graph, layers: list[Layer], cfg: BSDConfig) -> None:
+    """What recurrent_credit='through_time' needs: a recurrent layer, each one a LIF layer with a Linear recurrence
+    (the cpu and triton backends carry the credit back with the LIF's closed-form step; rec_lif_time_grad), and
+    the loss on the current."""
+    recurrent = [layer for layer in layers if layer.rec]
+    fix = "use recurrent_credit='step'"
+    if not recurrent:
+        raise GraphError([Diagnostic(None, None, "recurrent_credit='through_time' carries a recurrent layer's credit "
+                                     "back in time, but this network has no recurrent layer", fix)])
+    diags = [Diagnostic(layer.rec, f[layer.rec].op, "recurrent_credit='through_time' supports recurrent LIF layers "
+                        f"with a linear recurrence; this one is {f[layer.rec].op.value} -> {f[layer.neuron].op.value}",
+                        fix) for layer in recurrent if (f[layer.rec].op, f[layer.neuron].op) != (Op.LINEAR, Op.LIF)]
+    if cfg.distill_on != "current":
+        diags.append(Diagnostic(None, None, "recurrent_credit='through_time' takes the credit from the loss on the "
+                                "current; it does not combine with distill_on='membrane'", "drop one of the options"))
+    if diags:
+        raise GraphError(diags)
+
+
 # The BSD options that are a choice, and those that are a number >= 0.
 BSD_CHOICES = {"negatives": ("all", "other_class"), "distill_on": ("current", "membrane"), "recall_loss": ("reco", "mse"),
-               "reco_rows": ("sample", "step")}
+               "reco_rows": ("sample", "step"), "recurrent_credit": ("step", "through_time")}
 BSD_NUMBERS = ("lam", "eps", "freq_r", "lam_low", "lam_high")
 
 

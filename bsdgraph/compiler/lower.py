@@ -63,6 +63,9 @@ FUSIONS: dict[tuple[Op, Op], str] = {(Op.LINEAR, Op.LIF): "linear_lif_forward"}
 RECURRENT_FUSION = "linear_lif_rec_forward"
 RECURRENT_NEURON = "neuron_rec_forward"   # the same for a declared neuron (its generated twin step in the loop)
 RECURRENT_CONV = "rec_conv_forward"       # a recurrent layer of convolutions (or any synapse but two Linears)
+# recurrent_credit='through_time': the layer's loss gradient dL/dV carried back through the recurrent synapse and
+# the LIF (kernels/ref/linear_lif.rec_lif_backward); both synapses' weight gradients then read the result
+RECURRENT_TIME_GRAD = "rec_lif_time_grad"
 
 OPTIMIZER_KERNEL = "torch.adamw_step"
 
@@ -140,6 +143,10 @@ class _Lowerer:
         self.declared: dict[Ref, tuple[str, tuple]] = {}
         self.membrane_losses = {e.src for n in g.by_op(*GroupOp.LOSS) if n.attrs.get("distill_on") == "membrane"
                                 for e in g.in_edges(n.name)}
+        # recurrent sums whose layer takes credit through time (a delayed edge without a stop-gradient, from the
+        # layer's neurons into its recurrent synapse): sum -> (recurrent synapse, neurons)
+        self.through_time = {g.consumers(e.dst)[0].name: (e.dst, e.src) for e in g.edges if e.delay and not e.detach}
+        self.saved_membrane = self.membrane_losses | {lif for _, lif in self.through_time.values()}
         inp = g.by_op(Op.INPUT)[0]
         steps = ("T",) if inp.attrs["encoding"] == "sequence" else ()
         self.declare(STIMULUS, "f32", ("B", *steps, *inp.shape))
@@ -217,7 +224,7 @@ class _Lowerer:
                 writes.append(self.declare(value(n), "f32", (() if steady else ("T",)) + (self.rows(n),
                                                                                          *self.g[n].shape)))
         if last.op in GroupOp.NEURON:
-            if last.name in self.membrane_losses:
+            if last.name in self.saved_membrane:
                 writes.append(self.declare(Ref(Kind.MEMBRANE, last.name), "f32", ("T", rows, *last.shape)))
             if is_spiking(last):  # a firing rate; a leaky integrator's value is not one
                 writes.append(self.declare(Ref(Kind.RATE, last.name), "f32", ()))
@@ -272,13 +279,22 @@ class _Lowerer:
         return ("T",) if not self.time_invariant_ref(self.buf(node)) else ()
 
     def _reaches(self, node: str, owned: set[str]) -> bool:
-        return node in owned or any(self._reaches(e.src, owned) for e in self.g.in_edges(node) if not e.detach)
+        # a delayed edge closes a loop inside a recurrent layer: what lies behind it is reached without it
+        return node in owned or any(self._reaches(e.src, owned) for e in self.g.in_edges(node)
+                                    if not e.detach and not e.delay)
 
     def _grad_path(self, name: str, grad_in: Ref | None = None) -> None:
         """Emit the launches carrying d(name) (or ``grad_in``) back to the parameters that produced ``name``."""
         n = self.g[name]
-        ins = [e for e in self.g.in_edges(name) if not e.detach]
+        # a delayed edge without a stop-gradient is the credit through time, carried by RECURRENT_TIME_GRAD below
+        ins = [e for e in self.g.in_edges(name) if not e.detach and not e.delay]
         grad_in = grad_in or Ref(Kind.GRAD, self.buf(name).node)
+        if name in self.through_time:  # dL/dV of the loss alone -> with the credit of every later step
+            rec, lif = self.through_time[name]
+            total = self.declare(Ref(Kind.GRAD, rec), "f32", ("T", self.rows(name), *n.shape))
+            self.emit(RECURRENT_TIME_GRAD, "grad", [name, rec, lif],
+                      [grad_in, Ref(Kind.MEMBRANE, lif), *self.params([rec])], [total])
+            grad_in = total
         if n.op in GroupOp.PARAMETRIC:
             src = self.g.in_edges(name)[0].src
             params = self.params([name])

@@ -33,7 +33,7 @@ from kernels.ref.encode import poisson_encode
 from bsdgraph.ir.neurons import neuron_of
 from bsdgraph.runtime.neurons import twin_backward, twin_forward, twin_step_fn
 from kernels.ref.lif import lif_backward, lif_forward
-from kernels.ref.linear_lif import rec_lif_forward
+from kernels.ref.linear_lif import rec_lif_backward, rec_lif_forward
 from kernels.ref.local_update import weight_grad
 from kernels.ref.reco import reco_loss_grad
 
@@ -41,7 +41,8 @@ from kernels.ref.reco import reco_loss_grad
 # Triton launchers in the triton backend. Kernels call them as ``ctx.prims.<name>``.
 TWIN_PRIMS = dict(lif_forward=lif_forward, lif_backward=lif_backward, weight_grad=weight_grad,
                   neuron_forward=twin_forward, neuron_backward=twin_backward,
-                  reco_loss_grad=reco_loss_grad, poisson_encode=poisson_encode, rec_lif_forward=rec_lif_forward)
+                  reco_loss_grad=reco_loss_grad, poisson_encode=poisson_encode, rec_lif_forward=rec_lif_forward,
+                  rec_lif_backward=rec_lif_backward)
 
 KERNELS: dict = {}
 kernel = registrar(KERNELS)
@@ -565,6 +566,15 @@ def lif_back(ctx: Ctx, grad_h, h):
     grad_h, h = steps(ctx, ctx.launch.reads[0], grad_h, n.shape), steps(ctx, ctx.launch.reads[1], h, n.shape)
     return (ctx.prims.lif_backward(grad_h.contiguous(), h.contiguous(), *_lif_attrs(ctx, n.name),
                                    n.attrs["alpha"]),)
+
+
+@kernel("rec_lif_time_grad")
+def rec_lif_time_grad(ctx: Ctx, grad_v, h, rec_weight):
+    """recurrent_credit='through_time': the layer's dL/dV with the credit of every later step (through the
+    recurrent synapse and the LIF), which both synapses' weight gradients then read."""
+    _, _, lif = ctx.launch.nodes
+    return (ctx.prims.rec_lif_backward(grad_v.contiguous(), h.contiguous(), rec_weight, *_lif_attrs(ctx, lif),
+                                       ctx.graph[lif].attrs["alpha"]),)
 
 
 @kernel("neuron_backward")

@@ -32,11 +32,14 @@ def _prims() -> dict:
     from kernels.local_update import weight_grad
     from kernels.reco import reco_loss_grad
 
+    from kernels.ref.linear_lif import rec_lif_backward
+
     from bsdgraph.runtime.neurons import triton_backward, triton_forward
 
+    # rec_lif_backward (recurrent_credit='through_time') has no Triton kernel yet: its closed form in torch ops
     return dict(lif_forward=_generated_lif, lif_backward=lif_backward, weight_grad=weight_grad,
                 reco_loss_grad=reco_loss_grad, poisson_encode=poisson_encode, neuron_forward=triton_forward,
-                neuron_backward=triton_backward)
+                neuron_backward=triton_backward, rec_lif_backward=rec_lif_backward)
 
 
 def _generated_lif(current, tau, v_th, v_reset, soft_reset, v_init=None, return_h=False):
