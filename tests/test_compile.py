@@ -38,6 +38,8 @@ CASES = {
     "mlp-poisson": (lambda: mlp("poisson"), BSDConfig(), lambda f: batch(f, B=6, scale=2.0)),
     "cnn-batchnorm": (cnn, BSDConfig(), lambda f: batch(f, B=6, scale=2.0)),
     "rnn": (lambda: rec.rnn(encoding="sequence", task="classification"), BSDConfig(), rec.data),
+    "rnn-through-time": (lambda: rec.rnn(encoding="sequence", task="classification"),
+                         BSDConfig(recurrent_credit="through_time"), rec.data),
     "declared-neurons": (declared, BSDConfig(), lambda f: batch(f, B=6, scale=2.0)),
 }
 
