@@ -8,13 +8,17 @@ it is set at conftest import time, before any test module imports ``kernels``. T
 ``bench/gpu_check.py`` and ``bench/gpu_run.sh`` (bench/GPU_CHECK.md).
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 # bsdgraph records the files it writes (bsdgraph/tools/outputs.py) under XDG_STATE_HOME: the suite keeps its own record,
-# not the user's; child processes (the fork server, `python -m bsdgraph`) inherit it.
+# not the user's; child processes (the fork server, `python -m bsdgraph`) inherit it. Each process importing this
+# file (the session, every xdist worker) makes its own and removes it when it exits: no directory left per run.
 os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="bsdgraph-test-state-")
+atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], ignore_errors=True)
 os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402

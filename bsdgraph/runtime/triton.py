@@ -31,7 +31,6 @@ def _prims() -> dict:
     from kernels.lif import lif_backward
     from kernels.local_update import weight_grad
     from kernels.reco import reco_loss_grad
-
     from kernels.ref.linear_lif import rec_lif_backward
 
     from bsdgraph.runtime.neurons import triton_backward, triton_forward
