@@ -2,7 +2,7 @@
 # The paper's sequence tasks (issue: character model, temporal classification, multivariate forecasting): BSD and
 # BPTT on the same network, same epochs. Results: docs/experiments.md ("Sequence tasks").
 # Usage: bash docs/sequence_tasks.sh OUT_DIR [SEEDS...]     (two runs at a time, one thread each; resumable: a run
-#        whose metrics hold all its epochs is skipped)
+#        whose metrics hold all its epochs is skipped; TASKS="mnist1d_rnn:30" runs only the tasks named)
 # Then:  python docs/sequence_tasks_table.py OUT_DIR
 set -euo pipefail
 out=${1:?usage: sequence_tasks.sh OUT_DIR [SEEDS...]}
@@ -11,7 +11,7 @@ shift
 seeds=${*:-0}
 export OMP_NUM_THREADS=1
 # model:epochs
-tasks="char_rnn:10 mnist1d_rnn:30 lorenz96_rnn:20"
+tasks=${TASKS:-"char_rnn:10 mnist1d_rnn:30 lorenz96_rnn:20"}
 jobs=()
 for seed in $seeds; do
   for task in $tasks; do

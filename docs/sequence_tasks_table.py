@@ -54,7 +54,7 @@ def main(out: Path) -> None:
     print("|---|---|---|---|")
     for (model, rule), vals in sorted(finals.items()):
         bptt = finals.get((model, "bptt"))
-        ratio = f"{statistics.mean(vals) / statistics.mean(bptt):.3f}" if bptt and rule == "bsd" else ""
+        ratio = f"{statistics.mean(vals) / statistics.mean(bptt):.3f}" if bptt and rule.startswith("bsd") else ""
         print(f"| {model} | {rule} | {statistics.mean(vals):.4f} | {ratio} |")
     print("\n| task | baseline | test |\n|---|---|---|")
     print("\n".join(baselines()))
