@@ -127,6 +127,22 @@ def test_surrogate_gradient_is_never_silently_zero(soft_reset):
     torch.testing.assert_close(got[1], torch.full((2,), 1 / tau), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("soft_reset", [False, True])
+@pytest.mark.parametrize("tau, v_th", [(3.0, 0.1), (2.0, 0.3), (1.5, 0.7)])
+def test_backward_twin_keeps_the_spikes_of_exact_threshold_ties(tau, v_th, soft_reset):
+    """h == v_th exactly is a spike (the forward's h >= v_th). The twin pins autograd's h to the given values; were
+    the pinned value one ulp off (h + (pinned - h) rounds), a tie would flip and the reset's gradient with it. The
+    kernel reads the spike from h itself: both must agree on a grid of h through v_th, in float32 and float64."""
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        h = (v_th + torch.randint(-6, 7, (8, 3, 16), generator=gen).to(dtype) * 0.075).to(dtype)
+        h[h.sub(v_th).abs() < 1e-9] = torch.tensor(v_th, dtype=dtype)  # ties exactly at v_th in this dtype
+        grad_h = torch.randn(h.shape, generator=gen, dtype=dtype)
+        ref = twin.lif_backward(grad_h, h, tau, v_th, 0.0, soft_reset, 2.0)
+        got = lif_backward(grad_h.float(), h.float(), tau, v_th, 0.0, soft_reset, 2.0)
+        torch.testing.assert_close(got.double(), ref.double(), rtol=1e-5, atol=1e-6)
+
+
 def test_empty_time_axis():
     spikes, h = lif_forward(torch.empty(0, 3), 2.0, 0.3, 0.0, False, return_h=True)
     assert spikes.shape == (0, 3) and h.shape == (0, 3)

@@ -69,7 +69,8 @@ def lif_recurrence(
 
     ``spike`` maps h to 0/1 (a plain comparison, or ``SpikeFn`` when a gradient is wanted). ``pinned_h`` (used by
     the backward) replaces the *value* of h at every step by the recorded forward's h while keeping the gradient
-    of the recurrence: ``h + (pinned - h).detach()``. The backward receives h but not I or v_init, and this makes
+    of the recurrence: ``pinned + (h - h.detach())``, whose value is ``pinned`` exactly (``h + (pinned - h).detach()``
+    can round one ulp off it and flip a spike at h = v_th). The backward receives h but not I or v_init, and this makes
     autograd see exactly the forward's spike pattern and surrogate values, whatever they were.
     """
     v = torch.zeros_like(current[0]) if v_init is None else v_init.to(current.dtype)
@@ -86,7 +87,7 @@ def lif_step(v, current, tau, v_th, v_reset, soft_reset, spike, pinned_h=None):
     """One step of the neuron from membrane ``v``: (s[t], h[t], v[t])."""
     h = v + (current - (v - v_reset)) / tau
     if pinned_h is not None:
-        h = h + (pinned_h - h).detach()
+        h = pinned_h + (h - h.detach())  # the value exactly pinned_h, the gradient of h
     s = spike(h)
     return s, h, (h - v_th * s if soft_reset else h * (1 - s) + v_reset * s)
 
