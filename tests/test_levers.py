@@ -315,6 +315,20 @@ def test_the_command_line_takes_every_lever_and_eval_of_the_run_uses_best_pt(cli
     assert result["test_accuracy"] == records[best - 1]["test_accuracy"]
 
 
+def test_val_split_0_turns_off_a_split_set_elsewhere(cli, tmp_path, data, model_path):
+    """--val-split 0 means none, and as a flag of its own it wins over --train val_split (as it would over the model
+    file's TRAIN): no sample is held out, nothing is validated, no best.pt."""
+    npz = write_npz(tmp_path / "d.npz", data)
+    out = tmp_path / "run"
+    code, stdout, err = cli("train", model_path, "--npz", npz, "--out", out, "--epochs", 1,
+                            "--train", "val_split=0.2", "--val-split", "0", "--json")
+    assert code == 0, err
+    (record,) = [json.loads(line) for line in stdout.splitlines()]
+    assert "val_accuracy" not in record and " validation" not in err and not (out / "best.pt").exists()
+    code, _, err = cli("train", model_path, "--npz", npz, "--out", out, "--val-split", "-0.1", "--force")
+    assert code == 2 and "between 0 and 1" in err
+
+
 @pytest.mark.parametrize("argv,code,message", [
     (["--train", "nope=1"], 2, "unknown key 'nope'"),
     (["--train", "layer_lr=1,x"], 2, "expected a number"),

@@ -40,6 +40,16 @@ def number(low: float, high: float = float("inf")):
     return parse
 
 
+def fraction_or_zero(raw: str) -> float:
+    """An argparse type: 0 (none) or a finite number strictly between 0 and 1 (a held-out fraction)."""
+    try:
+        if float(raw) == 0:
+            return 0.0
+    except ValueError:
+        pass  # number() below names the problem
+    return number(0, 1)(raw)
+
+
 def seed(raw: str) -> int:
     """An argparse type: a 64-bit signed integer (what torch.Generator.manual_seed takes)."""
     value = count(-2 ** 63)(raw)

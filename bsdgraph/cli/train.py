@@ -11,8 +11,8 @@ from pathlib import Path
 from bsdgraph.tools import outputs
 from bsdgraph.errors import UsageError
 from bsdgraph.cli.common import (
-    apply_overrides, check_picture, count, data_args, data_record, load_data, number, recorded_data, run_checkpoint,
-    seed,
+    apply_overrides, check_picture, count, data_args, data_record, fraction_or_zero, load_data, number, recorded_data,
+    run_checkpoint, seed,
 )
 from bsdgraph.compiler.model_file import load_model
 from bsdgraph.train.config import BACKENDS
@@ -288,9 +288,9 @@ def _train_parser(sub) -> None:
     t.add_argument("--schedule", choices=["constant", "cosine"], help="learning-rate schedule over epochs (default: "
                    "the model's TRAIN, else constant)")
     t.add_argument("--augment", action="store_true", help="random +-2 px shifts and horizontal flips (images)")
-    t.add_argument("--val-split", type=number(0, 1), metavar="F", help="hold out this fraction of the training "
-                   "split (the same samples for every seed), evaluate it after each epoch and keep the best epoch "
-                   "as RUN_DIR/best.pt (default: the model's TRAIN, else none)")
+    t.add_argument("--val-split", type=fraction_or_zero, metavar="F", help="hold out this fraction of the "
+                   "training split (the same samples for every seed), evaluate it after each epoch and keep the best "
+                   "epoch as RUN_DIR/best.pt (0: none; default: the model's TRAIN, else none)")
     t.add_argument("--patience", type=count(1), metavar="N", help="with --val-split: stop after N epochs without a "
                    "better validation result (default: the model's TRAIN, else train all epochs)")
     t.add_argument("--train", action="append", metavar="KEY=VALUE", dest="train_options", help="set any training "
