@@ -430,7 +430,8 @@ def test_nested_subgraphs_are_inlined_with_joined_names():
                         type_check=False)
     a, b = import_nir(nested, dt=1e-3, T=6), import_nir(flat, dt=1e-3, T=6)
     assert [n.name for n in a.graph.nodes] == ["in", "f", "l0", "blk.a", "blk.inner.l", "z", "out"]
-    x = torch.rand(6, 32, 4) * 2
+    # a fixed draw (l fires 4.0 %): an unseeded one depends on which tests ran before in the process, and gave 1.9 %
+    x = torch.rand(6, 32, 4, generator=torch.Generator().manual_seed(1)) * 2
     sa, sb = simulate(a.graph, a.params, a.state, x), simulate(b.graph, b.params, b.state, x)
     assert torch.equal(sa.current, sb.current) and torch.equal(sa.spikes["blk.inner.l"], sb.spikes["l"])
     lively(sb.spikes["l"].float(), "l")

@@ -9,7 +9,7 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import assume, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bsdgraph import BSDConfig, GraphBuilder, GraphError, Stream, derive_feedback
@@ -22,19 +22,9 @@ from bsdgraph.runtime.triton import triton_runtime
 from kernels.ref.lif import SpikeFn, lif_step
 from kernels.ref.linear_lif import rec_lif_backward
 from tests.test_cpu_backend import ATOL, RTOL, well_conditioned
-from tests.test_recurrent import conv_rnn, data
+from tests.test_recurrent import assert_cpu_equals_reference, conv_rnn, data, rnn
 
 THROUGH_TIME = BSDConfig(recurrent_credit="through_time")
-
-
-def rnn(T=5, widths=(9, 7), n_in=3, encoding="direct", task="regression", recurrent=(True, True), reset="hard"):
-    """tests/test_recurrent.py's network with a choice of reset."""
-    g = GraphBuilder("rnn", T=T)
-    h = g.input((n_in,), encoding=encoding)
-    for w, rec in zip(widths, recurrent):
-        h = (g.recurrent_lif if rec else g.lif)(g.linear(h, w), reset=reset)
-    g.output(g.linear(h, 2 if task == "regression" else 4), task=task)
-    return g.build()
 
 
 def autograd_oracle(grad_v, h, rec_weight, tau, v_th, v_reset, soft_reset, alpha):
@@ -116,18 +106,7 @@ def test_the_plan_adds_one_credit_launch_per_recurrent_layer_and_stream():
        soft=st.booleans())
 def test_cpu_backend_equals_reference(seed, encoding, task, recurrent, T, soft):
     f = rnn(T=T, encoding=encoding, task=task, recurrent=recurrent, reset="soft" if soft else "hard")
-    bsd = derive_feedback(f, THROUGH_TIME)
-    x, y = data(f, seed=seed)
-    ref, cpu = ReferenceRuntime(bsd, seed=seed), cpu_runtime(bsd, seed=seed)
-    g_ref, l_ref, env = ref.gradients(x, y)
-    assume(well_conditioned(bsd, env))
-    g_cpu, l_cpu = cpu.gradients(x, y)
-    assert set(g_ref) == set(g_cpu)
-    for k in l_ref:
-        assert abs(float(l_ref[k].detach()) - l_cpu[k]) <= 1e-5 * max(1.0, abs(float(l_ref[k].detach()))), k
-    for k, g in g_ref.items():
-        tol = RTOL * float(g.abs().max()) + ATOL
-        assert float((g - g_cpu[k]).abs().max()) <= tol, f"{k}: {float((g - g_cpu[k]).abs().max()):.3g} > {tol:.3g}"
+    assert_cpu_equals_reference(derive_feedback(f, THROUGH_TIME), *data(f, seed=seed), seed)
 
 
 def test_through_time_changes_the_recurrent_layers_gradients_and_nothing_else():
