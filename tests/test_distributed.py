@@ -45,7 +45,7 @@ MODELS = {
     "mlp": """
 from bsdgraph import GraphBuilder
 TRAIN = dict(batch_size=16, lr=1e-3)
-BSD = dict(negatives="{neg}")
+BSD = dict(negatives="{neg}", reco_rows="{rows}")
 def build():
     g = GraphBuilder("mlp", T=4)
     h = g.flatten(g.input((1, 8, 8), encoding="{enc}"))
@@ -70,16 +70,18 @@ def build():
 
 def write_models(folder: Path) -> dict[str, Path]:
     paths = {}
-    for name, enc, neg in VARIANTS:
+    for name, enc, neg, rows in VARIANTS:
         paths[name] = folder / f"{name}.py"
-        paths[name].write_text(MODELS[name.split("_")[0]].replace("{enc}", enc).replace("{neg}", neg))
+        text = MODELS[name.split("_")[0]]
+        paths[name].write_text(text.replace("{enc}", enc).replace("{neg}", neg).replace("{rows}", rows))
     return paths
 
 
-# (file, input encoding, ReCo negatives): Poisson draws the full batch's random numbers; 'other_class' negatives
-# need the full batch's labels
-VARIANTS = [("mlp", "direct", "all"), ("cnn", "direct", "all"), ("mlp_poisson", "poisson", "all"),
-            ("mlp_other", "direct", "other_class")]
+# (file, input encoding, ReCo negatives, ReCo rows): Poisson draws the full batch's random numbers; 'other_class'
+# negatives need the full batch's labels; 'each_step' rows contrast the full batch's samples at every step
+VARIANTS = [("mlp", "direct", "all", "sample"), ("cnn", "direct", "all", "sample"),
+            ("mlp_poisson", "poisson", "all", "sample"), ("mlp_other", "direct", "other_class", "sample"),
+            ("mlp_each", "direct", "other_class", "each_step")]
 
 
 def dataset(n_train: int = 43):
@@ -122,7 +124,7 @@ def _dp_worker(rank: int, world: int, port: int, folder: str) -> None:
     out = Path(folder)
     try:
         comm = Comm.from_env()
-        for name, _, _ in VARIANTS:
+        for name, *_ in VARIANTS:
             model = load_model(out / f"{name}.py")
             trainer = DataParallelTrainer(model, dataset(), TrainConfig.from_model(model.train, epochs=1),
                                           out / name, comm=comm)
@@ -180,7 +182,7 @@ def test_data_parallel_on_two_processes(tmp_path):
     codes = spawn(_dp_worker, 2, free_port(), str(folder))
     errors = [f.read_text() for f in folder.glob("error_*.txt")]
     assert not errors, errors[0]
-    for name, _, _ in VARIANTS:
+    for name, *_ in VARIANTS:
         check_equals_one_process_on_the_full_batch(folder, name)
     check_resumes_on_one_process(folder, tmp_path)
     check_sends_only_gradients_for_a_class_coded_b(folder)

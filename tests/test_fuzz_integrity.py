@@ -890,8 +890,8 @@ LIF_SPEC = {"tau": float, "v_th": float, "v_reset": float, "reset": ("hard", "so
             "alpha": float}
 BSD_SPEC = {"lam": float, "negatives": ("all", "other_class"), "distill_on": ("current", "membrane"), "eps": float,
             "recall": bool, "recall_loss": ("reco", "mse"), "freq": bool, "freq_r": float, "lam_low": float,
-            "lam_high": float, "reco_rows": ("sample", "step"), "label_smoothing": float, "layer_lam": tuple,
-            "recurrent_credit": ("step", "through_time")}
+            "lam_high": float, "reco_rows": ("sample", "step", "each_step"), "label_smoothing": float,
+            "layer_lam": tuple, "recurrent_credit": ("step", "through_time"), "backward_recurrence": bool}
 LIF_DEFAULTS = {"tau": 2.0, "v_th": 0.3, "v_reset": 0.0, "alpha": 2.0}  # TINY_MODEL's one LIF layer
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # where str.splitlines() breaks a line
 
@@ -939,6 +939,7 @@ def _range_problems(lif: dict, bsd: dict) -> int:
     a = {**LIF_DEFAULTS, **lif}
     n = (a["tau"] <= 0) + (a["v_th"] <= a["v_reset"]) + (a["alpha"] <= 0)
     clash = bsd.get("reco_rows") == "step" and (bsd.get("freq") is True or bsd.get("negatives") == "other_class")
+    clash += bsd.get("reco_rows") == "each_step" and bsd.get("freq") is True
     smoothing = not 0 <= bsd.get("label_smoothing", 0.0) < 1
     negative_lam = any(v < 0 for v in bsd.get("layer_lam", ()))
     return n + clash + smoothing + negative_lam + sum(1 for k in ("lam", "eps", "freq_r", "lam_low", "lam_high")

@@ -45,7 +45,10 @@ class BSDConfig:
     freq_r: float = 0.25
     lam_low: float = 0.3
     lam_high: float = 0.9
-    reco_rows: str = "sample"        # sample (one cosine per sample over T*D) | step (one per step: [T*B, D] rows)
+    # sample (one cosine per sample over T*D) | step (one per step: [T*B, D] rows in one contrast) | each_step (one
+    # ReCo per step over the batch's [B, D] rows at that step, averaged over the steps; with negatives='other_class'
+    # and a sequence target, a sample's negatives at step t are those with another class at step t)
+    reco_rows: str = "sample"
     # per-layer lam: one value per hidden ReCo layer 1..L-1, bottom to top (overrides lam there); () lam everywhere
     layer_lam: tuple[float, ...] = ()
     # label smoothing s of the top CE: the target is (1 - s) one-hot + s / classes (BPTT's CE takes it too)
@@ -54,6 +57,11 @@ class BSDConfig:
     # step | through_time: the layer's own loss reaches back through its recurrent synapse and its neurons (BPTT
     # confined to the layer; the input from below stays detached, so there is still no global backward pass)
     recurrent_credit: str = "step"
+    # True (default): B's recurrent layer has its own recurrent synapse on B's spikes, as F's has | False: B's layer
+    # gets no recurrent synapse, so B's spikes do not carry the targets it has seen on to later steps (only its
+    # neurons' membranes do, as every LIF's). With a target per step (the next character) B's recurrence has seen
+    # the input F sees at step t (the previous target), and F can meet B through it without predicting anything
+    backward_recurrence: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> BSDConfig:
@@ -375,7 +383,7 @@ class _Value:
     parts: tuple[_Value, ...] = ()
 
 
-def _backward_network(f: Graph, layers: list[Layer]) -> tuple[_B, dict[int, str], dict[int, str]]:
+def _backward_network(f: Graph, layers: list[Layer], cfg: BSDConfig) -> tuple[_B, dict[int, str], dict[int, str]]:
     """B as the transpose of F's wiring, built top-down. Returns it, V̂_l per layer (0..L-1: 0 is the stimulus's
     place) and B's neurons per hidden layer.
 
@@ -413,7 +421,7 @@ def _backward_network(f: Graph, layers: list[Layer]) -> tuple[_B, dict[int, str]
             v = b.build(f, total)
             if layer.bn:
                 v = b.mirror_of(f, layer.bn, v, f[layer.bn].shape)
-            if layer.add:  # B's layer gets its own recurrent synapse (own weights, C1) on its own spikes
+            if layer.add and cfg.backward_recurrence:  # B's own recurrent synapse (own weights, C1), own spikes
                 v = b.recurrent(f, layer, v)
             vhat[layer.index] = v
             neuron[layer.index] = b.mirror_of(f, n.name, v, n.shape)
@@ -502,13 +510,18 @@ def derive_feedback(f: Graph, cfg: BSDConfig | None = None) -> Graph:
     if cfg.negatives == "other_class" and out.attrs["task"] != "classification":
         raise GraphError([Diagnostic(out.name, out.op, "negatives='other_class' needs class labels, but the task is "
                                      f"{out.attrs['task']!r}", "use negatives='all' for regression")])
-    if cfg.negatives == "other_class" and out.attrs["target"] == "sequence":
+    if cfg.negatives == "other_class" and out.attrs["target"] == "sequence" and cfg.reco_rows != "each_step":
         raise GraphError([Diagnostic(out.name, out.op, "negatives='other_class' compares one class per sample, but "
-                                     "this output has a class per step", "use negatives='all'")])
+                                     "this output has a class per step",
+                                     "use reco_rows='each_step' (a contrast per step) or negatives='all'")])
     layers = segment(f)
     if cfg.recurrent_credit == "through_time":
         _check_through_time(f, layers, cfg)
-    b, vhat, bneuron = _backward_network(f, layers)
+    if not cfg.backward_recurrence and not any(layer.rec for layer in layers):
+        raise GraphError([Diagnostic(None, None, "backward_recurrence=False removes the recurrence of B's recurrent "
+                                     "layers, but this network has no recurrent layer",
+                                     "drop backward_recurrence=False")])
+    b, vhat, bneuron = _backward_network(f, layers, cfg)
     loss_nodes, loss_edges = _losses(f, layers, vhat, bneuron, cfg)
     f_edges = [dataclasses.replace(e, detach=f[e.dst].op in GroupOp.SYNAPSE) for e in f.edges]
     b_nodes, b_edges = _reaching_a_loss(b.nodes, b.edges, loss_edges)
@@ -542,7 +555,7 @@ def _check_through_time(f: Graph, layers: list[Layer], cfg: BSDConfig) -> None:
 
 # The BSD options that are a choice, and those that are a number >= 0.
 BSD_CHOICES = {"negatives": ("all", "other_class"), "distill_on": ("current", "membrane"), "recall_loss": ("reco", "mse"),
-               "reco_rows": ("sample", "step"), "recurrent_credit": ("step", "through_time")}
+               "reco_rows": ("sample", "step", "each_step"), "recurrent_credit": ("step", "through_time")}
 BSD_NUMBERS = ("lam", "eps", "freq_r", "lam_low", "lam_high")
 
 
@@ -551,7 +564,7 @@ def check_config(cfg: BSDConfig) -> None:
     diags = [Diagnostic(None, None, f"BSD option {k}={getattr(cfg, k)!r} is not one of {v}", "")
              for k, v in BSD_CHOICES.items() if getattr(cfg, k) not in v]
     diags += [Diagnostic(None, None, f"BSD option {k} must be True or False, got {getattr(cfg, k)!r}", "")
-              for k in ("recall", "freq") if not isinstance(getattr(cfg, k), bool)]
+              for k in ("recall", "freq", "backward_recurrence") if not isinstance(getattr(cfg, k), bool)]
     for k in BSD_NUMBERS:
         v = getattr(cfg, k)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -567,6 +580,9 @@ def check_config(cfg: BSDConfig) -> None:
     if cfg.reco_rows == "step" and (cfg.freq is True or cfg.negatives == "other_class"):
         diags.append(Diagnostic(None, None, "reco_rows='step' compares single steps; it does not combine with "
                                 "freq=True or negatives='other_class'", "drop one of the options"))
+    if cfg.reco_rows == "each_step" and cfg.freq is True:
+        diags.append(Diagnostic(None, None, "reco_rows='each_step' compares single steps; it does not combine with "
+                                "freq=True", "drop one of the options"))
     if diags:
         raise GraphError(diags)
 

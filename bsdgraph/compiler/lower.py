@@ -122,8 +122,8 @@ def can_dedup(g: Graph) -> bool:
     code (not an analog target). B's batchnorms then take the full batch's statistics as sums over the class rows
     weighted by their counts (runtime/torch_kernels.py)."""
     targets = g.by_op(Op.TARGET)
-    # per-step ReCo rows mix the T steps of a sample with the batch's: the per-class form has no such rows
-    per_step = any(n.attrs["rows"] == "step" for n in g.by_op(Op.RECO))
+    # per-step ReCo rows (one contrast over all T*B rows, or one per step) have no per-class form
+    per_step = any(n.attrs["rows"] != "sample" for n in g.by_op(Op.RECO))
     return bool(targets) and targets[0].attrs["encoding"] in ("onehot", "population", "code") and not per_step
 
 

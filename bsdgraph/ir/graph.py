@@ -210,8 +210,9 @@ ATTRS: dict[Op, tuple[Attr, ...]] = {
         _a("layer", int, required=True), _a("lam", _NUM, 0.6), _a("negatives", str, "all", ("all", "other_class")),
         _a("eps", _NUM, 1e-8), _a("distill_on", str, "current", ("current", "membrane")),
         _a("freq", bool, False), _a("freq_r", _NUM, 0.25), _a("lam_low", _NUM, 0.3), _a("lam_high", _NUM, 0.9),
-        # rows: one cosine per sample over all T steps (the paper's), or one per step of each sample ("step")
-        _a("rows", str, "sample", ("sample", "step")),
+        # rows: one cosine per sample over all T steps (the paper's), one per step of each sample ("step"), or
+        # one ReCo per step over the batch's rows at that step, averaged over the steps ("each_step")
+        _a("rows", str, "sample", ("sample", "step", "each_step")),
     ),
     # per_step: the top current of step t is classified against y[:, t] (target='sequence')
     # smoothing: label smoothing of the target distribution, (1 - s) one-hot + s / classes (0: none)

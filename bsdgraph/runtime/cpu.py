@@ -78,9 +78,9 @@ def as_uint8(spikes: torch.Tensor) -> torch.Tensor:
 def _reco(ctx, *ins):
     """ReCo against per-sample B rows in the runtime's [T, B, D] layout (the shared kernel hands the twin, and the
     triton backend its kernel, [B, T*D] rows, which costs two transposed copies of each operand); the
-    frequency-aware and per-class forms are the shared kernel's."""
+    frequency-aware, per-class and each-step forms are the shared kernel's."""
     n = ctx.node
-    if n.attrs["freq"] or ctx.per_class(ctx.launch.reads[1]):
+    if n.attrs["freq"] or n.attrs["rows"] == "each_step" or ctx.per_class(ctx.launch.reads[1]):
         return KERNELS["reco_loss_grad"](ctx, *ins)
     (a, b), args = loss_operands(ctx, ins)
     # rows='step': every (step, sample) is a row, i.e. one "step" of T*B rows in the batched form

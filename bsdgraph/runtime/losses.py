@@ -42,6 +42,18 @@ def reco_loss(v: torch.Tensor, v_hat: torch.Tensor, labels: torch.Tensor | None,
     return (positive + lam * negative) / B
 
 
+def reco_each_step(v: torch.Tensor, v_hat: torch.Tensor, labels: torch.Tensor | None, lam: float, negatives: str,
+                   eps: float) -> torch.Tensor:
+    """ReCo with rows='each_step': the mean over t of ReCo on the batch's rows at step t ([T, B, ...] operands);
+    labels are one per sample [B] or one per step [B, T] (a sequence target)."""
+    T = v.shape[0]
+
+    def at(t):  # only other_class reads labels (a regression's targets are none)
+        return None if negatives != "other_class" else labels if labels.dim() == 1 else labels[:, t]
+    return sum(reco_loss(v[t].reshape(v.shape[1], -1), v_hat[t].reshape(v.shape[1], -1), at(t), lam, negatives, eps)
+               for t in range(T)) / T
+
+
 def band_split(x: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Split [..., H, W] into (low, high) with a 2-D FFT: low keeps radius <= r * Nyquist; low + high == x.
 
@@ -129,6 +141,8 @@ def _reco(n: Node, args, labels):
     if a["freq"]:
         return reco_freq_loss(args[0], args[1], labels, a["lam_low"], a["lam_high"], a["freq_r"], a["negatives"],
                               a["eps"])
+    if a["rows"] == "each_step":
+        return reco_each_step(args[0], args[1], labels, a["lam"], a["negatives"], a["eps"])
     rows = per_step if a["rows"] == "step" else per_sample
     return reco_loss(rows(args[0]), rows(args[1]), labels, a["lam"], a["negatives"], a["eps"])
 

@@ -35,7 +35,7 @@ from bsdgraph.runtime.neurons import twin_backward, twin_forward, twin_step_fn
 from kernels.ref.lif import lif_backward, lif_forward
 from kernels.ref.linear_lif import rec_lif_backward, rec_lif_forward
 from kernels.ref.local_update import weight_grad
-from kernels.ref.reco import reco_loss_grad
+from kernels.ref.reco import reco_loss_grad, reco_loss_grad_each_step
 
 # The primitives a backend plugs in (same signatures as the launchers in kernels/): the torch twins here, the
 # Triton launchers in the triton backend. Kernels call them as ``ctx.prims.<name>``.
@@ -402,6 +402,8 @@ def _reco_terms(n, a, b, labels, reco_loss_grad):
     again, as before, cost two of the four band splits: 1.39x / 1.33x per call on fmnist_ae's [8, 128, 16, 14, 14]
     and [8, 128, 32, 7, 7] operands, interleaved, 2 threads; gradients equal to 8e-7 relative.)"""
     at = n.attrs
+    if at["rows"] == "each_step":  # T independent B x B problems, batched in torch (no Triton kernel)
+        return reco_loss_grad_each_step(a, b, labels, at["lam"], at["negatives"], at["eps"])
     if at["rows"] == "step":
         loss, da, db = reco_loss_grad(per_step(a), per_step(b), labels, at["lam"], at["negatives"], at["eps"])
         return loss, da.reshape(a.shape), db.reshape(b.shape)

@@ -52,19 +52,22 @@ def reco_coefficients(
     negatives: str,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The B×B part: from S = v v̂ᵀ and the row norms, return (loss, H, a, b) of the module docstring."""
-    b = gram.shape[0]
-    d = norm_v[:, None] * norm_v_hat[None, :] + eps
+    """The B×B part: from S = v v̂ᵀ and the row norms, return (loss, H, a, b) of the module docstring.
+
+    Leading dimensions batch independent ReCo problems (gram [..., B, B], norms and labels [..., B]); the loss is
+    then the sum of theirs."""
+    b = gram.shape[-1]
+    d = norm_v[..., :, None] * norm_v_hat[..., None, :] + eps
     cos = gram / d
     eye = torch.eye(b, dtype=torch.bool, device=gram.device)
-    negative = ~eye if negatives == "all" else labels[:, None] != labels[None, :]
+    negative = ~eye if negatives == "all" else labels[..., :, None] != labels[..., None, :]
     excess = torch.where(negative, cos.clamp(min=0), torch.zeros_like(cos))
-    miss = 1 - cos.diagonal()
+    miss = 1 - cos.diagonal(dim1=-2, dim2=-1)
     loss = ((miss * miss).sum() + lam * (excess * excess).sum()) / b
     g = (2 * lam / b) * excess - torch.diag_embed(2 * miss / b)
     h = g / d
-    a = (h * cos * norm_v_hat[None, :]).sum(1) * _inverse_or_zero(norm_v)
-    b_coef = (h * cos * norm_v[:, None]).sum(0) * _inverse_or_zero(norm_v_hat)
+    a = (h * cos * norm_v_hat[..., None, :]).sum(-1) * _inverse_or_zero(norm_v)
+    b_coef = (h * cos * norm_v[..., :, None]).sum(-2) * _inverse_or_zero(norm_v_hat)
     return loss, h, a, b_coef
 
 
@@ -85,3 +88,36 @@ def reco_loss_grad(
     grad_v = h @ v_hat - a[:, None] * v
     grad_v_hat = h.T @ v - b_coef[:, None] * v_hat
     return loss, grad_v, grad_v_hat
+
+
+def reco_loss_grad_each_step(
+    v: torch.Tensor,
+    v_hat: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    lam: float,
+    negatives: str,
+    eps: float = 1e-8,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ReCo with ``rows='each_step'``: one ReCo at each step t over the batch's rows at that step, averaged over
+    the T steps: (1/T) Σ_t ReCo(v[t], v̂[t]). v, v̂ [T, B, ...]; labels (``other_class``) [B], or [B, T] for a
+    class per step. Returns (loss, ∂L/∂v, ∂L/∂v̂) shaped like v, v̂.
+
+    The T problems share nothing, so they run as one batch of B×B ones (``reco_coefficients``); the 1/T scales G
+    and therefore every coefficient. There is no Triton kernel for it: its per-step blocks are B×B, small beside
+    the layers' GEMMs."""
+    T, b = v.shape[:2]
+    fn = "reco_loss_grad_each_step"
+    per_sample_labels = labels
+    if labels is not None and labels.dim() == 2:  # a class per step: checked here, its first step by the rest
+        if tuple(labels.shape) != (b, T):
+            raise ValueError(f"{fn}: per-step labels must have shape [{b}, {T}], got {tuple(labels.shape)}")
+        per_sample_labels = labels[:, 0]
+    check_reco_args(fn, b, per_sample_labels, lam, negatives, eps)
+    rows, rows_hat = v.reshape(T, b, -1), v_hat.reshape(T, b, -1)
+    per_step = None if labels is None else (labels.T if labels.dim() == 2 else labels.expand(T, b))
+    gram = torch.bmm(rows, rows_hat.transpose(1, 2))
+    loss, h, a, b_coef = reco_coefficients(gram, rows.norm(dim=2), rows_hat.norm(dim=2), per_step, lam, negatives,
+                                           eps)
+    grad_v = (torch.bmm(h, rows_hat) - a[..., None] * rows) / T
+    grad_v_hat = (torch.bmm(h.transpose(1, 2), rows) - b_coef[..., None] * rows_hat) / T
+    return loss / T, grad_v.reshape(v.shape), grad_v_hat.reshape(v_hat.shape)
