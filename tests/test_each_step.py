@@ -1,6 +1,7 @@
 """reco_rows='each_step' (one ReCo per step over the batch's rows at that step, with per-step classes as
-negatives' labels) and backward_recurrence=False (B's recurrent layer without its own recurrence): the closed form
-against autograd of the reference loss, every runtime against the reference, and what the derivation builds."""
+negatives' labels), backward_recurrence=False (B's recurrent layer without its own recurrence) and
+backward_membrane=False (B's LIF neurons without memory): the closed form against autograd of the reference loss,
+every runtime against the reference, and what the derivation builds."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from bsdgraph import BSDConfig, GraphBuilder, GraphError, Stream, derive_feedback
 from bsdgraph.compiler.feedback import check_locality
 from bsdgraph.compiler.lower import can_dedup
+from bsdgraph.ir.params import init_params
 from bsdgraph.runtime.cpu import cpu_runtime
 from bsdgraph.runtime.losses import reco_each_step, reco_loss
 from bsdgraph.runtime.reference import ReferenceRuntime
@@ -20,7 +22,7 @@ from tests.test_recurrent import assert_cpu_equals_reference, rnn
 
 EACH_STEP = BSDConfig(reco_rows="each_step", negatives="other_class")
 PREDICTIVE = BSDConfig(reco_rows="each_step", negatives="other_class", backward_recurrence=False,
-                       recurrent_credit="through_time")
+                       backward_membrane=False, recurrent_credit="through_time")
 
 
 def seq_net(T=5, recurrent=(True, False), classes=4):
@@ -95,9 +97,10 @@ def test_mis_shaped_per_step_labels_are_refused():
 # ---------------------------------------------------------------------------------------------------- runtimes
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 10_000), cfg=st.sampled_from([EACH_STEP, PREDICTIVE,
-                                                         BSDConfig(reco_rows="each_step", backward_recurrence=False)]),
+                                                         BSDConfig(reco_rows="each_step", backward_recurrence=False),
+                                                         BSDConfig(backward_membrane=False)]),
        recurrent=st.sampled_from([(True, False), (True, True)]), T=st.integers(1, 5))
 def test_cpu_backend_equals_reference_with_per_step_classes(seed, cfg, recurrent, T):
     f = seq_net(T=T, recurrent=recurrent)
@@ -164,12 +167,50 @@ def test_without_backward_recurrence_b_has_no_loop_and_f_is_unchanged():
     assert reco(with_rec) == reco(without) == {"reco1", "reco2"}
 
 
+def test_without_backward_membrane_only_bs_neurons_forget():
+    f = seq_net(recurrent=(True, True))
+    bsd = derive_feedback(f, BSDConfig(backward_membrane=False))
+    taus = {n.name: n.attrs["tau"] for n in bsd.nodes if n.op.value == "lif"}
+    assert taus == {"h1": 2.0, "h2": 2.0, "h1_b": 1.0, "h2_b": 1.0}
+    assert {n.attrs["tau"] for n in derive_feedback(f).nodes if n.op.value == "lif"} == {2.0}
+
+
+@pytest.mark.parametrize("recurrence, membrane, later_steps_move", [
+    (True, True, True), (False, True, True), (True, False, True), (False, False, False)])
+def test_b_at_step_t_reads_the_target_of_step_t_alone_only_without_both_memories(recurrence, membrane,
+                                                                                  later_steps_move):
+    """Change every sample's target at step 0 only: B's values at steps 1.. stay exactly as they were when B has
+    neither its recurrent synapse nor its membranes, and move when it keeps either (its recurrence or a membrane
+    carries step 0 on). B's weights are scaled x3 so that its layers fire (with the default init its bottom layer's
+    spikes at step 0 do not change, and its recurrence would carry nothing)."""
+    f = seq_net(recurrent=(True, False))
+    x, y = seq_data(f, B=16, seed=3)
+    y2 = y.clone()
+    y2[:, 0] = (y[:, 0] + 1) % 4
+    bsd = derive_feedback(f, BSDConfig(backward_recurrence=recurrence, backward_membrane=membrane))
+    b_weights = {f"{n.name}.weight" for n in bsd.nodes if n.stream == Stream.B}
+    params = {k: w * 3 if k in b_weights else w for k, w in init_params(bsd, 3).items()}
+    rt = ReferenceRuntime(bsd, params)
+    (_, _, env), (_, _, env2) = rt.gradients(x, y), rt.gradients(x, y2)
+    assert float((env["h1_b"][0] - env2["h1_b"][0]).abs().max()) > 0       # the change reached B's bottom layer
+    b_nodes = [n.name for n in bsd.nodes if n.stream == Stream.B and n.op.value != "target"]
+    moved = max(float((env[n][1:] - env2[n][1:]).detach().abs().max()) for n in b_nodes)
+    assert (moved > 0) == later_steps_move, moved
+
+
 @pytest.mark.parametrize("build, cfg, message", [
     (seq_net, BSDConfig(reco_rows="each_step", freq=True), "reco_rows='each_step' compares single steps"),
     (seq_net, BSDConfig(negatives="other_class"), "use reco_rows='each_step'"),
     (lambda: rnn(recurrent=(False, False)), BSDConfig(backward_recurrence=False), "has no recurrent layer"),
     (seq_net, BSDConfig(backward_recurrence="no"), "backward_recurrence must be True or False"),
+    (lambda: _declared(), BSDConfig(backward_membrane=False), "backward_membrane=False supports LIF layers"),
 ])
 def test_what_it_cannot_mean_is_refused_by_name(build, cfg, message):
     with pytest.raises(GraphError, match=message):
         derive_feedback(build(), cfg)
+
+
+def _declared():
+    g = GraphBuilder("d", T=3)
+    g.output(g.linear(g.recurrent_neuron("alif", g.linear(g.input((4,)), 5)), 3))
+    return g.build()

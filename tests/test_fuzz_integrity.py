@@ -891,7 +891,8 @@ LIF_SPEC = {"tau": float, "v_th": float, "v_reset": float, "reset": ("hard", "so
 BSD_SPEC = {"lam": float, "negatives": ("all", "other_class"), "distill_on": ("current", "membrane"), "eps": float,
             "recall": bool, "recall_loss": ("reco", "mse"), "freq": bool, "freq_r": float, "lam_low": float,
             "lam_high": float, "reco_rows": ("sample", "step", "each_step"), "label_smoothing": float,
-            "layer_lam": tuple, "recurrent_credit": ("step", "through_time"), "backward_recurrence": bool}
+            "layer_lam": tuple, "recurrent_credit": ("step", "through_time"), "backward_recurrence": bool,
+            "backward_membrane": bool}
 LIF_DEFAULTS = {"tau": 2.0, "v_th": 0.3, "v_reset": 0.0, "alpha": 2.0}  # TINY_MODEL's one LIF layer
 LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # where str.splitlines() breaks a line
 

@@ -59,9 +59,13 @@ class BSDConfig:
     recurrent_credit: str = "step"
     # True (default): B's recurrent layer has its own recurrent synapse on B's spikes, as F's has | False: B's layer
     # gets no recurrent synapse, so B's spikes do not carry the targets it has seen on to later steps (only its
-    # neurons' membranes do, as every LIF's). With a target per step (the next character) B's recurrence has seen
-    # the input F sees at step t (the previous target), and F can meet B through it without predicting anything
+    # neurons' membranes do; backward_membrane below). With a target per step (the next character) B's recurrence
+    # has seen the input F sees at step t (the previous target), and F can meet B through it without predicting
     backward_recurrence: bool = True
+    # True (default): B's LIF neurons copy F's, membrane and all | False: they start every step from rest (tau = 1:
+    # h[t] = V[t] + v_reset), so B's spikes at step t depend on its input at t alone; a membrane that leaks over
+    # steps, like B's recurrence, carries earlier targets that F has read as inputs
+    backward_membrane: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> BSDConfig:
@@ -356,10 +360,10 @@ class _B:
         return self.mirror_of(f, v.ref, srcs[0], f.inputs(v.ref)[0].shape, synapse, f"{v.ref}_b{suffix}")
 
     def mirror_of(self, f: Graph, fnode: str, src: str, out_shape, detach: bool = False,
-                  name: str | None = None) -> str:
+                  name: str | None = None, override: dict | None = None) -> str:
         n = f[fnode]
         op, attrs = MIRROR_RULES[n.op](n, f.inputs(fnode)[0].shape)
-        return self.add(name or f"{fnode}_b", op, attrs, out_shape, src, detach)
+        return self.add(name or f"{fnode}_b", op, {**attrs, **(override or {})}, out_shape, src, detach)
 
     def recurrent(self, f: Graph, layer: Layer, src: str) -> str:
         """``add_b = src + rec_b(s'_l[t-1])``: the mirror of F's recurrent sum, reading B's neuron of the layer."""
@@ -424,7 +428,9 @@ def _backward_network(f: Graph, layers: list[Layer], cfg: BSDConfig) -> tuple[_B
             if layer.add and cfg.backward_recurrence:  # B's own recurrent synapse (own weights, C1), own spikes
                 v = b.recurrent(f, layer, v)
             vhat[layer.index] = v
-            neuron[layer.index] = b.mirror_of(f, n.name, v, n.shape)
+            # backward_membrane=False: tau = 1 leaves nothing of v[t-1] in h[t] (derive_feedback allows it for LIF only)
+            neuron[layer.index] = b.mirror_of(f, n.name, v, n.shape,
+                                              override=None if cfg.backward_membrane else {"tau": 1.0})
             sent = {src: _Value("built", neuron[layer.index]) for src in ins}
         elif n.op == Op.INPUT:
             vhat[0] = b.build(f, total)
@@ -521,6 +527,8 @@ def derive_feedback(f: Graph, cfg: BSDConfig | None = None) -> Graph:
         raise GraphError([Diagnostic(None, None, "backward_recurrence=False removes the recurrence of B's recurrent "
                                      "layers, but this network has no recurrent layer",
                                      "drop backward_recurrence=False")])
+    if not cfg.backward_membrane:
+        _check_backward_membrane(f, layers)
     b, vhat, bneuron = _backward_network(f, layers, cfg)
     loss_nodes, loss_edges = _losses(f, layers, vhat, bneuron, cfg)
     f_edges = [dataclasses.replace(e, detach=f[e.dst].op in GroupOp.SYNAPSE) for e in f.edges]
@@ -553,6 +561,17 @@ def _check_through_time(f: Graph, layers: list[Layer], cfg: BSDConfig) -> None:
         raise GraphError(diags)
 
 
+def _check_backward_membrane(f: Graph, layers: list[Layer]) -> None:
+    """backward_membrane=False sets tau = 1 on B's neurons, which makes a LIF memoryless; other neuron types keep
+    state in other variables (a synaptic current, an adaptive threshold), so they are refused by name."""
+    diags = [Diagnostic(layer.neuron, f[layer.neuron].op, "backward_membrane=False supports LIF layers (tau = 1 "
+                        f"leaves a LIF no memory); this one is a {f[layer.neuron].attrs['model']!r} neuron",
+                        "use g.lif for this layer, or backward_membrane=True")
+             for layer in layers if layer.neuron and f[layer.neuron].op != Op.LIF]
+    if diags:
+        raise GraphError(diags)
+
+
 # The BSD options that are a choice, and those that are a number >= 0.
 BSD_CHOICES = {"negatives": ("all", "other_class"), "distill_on": ("current", "membrane"), "recall_loss": ("reco", "mse"),
                "reco_rows": ("sample", "step", "each_step"), "recurrent_credit": ("step", "through_time")}
@@ -564,7 +583,8 @@ def check_config(cfg: BSDConfig) -> None:
     diags = [Diagnostic(None, None, f"BSD option {k}={getattr(cfg, k)!r} is not one of {v}", "")
              for k, v in BSD_CHOICES.items() if getattr(cfg, k) not in v]
     diags += [Diagnostic(None, None, f"BSD option {k} must be True or False, got {getattr(cfg, k)!r}", "")
-              for k in ("recall", "freq", "backward_recurrence") if not isinstance(getattr(cfg, k), bool)]
+              for k in ("recall", "freq", "backward_recurrence", "backward_membrane")
+              if not isinstance(getattr(cfg, k), bool)]
     for k in BSD_NUMBERS:
         v = getattr(cfg, k)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
