@@ -16,7 +16,7 @@ from bsdgraph.train.series import lorenz96_dataset
 T = 16
 CHANNELS = 40
 # calibrated init: B's layers fired 0.05-1 % without it (one seed); it lowers BSD's validation MSE from 0.0429 to
-# 0.0411 with the options below (docs/experiments.md, "Per-step contrast and B without recurrence"). BPTT does
+# 0.0411 with the options below (docs/experiments.md, "Per-step contrast and B without memory"). BPTT does
 # better without it (test 0.0236 against 0.0248, 3 seeds): compare with `--rule bptt --init default`
 TRAIN = dict(epochs=20, batch_size=64, lr=1e-3, weight_decay=1e-4, clip=1.0, init="calibrated", val_split=0.1)
 # credit through time inside the recurrent layer, one ReCo per step and B's recurrent layer without its loop,
