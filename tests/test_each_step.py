@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bsdgraph import BSDConfig, GraphBuilder, GraphError, Stream, derive_feedback
+from bsdgraph import BSDConfig, GraphError, Stream, derive_feedback
 from bsdgraph.compiler.feedback import check_locality
 from bsdgraph.compiler.lower import can_dedup
 from bsdgraph.ir.params import init_params
@@ -18,26 +18,17 @@ from bsdgraph.runtime.reference import ReferenceRuntime
 from bsdgraph.runtime.triton import triton_runtime
 from kernels.ref.reco import reco_loss_grad_each_step
 from tests.test_cpu_backend import ATOL, RTOL, well_conditioned
-from tests.test_recurrent import assert_cpu_equals_reference, rnn
+from tests.test_recurrent import assert_cpu_equals_reference, data, rnn
+from tests.test_through_time import _declared_rnn
 
 EACH_STEP = BSDConfig(reco_rows="each_step", negatives="other_class")
 PREDICTIVE = BSDConfig(reco_rows="each_step", negatives="other_class", backward_recurrence=False,
                        backward_membrane=False, recurrent_credit="through_time")
 
 
-def seq_net(T=5, recurrent=(True, False), classes=4):
+def seq_net(T=5, recurrent=(True, False)):
     """Sequence in, a class per step out (the character model's shape, small)."""
-    g = GraphBuilder("seq", T=T)
-    h = g.input((3,), encoding="sequence")
-    for width, rec in zip((9, 7), recurrent):
-        h = (g.recurrent_lif if rec else g.lif)(g.linear(h, width), v_th=0.3)
-    g.output(g.linear(h, classes), task="classification", target="sequence")
-    return g.build()
-
-
-def seq_data(f, B=6, seed=0, classes=4):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(B, f.T, 3, generator=gen) * 2, torch.randint(0, classes, (B, f.T), generator=gen)
+    return rnn(T=T, encoding="sequence", task="classification", recurrent=recurrent, target="sequence")
 
 
 # ---------------------------------------------------------------------------------------------------- the loss
@@ -104,7 +95,7 @@ def test_mis_shaped_per_step_labels_are_refused():
        recurrent=st.sampled_from([(True, False), (True, True)]), T=st.integers(1, 5))
 def test_cpu_backend_equals_reference_with_per_step_classes(seed, cfg, recurrent, T):
     f = seq_net(T=T, recurrent=recurrent)
-    assert_cpu_equals_reference(derive_feedback(f, cfg), *seq_data(f, seed=seed), seed)
+    assert_cpu_equals_reference(derive_feedback(f, cfg), *data(f, seed=seed), seed)
 
 
 @settings(max_examples=6, deadline=None)
@@ -117,15 +108,12 @@ def test_cpu_backend_equals_reference_with_one_target_per_sample(seed, task):
     bsd = derive_feedback(f, cfg)
     if task == "classification":
         assert can_dedup(derive_feedback(f)) and not can_dedup(bsd)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(6, f.T, 3, generator=gen) * 2
-    y = torch.rand(6, 2, generator=gen) if task == "regression" else torch.arange(6) % 4
-    assert_cpu_equals_reference(bsd, x, y, seed)
+    assert_cpu_equals_reference(bsd, *data(f, seed=seed), seed)
 
 
 def test_triton_backend_equals_reference():
     bsd = derive_feedback(seq_net(), PREDICTIVE)
-    x, y = seq_data(bsd, seed=1)
+    x, y = data(bsd, seed=1)
     g_ref, l_ref, env = ReferenceRuntime(bsd, seed=1).gradients(x, y)
     assert well_conditioned(bsd, env)
     g_tri, l_tri = triton_runtime(bsd, seed=1).gradients(x, y)
@@ -138,7 +126,7 @@ def test_triton_backend_equals_reference():
 def test_each_step_changes_the_hidden_losses_and_not_the_top_one():
     """Same forward: the CE is the same number; every hidden ReCo is another number (per step, not per sample)."""
     f = seq_net()
-    x, y = seq_data(f, seed=2)
+    x, y = data(f, seed=2)
     _, plain = cpu_runtime(derive_feedback(f, BSDConfig(recall=False)), seed=2).gradients(x, y)
     _, each = cpu_runtime(derive_feedback(f, BSDConfig(recall=False, reco_rows="each_step")), seed=2).gradients(x, y)
     assert plain["ce3"] == each["ce3"]
@@ -184,7 +172,7 @@ def test_b_at_step_t_reads_the_target_of_step_t_alone_only_without_both_memories
     carries step 0 on). B's weights are scaled x3 so that its layers fire (with the default init its bottom layer's
     spikes at step 0 do not change, and its recurrence would carry nothing)."""
     f = seq_net(recurrent=(True, False))
-    x, y = seq_data(f, B=16, seed=3)
+    x, y = data(f, B=16, seed=3)
     y2 = y.clone()
     y2[:, 0] = (y[:, 0] + 1) % 4
     bsd = derive_feedback(f, BSDConfig(backward_recurrence=recurrence, backward_membrane=membrane))
@@ -203,14 +191,9 @@ def test_b_at_step_t_reads_the_target_of_step_t_alone_only_without_both_memories
     (seq_net, BSDConfig(negatives="other_class"), "use reco_rows='each_step'"),
     (lambda: rnn(recurrent=(False, False)), BSDConfig(backward_recurrence=False), "has no recurrent layer"),
     (seq_net, BSDConfig(backward_recurrence="no"), "backward_recurrence must be True or False"),
-    (lambda: _declared(), BSDConfig(backward_membrane=False), "backward_membrane=False supports LIF layers"),
+    (_declared_rnn, BSDConfig(backward_membrane=False), "backward_membrane=False supports LIF layers"),
 ])
 def test_what_it_cannot_mean_is_refused_by_name(build, cfg, message):
     with pytest.raises(GraphError, match=message):
         derive_feedback(build(), cfg)
 
-
-def _declared():
-    g = GraphBuilder("d", T=3)
-    g.output(g.linear(g.recurrent_neuron("alif", g.linear(g.input((4,)), 5)), 3))
-    return g.build()

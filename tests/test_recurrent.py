@@ -26,12 +26,12 @@ from tests.test_cpu_backend import ATOL, RTOL, well_conditioned
 
 
 def rnn(T=5, widths=(9, 7), n_in=3, encoding="direct", task="regression", recurrent=(True, True), v_th=0.3,
-        reset="hard"):
+        reset="hard", target=None):
     g = GraphBuilder("rnn", T=T)
     h = g.input((n_in,), encoding=encoding)
     for w, rec in zip(widths, recurrent):
         h = (g.recurrent_lif if rec else g.lif)(g.linear(h, w), v_th=v_th, reset=reset)
-    g.output(g.linear(h, 2 if task == "regression" else 4), task=task)
+    g.output(g.linear(h, 2 if task == "regression" else 4), task=task, target=target)
     return g.build()
 
 
@@ -40,8 +40,12 @@ def data(f, B=6, seed=0, scale=2.0):
     inp, out = f.by_op(Op.INPUT)[0], f.by_op(Op.OUTPUT)[0]
     lead = (B, f.T) if inp.attrs["encoding"] == "sequence" else (B,)
     x = torch.rand(*lead, *inp.shape, generator=gen) * scale
-    y = (torch.rand(B, *out.shape, generator=gen) if out.attrs["task"] == "regression"
-         else torch.arange(B) % out.attrs["n_classes"])
+    if out.attrs["task"] == "regression":
+        y = torch.rand(B, *out.shape, generator=gen)
+    elif out.attrs["target"] == "sequence":  # a class per step
+        y = torch.randint(0, out.attrs["n_classes"], (B, f.T), generator=gen)
+    else:
+        y = torch.arange(B) % out.attrs["n_classes"]
     return x, y
 
 
