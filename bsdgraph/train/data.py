@@ -69,6 +69,10 @@ class Dataset:
     source: str
     n_classes: int | None  # None for regression
     class_names: tuple[str, ...] | None = None  # what the classes are called (rasters, recall grids), if known
+    # > 0: the training samples are windows of one series in time order, one step apart, each sharing steps with
+    # the next ``overlap`` windows; a validation split then holds out the last windows and drops the ``overlap``
+    # before them, so that validation is later in time than training and shares no step with it
+    overlap: int = 0
 
     @property
     def n_train(self) -> int:

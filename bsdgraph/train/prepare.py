@@ -3,7 +3,9 @@ the stimulus by the training split's statistics (``standardize``); and the runti
 statistics wherever a checkpoint is used later (eval, predict, the notebook API).
 
 The validation split is drawn from the training split only, by a fixed generator (``VAL_SEED``), so every seed
-of a sweep selects its checkpoint on the same samples and none of them is ever a test sample.
+of a sweep selects its checkpoint on the same samples and none of them is ever a test sample. Overlapping windows of
+one series (``Dataset.overlap``) are split in time instead: a random draw would validate on windows that share
+all but one step with training windows.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 
+from bsdgraph.train.config import TrainingError
 from bsdgraph.train.data import Dataset
 
 VAL_SEED = 20260  # the draw of the validation split: fixed, whatever the run's seed
@@ -21,11 +24,18 @@ STD_FLOOR = 1e-6  # a constant channel (or feature) is shifted, not divided by ~
 
 def holdout(data: Dataset, fraction: float) -> tuple[Dataset, tuple[torch.Tensor, torch.Tensor]]:
     """(the training split without its held-out part, (x_val, y_val)): round(fraction * n) samples, at least one,
-    at most all but one."""
+    at most all but one; a fixed random draw, or for windows of one series (``data.overlap``) the last ones, the
+    ``overlap`` windows before them dropped (they share steps with both sides)."""
     n = data.n_train
     k = min(max(round(fraction * n), 1), n - 1)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SEED))
-    keep, val = order[k:].sort().values, order[:k].sort().values  # sorted: the kept samples stay in file order
+    if data.overlap:
+        if n - k - data.overlap < 1:
+            raise TrainingError(f"val_split={fraction} of {n} overlapping windows leaves no training window once "
+                                f"the {data.overlap} windows sharing steps with the validation part are dropped")
+        keep, val = torch.arange(n - k - data.overlap), torch.arange(n - k, n)
+    else:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SEED))
+        keep, val = order[k:].sort().values, order[:k].sort().values  # sorted: the kept samples stay in file order
     return (dataclasses.replace(data, x_train=data.x_train[keep], y_train=data.y_train[keep]),
             (data.x_train[val], data.y_train[val]))
 
