@@ -289,8 +289,9 @@ def _train_parser(sub) -> None:
                    "the model's TRAIN, else constant)")
     t.add_argument("--augment", action="store_true", help="random +-2 px shifts and horizontal flips (images)")
     t.add_argument("--val-split", type=fraction_or_zero, metavar="F", help="hold out this fraction of the "
-                   "training split (the same samples for every seed), evaluate it after each epoch and keep the best "
-                   "epoch as RUN_DIR/best.pt (0: none; default: the model's TRAIN, else none)")
+                   "training split (the same samples for every seed; the last windows of a series whose windows "
+                   "overlap), evaluate it after each epoch and keep the best epoch as RUN_DIR/best.pt (0: none; "
+                   "default: the model's TRAIN, else none)")
     t.add_argument("--patience", type=count(1), metavar="N", help="with --val-split: stop after N epochs without a "
                    "better validation result (default: the model's TRAIN, else train all epochs)")
     t.add_argument("--train", action="append", metavar="KEY=VALUE", dest="train_options", help="set any training "
