@@ -103,3 +103,19 @@ def test_batchnorm_statistics_are_checkpointed_and_used_in_eval(tmp_path):
     alone = torch.cat([rt.predict(x[i:i + 1]) for i in range(4)])
     assert torch.allclose(alone, rt.predict(x)[:4], atol=1e-5)
     assert torch.equal(rt.predict(x), trainer.rt.predict(x))
+
+
+def test_the_class_code_model_file_is_the_mlp_with_its_flags():
+    # models/fmnist_mlp_code.py says (and docs/experiments.md relies on it) that it is exactly `fmnist_mlp.py
+    # --class-code 20:200 --init calibrated --val-split 0.1` on a 12-epoch cosine schedule: the same graph but
+    # for its name, the same initial weights, the same BSD options. Editing either file alone breaks that
+    from bsdgraph.compiler.passes import use_class_code
+    from bsdgraph.ir.printer import to_json
+
+    plain, code = (load_model(ROOT / "models" / f"{m}.py") for m in ("fmnist_mlp", "fmnist_mlp_code"))
+    flagged = use_class_code(plain.graph, 20, 200).replace(name=code.graph.name)
+    assert to_json(flagged) == to_json(code.graph)
+    a, b = init_params(flagged, seed=3), init_params(code.graph, seed=3)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert code.bsd == plain.bsd
+    assert code.train == {**plain.train, "epochs": 12, "schedule": "cosine", "init": "calibrated", "val_split": 0.1}
