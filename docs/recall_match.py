@@ -10,8 +10,8 @@ classifies R_c as if it were a test image:
 - ``F says``: F's class for R_c.
 
 The last line counts the classes read back correctly both ways. For scale it gives the correlation of each class
-mean with the nearest other class mean (shirt, T-shirt, pullover and coat look alike: their means correlate above
-0.9), which is how close a recall must come to its own mean to be told from its neighbours. Only the training
+mean with the nearest other class mean (pullover, coat and shirt look alike: their means correlate at 0.96-0.97),
+which is how close a recall must come to its own mean to be told from its neighbours. Only the training
 split is read: Fashion-MNIST, or the MNIST-format IDX files in ``--data-dir`` (the data the run trained on).
 
 Usage: python docs/recall_match.py RUN_DIR [--data-dir DIR]
